@@ -1,0 +1,39 @@
+# Run `make` or `make help` for the list of targets.
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+BIN := .venv/bin
+STAMP := .venv/.installed
+
+.PHONY: help venv test lint typecheck check stress bench sample
+
+help: ## Show this help
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-10s %s\n", $$1, $$2 }'
+
+venv: $(STAMP) ## Create .venv and install the project with its test extras
+
+# Reinstalls only when pyproject.toml changes, so `make test` is fast once installed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv .venv
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+test: venv ## Run the test suite (starts its own Kafka broker and PostgreSQL)
+	$(BIN)/pytest -q
+
+lint: venv ## ruff check and ruff format --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv ## mypy --strict (packages listed in pyproject.toml)
+	$(BIN)/mypy
+
+check: lint typecheck test ## What CI runs: lint, typecheck, test
+
+stress: venv ## Stress tests (pytest -m stress); set STRESS_SEEDS to vary them
+	$(BIN)/pytest -q tests -m stress || [ $$? -eq 5 ]  # 5: none selected yet
+
+bench: venv ## Throughput benchmark
+	$(BIN)/python -m bench
+
+sample: venv ## Import the sample chat export with the CLI
+	$(BIN)/khala-stream import-chat

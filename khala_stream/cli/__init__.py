@@ -1,0 +1,78 @@
+"""The `khala-stream` command: flags → Settings → a stage's API → output → exit code.
+
+Configuration comes from flags, then the environment, then defaults (SPEC §2); secrets only
+from the environment. Heavy imports happen inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from khala_stream.config import Settings, settings_from_env
+from khala_stream.errors import KhalaError
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from khala_stream.cli import commands
+
+    parser = argparse.ArgumentParser(
+        prog="khala-stream",
+        description="Import Khala snapshot exports into the Laravel database through Kafka.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--topic-prefix", help="prefix of topics and groups (KHALA_TOPIC_PREFIX)")
+    parser.add_argument(
+        "--database-url", help="SQLAlchemy URL of the Laravel database (DATABASE_URL)"
+    )
+    parser.add_argument("--bootstrap-servers", help="Kafka brokers (KAFKA_BOOTSTRAP_SERVERS)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.verbose < 2:
+        logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    try:
+        settings = settings_from_env(os.environ)
+        settings = _apply_flags(settings, args)
+        command: Command = args.handler
+        return command(args, settings)
+    except KhalaError as exc:
+        print(f"khala-stream: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("khala-stream: interrupted", file=sys.stderr)
+        return 130
+
+
+def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    if args.topic_prefix:
+        changes["topic_prefix"] = args.topic_prefix
+    if args.database_url:
+        changes["database_url"] = args.database_url
+    if args.bootstrap_servers:
+        changes["kafka"] = replace(settings.kafka, bootstrap_servers=args.bootstrap_servers)
+    return replace(settings, **changes) if changes else settings
+
+
+def run_async(coro: Any) -> Any:
+    """The one place where the event loop starts."""
+    return asyncio.run(coro)

@@ -1,0 +1,334 @@
+"""The subcommands. Each builds what it needs from Settings and calls one public API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from khala_stream.config import Settings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("validate", help="check an export: size, sha256, tables, rejected lines")
+    p.add_argument("export", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=validate)
+
+    p = sub.add_parser("import-chat", help="import an export end to end (the reference command)")
+    p.add_argument(
+        "export", type=Path, nargs="?", help="ZIP or folder (default: the bundled sample)"
+    )
+    _import_flags(p)
+    p.add_argument("--dry-run", action="store_true", help="compute everything, write nothing")
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--retry-deadline",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for an unreachable database or broker (default 120)",
+    )
+    p.set_defaults(handler=import_chat)
+
+    p = sub.add_parser("publish", help="publish an export to the source topics (a stage)")
+    p.add_argument("export", type=Path)
+    p.add_argument("--incremental", action="store_true", help="send only new or changed documents")
+    _import_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=publish)
+
+    for name, handler, text in (
+        ("process", process, "run the stream processors (a stage)"),
+        ("sink", sink, "run the database sink (a stage)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--until-idle", action="store_true", help="exit once caught up")
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("generate", help="write a synthetic export (deterministic per seed)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--users", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads-per-user", type=int, default=3)
+    p.add_argument("--messages-per-thread", type=int, default=8)
+    p.add_argument("--edge-cases", action="store_true", help="include the reference's edge cases")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=generate)
+
+    db = sub.add_parser("db", help="database set-up").add_subparsers(
+        dest="db_command", required=True
+    )
+    p = db.add_parser("init", help="create the missing Laravel and importer tables")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=db_init)
+
+    dlq = sub.add_parser("dlq", help="what was set aside").add_subparsers(
+        dest="dlq_command", required=True
+    )
+    p = dlq.add_parser("list", help="dead letters, grouped by reason")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=dlq_list)
+    p = dlq.add_parser("replay", help="retry the rows the database refused")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=dlq_replay)
+
+
+def _import_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replace", action="store_true", help="empty the six chat tables first")
+    p.add_argument(
+        "--resolve-workos-users",
+        action="store_true",
+        help="look up blank or invalid emails in WorkOS (WORKOS_API_KEY)",
+    )
+    p.add_argument("--skip-blueprints", action="store_true", help="do not read blueprints")
+    p.add_argument(
+        "--propagate-deletes",
+        action="store_true",
+        help="delete rows of documents that vanished from the export",
+    )
+
+
+def _run(coro: Any) -> Any:
+    from khala_stream.cli import run_async
+
+    return run_async(coro)
+
+
+def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
+    from khala_stream.cli.render import print_json
+
+    if getattr(args, "json", False):
+        print_json(data)
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+
+
+def validate(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.validation import validate_export
+
+    report = validate_export(args.export)
+    _emit(args, report.to_json(), report.lines())
+    return 0
+
+
+def import_chat(args: argparse.Namespace, settings: Settings) -> int:
+    from khala_stream.cli.render import summary_lines
+    from khala_stream.pipeline import ImportOptions
+    from khala_stream.pipeline import import_chat as run_import
+    from producers.sample import SAMPLE_EXPORT
+
+    options = ImportOptions(
+        dry_run=args.dry_run,
+        replace=args.replace,
+        resolve_workos_users=args.resolve_workos_users,
+        skip_blueprints=args.skip_blueprints,
+        propagate_deletes=args.propagate_deletes,
+        deadline_s=args.retry_deadline,
+    )
+    report = _run(run_import(settings, args.export or SAMPLE_EXPORT, options))
+    _emit(args, report.to_json(), summary_lines(report))
+    return 0
+
+
+async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from khala_stream import import_runs
+    from khala_stream.broker.clients import broker_session, ensure_topics, make_producer
+    from khala_stream.contract import Topics
+    from khala_stream.db.engine import create_engine, init_db
+    from producers.export_reader import open_export
+    from producers.publisher import Publisher
+
+    with open_export(args.export) as export:
+        engine = create_engine(settings.database_url)
+        try:
+            await init_db(engine)
+            async with broker_session(settings) as live:
+                topics = Topics(live.topic_prefix)
+                await ensure_topics(live.kafka, topics.all)
+                flags = import_runs.RunFlags(
+                    replace=args.replace,
+                    skip_blueprints=args.skip_blueprints,
+                    resolve_workos_users=args.resolve_workos_users,
+                    propagate_deletes=args.propagate_deletes,
+                    incremental=args.incremental,
+                )
+                run_id = await import_runs.register(
+                    engine, source=str(export.path), sha256=export.sha256(), flags=flags
+                )
+                producer = make_producer(live.kafka)
+                await producer.start()
+                try:
+                    report = await Publisher(
+                        producer=producer,
+                        engine=engine,
+                        topics=topics,
+                        incremental=args.incremental,
+                        skip_blueprints=args.skip_blueprints,
+                    ).publish(export, run_id)
+                finally:
+                    await producer.stop()
+        finally:
+            await engine.dispose()
+    return {"run_id": run_id, "export_sha256": report.sha256, **report.to_json()}
+
+
+def publish(args: argparse.Namespace, settings: Settings) -> int:
+    result = _run(_publish(args, settings))
+    lines = [f"run {result['run_id']}: published export {result['export_sha256']}"]
+    for table, n in sorted(result["published"].items()):
+        unchanged = result["unchanged"].get(table, 0)
+        lines.append(f"  {table}: {n} messages ({unchanged} unchanged)")
+    _emit(args, result, lines)
+    return 0
+
+
+async def _stage(settings: Settings, kind: str, until_idle: bool) -> None:
+    import signal
+
+    from khala_stream.broker.clients import broker_session, ensure_topics
+    from khala_stream.contract import Topics
+    from khala_stream.db.engine import create_engine, init_db
+    from processors.runner import Processor
+    from sinks.runner import SinkService
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)  # a signal asks for a stop at a batch boundary
+    engine = create_engine(settings.database_url)
+    try:
+        await init_db(engine)
+        async with broker_session(settings) as live:
+            await ensure_topics(live.kafka, Topics(live.topic_prefix).all)
+            service = Processor(live, engine) if kind == "process" else SinkService(live, engine)
+            await service.run(until_idle=until_idle, stop=stop)
+    finally:
+        await engine.dispose()
+
+
+def process(args: argparse.Namespace, settings: Settings) -> int:
+    _run(_stage(settings, "process", args.until_idle))
+    return 0
+
+
+def sink(args: argparse.Namespace, settings: Settings) -> int:
+    _run(_stage(settings, "sink", args.until_idle))
+    return 0
+
+
+def generate(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    from producers.generator import generate_export
+
+    made = generate_export(
+        args.out,
+        users=args.users,
+        seed=args.seed,
+        threads_per_user=args.threads_per_user,
+        messages_per_thread=args.messages_per_thread,
+        edge_cases=args.edge_cases,
+    )
+    data = {"out": str(args.out), **{k: v for k, v in asdict(made).items() if k != "path"}}
+    _emit(args, data, [f"wrote {args.out}: {made.total_documents} documents"])
+    return 0
+
+
+def db_init(args: argparse.Namespace, settings: Settings) -> int:
+    from khala_stream.db.engine import create_engine, init_db
+
+    async def go() -> list[str]:
+        engine = create_engine(settings.database_url)
+        try:
+            return await init_db(engine)
+        finally:
+            await engine.dispose()
+
+    created = _run(go())
+    _emit(
+        args, {"created": created}, [f"created {name}" for name in created] or ["nothing to create"]
+    )
+    return 0
+
+
+def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    from khala_stream.broker.clients import broker_session
+    from khala_stream.contract import Topics
+    from khala_stream.dead_letters import read_dead_letters
+
+    async def go() -> list[Any]:
+        async with broker_session(settings) as live:
+            return await read_dead_letters(live.kafka, Topics(live.topic_prefix).dead_letters)
+
+    stored = _run(go())
+    groups = Counter(s.letter.reason_code for s in stored)
+    data = {
+        "total": len(stored),
+        "by_reason": dict(groups),
+        "letters": [
+            {
+                "partition": s.partition,
+                "offset": s.offset,
+                "stage": s.letter.stage,
+                "reason_code": s.letter.reason_code,
+                "reason": s.letter.reason,
+                "location": s.letter.location,
+                "table": s.letter.table,
+                "run_id": s.letter.run_id,
+                "export_sha256": s.letter.export_sha256,
+            }
+            for s in stored
+        ],
+    }
+    lines = [f"{len(stored)} dead letters"]
+    for code, n in groups.most_common():
+        lines.append(f"{code}: {n}")
+        lines += [
+            f"  {s.letter.location}: {s.letter.reason}"
+            for s in stored
+            if s.letter.reason_code == code
+        ][:20]
+    _emit(args, data, lines)
+    return 0
+
+
+def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from khala_stream.broker.clients import broker_session
+    from khala_stream.contract import Topics
+    from khala_stream.contract.codec import decode_change
+    from khala_stream.db.engine import create_engine
+    from khala_stream.dead_letters import read_dead_letters
+    from sinks.sql_sink import SqlSink
+
+    async def go() -> dict[str, Any]:
+        async with broker_session(settings) as live:
+            stored = await read_dead_letters(live.kafka, Topics(live.topic_prefix).dead_letters)
+        changes = [decode_change(s.letter.raw) for s in stored if s.letter.stage == "sink"]
+        engine = create_engine(settings.database_url)
+        try:
+            result = await SqlSink(engine).apply(changes)
+        finally:
+            await engine.dispose()
+        return {
+            "retried": len(changes),
+            "applied": len(changes) - len(result.refused),
+            "still_refused": [
+                {"table": r.change.table, "key": r.change.key, "reason": r.reason}
+                for r in result.refused
+            ],
+            "not_retryable": sum(1 for s in stored if s.letter.stage != "sink"),
+        }
+
+    data = _run(go())
+    lines = [
+        f"retried {data['retried']} refused rows: {data['applied']} applied,"
+        f" {len(data['still_refused'])} still refused",
+        f"{data['not_retryable']} bad source lines need a corrected export",
+    ]
+    lines += [f"  {r['table']} {r['key']}: {r['reason']}" for r in data["still_refused"]]
+    _emit(args, data, lines)
+    return 0 if not data["still_refused"] else 1

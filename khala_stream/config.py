@@ -1,0 +1,107 @@
+"""Configuration: flags, then environment, then defaults (SPEC §2). Built once, in the CLI.
+
+Secrets (SASL password, WorkOS key) come only from the environment and never print.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from khala_stream.errors import UsageError
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///khala.sqlite"
+DEFAULT_WORKOS_BASE_URL = "https://api.workos.com"
+DEFAULT_L402_HOSTS = "sats4ai.com,l402.openagents.com"
+
+
+class Secret:
+    """A value that never shows itself in repr, str or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KafkaSettings:
+    bootstrap_servers: str | None = None
+    """Brokers; None starts the embedded local broker (SPEC §7)."""
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: str | None = None
+    partitions: int = 6
+    """Partitions of every topic this product creates (bounds the number of workers)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topic_prefix: str = "khala"
+    database_url: str = DEFAULT_DATABASE_URL
+    workos_api_key: Secret | None = None
+    workos_base_url: str = DEFAULT_WORKOS_BASE_URL
+    l402_allowlist_hosts: str = DEFAULT_L402_HOSTS
+    broker_home: str = ".khala"
+    """Where the embedded broker keeps its data, next to the default SQLite file."""
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if value.upper() not in allowed:
+        raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    return value.upper()
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Environment over defaults; the CLI applies its flags on top with `with_overrides`."""
+    password = env.get("KAFKA_SASL_PASSWORD")
+    protocol = _choice(env, "KAFKA_SECURITY_PROTOCOL", _PROTOCOLS) or "PLAINTEXT"
+    mechanism = _choice(env, "KAFKA_SASL_MECHANISM", _MECHANISMS)
+    if protocol.startswith("SASL") and mechanism is None:
+        mechanism = "PLAIN"
+    kafka = KafkaSettings(
+        bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+        security_protocol=protocol,  # type: ignore[arg-type]
+        sasl_mechanism=mechanism,  # type: ignore[arg-type]
+        sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
+        sasl_password=Secret(password) if password else None,
+        ssl_cafile=env.get("KAFKA_SSL_CAFILE") or None,
+    )
+    key = env.get("WORKOS_API_KEY", "").strip()
+    return Settings(
+        kafka=kafka,
+        topic_prefix=env.get("KHALA_TOPIC_PREFIX") or "khala",
+        database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+        workos_api_key=Secret(key) if key else None,
+        workos_base_url=env.get("WORKOS_BASE_URL") or DEFAULT_WORKOS_BASE_URL,
+        l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
+        broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
+    )

@@ -1,0 +1,27 @@
+"""The event contract shared by the three stages."""
+
+from khala_stream.contract.changes import ChangeOp, RowChange, SourceRef
+from khala_stream.contract.tables import (
+    CHAT_TABLES,
+    DESTINATION_TABLES,
+    DOCUMENT_KEYS,
+    REPLACED_TABLES,
+    SOURCE_TABLES,
+    DestinationTable,
+    SourceTable,
+)
+from khala_stream.contract.topics import Topics
+
+__all__ = [
+    "CHAT_TABLES",
+    "DESTINATION_TABLES",
+    "DOCUMENT_KEYS",
+    "REPLACED_TABLES",
+    "SOURCE_TABLES",
+    "ChangeOp",
+    "DestinationTable",
+    "RowChange",
+    "SourceRef",
+    "SourceTable",
+    "Topics",
+]

@@ -1,0 +1,51 @@
+"""RowChange: one computed change to one destination row, the processors' output.
+
+A change is fully resolved: every value is what the row must hold (user ids and autopilot ids
+already known), so the sink only has to apply it. Values are JSON-able: timestamps are
+`YYYY-MM-DD HH:MM:SS` strings (UTC, whole seconds), JSON columns hold decoded values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from khala_stream.contract.tables import DestinationTable
+
+ChangeOp = Literal[
+    # Insert or overwrite the row identified by `key`; record `row_hash` in the row ledger.
+    "upsert",
+    # Update only the columns in `values` of the row whose primary key is `key`; no ledger.
+    "update",
+    # Delete the row identified by `key` and forget its ledger entry (--propagate-deletes).
+    "delete",
+    # Empty the table and its ledger entries (--replace); `key` is empty.
+    "truncate",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceRef:
+    """Where a change came from, for dead letters: the export document that produced it."""
+
+    table: str
+    line: int
+    doc_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowChange:
+    """One change to one row of a Laravel table.
+
+    `key` is the row's ledger key: the primary key for most tables, `workos_id` for users,
+    the receipt `_id` (or content key) for run_events, whose numeric id the sink allocates.
+    """
+
+    run_id: int
+    table: DestinationTable
+    op: ChangeOp
+    key: str
+    values: dict[str, Any] = field(default_factory=dict)
+    row_hash: str | None = None
+    source: SourceRef | None = None
+    schema_version: int = 1

@@ -1,0 +1,80 @@
+"""Source document messages: one per export line, on `<prefix>.<table>`, with provenance headers.
+
+The value is the line's own bytes (never re-encoded); an empty value with `khala-kind: seen`
+says that an unchanged document is still part of this export (incremental publishing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from khala_stream.contract.codec import content_hash
+from khala_stream.contract.tables import DOCUMENT_KEYS
+
+# PHP's trim() strips exactly these characters; the reference trims string fields with it.
+ASCII_TRIM = " \t\n\r\0\x0b"
+KIND_DOCUMENT = b"doc"
+KIND_SEEN = b"seen"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Provenance:
+    export_sha256: str
+    run_id: int
+    table: str
+    line: int
+    doc_id: str | None
+    content_hash: str
+
+
+def document_headers(p: Provenance, *, seen: bool = False) -> list[tuple[str, bytes]]:
+    return [
+        ("khala-export", p.export_sha256.encode()),
+        ("khala-run", str(p.run_id).encode()),
+        ("khala-table", p.table.encode()),
+        ("khala-line", str(p.line).encode()),
+        ("khala-id", (p.doc_id or "").encode()),
+        ("khala-hash", p.content_hash.encode()),
+        ("khala-kind", KIND_SEEN if seen else KIND_DOCUMENT),
+    ]
+
+
+def read_headers(headers: Sequence[tuple[str, bytes]]) -> tuple[Provenance, bool]:
+    """(provenance, seen) from a document message's headers."""
+    h = {k: v for k, v in headers}
+    doc_id = h.get("khala-id", b"").decode() or None
+    provenance = Provenance(
+        export_sha256=h["khala-export"].decode(),
+        run_id=int(h["khala-run"]),
+        table=h["khala-table"].decode(),
+        line=int(h["khala-line"]),
+        doc_id=doc_id,
+        content_hash=h["khala-hash"].decode(),
+    )
+    return provenance, h.get("khala-kind") == KIND_SEEN
+
+
+def string_field(doc: dict[str, Any], name: str) -> str | None:
+    """A string value, trimmed; anything else (numbers, null, empty after trim) is missing."""
+    value = doc.get(name)
+    if not isinstance(value, str):
+        return None
+    value = value.strip(ASCII_TRIM)
+    return value or None
+
+
+def document_key(table: str, doc: dict[str, Any], digest: str) -> str | None:
+    """The key that identifies a document within its table (SPEC §8.2), or None if it has none.
+
+    A receipt without `_id` is identified by its content (SPEC §8.11).
+    """
+    key = string_field(doc, DOCUMENT_KEYS[table])  # type: ignore[index]
+    if key is None and table == "receipts":
+        return f"content:{digest}"
+    return key
+
+
+def document_hash(doc: dict[str, Any]) -> str:
+    return content_hash(doc)

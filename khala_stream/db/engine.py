@@ -1,0 +1,99 @@
+"""Engines for the Laravel database, and `db init` (SPEC §2).
+
+SQLite connections run in WAL mode with a 30 s busy timeout and foreign keys off (Laravel's
+tables have none). The sqlite3 module's own transaction handling is switched off so that
+SAVEPOINTs work, and every transaction starts with `BEGIN IMMEDIATE`: a read-then-write
+transaction can then never fail half-way on a lock upgrade; concurrent writers queue on the
+busy timeout instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from khala_stream.db.importer_tables import IMPORTER
+from khala_stream.db.laravel_tables import LARAVEL
+
+__all__ = ["create_engine", "dialect_name", "init_db"]
+
+_DRIVERS = {
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "postgresql+psycopg2": "postgresql+asyncpg",
+    "postgresql+psycopg": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+pysqlite": "sqlite+aiosqlite",
+}
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine for `url`; plain `postgresql://` / `sqlite://` get the async driver."""
+    parsed = make_url(url)
+    parsed = parsed.set(drivername=_DRIVERS.get(parsed.drivername, parsed.drivername))
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_async_engine(parsed, **kwargs)
+    if backend == "sqlite":
+        engine = create_async_engine(parsed, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    raise ValueError(f"unsupported database {backend!r}: use PostgreSQL or SQLite")
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Autocommit at the sqlite3 level: SQLAlchemy's "begin" hook below emits BEGIN itself.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA busy_timeout = 30000")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = OFF")
+        finally:
+            cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def dialect_name(
+    bind: AsyncEngine | AsyncConnection | sa.engine.Dialect,
+) -> Literal["postgresql", "sqlite"]:
+    """`postgresql` or `sqlite` for an engine, a connection or a dialect."""
+    dialect = bind if isinstance(bind, sa.engine.Dialect) else bind.dialect
+    name = dialect.name
+    if name == "postgresql":
+        return "postgresql"
+    if name == "sqlite":
+        return "sqlite"
+    raise ValueError(f"unsupported database dialect {name!r}")
+
+
+async def init_db(engine: AsyncEngine, *, laravel: bool = True) -> list[str]:
+    """Create whichever tables are missing; never alter one that exists. Returns those created.
+
+    With `laravel` the ten Laravel tables are created too where missing (empty databases:
+    demos, tests); the importer's `khala_import_*` tables always are.
+    """
+    wanted = [*LARAVEL.sorted_tables] if laravel else []
+    wanted += IMPORTER.sorted_tables
+
+    def _create(conn: Connection) -> list[str]:
+        existing = set(sa.inspect(conn).get_table_names())
+        missing = [table for table in wanted if table.name not in existing]
+        for table in missing:
+            table.create(conn, checkfirst=True)
+        return [table.name for table in missing]
+
+    async with engine.begin() as conn:
+        return await conn.run_sync(_create)

@@ -1,0 +1,131 @@
+"""The importer's own bookkeeping tables (SPEC §4): all prefixed `khala_import_`, never Laravel's.
+
+JSON-valued columns are TEXT holding compact JSON (`khala_stream.contract.codec.dumps_text`), so
+they read back the same on every database.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import sqlalchemy as sa
+
+__all__ = [
+    "APPLIED",
+    "DOCUMENTS",
+    "IMPORTER",
+    "IMPORTER_TABLES",
+    "OFFSETS",
+    "REFUSALS",
+    "ROWS",
+    "RUNS",
+    "USER_IDS",
+    "WORKOS_CACHE",
+]
+
+IMPORTER: Final = sa.MetaData()
+
+# Integer PK that is a rowid alias on SQLite and SERIAL on PostgreSQL.
+_SERIAL: Final[sa.types.TypeEngine[Any]] = sa.Integer()
+
+RUNS: Final = sa.Table(
+    "khala_import_runs",
+    IMPORTER,
+    sa.Column("id", _SERIAL, primary_key=True, autoincrement=True),
+    sa.Column("export_sha256", sa.String(64), nullable=False),
+    sa.Column("source", sa.Text(), nullable=False),
+    sa.Column("options", sa.Text(), nullable=False),  # JSON
+    # 'publishing' | 'published' | 'derived' | 'failed'
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("expected", sa.Text(), nullable=True),  # JSON: table -> published message count
+    sa.Column("counters", sa.Text(), nullable=True),  # JSON
+    sa.Column("changes_end", sa.Text(), nullable=True),  # JSON: partition -> end offset
+    sa.Column("snapshot_ms", sa.BigInteger(), nullable=True),
+    sa.Column("claim", sa.String(64), nullable=True),
+    sa.Column("claimed_at", sa.DateTime(), nullable=True),
+    sa.Column("created_at", sa.DateTime(), nullable=False),
+    sa.Column("published_at", sa.DateTime(), nullable=True),
+    sa.Column("derived_at", sa.DateTime(), nullable=True),
+)
+
+# The ledger of source documents: what each document looked like when last imported.
+DOCUMENTS: Final = sa.Table(
+    "khala_import_documents",
+    IMPORTER,
+    sa.Column("source_table", sa.String(16), primary_key=True),
+    sa.Column("doc_key", sa.Text(), primary_key=True),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("doc_id", sa.Text(), nullable=True),
+    sa.Column("export_seq", sa.Integer(), nullable=False),  # run id that last saw it
+    sa.Column("line", sa.Integer(), nullable=False),
+    sa.Column("first_seq", sa.Integer(), nullable=False),
+    sa.Column("changed_seq", sa.Integer(), nullable=False),
+    sa.Column("document", sa.Text(), nullable=False),
+    sa.Index(
+        "khala_import_documents_source_table_export_seq_line_index",
+        "source_table",
+        "export_seq",
+        "line",
+    ),
+)
+
+APPLIED: Final = sa.Table(
+    "khala_import_applied",
+    IMPORTER,
+    sa.Column("run_id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("source_table", sa.String(16), primary_key=True),
+    sa.Column("applied", sa.BigInteger(), nullable=False, server_default=sa.text("0")),
+)
+
+# The row ledger: the last computed value of each destination row (SPEC §8.7).
+ROWS: Final = sa.Table(
+    "khala_import_rows",
+    IMPORTER,
+    sa.Column("dest_table", sa.String(40), primary_key=True),
+    sa.Column("row_key", sa.Text(), primary_key=True),
+    sa.Column("row_hash", sa.String(64), nullable=True),
+    sa.Column("row_id", sa.BigInteger(), nullable=True),
+    sa.Column("run_id", sa.Integer(), nullable=True),
+)
+
+# Consumer positions, moved in the same transaction as the data they cover.
+OFFSETS: Final = sa.Table(
+    "khala_import_offsets",
+    IMPORTER,
+    sa.Column("consumer_group", sa.Text(), primary_key=True),
+    sa.Column("topic", sa.Text(), primary_key=True),
+    sa.Column("partition", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("next_offset", sa.BigInteger(), nullable=False),
+)
+
+USER_IDS: Final = sa.Table(
+    "khala_import_user_ids",
+    IMPORTER,
+    sa.Column("workos_id", sa.Text(), primary_key=True),
+    sa.Column("user_id", sa.BigInteger(), nullable=False),
+    sa.UniqueConstraint("user_id", name="khala_import_user_ids_user_id_unique"),
+)
+
+WORKOS_CACHE: Final = sa.Table(
+    "khala_import_workos_cache",
+    IMPORTER,
+    sa.Column("workos_id", sa.Text(), primary_key=True),
+    sa.Column("found", sa.Boolean(create_constraint=False), nullable=False),
+    sa.Column("email", sa.Text(), nullable=True),
+    sa.Column("name", sa.Text(), nullable=True),
+    sa.Column("avatar", sa.Text(), nullable=True),
+    sa.Column("fetched_at", sa.DateTime(), nullable=False),
+)
+
+REFUSALS: Final = sa.Table(
+    "khala_import_refusals",
+    IMPORTER,
+    sa.Column("id", _SERIAL, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer(), nullable=False),
+    sa.Column("dest_table", sa.String(40), nullable=False),
+    sa.Column("row_key", sa.Text(), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("created_at", sa.DateTime(), nullable=False),
+)
+
+IMPORTER_TABLES: Final[dict[str, sa.Table]] = dict(IMPORTER.tables)

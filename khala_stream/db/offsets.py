@@ -1,0 +1,80 @@
+"""Consumer positions kept in the database, moved in the same transaction as the data.
+
+A batch read from `[start, end)` of a partition is applied together with
+`advance(..., start, end)`; the advance is conditional, so when two workers (or a worker and its
+own crashed predecessor) apply the same batch, exactly one commit moves the position and the other
+sees `False` and rolls back: the data of each offset takes effect exactly once.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from khala_stream.db.importer_tables import OFFSETS
+
+__all__ = ["advance", "load_offsets"]
+
+
+def _where(group: str, topic: str, partition: int) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        OFFSETS.c.consumer_group == group,
+        OFFSETS.c.topic == topic,
+        OFFSETS.c.partition == partition,
+    )
+
+
+async def load_offsets(conn: AsyncConnection, group: str, topic: str) -> dict[int, int]:
+    """partition -> next offset to read, for every partition this group has a position in."""
+    result = await conn.execute(
+        sa.select(OFFSETS.c.partition, OFFSETS.c.next_offset).where(
+            OFFSETS.c.consumer_group == group, OFFSETS.c.topic == topic
+        )
+    )
+    return {int(partition): int(offset) for partition, offset in result}
+
+
+async def _move(
+    conn: AsyncConnection, group: str, topic: str, partition: int, start: int, end: int
+) -> bool:
+    result = await conn.execute(
+        sa.update(OFFSETS)
+        .where(_where(group, topic, partition), OFFSETS.c.next_offset <= start)
+        .values(next_offset=end)
+    )
+    return result.rowcount == 1
+
+
+async def advance(
+    conn: AsyncConnection, group: str, topic: str, partition: int, start: int, end: int
+) -> bool:
+    """Move the position from `start` to `end`; False if it is already past `start`.
+
+    The row is created when missing (`start` is then the first offset the consumer read). A
+    stored position below `start` is a gap in the log (compaction, transaction markers) and is
+    moved too: no other worker can have applied offsets beyond the stored position.
+
+    Race-safe on PostgreSQL: two workers creating the same new row both `INSERT ... ON CONFLICT
+    DO NOTHING`; the loser waits for the winner's transaction, inserts nothing, and re-checks
+    with the conditional UPDATE, which then sees the winner's committed position.
+    """
+    if end < start:
+        raise ValueError(f"offset range [{start}, {end}) is reversed")
+    if await _move(conn, group, topic, partition, start, end):
+        return True
+    values = {
+        "consumer_group": group,
+        "topic": topic,
+        "partition": partition,
+        "next_offset": end,
+    }
+    insert = (
+        postgresql.insert(OFFSETS).values(**values).on_conflict_do_nothing()
+        if conn.dialect.name == "postgresql"
+        else sqlite.insert(OFFSETS).values(**values).on_conflict_do_nothing()
+    )
+    result = await conn.execute(insert)
+    if result.rowcount == 1:
+        return True
+    return await _move(conn, group, topic, partition, start, end)

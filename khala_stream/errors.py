@@ -1,0 +1,66 @@
+"""The one exception tree of khala-stream.
+
+    KhalaError                      exit 1 unless a subclass says otherwise
+    ├── UsageError                  exit 2: bad flags or configuration
+    │   └── WorkosKeyError          exit 2: WORKOS_API_KEY missing or refused before any write
+    ├── InvalidExportError          exit 2: missing path, not a ZIP/folder, corrupt, no chat tables
+    └── RuntimeFailure              exit 1: broker or database unreachable after retries
+        ├── TransientError          worth retrying with backoff (connection lost, 429/5xx ...)
+        └── WorkosAuthError         a 401 from WorkOS in mid-run: stop, resumable
+
+Every class builds its message from the attributes it stores, and declares its CLI exit code.
+Adapters translate library errors into this tree at one boundary each, chaining with `from`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class KhalaError(Exception):
+    """Root of every error khala-stream raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(KhalaError):
+    """Bad flags or configuration; nothing has been written."""
+
+    exit_code = 2
+
+
+class WorkosKeyError(UsageError):
+    """`--resolve-workos-users` cannot run: the key is missing or refused."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"WorkOS: {reason}")
+
+
+class InvalidExportError(KhalaError):
+    """The source cannot be imported at all; nothing has been written."""
+
+    exit_code = 2
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class RuntimeFailure(KhalaError):
+    """The import could not finish: a dependency failed after retries."""
+
+    exit_code = 1
+
+
+class TransientError(RuntimeFailure):
+    """A failure that may pass: retry with capped exponential backoff."""
+
+
+class WorkosAuthError(RuntimeFailure):
+    """WorkOS refused the key in the middle of a run; the run can be resumed."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"WorkOS refused the API key (HTTP {status}); fix it and rerun")

@@ -1,0 +1,195 @@
+"""Import runs: one row per published export in `khala_import_runs`, shared by the stages.
+
+The publisher registers a run and records what it published; the processors derive a run once
+all of its messages are in their store; the sink's positions tell when its changes are applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from khala_stream.db.importer_tables import OFFSETS, RUNS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFlags:
+    """The import-chat options a run was published with; the processors honour them."""
+
+    replace: bool = False
+    skip_blueprints: bool = False
+    resolve_workos_users: bool = False
+    propagate_deletes: bool = False
+    incremental: bool = True
+
+    def to_json(self) -> dict[str, bool]:
+        return {
+            "replace": self.replace,
+            "skip_blueprints": self.skip_blueprints,
+            "resolve_workos_users": self.resolve_workos_users,
+            "propagate_deletes": self.propagate_deletes,
+            "incremental": self.incremental,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> RunFlags:
+        return cls(**{k: bool(v) for k, v in raw.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportRun:
+    id: int
+    export_sha256: str
+    source: str
+    flags: RunFlags
+    status: str
+    published: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, Any] = field(default_factory=dict)
+    changes_end: dict[int, int] = field(default_factory=dict)
+    snapshot_ms: int | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(tz=UTC).replace(tzinfo=None, microsecond=0)
+
+
+def _json(value: str | None) -> Any:
+    return orjson.loads(value) if value else {}
+
+
+def _from_row(row: sa.Row[Any]) -> ImportRun:
+    return ImportRun(
+        id=int(row.id),
+        export_sha256=row.export_sha256,
+        source=row.source,
+        flags=RunFlags.from_json(_json(row.options)),
+        status=row.status,
+        published=_json(row.expected),
+        counters=_json(row.counters),
+        changes_end={int(p): int(o) for p, o in _json(row.changes_end).items()},
+        snapshot_ms=row.snapshot_ms,
+    )
+
+
+async def register(engine: AsyncEngine, *, source: str, sha256: str, flags: RunFlags) -> int:
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.insert(RUNS)
+            .values(
+                export_sha256=sha256,
+                source=source,
+                options=orjson.dumps(flags.to_json()).decode(),
+                status="publishing",
+                created_at=_now(),
+            )
+            .returning(RUNS.c.id)
+        )
+        return int(result.scalar_one())
+
+
+async def mark_published(
+    engine: AsyncEngine, run_id: int, *, published: dict[str, Any], snapshot_ms: int
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id)
+            .values(
+                status="published",
+                expected=orjson.dumps(published).decode(),
+                snapshot_ms=snapshot_ms,
+                published_at=_now(),
+            )
+        )
+
+
+async def load(engine: AsyncEngine, run_id: int) -> ImportRun | None:
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(RUNS).where(RUNS.c.id == run_id))).first()
+    return _from_row(row) if row is not None else None
+
+
+async def published_runs(conn: AsyncConnection) -> list[ImportRun]:
+    """Runs whose documents are all published and that still wait for their derivation."""
+    rows = (
+        await conn.execute(sa.select(RUNS).where(RUNS.c.status == "published").order_by(RUNS.c.id))
+    ).all()
+    return [_from_row(r) for r in rows]
+
+
+async def claim(engine: AsyncEngine, run_id: int, worker: str, lease_s: float) -> bool:
+    """Take the derivation of a run; a claim older than the lease is taken over (crashed)."""
+    now = _now()
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.update(RUNS)
+            .where(
+                RUNS.c.id == run_id,
+                RUNS.c.status == "published",
+                sa.or_(
+                    RUNS.c.claim.is_(None),
+                    RUNS.c.claim == worker,
+                    RUNS.c.claimed_at < now - timedelta(seconds=lease_s),
+                ),
+            )
+            .values(claim=worker, claimed_at=now)
+        )
+        return bool(result.rowcount)
+
+
+async def mark_derived(
+    engine: AsyncEngine, run_id: int, *, counters: dict[str, Any], changes_end: dict[int, int]
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id)
+            .values(
+                status="derived",
+                counters=orjson.dumps(counters).decode(),
+                changes_end=orjson.dumps({str(p): o for p, o in changes_end.items()}).decode(),
+                derived_at=_now(),
+            )
+        )
+
+
+async def applied_by_sink(engine: AsyncEngine, run: ImportRun, group: str, topic: str) -> bool:
+    """True when the sink's stored positions have passed every change of this run."""
+    if run.status != "derived":
+        return False
+    return reached(await sink_positions(engine, group, topic), run.changes_end)
+
+
+def reached(positions: dict[int, int], ends: dict[int, int]) -> bool:
+    return all(positions.get(p, 0) >= end for p, end in ends.items())
+
+
+async def latest(engine: AsyncEngine) -> ImportRun | None:
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(RUNS).order_by(RUNS.c.id.desc()).limit(1))).first()
+    return _from_row(row) if row is not None else None
+
+
+async def heartbeat(engine: AsyncEngine, run_id: int, worker: str) -> None:
+    """Renew a derivation claim, so that a long derivation is not taken over."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.claim == worker)
+            .values(claimed_at=_now())
+        )
+
+
+async def sink_positions(engine: AsyncEngine, group: str, topic: str) -> dict[int, int]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(OFFSETS.c.partition, OFFSETS.c.next_offset).where(
+                OFFSETS.c.consumer_group == group, OFFSETS.c.topic == topic
+            )
+        )
+        return {int(p): int(o) for p, o in rows.all()}

@@ -1,0 +1,422 @@
+"""`import-chat` in one process: publish, process and sink until the export is applied.
+
+A dry run takes another road on purpose: it reads the export into a scratch store and runs the
+same derivation against the real database read-only, so it writes nothing anywhere and needs
+no broker, yet reports exactly the counters a real run would (SPEC §4, §8.9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from khala_stream import import_runs
+from khala_stream.broker.clients import broker_session, ensure_topics, make_producer
+from khala_stream.config import Settings
+from khala_stream.contract import SOURCE_TABLES, RowChange, Topics
+from khala_stream.contract.documents import document_hash, document_key
+from khala_stream.db.engine import create_engine, init_db
+from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
+from khala_stream.db.laravel_tables import LARAVEL
+from khala_stream.errors import KhalaError, RuntimeFailure, WorkosKeyError
+from khala_stream.runtime import with_retries
+from processors import store
+from processors.autopilots import parse_allowed_hosts
+from processors.derive import COUNTER_KEYS, Derivation, RunOptions
+from processors.identity import WorkosLookup
+from processors.lookups import MemoryUserIds, TargetView
+from processors.runner import Processor
+from processors.workos import WorkosClient, WorkosUser
+from processors.workos_cache import MemoryWorkosCache, SqlWorkosCache, resolve_with_cache
+from producers.export_reader import ExportSource, RejectedLine, open_export
+from producers.ledger import stored_hashes
+from producers.publisher import Progress, Publisher
+from sinks.runner import SinkService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportOptions:
+    dry_run: bool = False
+    replace: bool = False
+    resolve_workos_users: bool = False
+    skip_blueprints: bool = False
+    propagate_deletes: bool = False
+    deadline_s: float = 120.0
+    """How long to wait for an unreachable database or broker before exit 1."""
+
+
+@dataclass(slots=True)
+class ImportReport:
+    """Everything the summary prints (reference §7 plus the product's own lines)."""
+
+    source: str
+    options: ImportOptions
+    sha256: str
+    run_id: int | None = None
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_KEYS, 0))
+    documents: dict[str, dict[str, int]] = field(default_factory=dict)
+    written: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    rejected_lines: list[tuple[str, int, str]] = field(default_factory=list)
+    missing_key: dict[str, int] = field(default_factory=dict)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
+    ignored_tables: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "mode": "dry-run" if self.options.dry_run else "write",
+            "replace": self.options.replace,
+            "resolve_workos_users": self.options.resolve_workos_users,
+            "import_blueprints": not self.options.skip_blueprints,
+            "export_sha256": self.sha256,
+            "run_id": self.run_id,
+            "counters": self.counters,
+            "documents": self.documents,
+            "rows_written": self.written,
+            "rejected_lines": {
+                "per_table": self.rejected,
+                "lines": [{"file": f, "line": n, "reason": r} for f, n, r in self.rejected_lines],
+            },
+            "missing_key": self.missing_key,
+            "refused_rows": [{"table": t, "key": k, "reason": r} for t, k, r in self.refused],
+            "ignored_tables": self.ignored_tables,
+        }
+
+
+async def import_chat(
+    settings: Settings,
+    source: Path,
+    options: ImportOptions,
+    *,
+    progress: Progress | None = None,
+) -> ImportReport:
+    """Import one export; raises KhalaError subclasses with their exit codes."""
+    with open_export(source) as export:  # an invalid source fails here, before any write
+        workos = await _check_workos(settings) if options.resolve_workos_users else None
+        if options.dry_run:
+            return await _dry_run(settings, export, options, workos)
+        return await _write_run(settings, export, options, progress)
+
+
+async def _check_workos(settings: Settings) -> WorkosClient:
+    key = settings.workos_api_key
+    if key is None:
+        raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
+    async with WorkosClient(api_key=key.reveal(), base_url=settings.workos_base_url) as client:
+        await client.check_key()
+    return client
+
+
+@contextlib.asynccontextmanager
+async def _engine(url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def _write_run(
+    settings: Settings, export: ExportSource, options: ImportOptions, progress: Progress | None
+) -> ImportReport:
+    deadline = options.deadline_s
+    async with _engine(settings.database_url) as engine:
+        await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
+        async with broker_session(settings) as live:
+            topics = Topics(live.topic_prefix)
+            await with_retries(
+                lambda: ensure_topics(live.kafka, topics.all),
+                what="the broker",
+                deadline_s=deadline,
+            )
+            flags = import_runs.RunFlags(
+                replace=options.replace,
+                skip_blueprints=options.skip_blueprints,
+                resolve_workos_users=options.resolve_workos_users,
+                propagate_deletes=options.propagate_deletes,
+            )
+            run_id = await import_runs.register(
+                engine, source=str(export.path), sha256=export.sha256(), flags=flags
+            )
+            await _run_stages(live, engine, export, run_id, options, progress)
+        return await _report(engine, export, options, run_id)
+
+
+async def _run_stages(
+    settings: Settings,
+    engine: AsyncEngine,
+    export: ExportSource,
+    run_id: int,
+    options: ImportOptions,
+    progress: Progress | None,
+) -> None:
+    """The three stages as tasks of this process, until the sink has applied the run."""
+    stop = asyncio.Event()
+    topics = Topics(settings.topic_prefix)
+    stages = [
+        asyncio.create_task(
+            Processor(settings, engine, db_deadline_s=options.deadline_s).run(stop=stop)
+        ),
+        asyncio.create_task(
+            SinkService(settings, engine, db_deadline_s=options.deadline_s).run(stop=stop)
+        ),
+    ]
+    try:
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        try:
+            publisher = Publisher(
+                producer=producer,
+                engine=engine,
+                topics=topics,
+                incremental=True,
+                skip_blueprints=options.skip_blueprints,
+                progress=progress,
+            )
+            await publisher.publish(export, run_id)
+        finally:
+            await producer.stop()
+        while True:
+            failed = [t for t in stages if t.done()]
+            if failed:
+                failed[0].result()  # re-raises the stage's error
+                raise RuntimeFailure("a stage stopped before the import finished")
+            run = await import_runs.load(engine, run_id)
+            if run is not None and await import_runs.applied_by_sink(
+                engine, run, topics.sink_group, topics.changes
+            ):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        results = await asyncio.gather(*stages, return_exceptions=True)
+        for result in results:
+            if isinstance(result, KhalaError):
+                raise result
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+
+
+async def _report(
+    engine: AsyncEngine, export: ExportSource, options: ImportOptions, run_id: int
+) -> ImportReport:
+    run = await import_runs.load(engine, run_id)
+    assert run is not None
+    report = ImportReport(
+        source=str(export.path), options=options, sha256=run.export_sha256, run_id=run_id
+    )
+    _fill_from_published(report, run.published)
+    for key in COUNTER_KEYS:
+        if not key.startswith("source_"):
+            report.counters[key] = int(run.counters.get(key, 0))
+    report.documents = run.counters.get("documents", {})
+    report.written = run.counters.get("written", {})
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(REFUSALS.c.dest_table, REFUSALS.c.row_key, REFUSALS.c.reason)
+            .where(REFUSALS.c.run_id == run_id)
+            .order_by(REFUSALS.c.id)
+        )
+        report.refused = [(t, k, r) for t, k, r in rows.all()]
+    return report
+
+
+def _fill_from_published(report: ImportReport, published: dict[str, Any]) -> None:
+    source: dict[str, int] = published.get("source", {})
+    for table in SOURCE_TABLES:
+        report.counters[f"source_{table}"] = int(source.get(table, 0))
+    report.rejected = published.get("rejected", {})
+    report.missing_key = published.get("missing_key", {})
+    report.rejected_lines = [(f, int(n), r) for f, n, r in published.get("rejected_lines", [])]
+    report.ignored_tables = published.get("ignored_tables", [])
+
+
+# -- dry run ---------------------------------------------------------------------------------
+
+
+class _Discard:
+    """A dry run's change output: counted, never sent."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def emit(self, changes: Sequence[RowChange]) -> None:
+        self.count += len(changes)
+
+
+async def _dry_run(
+    settings: Settings, export: ExportSource, options: ImportOptions, workos: WorkosClient | None
+) -> ImportReport:
+    report = ImportReport(source=str(export.path), options=options, sha256=export.sha256())
+    async with _engine(settings.database_url) as real:
+        tables = await with_retries(
+            lambda: _table_names(real), what="the database", deadline_s=options.deadline_s
+        )
+        has_laravel = all(t in tables for t in LARAVEL.tables)
+        ledger = real if all(t in tables for t in IMPORTER.tables) else None
+        with tempfile.TemporaryDirectory(prefix="khala-dry-run-") as scratch_dir:
+            async with _engine(f"sqlite+aiosqlite:///{scratch_dir}/scratch.sqlite") as scratch:
+                # A database without the Laravel tables reads as empty ones.
+                await init_db(scratch, laravel=not has_laravel)
+                view = real if has_laravel else scratch
+                run_id = 1
+                published = await _load_scratch(export, scratch, run_id, options)
+                _fill_from_published(report, published)
+                report.documents = await _document_stats(scratch, ledger, run_id)
+                async with contextlib.AsyncExitStack() as stack:
+                    lookup = None
+                    if workos is not None:
+                        key = settings.workos_api_key
+                        assert key is not None
+                        client = await stack.enter_async_context(
+                            WorkosClient(api_key=key.reveal(), base_url=settings.workos_base_url)
+                        )
+                        lookup = _dry_run_workos(client, ledger)
+                    with_ledger = ledger is not None and view is real
+                    derivation = Derivation(
+                        options=RunOptions(
+                            run_id=run_id,
+                            snapshot_ms=export.snapshot_ms or 0,
+                            allowed_hosts=parse_allowed_hosts(settings.l402_allowlist_hosts),
+                            replace=options.replace,
+                            skip_blueprints=options.skip_blueprints,
+                        ),
+                        documents=scratch,
+                        view=TargetView(view, replace=options.replace, ledger=with_ledger),
+                        user_ids=MemoryUserIds(view, ledger=with_ledger),
+                        workos=lookup,
+                        out=_Discard(),
+                    )
+                    result = await derivation.run()
+    for name in COUNTER_KEYS:
+        if not name.startswith("source_"):
+            report.counters[name] = result.counters[name]
+    report.written = result.written
+    return report
+
+
+async def _table_names(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+
+
+def _dry_run_workos(client: WorkosClient, ledger: AsyncEngine | None) -> WorkosLookup:
+    """Answers from the persistent cache when it has them; new answers stay in memory."""
+    memory = MemoryWorkosCache()
+    persistent = SqlWorkosCache(ledger) if ledger is not None else None
+
+    async def lookup(ids: Sequence[str]) -> dict[str, WorkosUser | None]:
+        answers = await persistent.get_many(ids) if persistent is not None else {}
+        missing = [i for i in ids if i not in answers]
+        if missing:
+            fresh, _ = await resolve_with_cache(client, memory, missing)
+            answers.update(fresh)
+        return answers
+
+    return lookup
+
+
+async def _load_scratch(
+    export: ExportSource, scratch: AsyncEngine, run_id: int, options: ImportOptions
+) -> dict[str, Any]:
+    """Read the export into the scratch store; count what a real publish would report."""
+    source: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    missing: Counter[str] = Counter()
+    lines: list[list[Any]] = []
+    for table in SOURCE_TABLES:
+        if table == "blueprints" and options.skip_blueprints:
+            continue
+        batch: list[store.IncomingDocument] = []
+        for item in export.iter_table(table):
+            if isinstance(item, RejectedLine):
+                rejected[table] += 1
+                if len(lines) < 1000:
+                    lines.append([item.entry, item.line, item.reason])
+                continue
+            source[table] += 1
+            digest = document_hash(item.doc)
+            key = document_key(table, item.doc, digest)
+            if key is None:
+                missing[table] += 1
+                continue
+            batch.append(
+                store.IncomingDocument(
+                    run_id=run_id,
+                    table=table,
+                    key=key,
+                    line=item.line,
+                    content_hash=digest,
+                    doc_id=None,
+                    raw=item.raw,
+                )
+            )
+            if len(batch) >= 2000:
+                async with scratch.begin() as conn:
+                    await store.apply_documents(conn, batch)
+                batch = []
+        async with scratch.begin() as conn:
+            await store.apply_documents(conn, batch)
+    return {
+        "source": dict(source),
+        "rejected": dict(rejected),
+        "missing_key": dict(missing),
+        "rejected_lines": lines,
+        "ignored_tables": sorted(t for t in export.tables if t not in SOURCE_TABLES),
+    }
+
+
+async def _document_stats(
+    scratch: AsyncEngine, ledger: AsyncEngine | None, run_id: int
+) -> dict[str, dict[str, int]]:
+    """Inserted / updated / unchanged / vanished documents, against the real ledger."""
+    c = DOCUMENTS.c
+    stats: dict[str, dict[str, int]] = {}
+    for table in SOURCE_TABLES:
+        counts = {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0}
+        last = ""
+        while True:
+            async with scratch.connect() as conn:
+                page = (
+                    await conn.execute(
+                        sa.select(c.doc_key, c.content_hash)
+                        .where(c.source_table == table, c.export_seq == run_id, c.doc_key > last)
+                        .order_by(c.doc_key)
+                        .limit(2000)
+                    )
+                ).all()
+            if not page:
+                break
+            last = page[-1][0]
+            known = await stored_hashes(ledger, table, [k for k, _ in page]) if ledger else {}
+            for key, digest in page:
+                previous = known.get(key)
+                kind = (
+                    "inserted"
+                    if previous is None
+                    else "unchanged"
+                    if previous == digest
+                    else "updated"
+                )
+                counts[kind] += 1
+        if ledger is not None:
+            async with ledger.connect() as conn:
+                total = await conn.scalar(
+                    sa.select(sa.func.count()).select_from(DOCUMENTS).where(c.source_table == table)
+                )
+            counts["deleted"] = int(total or 0) - counts["updated"] - counts["unchanged"]
+        stats[table] = counts
+    return stats

@@ -1,0 +1,135 @@
+"""What the long-running stages share: consumers positioned from the database, and retries.
+
+The database holds the truth about consumer positions (they move in the same transaction as
+the data); Kafka's committed offsets are written afterwards only so that lag can be watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from khala_stream.db.errors import is_transient
+from khala_stream.db.offsets import load_offsets
+from khala_stream.errors import RuntimeFailure, TransientError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def retryable(exc: BaseException) -> bool:
+    """Broker and connection trouble passes; anything else is a bug or bad data."""
+    return isinstance(exc, TransientError | KafkaError | ConnectionError | OSError) or is_transient(
+        exc
+    )
+
+
+async def with_retries(
+    action: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    deadline_s: float = 300.0,
+    base_s: float = 0.2,
+    cap_s: float = 10.0,
+) -> T:
+    """Run `action`, retrying transient failures with capped exponential backoff and jitter.
+
+    After `deadline_s` of failures it gives up with RuntimeFailure (exit 1); the work is
+    resumable because nothing moves forward before it is committed.
+    """
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return await action()
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            waited = time.monotonic() - started
+            if waited >= deadline_s:
+                raise RuntimeFailure(
+                    f"gave up waiting for {what} after {waited:.0f}s: {exc}"
+                ) from exc
+            delay = random.uniform(0, min(cap_s, base_s * 2**attempt))
+            attempt += 1
+            logger.warning(
+                "waiting for %s (attempt %d, retry in %.1fs): %s", what, attempt, delay, exc
+            )
+            await asyncio.sleep(delay)
+
+
+async def seek_to_stored(
+    consumer: AIOKafkaConsumer,
+    engine: AsyncEngine,
+    group: str,
+    partitions: Iterable[TopicPartition],
+) -> None:
+    """Position each partition where the database says this group's work stopped."""
+    partitions = list(partitions)
+    if not partitions:
+        return
+    stored: dict[str, dict[int, int]] = {}
+    async with engine.connect() as conn:
+        for topic in {tp.topic for tp in partitions}:
+            stored[topic] = await load_offsets(conn, group, topic)
+    ends = await consumer.end_offsets(partitions)
+    for tp in partitions:
+        position = stored[tp.topic].get(tp.partition)
+        if position is None:
+            await consumer.seek_to_beginning(tp)
+        elif position > ends[tp]:
+            # The topic is younger than the database's memory of it (the broker was reset).
+            logger.warning(
+                "stored offset %d beyond end %d of %s; reading it from the start",
+                position,
+                ends[tp],
+                tp,
+            )
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, position)
+
+
+class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Re-positions from the database on every assignment (after a rebalance or a restart)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, engine: AsyncEngine, group: str) -> None:
+        self._consumer = consumer
+        self._engine = engine
+        self._group = group
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await seek_to_stored(self._consumer, self._engine, self._group, assigned)
+
+
+async def caught_up(consumer: AIOKafkaConsumer) -> bool:
+    """True when every assigned partition has been read to its end."""
+    assigned = consumer.assignment()
+    if not assigned:
+        return False
+    ends = await consumer.end_offsets(list(assigned))
+    for tp in assigned:
+        if await consumer.position(tp) < ends[tp]:
+            return False
+    return True
+
+
+async def commit_for_lag(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int]) -> None:
+    """Mirror the database positions into Kafka, for `lag`; losing one is harmless."""
+    if not positions:
+        return
+    try:
+        await consumer.commit(positions)
+    except KafkaError as exc:
+        logger.info("offset commit for lag reporting skipped: %s", exc)

@@ -1,0 +1,1 @@
+"""Stream processors: identity, autopilots and linkage policies, and their runner."""

@@ -1,0 +1,535 @@
+"""The derivation: one export's documents → every destination row change, in reference order.
+
+It runs once per export, when the processors' store holds all of the export's documents, so
+its result cannot depend on the order in which documents arrived (SPEC §4). It reads the
+documents back in file order and applies the reference's phases (§3): identities, autopilots,
+titles, threads, runs, messages, run events. Only rows whose computed value differs from the
+last computed one, or that are missing from their table, are emitted (SPEC §3.8, §8.7).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from khala_stream.contract.changes import RowChange, SourceRef
+from khala_stream.contract.codec import content_hash
+from khala_stream.contract.tables import SOURCE_TABLES, DestinationTable
+from processors import store
+from processors.autopilots import (
+    PROFILE_COLUMNS,
+    Blueprint,
+    autopilot_id_for,
+    extract_blueprint,
+    policy_payload,
+    profile_payload,
+)
+from processors.fields import CREATED_CHAIN, first_usable_ms, now_timestamp, string_field
+from processors.identity import Candidate, IdentityResolver, ResolvedUser, WorkosLookup
+from processors.linkage import (
+    Owner,
+    default_title,
+    event_row,
+    message_keys,
+    message_rows,
+    run_keys,
+    run_row,
+    thread_rows,
+    title_candidate,
+)
+from processors.lookups import LegacyEvent, TargetView, UserIds
+from processors.text import gravatar_url, handle_candidates, is_valid_email, limit, normalise_handle
+
+logger = logging.getLogger(__name__)
+
+COUNTER_KEYS: tuple[str, ...] = (
+    "source_users",
+    "source_threads",
+    "source_runs",
+    "source_messages",
+    "source_receipts",
+    "source_blueprints",
+    "users_imported",
+    "users_resolved_via_workos",
+    "users_unresolved_placeholder",
+    "users_email_conflicts",
+    "threads_imported",
+    "runs_imported",
+    "messages_imported",
+    "events_imported",
+    "autopilots_created",
+    "autopilot_profiles_upserted",
+    "autopilot_policies_upserted",
+    "blueprints_mapped",
+    "threads_linked_backfilled",
+    "runs_linked_backfilled",
+    "messages_linked_backfilled",
+    "run_events_linked_backfilled",
+)
+_BATCH = 500
+
+
+class ChangeOutput(Protocol):
+    """Where derived changes go: the changes topic, or nowhere in a dry run."""
+
+    async def emit(self, changes: Sequence[RowChange]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOptions:
+    run_id: int
+    snapshot_ms: int
+    allowed_hosts: list[str]
+    replace: bool = False
+    skip_blueprints: bool = False
+    propagate_deletes: bool = False
+
+
+@dataclass(slots=True)
+class Derived:
+    """What a derivation reports: the 22 counters and the rows it emitted per table."""
+
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_KEYS, 0))
+    written: dict[str, int] = field(default_factory=dict)
+    documents: dict[str, store.TableChanges] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Thread:
+    owner: str
+    doc: dict[str, Any]
+    line: int
+
+
+class _Pending:
+    """Computed rows of one table, emitted in batches when new, changed or missing."""
+
+    def __init__(self, derivation: Derivation, table: DestinationTable) -> None:
+        self._d = derivation
+        self.table: DestinationTable = table
+        self._rows: list[tuple[str, dict[str, Any], SourceRef]] = []
+
+    async def add(self, key: str, values: dict[str, Any], source: SourceRef) -> None:
+        self._rows.append((key, values, source))
+        if len(self._rows) >= _BATCH:
+            await self.flush()
+
+    async def flush(self) -> None:
+        rows, self._rows = self._rows, []
+        if not rows:
+            return
+        keys = [k for k, _, _ in rows]
+        ledger = await self._d.view.ledger(self.table, keys)
+        present = await self._d.view.existing(self.table, keys)
+        changes = []
+        for key, values, source in rows:
+            digest = content_hash(values)
+            last = ledger.get(key)
+            if key in present and last is not None and last[0] == digest:
+                continue
+            changes.append(self._d.change(self.table, "upsert", key, values, digest, source))
+        await self._d.emit(changes)
+
+
+class Derivation:
+    def __init__(
+        self,
+        *,
+        options: RunOptions,
+        documents: AsyncEngine,
+        view: TargetView,
+        user_ids: UserIds,
+        workos: WorkosLookup | None,
+        out: ChangeOutput,
+    ) -> None:
+        self.options = options
+        self.view = view
+        self._documents = documents
+        self._user_ids = user_ids
+        self._workos = workos
+        self._out = out
+        self.result = Derived()
+        self._handles_taken: set[str] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def change(
+        self,
+        table: DestinationTable,
+        op: Any,
+        key: str,
+        values: dict[str, Any],
+        digest: str | None = None,
+        source: SourceRef | None = None,
+    ) -> RowChange:
+        return RowChange(
+            run_id=self.options.run_id,
+            table=table,
+            op=op,
+            key=key,
+            values=values,
+            row_hash=digest,
+            source=source,
+        )
+
+    async def emit(self, changes: Sequence[RowChange]) -> None:
+        if not changes:
+            return
+        for c in changes:
+            self.result.written[c.table] = self.result.written.get(c.table, 0) + 1
+        await self._out.emit(changes)
+
+    def _docs(self, table: str) -> Any:
+        return store.iter_documents(self._documents, table, self.options.run_id)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.result.counters[key] += n
+
+    # -- the phases -------------------------------------------------------------------------
+
+    async def run(self) -> Derived:
+        snapshot = self.options.snapshot_ms
+        candidates: dict[str, Candidate] = {}
+        async for d in self._docs("users"):
+            candidates[d.key] = Candidate(
+                workos_id=d.key,
+                email=string_field(d.doc, "email"),
+                created_ms=first_usable_ms(d.doc, CREATED_CHAIN, snapshot),
+                source=SourceRef(table="users", line=d.line, doc_id=string_field(d.doc, "_id")),
+            )
+        threads: dict[str, _Thread] = {}
+        async for d in self._docs("threads"):
+            owner = string_field(d.doc, "ownerId")
+            if owner is None:
+                continue  # anonymous threads are not imported (reference §3.1)
+            threads[d.key] = _Thread(owner, d.doc, d.line)
+            if owner not in candidates:
+                candidates[owner] = Candidate(
+                    workos_id=owner,
+                    email=None,
+                    created_ms=first_usable_ms(d.doc, CREATED_CHAIN, snapshot),
+                    source=SourceRef(table="threads", line=d.line, doc_id=d.key),
+                )
+        users = await self._identities(list(candidates.values()))
+        owners = await self._autopilots(threads, users)
+        await self._threads(threads, owners)
+        imported_runs = await self._runs(threads, owners)
+        await self._messages(threads, owners, imported_runs)
+        await self._events(threads, owners)
+        await self._vanished()
+        return self.result
+
+    async def _identities(self, candidates: list[Candidate]) -> dict[str, ResolvedUser]:
+        resolver = IdentityResolver(
+            run_id=self.options.run_id,
+            view=self.view,
+            user_ids=self._user_ids,
+            workos=self._workos,
+        )
+        users, changes = await resolver.resolve(candidates)
+        await self.emit(changes)
+        c = resolver.counters
+        self._count("users_imported", c.users_imported)
+        self._count("users_resolved_via_workos", c.users_resolved_via_workos)
+        self._count("users_unresolved_placeholder", c.users_unresolved_placeholder)
+        self._count("users_email_conflicts", c.users_email_conflicts)
+        return users
+
+    async def _blueprints(self) -> dict[str, Blueprint]:
+        best: dict[str, Blueprint] = {}
+        if self.options.skip_blueprints:
+            return best
+        async for d in self._docs("blueprints"):
+            found = extract_blueprint(d.doc, d.line)
+            if found is None:
+                continue
+            thread_id, blueprint = found
+            current = best.get(thread_id)
+            if current is None or blueprint.recency >= current.recency:
+                best[thread_id] = blueprint  # ties: the later row wins (reference §5.1)
+        return best
+
+    async def _autopilots(
+        self, threads: dict[str, _Thread], users: dict[str, ResolvedUser]
+    ) -> dict[str, Owner]:
+        """One autopilot per owner, with its profile and policy (reference §5). Keyed by owner."""
+        per_thread = await self._blueprints()
+        chosen: dict[str, Blueprint | None] = {}
+        for thread_id, thread in threads.items():
+            candidate = per_thread.get(thread_id)
+            current = chosen.get(thread.owner)
+            if candidate is not None and (current is None or candidate.recency >= current.recency):
+                chosen[thread.owner] = candidate
+            else:
+                chosen.setdefault(thread.owner, current)
+        owners: dict[str, Owner] = {}
+        order = list(chosen)
+        for start in range(0, len(order), _BATCH):
+            batch = order[start : start + _BATCH]
+            owners.update(await self._autopilot_batch(batch, users, chosen))
+        return owners
+
+    async def _autopilot_batch(
+        self,
+        workos_ids: list[str],
+        users: dict[str, ResolvedUser],
+        chosen: dict[str, Blueprint | None],
+    ) -> dict[str, Owner]:
+        skip = self.options.skip_blueprints
+        existing = await self.view.autopilots_by_owner([users[w].id for w in workos_ids])
+        ids = {
+            w: existing[users[w].id].id if users[w].id in existing else autopilot_id_for(w)
+            for w in workos_ids
+        }
+        keys = list(ids.values())
+        profiles_present = await self.view.existing("autopilot_profiles", keys)
+        policies_present = await self.view.existing("autopilot_policies", keys)
+        profile_ledger = await self.view.ledger("autopilot_profiles", keys)
+        policy_ledger = await self.view.ledger("autopilot_policies", keys)
+        now = now_timestamp()
+        owners: dict[str, Owner] = {}
+        changes: list[RowChange] = []
+        for w in workos_ids:
+            user, blueprint, autopilot_id = users[w], chosen[w], ids[w]
+            payload = blueprint.payload if blueprint else None
+            if blueprint is not None:
+                self._count("blueprints_mapped")
+            profile = profile_payload(payload, user.name)
+            policy = policy_payload(payload, self.options.allowed_hosts)
+            wrote = False
+            for table, values, present, ledger in (
+                ("autopilot_profiles", profile, profiles_present, profile_ledger),
+                ("autopilot_policies", policy, policies_present, policy_ledger),
+            ):
+                digest = content_hash(values)
+                exists = autopilot_id in present
+                last = ledger.get(autopilot_id)
+                # --skip-blueprints never resets a profile or policy (SPEC §3.9).
+                if exists and (skip or (last is not None and last[0] == digest)):
+                    continue
+                row = {"autopilot_id": autopilot_id, **values, "updated_at": now}
+                if not exists:
+                    row["created_at"] = now
+                changes.append(self.change(table, "upsert", autopilot_id, row, digest))  # type: ignore[arg-type]
+                self._count(f"{table}_upserted")
+                wrote = True
+            current = existing.get(user.id)
+            version = (current.config_version if current else 1) + (1 if wrote else 0)
+            if current is None:
+                changes.append(await self._new_autopilot(autopilot_id, user, profile, version, now))
+                self._count("autopilots_created")
+            elif wrote:
+                values = {"config_version": version, "updated_at": now}
+                changes.append(self.change("autopilots", "update", autopilot_id, values))
+            owners[w] = Owner(user_id=user.id, autopilot_id=autopilot_id, config_version=version)
+        await self.emit(changes)
+        return owners
+
+    async def _new_autopilot(
+        self,
+        autopilot_id: str,
+        user: ResolvedUser,
+        profile: dict[str, Any],
+        version: int,
+        now: str,
+    ) -> RowChange:
+        seed = f"{user.handle}-autopilot" if user.handle else f"autopilot-{user.id}"
+        handle = await self._free_handle(normalise_handle(seed))
+        summary = profile["persona_summary"]
+        tagline = (
+            limit(summary, 255)
+            if summary is not None and not self.options.skip_blueprints
+            else None
+        )
+        values = {
+            "id": autopilot_id,
+            "owner_user_id": user.id,
+            "handle": handle,
+            "display_name": limit(profile["owner_display_name"], 120),
+            "avatar": gravatar_url(user.email) if is_valid_email(user.email) else None,
+            "status": "active",
+            "visibility": "private",
+            "tagline": tagline,
+            "config_version": version,
+            "deleted_at": None,
+            "created_at": now,
+            "updated_at": now,
+        }
+        return self.change("autopilots", "upsert", autopilot_id, values, content_hash(values))
+
+    async def _free_handle(self, base: str) -> str:
+        """The first free handle, against the table and this run's own (reference §5.3)."""
+        candidates = handle_candidates(base)
+        while True:
+            batch = [next(candidates) for _ in range(8)]
+            taken = await self.view.taken_handles(batch)
+            for handle in batch:
+                if handle not in taken and handle not in self._handles_taken:
+                    self._handles_taken.add(handle)
+                    return handle
+
+    async def _threads(self, threads: dict[str, _Thread], owners: dict[str, Owner]) -> None:
+        titles: dict[str, tuple[float, str]] = {}
+        async for d in self._docs("messages"):
+            seed = title_candidate(d.doc)
+            if seed is None or seed[0] not in threads:
+                continue
+            thread_id, sort_key, title = seed
+            current = titles.get(thread_id)
+            if current is None or sort_key < current[0]:
+                titles[thread_id] = (sort_key, title)
+        thread_rows_out = _Pending(self, "threads")
+        conversations = _Pending(self, "agent_conversations")
+        snapshot = self.options.snapshot_ms
+        for thread_id, thread in threads.items():
+            title = titles[thread_id][1] if thread_id in titles else default_title(thread_id)
+            row, conversation = thread_rows(
+                thread_id, thread.doc, owners[thread.owner], title, snapshot
+            )
+            source = SourceRef(table="threads", line=thread.line, doc_id=thread_id)
+            await thread_rows_out.add(thread_id, row, source)
+            await conversations.add(thread_id, conversation, source)
+            self._count("threads_imported")
+        await thread_rows_out.flush()
+        await conversations.flush()
+
+    async def _runs(self, threads: dict[str, _Thread], owners: dict[str, Owner]) -> set[str]:
+        imported: set[str] = set()
+        pending = _Pending(self, "runs")
+        async for d in self._docs("runs"):
+            keys = run_keys(d.doc)
+            if keys is None or keys[0] not in threads:
+                continue
+            thread_id, run_id = keys
+            owner = owners[threads[thread_id].owner]
+            row = run_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
+            await pending.add(run_id, row, SourceRef(table="runs", line=d.line, doc_id=run_id))
+            imported.add(run_id)
+            self._count("runs_imported")
+        await pending.flush()
+        return imported
+
+    async def _messages(
+        self, threads: dict[str, _Thread], owners: dict[str, Owner], imported_runs: set[str]
+    ) -> None:
+        messages = _Pending(self, "messages")
+        conversation_messages = _Pending(self, "agent_conversation_messages")
+        async for d in self._docs("messages"):
+            keys = message_keys(d.doc)
+            if keys is None or keys[0] not in threads:
+                continue
+            thread_id, message_id, role = keys
+            run_id = string_field(d.doc, "runId")
+            message, conversation_message = message_rows(
+                message_id,
+                thread_id,
+                role,
+                d.doc,
+                owners[threads[thread_id].owner],
+                run_id if run_id in imported_runs else None,
+                self.options.snapshot_ms,
+            )
+            source = SourceRef(table="messages", line=d.line, doc_id=message_id)
+            await messages.add(message_id, message, source)
+            await conversation_messages.add(message_id, conversation_message, source)
+            self._count("messages_imported")
+        await messages.flush()
+        await conversation_messages.flush()
+
+    async def _events(self, threads: dict[str, _Thread], owners: dict[str, Owner]) -> None:
+        batch: list[tuple[str, dict[str, Any], SourceRef]] = []
+        linked: set[int] = set()
+        async for d in self._docs("receipts"):
+            keys = run_keys(d.doc)
+            if keys is None or keys[0] not in threads:
+                continue
+            thread_id, run_id = keys
+            row = event_row(
+                run_id, thread_id, d.doc, owners[threads[thread_id].owner], self.options.snapshot_ms
+            )
+            batch.append((d.key, row, SourceRef(table="receipts", line=d.line, doc_id=d.key)))
+            self._count("events_imported")
+            if len(batch) >= _BATCH:
+                await self._event_batch(batch, linked)
+                batch = []
+        await self._event_batch(batch, linked)
+
+    async def _event_batch(
+        self, batch: list[tuple[str, dict[str, Any], SourceRef]], linked: set[int]
+    ) -> None:
+        if not batch:
+            return
+        ledger = await self.view.ledger("run_events", [k for k, _, _ in batch])
+        ids = [row_id for _, row_id in ledger.values() if row_id is not None]
+        present = await self.view.existing("run_events", ids)
+        legacy = await self.view.legacy_events(sorted({row["run_id"] for _, row, _ in batch}))
+        changes: list[RowChange] = []
+        for key, row, source in batch:
+            digest = content_hash(row)
+            last = ledger.get(key)
+            if last is not None:
+                if last[1] in present and last[0] == digest:
+                    continue
+            elif any(_same_event(event, row) for event in legacy):
+                continue  # written by an older importer: matched by content (SPEC §3.4)
+            changes.append(self.change("run_events", "upsert", key, row, digest, source))
+        for event in legacy:
+            owner_match = [
+                row
+                for _, row, _ in batch
+                if (row["thread_id"], row["run_id"], row["user_id"])
+                == (event.thread_id, event.run_id, event.user_id)
+            ]
+            if event.autopilot_id is None and owner_match and event.id not in linked:
+                autopilot_id = owner_match[0]["autopilot_id"]
+                if autopilot_id is None:
+                    continue
+                linked.add(event.id)
+                values = {
+                    "autopilot_id": autopilot_id,
+                    "actor_type": "autopilot",
+                    "actor_autopilot_id": autopilot_id,
+                }
+                changes.append(self.change("run_events", "update", f"id:{event.id}", values))
+                self._count("run_events_linked_backfilled")
+        await self.emit(changes)
+
+    async def _vanished(self) -> None:
+        """Documents of earlier exports missing from this one: reported; deleted on request."""
+        run_id = self.options.run_id
+        async with self._documents.connect() as conn:
+            self.result.documents = await store.table_changes(conn, run_id, SOURCE_TABLES)
+        if not self.options.propagate_deletes:
+            return
+        targets: dict[str, tuple[DestinationTable, ...]] = {
+            "threads": ("threads", "agent_conversations"),
+            "runs": ("runs",),
+            "messages": ("messages", "agent_conversation_messages"),
+            "receipts": ("run_events",),
+        }
+        async with self._documents.begin() as conn:
+            for table in SOURCE_TABLES:
+                keys = await store.vanished_keys(conn, table, run_id)
+                changes = [
+                    self.change(t, "delete", k, {}) for t in targets.get(table, ()) for k in keys
+                ]
+                await self.emit(changes)
+                await store.forget(conn, table, keys)
+
+
+def _same_event(event: LegacyEvent, row: dict[str, Any]) -> bool:
+    return bool(
+        event.thread_id == row["thread_id"]
+        and event.run_id == row["run_id"]
+        and event.user_id == row["user_id"]
+        and event.type == row["type"]
+        and event.created_at == row["created_at"]
+        and event.payload == row["payload"]
+    )
+
+
+__all__ = ["COUNTER_KEYS", "PROFILE_COLUMNS", "ChangeOutput", "Derivation", "Derived", "RunOptions"]

@@ -1,0 +1,276 @@
+"""Read-side look-ups of the Laravel database that the policies need, and user id reservations.
+
+`TargetView` answers in batches, so the derivation makes one round trip per few hundred rows.
+With `--replace`, the six chat tables read as empty (SPEC §8.9), since they are about to be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from khala_stream.contract.tables import REPLACED_TABLES
+from khala_stream.db.importer_tables import ROWS, USER_IDS
+from khala_stream.db.laravel_tables import TABLES, primary_key
+
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingUser:
+    id: int
+    workos_id: str
+    name: str
+    email: str
+    avatar: str
+    handle: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingAutopilot:
+    id: str
+    config_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyEvent:
+    id: int
+    thread_id: str
+    run_id: str
+    user_id: int
+    type: str
+    created_at: str | None
+    payload: Any
+    autopilot_id: str | None
+
+
+def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def timestamp_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)[:19]
+
+
+def json_value(value: Any) -> Any:
+    """A JSON column as read back: decoded on PostgreSQL, text on SQLite."""
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+class TargetView:
+    """Batched reads of the destination database."""
+
+    def __init__(self, engine: AsyncEngine, *, replace: bool = False, ledger: bool = True) -> None:
+        self._engine = engine
+        self._emptied = frozenset(REPLACED_TABLES) if replace else frozenset()
+        self._has_ledger = ledger  # False: a dry run against a database we never imported into
+
+    async def _rows(self, stmts: Iterable[sa.Select[Any]]) -> list[sa.Row[Any]]:
+        rows: list[sa.Row[Any]] = []
+        async with self._engine.connect() as conn:
+            for stmt in stmts:
+                rows.extend((await conn.execute(stmt)).all())
+        return rows
+
+    async def users_by_workos(self, workos_ids: Sequence[str]) -> dict[str, ExistingUser]:
+        u = TABLES["users"].c
+        cols = (u.id, u.workos_id, u.name, u.email, u.avatar, u.handle)
+        rows = await self._rows(
+            sa.select(*cols).where(u.workos_id.in_(chunk)) for chunk in _chunks(workos_ids)
+        )
+        return {r.workos_id: ExistingUser(*r) for r in rows}
+
+    async def email_owners(self, emails: Sequence[str]) -> dict[str, str]:
+        """email → workos_id of the user that holds it (exact comparison, SPEC §8.5)."""
+        u = TABLES["users"].c
+        rows = await self._rows(
+            sa.select(u.email, u.workos_id).where(u.email.in_(chunk)) for chunk in _chunks(emails)
+        )
+        return {r.email: r.workos_id for r in rows}
+
+    async def autopilots_by_owner(self, user_ids: Sequence[int]) -> dict[int, ExistingAutopilot]:
+        """Each owner's earliest autopilot, soft-deleted ones included (reference §5.3)."""
+        a = TABLES["autopilots"].c
+        rows = await self._rows(
+            sa.select(a.owner_user_id, a.id, a.config_version)
+            .where(a.owner_user_id.in_(chunk))
+            .order_by(a.owner_user_id, a.created_at, a.id)
+            for chunk in _chunks(user_ids)
+        )
+        found: dict[int, ExistingAutopilot] = {}
+        for owner, autopilot_id, version in rows:
+            found.setdefault(int(owner), ExistingAutopilot(autopilot_id, max(int(version or 1), 1)))
+        return found
+
+    async def taken_handles(self, handles: Sequence[str]) -> set[str]:
+        a = TABLES["autopilots"].c
+        rows = await self._rows(
+            sa.select(a.handle).where(a.handle.in_(chunk)) for chunk in _chunks(handles)
+        )
+        return {r.handle for r in rows}
+
+    async def ledger(
+        self, table: str, keys: Sequence[str]
+    ) -> dict[str, tuple[str | None, int | None]]:
+        """The last computed hash (and allocated id) of each row, by ledger key."""
+        if table in self._emptied or not self._has_ledger:
+            return {}
+        rows = await self._rows(
+            sa.select(ROWS.c.row_key, ROWS.c.row_hash, ROWS.c.row_id).where(
+                ROWS.c.dest_table == table, ROWS.c.row_key.in_(chunk)
+            )
+            for chunk in _chunks(keys)
+        )
+        return {r.row_key: (r.row_hash, r.row_id) for r in rows}
+
+    async def existing(self, table: str, keys: Sequence[Any]) -> set[Any]:
+        """Which of these primary keys have a row in the table now."""
+        if table in self._emptied or not keys:
+            return set()
+        column = TABLES[table].c[primary_key(table)]
+        rows = await self._rows(
+            sa.select(column).where(column.in_(chunk)) for chunk in _chunks(keys)
+        )
+        return {r[0] for r in rows}
+
+    async def legacy_events(self, run_ids: Sequence[str]) -> list[LegacyEvent]:
+        """Receipt events of these runs that an importer wrote (type legacy_receipt*)."""
+        if "run_events" in self._emptied:
+            return []
+        e = TABLES["run_events"].c
+        rows = await self._rows(
+            sa.select(
+                e.id,
+                e.thread_id,
+                e.run_id,
+                e.user_id,
+                e.type,
+                e.created_at,
+                e.payload,
+                e.autopilot_id,
+            ).where(e.run_id.in_(chunk), e.type.like("legacy_receipt%"))
+            for chunk in _chunks(run_ids)
+        )
+        return [
+            LegacyEvent(
+                id=int(r.id),
+                thread_id=r.thread_id,
+                run_id=r.run_id,
+                user_id=int(r.user_id),
+                type=r.type,
+                created_at=timestamp_text(r.created_at),
+                payload=json_value(r.payload) if r.payload is not None else None,
+                autopilot_id=r.autopilot_id,
+            )
+            for r in rows
+        ]
+
+
+class UserIds(Protocol):
+    """Laravel user ids for new users, fixed before their rows are written."""
+
+    async def ids_for(self, workos_ids: Sequence[str]) -> dict[str, int]: ...
+
+
+class SqlUserIds:
+    """Reserves ids from the users sequence and remembers them in `khala_import_user_ids`.
+
+    Reserving (rather than letting the insert pick) lets every row that refers to a new user be
+    computed before the user's own row reaches the database, and a replay reuses the same id.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def ids_for(self, workos_ids: Sequence[str]) -> dict[str, int]:
+        async with self._engine.begin() as conn:
+            known = await _reserved(conn, workos_ids)
+            missing = [w for w in dict.fromkeys(workos_ids) if w not in known]
+            if missing:
+                fresh = await _allocate(conn, len(missing))
+                rows = [{"workos_id": w, "user_id": i} for w, i in zip(missing, fresh, strict=True)]
+                await conn.execute(sa.insert(USER_IDS), rows)
+                known.update(zip(missing, fresh, strict=True))
+        return known
+
+
+class MemoryUserIds:
+    """Dry-run: reads earlier reservations, invents the rest in memory, writes nothing."""
+
+    def __init__(self, engine: AsyncEngine, *, ledger: bool = True) -> None:
+        self._engine = engine
+        self._has_ledger = ledger
+        self._invented: dict[str, int] = {}
+        self._next: int | None = None
+
+    async def ids_for(self, workos_ids: Sequence[str]) -> dict[str, int]:
+        known: dict[str, int] = {}
+        async with self._engine.connect() as conn:
+            if self._has_ledger:
+                known = await _reserved(conn, workos_ids)
+            if self._next is None:
+                self._next = await _max_user_id(conn, ledger=self._has_ledger) + 1
+        for w in workos_ids:
+            if w not in known:
+                if w not in self._invented:
+                    self._invented[w], self._next = self._next, self._next + 1
+                known[w] = self._invented[w]
+        return known
+
+
+async def _reserved(conn: AsyncConnection, workos_ids: Sequence[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for chunk in _chunks(list(workos_ids)):
+        result = await conn.execute(
+            sa.select(USER_IDS.c.workos_id, USER_IDS.c.user_id).where(
+                USER_IDS.c.workos_id.in_(chunk)
+            )
+        )
+        found.update({w: int(i) for w, i in result.all()})
+    return found
+
+
+async def _max_user_id(conn: AsyncConnection, *, ledger: bool = True) -> int:
+    users = TABLES["users"]
+    top = await conn.scalar(sa.select(sa.func.coalesce(sa.func.max(users.c.id), 0)))
+    reserved: int | None = 0
+    if ledger:
+        reserved = await conn.scalar(
+            sa.select(sa.func.coalesce(sa.func.max(USER_IDS.c.user_id), 0))
+        )
+    return max(int(top or 0), int(reserved or 0))
+
+
+async def _allocate(conn: AsyncConnection, count: int) -> list[int]:
+    if conn.dialect.name == "postgresql":
+        result = await conn.execute(
+            sa.text(
+                "SELECT nextval(pg_get_serial_sequence('users', 'id')) FROM generate_series(1, :n)"
+            ),
+            {"n": count},
+        )
+        return [int(i) for (i,) in result.all()]
+    # SQLite: AUTOINCREMENT never reuses below sqlite_sequence, so moving it reserves the ids.
+    seq = await conn.scalar(sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'users'"))
+    start = max(await _max_user_id(conn), int(seq or 0)) + 1
+    ids = list(range(start, start + count))
+    if seq is None:
+        await conn.execute(
+            sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES ('users', :s)"), {"s": ids[-1]}
+        )
+    else:
+        await conn.execute(
+            sa.text("UPDATE sqlite_sequence SET seq = :s WHERE name = 'users'"), {"s": ids[-1]}
+        )
+    return ids

@@ -1,0 +1,241 @@
+"""The `process` stage: source topics → document store → derivation → changes topic.
+
+Documents are applied to the store in the same database transaction that moves this group's
+positions, so a batch takes effect exactly once however often it is delivered. A run is
+derived when the store holds every message the publisher sent for it (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from khala_stream import import_runs
+from khala_stream.broker.clients import make_consumer, make_producer
+from khala_stream.config import Settings
+from khala_stream.contract import REPLACED_TABLES, RowChange, Topics
+from khala_stream.contract.codec import encode_change
+from khala_stream.contract.documents import read_headers
+from khala_stream.db.offsets import advance
+from khala_stream.errors import WorkosKeyError
+from khala_stream.runtime import (
+    StoredOffsets,
+    caught_up,
+    commit_for_lag,
+    seek_to_stored,
+    with_retries,
+)
+from processors import store
+from processors.autopilots import parse_allowed_hosts
+from processors.derive import Derivation, RunOptions
+from processors.identity import WorkosLookup
+from processors.lookups import SqlUserIds, TargetView
+from processors.workos import WorkosClient, WorkosUser
+from processors.workos_cache import SqlWorkosCache, resolve_with_cache
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaChangeOutput:
+    """Sends changes to the changes topic, keyed by row so a row's changes stay in order."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._pending: list[asyncio.Future[Any]] = []
+        self.ends: dict[int, int] = {}
+
+    async def emit(self, changes: Sequence[RowChange]) -> None:
+        for change in changes:
+            key = f"{change.table}:{change.key}".encode()
+            self._pending.append(
+                await self._producer.send(self._topic, encode_change(change), key=key)
+            )
+        if len(self._pending) >= 5000:
+            await self.drain()
+
+    async def drain(self) -> dict[int, int]:
+        """Wait for every acknowledgement; returns the end offset reached per partition."""
+        pending, self._pending = self._pending, []
+        for metadata in await asyncio.gather(*pending):
+            self.ends[metadata.partition] = max(
+                self.ends.get(metadata.partition, 0), metadata.offset + 1
+            )
+        return self.ends
+
+
+class _AlreadyApplied(Exception):
+    """Another worker applied this batch first; the transaction is rolled back."""
+
+
+class Processor:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        *,
+        batch_records: int = 5000,
+        lease_s: float = 30.0,
+        db_deadline_s: float = 300.0,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._topics = Topics(settings.topic_prefix)
+        self._batch_records = batch_records
+        self._lease_s = lease_s
+        self._deadline = db_deadline_s
+        self._worker = uuid.uuid4().hex
+        self.derived: list[int] = []
+
+    async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        topics, group = self._topics, self._topics.processor_group
+        consumer = make_consumer(self._settings.kafka, group_id=group)
+        consumer.subscribe(topics.sources, listener=StoredOffsets(consumer, self._engine, group))
+        producer = make_producer(self._settings.kafka)
+        await consumer.start()
+        await producer.start()
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=self._batch_records)
+                if batch:
+                    try:
+                        positions = await with_retries(
+                            functools.partial(self._apply, batch),
+                            what="the database",
+                            deadline_s=self._deadline,
+                        )
+                    except _AlreadyApplied:
+                        await seek_to_stored(consumer, self._engine, group, consumer.assignment())
+                        continue
+                    await commit_for_lag(consumer, positions)
+                derived = await self._derive_ready(producer)
+                if until_idle and not batch and not derived and await caught_up(consumer):
+                    return
+        finally:
+            await producer.stop()
+            await consumer.stop()
+
+    async def _apply(
+        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> dict[TopicPartition, int]:
+        documents: list[store.IncomingDocument] = []
+        for records in batch.values():
+            for r in records:
+                provenance, seen = read_headers(r.headers)
+                documents.append(
+                    store.IncomingDocument(
+                        run_id=provenance.run_id,
+                        table=provenance.table,
+                        key=(r.key or b"").decode(),
+                        line=provenance.line,
+                        content_hash=provenance.content_hash,
+                        doc_id=provenance.doc_id,
+                        raw=None if seen else r.value,
+                    )
+                )
+        group = self._topics.processor_group
+        positions: dict[TopicPartition, int] = {}
+        async with self._engine.begin() as conn:
+            await store.apply_documents(conn, documents)
+            for tp, records in batch.items():
+                end = records[-1].offset + 1
+                if not await advance(conn, group, tp.topic, tp.partition, records[0].offset, end):
+                    raise _AlreadyApplied
+                positions[tp] = end
+        return positions
+
+    async def _derive_ready(self, producer: AIOKafkaProducer) -> bool:
+        """Derive every run whose messages have all been applied to the store."""
+        async with self._engine.connect() as conn:
+            ready = []
+            for run in await import_runs.published_runs(conn):
+                applied = await store.applied_counts(conn, run.id)
+                expected: dict[str, int] = run.published.get("published", {})
+                if all(applied.get(t, 0) >= n for t, n in expected.items()):
+                    ready.append(run)
+        derived = False
+        for run in ready:
+            if await import_runs.claim(self._engine, run.id, self._worker, self._lease_s):
+                await self._derive(run, producer)
+                derived = True
+        return derived
+
+    async def _derive(self, run: import_runs.ImportRun, producer: AIOKafkaProducer) -> None:
+        flags = run.flags
+        logger.info("deriving run %d", run.id)
+        out = KafkaChangeOutput(producer, self._topics.changes)
+        beat = asyncio.create_task(self._heartbeat(run.id))
+        try:
+            if flags.replace:
+                await self._truncate_first(run.id, out)
+            async with contextlib.AsyncExitStack() as stack:
+                workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
+                derivation = Derivation(
+                    options=RunOptions(
+                        run_id=run.id,
+                        snapshot_ms=run.snapshot_ms or 0,
+                        allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
+                        replace=flags.replace,
+                        skip_blueprints=flags.skip_blueprints,
+                        propagate_deletes=flags.propagate_deletes,
+                    ),
+                    documents=self._engine,
+                    view=TargetView(self._engine, replace=flags.replace),
+                    user_ids=SqlUserIds(self._engine),
+                    workos=workos,
+                    out=out,
+                )
+                result = await derivation.run()
+            ends = await out.drain()
+        finally:
+            beat.cancel()
+        counters: dict[str, Any] = dict(result.counters)
+        counters["written"] = result.written
+        counters["documents"] = {t: asdict(c) for t, c in result.documents.items()}
+        await import_runs.mark_derived(self._engine, run.id, counters=counters, changes_end=ends)
+        self.derived.append(run.id)
+        logger.info("run %d derived: %d changes", run.id, sum(result.written.values()))
+
+    async def _truncate_first(self, run_id: int, out: KafkaChangeOutput) -> None:
+        """--replace: the sink empties the six chat tables before any row of this run lands."""
+        truncates = [
+            RowChange(run_id=run_id, table=t, op="truncate", key="") for t in REPLACED_TABLES
+        ]
+        await out.emit(truncates)
+        ends = dict(await out.drain())
+        group, topic = self._topics.sink_group, self._topics.changes
+        while not import_runs.reached(
+            await import_runs.sink_positions(self._engine, group, topic), ends
+        ):
+            logger.info("waiting for the sink to empty the chat tables (run %d)", run_id)
+            await asyncio.sleep(0.2)
+
+    async def _workos_lookup(self, stack: contextlib.AsyncExitStack) -> WorkosLookup:
+        key = self._settings.workos_api_key
+        if key is None:
+            raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
+        client = await stack.enter_async_context(
+            WorkosClient(api_key=key.reveal(), base_url=self._settings.workos_base_url)
+        )
+        cache = SqlWorkosCache(self._engine)
+
+        async def lookup(ids: Sequence[str]) -> dict[str, WorkosUser | None]:
+            answers, _ = await resolve_with_cache(client, cache, ids)
+            return answers
+
+        return lookup
+
+    async def _heartbeat(self, run_id: int) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            await import_runs.heartbeat(self._engine, run_id, self._worker)

@@ -1,0 +1,201 @@
+"""The processors' state: the latest version of every source document, by export.
+
+Documents land here from the source topics (in the same transaction as the consumer offsets),
+and the derivation reads one export's documents back in file order. The same table is the
+ledger that incremental publishing compares content hashes against (SPEC §5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from khala_stream.db.importer_tables import APPLIED, DOCUMENTS
+
+_PAGE = 2000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IncomingDocument:
+    """One message of a source topic: a document, or a marker that an unchanged one was seen."""
+
+    run_id: int
+    table: str
+    key: str
+    line: int
+    content_hash: str
+    doc_id: str | None
+    raw: bytes | None  # None: "seen, unchanged" marker of an incremental publish
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    key: str
+    line: int
+    doc: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TableChanges:
+    """Incremental statistics of one source table for one run (SPEC §5)."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+
+
+def _insert(dialect: str) -> Any:
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(DOCUMENTS)
+
+
+def _latest(documents: Iterable[IncomingDocument]) -> list[IncomingDocument]:
+    """Per key the newest version: a later export wins, then a later line (SPEC §8.2)."""
+    best: dict[tuple[str, str], IncomingDocument] = {}
+    for d in documents:
+        current = best.get((d.table, d.key))
+        if current is None or (d.run_id, d.line) > (current.run_id, current.line):
+            best[(d.table, d.key)] = d
+    return list(best.values())
+
+
+async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDocument]) -> None:
+    """Upsert a batch into the store and count it as applied, inside the caller's transaction."""
+    if not documents:
+        return
+    dialect = conn.dialect.name
+    stmt = _insert(dialect)
+    old, new = DOCUMENTS.c, stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[old.source_table, old.doc_key],
+        set_={
+            "export_seq": new.export_seq,
+            "line": new.line,
+            "doc_id": new.doc_id,
+            "content_hash": new.content_hash,
+            # A "seen" marker carries no body: keep the stored one, which has the same hash.
+            "document": sa.case((new.document == "", old.document), else_=new.document),
+            "changed_seq": sa.case(
+                (old.content_hash != new.content_hash, new.export_seq), else_=old.changed_seq
+            ),
+        },
+        where=sa.or_(
+            new.export_seq > old.export_seq,
+            sa.and_(new.export_seq == old.export_seq, new.line > old.line),
+        ),
+    )
+    rows = [
+        {
+            "source_table": d.table,
+            "doc_key": d.key,
+            "content_hash": d.content_hash,
+            "doc_id": d.doc_id,
+            "export_seq": d.run_id,
+            "line": d.line,
+            "first_seq": d.run_id,
+            "changed_seq": d.run_id,
+            "document": d.raw.decode() if d.raw is not None else "",
+        }
+        for d in _latest(documents)
+    ]
+    await conn.execute(stmt, rows)
+    await _count_applied(conn, documents)
+
+
+async def _count_applied(conn: AsyncConnection, documents: Sequence[IncomingDocument]) -> None:
+    counts: dict[tuple[int, str], int] = {}
+    for d in documents:
+        counts[(d.run_id, d.table)] = counts.get((d.run_id, d.table), 0) + 1
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(APPLIED)
+    insert = insert.on_conflict_do_update(
+        index_elements=[APPLIED.c.run_id, APPLIED.c.source_table],
+        set_={"applied": APPLIED.c.applied + insert.excluded.applied},
+    )
+    await conn.execute(
+        insert,
+        [{"run_id": r, "source_table": t, "applied": n} for (r, t), n in counts.items()],
+    )
+
+
+async def applied_counts(conn: AsyncConnection, run_id: int) -> dict[str, int]:
+    result = await conn.execute(
+        sa.select(APPLIED.c.source_table, APPLIED.c.applied).where(APPLIED.c.run_id == run_id)
+    )
+    return {table: int(n) for table, n in result.all()}
+
+
+async def iter_documents(
+    engine: AsyncEngine, table: str, run_id: int
+) -> AsyncIterator[StoredDocument]:
+    """One export's documents of a table in file order, page by page (memory stays flat)."""
+    c = DOCUMENTS.c
+    last_line = -1
+    while True:
+        async with engine.connect() as conn:
+            page = (
+                await conn.execute(
+                    sa.select(c.doc_key, c.line, c.document)
+                    .where(c.source_table == table, c.export_seq == run_id, c.line > last_line)
+                    .order_by(c.line)
+                    .limit(_PAGE)
+                )
+            ).all()
+        for key, line, document in page:
+            if document:
+                yield StoredDocument(key, line, orjson.loads(document))
+        if len(page) < _PAGE:
+            return
+        last_line = page[-1][1]
+
+
+async def table_changes(
+    conn: AsyncConnection, run_id: int, tables: Iterable[str]
+) -> dict[str, TableChanges]:
+    """Inserted / updated / unchanged documents of this run and documents that vanished."""
+    c = DOCUMENTS.c
+    seen = await conn.execute(
+        sa.select(
+            c.source_table,
+            sa.func.sum(sa.case((c.first_seq == run_id, 1), else_=0)),
+            sa.func.sum(
+                sa.case((sa.and_(c.changed_seq == run_id, c.first_seq < run_id), 1), else_=0)
+            ),
+            sa.func.sum(sa.case((c.changed_seq < run_id, 1), else_=0)),
+        )
+        .where(c.export_seq == run_id)
+        .group_by(c.source_table)
+    )
+    counts = {t: [int(i or 0), int(u or 0), int(n or 0), 0] for t, i, u, n in seen.all()}
+    gone = await conn.execute(
+        sa.select(c.source_table, sa.func.count())
+        .where(c.export_seq < run_id)
+        .group_by(c.source_table)
+    )
+    for table, n in gone.all():
+        counts.setdefault(table, [0, 0, 0, 0])[3] = int(n)
+    return {t: TableChanges(*counts.get(t, [0, 0, 0, 0])) for t in tables}
+
+
+async def vanished_keys(conn: AsyncConnection, table: str, run_id: int) -> list[str]:
+    result = await conn.execute(
+        sa.select(DOCUMENTS.c.doc_key).where(
+            DOCUMENTS.c.source_table == table, DOCUMENTS.c.export_seq < run_id
+        )
+    )
+    return [k for (k,) in result.all()]
+
+
+async def forget(conn: AsyncConnection, table: str, keys: Sequence[str]) -> None:
+    for start in range(0, len(keys), 500):
+        await conn.execute(
+            sa.delete(DOCUMENTS).where(
+                DOCUMENTS.c.source_table == table,
+                DOCUMENTS.c.doc_key.in_(keys[start : start + 500]),
+            )
+        )

@@ -1,0 +1,1 @@
+"""Producers: read an export and publish its documents to Kafka."""

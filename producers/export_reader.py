@@ -1,0 +1,476 @@
+"""Streaming reader of a Khala snapshot export: a ZIP or an unpacked folder.
+
+One `<table>/documents.jsonl` per table, one JSON document per line (reference §1.1–1.2,
+SPEC §8.1). Entries are decompressed in chunks and split on LF; no entry is ever held in
+memory whole and nothing is ever extracted to disk. Bad lines come back as `RejectedLine`
+(SPEC §3.2) instead of being dropped; bad sources raise `InvalidExportError` (SPEC §3.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import os
+import re
+import stat
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, Protocol
+
+import orjson
+
+from khala_stream.contract.tables import CHAT_TABLES, SOURCE_TABLES
+from khala_stream.errors import InvalidExportError
+
+__all__ = [
+    "DEFAULT_MAX_ENTRY_BYTES",
+    "DEFAULT_MAX_RATIO",
+    "ExportSource",
+    "RejectedLine",
+    "SourceDocument",
+    "open_export",
+]
+
+DEFAULT_MAX_ENTRY_BYTES: Final = 8 * 2**30
+DEFAULT_MAX_RATIO: Final = 200.0
+
+TABLE_FILE: Final = "documents.jsonl"
+_CHUNK: Final = 1 << 20
+# Small entries may legitimately compress far beyond any sane ratio (a run of blank lines,
+# a repeated row); the ratio guard only matters once an entry inflates to something large.
+_RATIO_GRACE_BYTES: Final = 1 << 20
+_BOM: Final = b"\xef\xbb\xbf"
+_NO_CHAT_TABLES: Final = "holds none of the chat tables users, threads, runs, messages, receipts"
+_DRIVE: Final = re.compile(r"^[A-Za-z]:")
+
+# Everything zipfile and its decompressors raise on hostile or damaged archives.
+_ZIP_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    struct.error,
+    EOFError,
+    OSError,  # bz2 reports bad streams as OSError
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    OverflowError,
+    IndexError,
+    KeyError,
+)
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceDocument:
+    """One parsed line: a JSON object."""
+
+    table: str
+    line: int
+    raw: bytes
+    doc: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectedLine:
+    """One non-blank line that is not a JSON object, with the reason (SPEC §3.2)."""
+
+    table: str
+    entry: str
+    line: int
+    raw: bytes
+    reason: str
+
+
+def _unsafe_name(name: str) -> bool:
+    """Absolute names and `..` segments are never followed (zip-slip)."""
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        return True
+    return ".." in re.split(r"[/\\]", name)
+
+
+def _is_dir_entry(info: zipfile.ZipInfo) -> bool:
+    if info.is_dir():
+        return True
+    # MS-DOS directory bit, or a Unix mode saying "directory".
+    return bool(info.external_attr & 0x10) or stat.S_ISDIR(info.external_attr >> 16)
+
+
+def _zip_table_name(info: zipfile.ZipInfo) -> str | None:
+    name = info.filename
+    if not name.endswith("/" + TABLE_FILE) or _is_dir_entry(info) or _unsafe_name(name):
+        return None
+    segments = name.strip("/").split("/")
+    if len(segments) < 2 or not segments[-2]:
+        return None
+    return segments[-2]
+
+
+def _zip_time_ms(info: zipfile.ZipInfo) -> int | None:
+    try:
+        return int(datetime(*info.date_time, tzinfo=UTC).timestamp() * 1000)
+    except (ValueError, OverflowError):
+        return None  # a DOS date with month 0 or day 0: no usable time
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "null"
+
+
+def _split_lines(stream: _Readable, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+    """Yield physical lines (LF removed), reading fixed-size chunks.
+
+    A line longer than a chunk is collected as pieces and joined once, so a multi-MB line
+    costs linear time.
+    """
+    pending: list[bytes] = []
+    while chunk := stream.read(chunk_size):
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if pending:
+                pending.append(chunk[start:end])
+                yield b"".join(pending)
+                pending = []
+            else:
+                yield chunk[start:end]
+            start = end + 1
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        yield b"".join(pending)
+
+
+def _parse_lines(
+    table: str, entry: str, stream: _Readable
+) -> Iterator[SourceDocument | RejectedLine]:
+    for number, line in enumerate(_split_lines(stream), start=1):
+        if number == 1 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line.strip():  # bytes.strip() strips ASCII whitespace only
+            continue
+        reason: str
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                reason = "invalid UTF-8"
+            else:
+                reason = f"invalid JSON: {exc}"
+        else:
+            if isinstance(value, dict):
+                yield SourceDocument(table=table, line=number, raw=line, doc=value)
+                continue
+            reason = f"not a JSON object ({_describe(value)})"
+        yield RejectedLine(table=table, entry=entry, line=number, raw=line, reason=reason)
+
+
+class _CountingReader:
+    """Counts inflated bytes and refuses an entry that inflates past the limits."""
+
+    def __init__(
+        self,
+        inner: _Readable,
+        *,
+        path: Path,
+        entry: str,
+        compressed: int,
+        max_entry_bytes: int,
+        max_ratio: float,
+    ) -> None:
+        self._inner = inner
+        self._path = path
+        self._entry = entry
+        self._compressed = max(compressed, 1)
+        self._max_entry_bytes = max_entry_bytes
+        self._max_ratio = max_ratio
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self.count += len(data)
+        if self.count > self._max_entry_bytes:
+            raise InvalidExportError(
+                self._path,
+                f"entry {self._entry} inflates beyond {self._max_entry_bytes} bytes; refused",
+            )
+        if (
+            self.count > _RATIO_GRACE_BYTES
+            and self.count / self._compressed > self._max_ratio
+        ):
+            raise InvalidExportError(
+                self._path,
+                f"entry {self._entry} inflates more than {self._max_ratio:g}x; refused",
+            )
+        return data
+
+
+class ExportSource:
+    """An opened export. Use as a context manager; it closes the ZIP."""
+
+    path: Path
+    kind: Literal["zip", "folder"]
+    size_bytes: int
+    tables: dict[str, str]
+    snapshot_ms: int | None
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        kind: Literal["zip", "folder"],
+        size_bytes: int,
+        tables: dict[str, str],
+        snapshot_ms: int | None,
+        zip_file: zipfile.ZipFile | None,
+        zip_infos: dict[str, zipfile.ZipInfo],
+        max_entry_bytes: int,
+        max_ratio: float,
+    ) -> None:
+        self.path = path
+        self.kind = kind
+        self.size_bytes = size_bytes
+        self.tables = tables
+        self.snapshot_ms = snapshot_ms
+        self._zip = zip_file
+        self._zip_infos = zip_infos
+        self._max_entry_bytes = max_entry_bytes
+        self._max_ratio = max_ratio
+        self._sha256: str | None = None
+
+    def __enter__(self) -> ExportSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def __repr__(self) -> str:
+        return f"ExportSource(path={str(self.path)!r}, kind={self.kind!r}, tables={self.tables!r})"
+
+    def has_table(self, table: str) -> bool:
+        return table in self.tables
+
+    def sha256(self) -> str:
+        """The export's fingerprint, streamed once and cached.
+
+        ZIP: the file's bytes. Folder: each table file's relative path, size and bytes, in
+        sorted path order (the folder's other files do not take part).
+        """
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            try:
+                if self.kind == "zip":
+                    with self.path.open("rb") as handle:
+                        while chunk := handle.read(_CHUNK):
+                            digest.update(chunk)
+                else:
+                    for entry in sorted(self.tables.values()):
+                        file = self.path / entry
+                        digest.update(entry.encode("utf-8") + b"\0")
+                        digest.update(file.stat().st_size.to_bytes(8, "big"))
+                        with file.open("rb") as handle:
+                            while chunk := handle.read(_CHUNK):
+                                digest.update(chunk)
+            except OSError as exc:
+                raise InvalidExportError(self.path, f"cannot read: {exc}") from exc
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+    def iter_table(self, table: str) -> Iterator[SourceDocument | RejectedLine]:
+        """Documents and rejected lines of one table, in file order; empty when missing."""
+        entry = self.tables.get(table)
+        if entry is None:
+            return
+        if self.kind == "folder":
+            try:
+                with (self.path / entry).open("rb") as handle:
+                    yield from _parse_lines(table, entry, handle)
+            except OSError as exc:
+                raise InvalidExportError(self.path, f"cannot read {entry}: {exc}") from exc
+            return
+        if self._zip is None:
+            raise ValueError("the export is closed")
+        info = self._zip_infos[table]
+        _check_declared(self.path, info, self._max_entry_bytes, self._max_ratio)
+        try:
+            with self._zip.open(info) as raw:
+                counted = _CountingReader(
+                    raw,
+                    path=self.path,
+                    entry=entry,
+                    compressed=info.compress_size,
+                    max_entry_bytes=self._max_entry_bytes,
+                    max_ratio=self._max_ratio,
+                )
+                yield from _parse_lines(table, entry, counted)
+        except InvalidExportError:
+            raise
+        except _ZIP_ERRORS as exc:
+            raise InvalidExportError(self.path, f"corrupt ZIP: entry {entry}: {exc}") from exc
+
+
+def _check_declared(path: Path, info: zipfile.ZipInfo, max_entry: int, max_ratio: float) -> None:
+    size, packed = info.file_size, info.compress_size
+    if size > max_entry:
+        raise InvalidExportError(
+            path, f"entry {info.filename} declares {size} bytes (limit {max_entry}); refused"
+        )
+    if size > _RATIO_GRACE_BYTES and size / max(packed, 1) > max_ratio:
+        raise InvalidExportError(
+            path,
+            f"entry {info.filename} declares a {size / max(packed, 1):.0f}x compression ratio "
+            f"(limit {max_ratio:g}x); refused as a decompression bomb",
+        )
+
+
+def _open_zip(path: Path, max_entry_bytes: int, max_ratio: float) -> ExportSource:
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise InvalidExportError(path, f"cannot read: {exc}") from exc
+    try:
+        archive = zipfile.ZipFile(path)
+    except _ZIP_ERRORS as exc:
+        if not magic.startswith(b"PK"):
+            raise InvalidExportError(path, "not a ZIP archive") from exc
+        detail = str(exc)
+        if detail == "File is not a zip file":
+            detail = "end of central directory not found (truncated?)"
+        raise InvalidExportError(path, f"corrupt ZIP: {detail}") from exc
+    try:
+        infos: dict[str, zipfile.ZipInfo] = {}
+        for info in archive.infolist():
+            table = _zip_table_name(info)
+            if table is not None:
+                infos.pop(table, None)  # later entry in ZIP order wins, and keeps its place
+                infos[table] = info
+        if not CHAT_TABLES.intersection(infos):
+            raise InvalidExportError(path, _NO_CHAT_TABLES)
+        for table, info in infos.items():
+            # Only what the importer reads can make the export unusable; an ignored
+            # table's oversize entry is checked if and when someone reads it.
+            if table in SOURCE_TABLES:
+                _check_declared(path, info, max_entry_bytes, max_ratio)
+                _probe_entry(archive, path, info)
+        times = [ms for info in infos.values() if (ms := _zip_time_ms(info)) is not None]
+        return ExportSource(
+            path=path,
+            kind="zip",
+            size_bytes=path.stat().st_size,
+            tables={table: info.filename for table, info in infos.items()},
+            snapshot_ms=max(times, default=None),
+            zip_file=archive,
+            zip_infos=infos,
+            max_entry_bytes=max_entry_bytes,
+            max_ratio=max_ratio,
+        )
+    except BaseException:
+        archive.close()
+        raise
+
+
+def _probe_entry(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo) -> None:
+    """Open the entry's local header now, so a broken archive fails before any work starts."""
+    try:
+        with archive.open(info) as handle:
+            handle.read(1)
+    except _ZIP_ERRORS as exc:
+        raise InvalidExportError(path, f"corrupt ZIP: entry {info.filename}: {exc}") from exc
+
+
+def _open_folder(path: Path) -> ExportSource:
+    found: dict[str, list[tuple[tuple[str, ...], Path]]] = {}
+    try:
+        for root, dirs, files in os.walk(path, onerror=_raise):
+            dirs.sort()  # deterministic walk; the final choice is sorted again below
+            if TABLE_FILE not in files or Path(root) == path:
+                continue
+            file = Path(root) / TABLE_FILE
+            if not file.is_file():
+                continue
+            relative = file.relative_to(path)
+            found.setdefault(relative.parts[-2], []).append((relative.parts, file))
+    except OSError as exc:
+        raise InvalidExportError(path, f"cannot read: {exc}") from exc
+    tables: dict[str, str] = {}
+    files_by_table: dict[str, Path] = {}
+    for table in sorted(found):
+        candidates = sorted(found[table])
+        direct = [c for c in candidates if len(c[0]) == 2]
+        parts, file = (direct or candidates)[0]
+        tables[table] = "/".join(parts)
+        files_by_table[table] = file
+    if not CHAT_TABLES.intersection(tables):
+        raise InvalidExportError(path, _NO_CHAT_TABLES)
+    try:
+        stats = {table: file.stat() for table, file in files_by_table.items()}
+    except OSError as exc:
+        raise InvalidExportError(path, f"cannot read: {exc}") from exc
+    return ExportSource(
+        path=path,
+        kind="folder",
+        size_bytes=sum(s.st_size for s in stats.values()),
+        tables=tables,
+        snapshot_ms=max((s.st_mtime_ns // 1_000_000 for s in stats.values()), default=None),
+        zip_file=None,
+        zip_infos={},
+        max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES,
+        max_ratio=DEFAULT_MAX_RATIO,
+    )
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def open_export(
+    path: Path | str,
+    *,
+    max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+    max_ratio: float = DEFAULT_MAX_RATIO,
+) -> ExportSource:
+    """Open a ZIP or folder export; raise `InvalidExportError` when it cannot be imported."""
+    source = Path(path)
+    try:
+        mode = source.stat().st_mode
+    except FileNotFoundError as exc:
+        raise InvalidExportError(source, "does not exist") from exc
+    except OSError as exc:
+        raise InvalidExportError(source, f"cannot read: {exc}") from exc
+    if stat.S_ISDIR(mode):
+        return _open_folder(source)
+    if stat.S_ISREG(mode):
+        return _open_zip(source, max_entry_bytes, max_ratio)
+    raise InvalidExportError(source, "neither a file nor a folder")

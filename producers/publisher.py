@@ -1,0 +1,213 @@
+"""The `publish` stage: every document of an export to its source topic, with provenance.
+
+Bad lines and documents without a key go to the dead-letter topic with their raw bytes.
+Incremental publishing sends a small "seen" marker instead of a document whose content hash
+is already in the ledger, so the processors know it is still part of the export (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from khala_stream import import_runs
+from khala_stream.contract import SOURCE_TABLES, Topics
+from khala_stream.contract.dead_letters import DeadLetter, ReasonCode
+from khala_stream.contract.documents import (
+    Provenance,
+    document_hash,
+    document_headers,
+    document_key,
+)
+from khala_stream.contract.tables import CHAT_TABLES, DOCUMENT_KEYS
+from khala_stream.dead_letters import publish_dead_letters
+from producers.export_reader import ExportSource, RejectedLine, SourceDocument
+from producers.ledger import stored_hashes
+
+logger = logging.getLogger(__name__)
+_BATCH = 2000
+Progress = Callable[[str, int], None]
+"""Called with (table, lines read so far) as publishing goes."""
+
+
+@dataclass(slots=True)
+class PublishReport:
+    """What one export's publishing did, per source table."""
+
+    run_id: int
+    sha256: str
+    snapshot_ms: int
+    source: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    missing_key: Counter[str] = field(default_factory=Counter)
+    published: Counter[str] = field(default_factory=Counter)
+    unchanged: Counter[str] = field(default_factory=Counter)
+    rejected_lines: list[tuple[str, int, str]] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    ignored_tables: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "published": dict(self.published),
+            "source": dict(self.source),
+            "rejected": dict(self.rejected),
+            "missing_key": dict(self.missing_key),
+            "unchanged": dict(self.unchanged),
+            "rejected_lines": [list(r) for r in self.rejected_lines],
+            "tables": self.tables,
+            "ignored_tables": self.ignored_tables,
+        }
+
+
+def reason_code(rejected: RejectedLine) -> ReasonCode:
+    if rejected.reason.startswith("invalid UTF-8"):
+        return "invalid_utf8"
+    if rejected.reason.startswith("not a JSON object"):
+        return "not_object"
+    return "invalid_json"
+
+
+class Publisher:
+    """Publishes one export as one import run."""
+
+    def __init__(
+        self,
+        *,
+        producer: AIOKafkaProducer,
+        engine: AsyncEngine,
+        topics: Topics,
+        incremental: bool,
+        skip_blueprints: bool,
+        progress: Progress | None = None,
+        max_reported_rejections: int = 1000,
+    ) -> None:
+        self._producer = producer
+        self._engine = engine
+        self._topics = topics
+        self._incremental = incremental
+        self._skip_blueprints = skip_blueprints
+        self._progress = progress
+        self._max_reported = max_reported_rejections
+
+    async def publish(self, export: ExportSource, run_id: int) -> PublishReport:
+        report = PublishReport(
+            run_id=run_id, sha256=export.sha256(), snapshot_ms=export.snapshot_ms or 0
+        )
+        report.tables = sorted(t for t in export.tables if t in SOURCE_TABLES)
+        report.ignored_tables = sorted(t for t in export.tables if t not in SOURCE_TABLES)
+        for table in SOURCE_TABLES:
+            if table == "blueprints" and self._skip_blueprints:
+                continue  # not read at all (reference §6.4)
+            await self._publish_table(export, table, report)
+        await self._producer.send_and_wait(
+            self._topics.manifests,
+            orjson.dumps({"run_id": run_id, "export_sha256": report.sha256, **report.to_json()}),
+            key=str(run_id).encode(),
+        )
+        await import_runs.mark_published(
+            self._engine, run_id, published=report.to_json(), snapshot_ms=report.snapshot_ms
+        )
+        return report
+
+    async def _publish_table(self, export: ExportSource, table: str, report: PublishReport) -> None:
+        batch: list[SourceDocument] = []
+        letters: list[DeadLetter] = []
+        read = 0
+        for item in export.iter_table(table):
+            read += 1
+            if isinstance(item, RejectedLine):
+                report.rejected[table] += 1
+                if len(report.rejected_lines) < self._max_reported:
+                    report.rejected_lines.append((item.entry, item.line, item.reason))
+                letters.append(self._letter(item, reason_code(item), item.reason, report))
+            else:
+                report.source[table] += 1
+                batch.append(item)
+            if len(batch) >= _BATCH or len(letters) >= _BATCH:
+                await self._send(table, batch, letters, report)
+                batch, letters = [], []
+                if self._progress:
+                    self._progress(table, read)
+        await self._send(table, batch, letters, report)
+        if self._progress:
+            self._progress(table, read)
+
+    def _letter(
+        self,
+        item: RejectedLine | SourceDocument,
+        code: ReasonCode,
+        reason: str,
+        report: PublishReport,
+    ) -> DeadLetter:
+        entry = item.entry if isinstance(item, RejectedLine) else None
+        return DeadLetter(
+            stage="publish",
+            reason_code=code,
+            reason=reason,
+            raw=item.raw,
+            table=item.table,
+            entry=entry or f"{item.table}/documents.jsonl",
+            line=item.line,
+            export_sha256=report.sha256,
+            run_id=report.run_id,
+        )
+
+    async def _send(
+        self,
+        table: str,
+        batch: list[SourceDocument],
+        letters: list[DeadLetter],
+        report: PublishReport,
+    ) -> None:
+        keyed: list[tuple[str, str, SourceDocument]] = []
+        for item in batch:
+            digest = document_hash(item.doc)
+            key = document_key(table, item.doc, digest)
+            if key is None:
+                report.missing_key[table] += 1
+                field_name = DOCUMENT_KEYS[table]  # type: ignore[index]
+                reason = f"no string {field_name!r}: the document cannot be identified"
+                letters.append(self._letter(item, "missing_key", reason, report))
+            else:
+                keyed.append((key, digest, item))
+        known: dict[str, str] = {}
+        if self._incremental and keyed:
+            known = await stored_hashes(self._engine, table, [k for k, _, _ in keyed])
+        topic = self._topics.source(table)
+        futures = []
+        for key, digest, item in keyed:
+            seen = known.get(key) == digest
+            provenance = Provenance(
+                export_sha256=report.sha256,
+                run_id=report.run_id,
+                table=table,
+                line=item.line,
+                doc_id=item.doc.get("_id") if isinstance(item.doc.get("_id"), str) else None,
+                content_hash=digest,
+            )
+            futures.append(
+                await self._producer.send(
+                    topic,
+                    b"" if seen else item.raw,
+                    key=key.encode(),
+                    headers=document_headers(provenance, seen=seen),
+                )
+            )
+            report.published[table] += 1
+            if seen:
+                report.unchanged[table] += 1
+        if letters:
+            await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
+        await asyncio.gather(*futures)
+
+
+def has_chat_tables(export: ExportSource) -> bool:
+    return any(t in CHAT_TABLES for t in export.tables)

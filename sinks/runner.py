@@ -1,0 +1,114 @@
+"""The `sink` stage: changes topic → database, batch by batch, exactly once in effect.
+
+Each poll's records become one `SqlSink.apply` call that moves this group's stored positions in
+the same transaction; refused rows reach the dead-letter topic before their offsets move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from khala_stream.broker.clients import make_consumer, make_producer
+from khala_stream.config import Settings
+from khala_stream.contract import Topics
+from khala_stream.contract.codec import decode_change, encode_change
+from khala_stream.contract.dead_letters import DeadLetter
+from khala_stream.dead_letters import publish_dead_letters
+from khala_stream.runtime import (
+    StoredOffsets,
+    caught_up,
+    commit_for_lag,
+    seek_to_stored,
+    with_retries,
+)
+from sinks.sql_sink import OffsetAdvance, Refusal, SqlSink
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+def refusal_letter(refusal: Refusal) -> DeadLetter:
+    change, source = refusal.change, refusal.change.source
+    return DeadLetter(
+        stage="sink",
+        reason_code="db_refused",
+        reason=f"{change.table} {change.key!r}: {refusal.reason}",
+        raw=encode_change(change),
+        table=change.table,
+        entry=f"{source.table}/documents.jsonl" if source else None,
+        line=source.line if source else None,
+        doc_id=source.doc_id if source else None,
+        run_id=change.run_id,
+    )
+
+
+class SinkService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        *,
+        batch_records: int = 5000,
+        db_deadline_s: float = 300.0,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._topics = Topics(settings.topic_prefix)
+        self._sink = SqlSink(engine)
+        self._batch_records = batch_records
+        self._deadline = db_deadline_s
+        self.refused = 0
+
+    async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        group, topic = self._topics.sink_group, self._topics.changes
+        consumer = make_consumer(self._settings.kafka, group_id=group)
+        consumer.subscribe([topic], listener=StoredOffsets(consumer, self._engine, group))
+        producer = make_producer(self._settings.kafka)
+        await consumer.start()
+        await producer.start()
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=self._batch_records)
+                if not batch:
+                    if until_idle and await caught_up(consumer):
+                        return
+                    continue
+                applied = await with_retries(
+                    functools.partial(self._apply, batch, producer),
+                    what="the database",
+                    deadline_s=self._deadline,
+                )
+                if applied:
+                    await commit_for_lag(
+                        consumer, {tp: records[-1].offset + 1 for tp, records in batch.items()}
+                    )
+                else:
+                    await seek_to_stored(consumer, self._engine, group, consumer.assignment())
+        finally:
+            await producer.stop()
+            await consumer.stop()
+
+    async def _apply(self, batch: Batch, producer: AIOKafkaProducer) -> bool:
+        group = self._topics.sink_group
+        changes = [decode_change(r.value) for records in batch.values() for r in records if r.value]
+        offsets = [
+            OffsetAdvance(group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1)
+            for tp, records in batch.items()
+        ]
+
+        async def set_aside(refused: list[Refusal]) -> None:
+            letters = [refusal_letter(r) for r in refused]
+            await publish_dead_letters(producer, self._topics.dead_letters, letters)
+            self.refused += len(refused)
+            for r in refused:
+                logger.warning("row refused: %s %s: %s", r.change.table, r.change.key, r.reason)
+
+        result = await self._sink.apply(changes, offsets=offsets, on_refused=set_aside)
+        return result.applied

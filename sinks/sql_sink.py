@@ -1,0 +1,399 @@
+"""The idempotent sink: applies a batch of row changes, and the consumer offsets that produced
+them, in one database transaction.
+
+Row keys (`RowChange.key`):
+- most tables: the primary key value;
+- `users`: upserts are keyed by `workos_id` and carry the explicit `id` (reserved beforehand);
+  an update or delete may name the row by its numeric id (`"42"` or `"id:42"`) or `workos_id`;
+- `run_events`: upserts are keyed by the receipt key and carry no `id`: the sink reuses the id
+  recorded in the row ledger while that row exists, or allocates a new one; `"id:<n>"` names
+  the row with that numeric id.
+
+Every upsert also records the row in the row ledger (`khala_import_rows`). A row the database
+refuses (over-long value, constraint violation) is set aside as a `Refusal` and recorded in
+`khala_import_refusals`; the rest of the batch is still written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from khala_stream.contract.changes import RowChange
+from khala_stream.contract.codec import dumps_text
+from khala_stream.db.errors import is_refusal, is_transient, refusal_reason
+from khala_stream.db.importer_tables import OFFSETS, REFUSALS, ROWS
+from khala_stream.db.laravel_tables import (
+    TABLES,
+    boolean_columns,
+    json_columns,
+    primary_key,
+    timestamp_columns,
+)
+from khala_stream.db.offsets import advance
+from sinks.dialects import SqlDialect, dialect_for
+
+__all__ = ["ApplyResult", "OffsetAdvance", "Refusal", "SqlSink"]
+
+_LEDGER_COLUMNS: Final = ("dest_table", "row_key", "row_hash", "row_id", "run_id")
+_LEDGER_KEY: Final = ("dest_table", "row_key")
+_ID_TABLES: Final = frozenset({"users", "run_events"})  # bigint ids recorded as ledger row_id
+_CHUNK: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetAdvance:
+    group: str
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    change: RowChange
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    applied: bool  # False: the batch was already applied by another worker; rolled back
+    # Changes applied per table (a truncate counts as one).
+    rows: dict[str, int] = field(default_factory=dict)
+    refused: list[Refusal] = field(default_factory=list)
+
+
+OnRefused = Callable[[list[Refusal]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Plan:
+    truncates: list[RowChange]
+    tables: dict[str, list[RowChange]]
+
+
+@dataclass(slots=True)
+class _Prepared:
+    change: RowChange
+    values: dict[str, Any]  # converted for the driver; for upserts includes the primary key
+    where: tuple[str, Any] | None = None  # update/delete: (column, value); None = no such row
+    row_id: int | None = None  # ledger row_id of an upsert
+
+
+class _BadChange(Exception):
+    """A change that cannot be turned into SQL at all (unknown column, malformed value)."""
+
+
+def _merge(previous: RowChange | None, change: RowChange) -> RowChange:
+    if previous is None or change.op != "update":
+        return change
+    if previous.op == "delete":
+        return previous  # nothing left to update
+    # An update after an upsert or an update of the same row: one write with both.
+    return replace(previous, values={**previous.values, **change.values}, run_id=change.run_id)
+
+
+def _plan(changes: Iterable[RowChange]) -> _Plan:
+    truncates: dict[str, RowChange] = {}
+    tables: dict[str, dict[str, RowChange]] = {}
+    for change in changes:
+        if change.op == "truncate":
+            tables.pop(change.table, None)  # earlier changes of the table are void
+            truncates[change.table] = change
+            continue
+        bucket = tables.setdefault(change.table, {})
+        bucket[change.key] = _merge(bucket.pop(change.key, None), change)
+    return _Plan(
+        truncates=list(truncates.values()),
+        tables={name: list(bucket.values()) for name, bucket in tables.items() if bucket},
+    )
+
+
+class SqlSink:
+    """Writes batches of `RowChange`s; replaying a batch is safe (see module docstring)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def apply(
+        self,
+        changes: Sequence[RowChange],
+        *,
+        offsets: Sequence[OffsetAdvance] = (),
+        on_refused: OnRefused | None = None,
+    ) -> ApplyResult:
+        # (1) De-duplicate: the last change per (table, key) wins; a truncate voids its table's
+        #     earlier changes and is applied first.
+        plan = _plan(changes)
+        async with self._engine.connect() as conn:
+            tx = await conn.begin()
+            try:
+                # Cheap early exit for a replayed batch; step (5) stays the authority.
+                if await _already_applied(conn, offsets):
+                    await tx.rollback()
+                    return ApplyResult(applied=False)
+                dialect = dialect_for(conn)
+                # (2) + (3) Write table by table; refused rows are set aside.
+                rows, refused = await _write_all(conn, dialect, plan)
+                if refused:
+                    await _record_refusals(conn, refused)
+                    # (4) Dead letters are published (and acknowledged) before offsets move.
+                    if on_refused is not None:
+                        await on_refused(refused)
+                # (5) Move every offset, conditionally: another worker may have been first.
+                for adv in offsets:
+                    moved = await advance(
+                        conn, adv.group, adv.topic, adv.partition, adv.start, adv.end
+                    )
+                    if not moved:
+                        await tx.rollback()
+                        return ApplyResult(applied=False)
+                # (6) Commit.
+                await tx.commit()
+            except BaseException:
+                if tx.is_active:
+                    with contextlib.suppress(Exception):
+                        await tx.rollback()
+                raise
+        return ApplyResult(applied=True, rows=rows, refused=refused)
+
+
+async def _already_applied(conn: AsyncConnection, offsets: Sequence[OffsetAdvance]) -> bool:
+    for adv in offsets:
+        stored = await conn.scalar(
+            sa.select(OFFSETS.c.next_offset).where(
+                OFFSETS.c.consumer_group == adv.group,
+                OFFSETS.c.topic == adv.topic,
+                OFFSETS.c.partition == adv.partition,
+            )
+        )
+        if stored is not None and int(stored) > adv.start:
+            return True
+    return False
+
+
+async def _write_all(
+    conn: AsyncConnection, dialect: SqlDialect, plan: _Plan
+) -> tuple[dict[str, int], list[Refusal]]:
+    rows: Counter[str] = Counter()
+    refused: list[Refusal] = []
+    for change in plan.truncates:
+        await dialect.truncate(conn, change.table)
+        await conn.execute(sa.delete(ROWS).where(ROWS.c.dest_table == change.table))
+        rows[change.table] += 1
+    for table, changes in plan.tables.items():
+        prepared, bad = await _prepare(conn, dialect, table, changes)
+        refused += bad
+        if not prepared:
+            continue
+        try:
+            async with conn.begin_nested():
+                await _write_table(conn, dialect, table, prepared, bulk=True)
+            rows[table] += len(prepared)
+            continue
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if len(prepared) == 1:  # already one at a time
+                if not is_refusal(exc):
+                    raise
+                refused.append(Refusal(prepared[0].change, refusal_reason(exc)))
+                continue
+        # (3) The table's write failed for good: retry its changes one at a time.
+        for item in prepared:
+            try:
+                async with conn.begin_nested():
+                    await _write_table(conn, dialect, table, [item], bulk=False)
+                rows[table] += 1
+            except Exception as exc:
+                if is_transient(exc) or not is_refusal(exc):
+                    raise
+                refused.append(Refusal(item.change, refusal_reason(exc)))
+    return dict(rows), refused
+
+
+def _convert(dialect: SqlDialect, table: str, values: dict[str, Any]) -> dict[str, Any]:
+    columns = TABLES[table].columns
+    json_cols, time_cols = json_columns(table), timestamp_columns(table)
+    bool_cols = boolean_columns(table)
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in columns:
+            raise _BadChange(f"unknown column {table}.{name}")
+        try:
+            if value is None:
+                out[name] = None
+            elif name in json_cols:
+                out[name] = dumps_text(value)
+            elif name in time_cols:
+                out[name] = dialect.timestamp(value)
+            elif name in bool_cols:
+                out[name] = bool(value)
+            else:
+                out[name] = value
+        except (TypeError, ValueError) as exc:
+            raise _BadChange(f"invalid value for {table}.{name}: {exc}") from exc
+    return out
+
+
+def _locate(table: str, pk: str, key: str) -> tuple[str, Any] | None:
+    """The (column, value) an update or delete addresses; None: a run event by receipt key."""
+    number = key.removeprefix("id:")
+    numeric = int(number) if number.isdigit() else None
+    if table == "run_events":
+        return ("id", numeric) if key.startswith("id:") and numeric is not None else None
+    if table == "users":
+        return ("id", numeric) if numeric is not None else ("workos_id", key)
+    return (pk, key)
+
+
+async def _ledger_ids(conn: AsyncConnection, table: str, keys: list[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for i in range(0, len(keys), _CHUNK):
+        result = await conn.execute(
+            sa.select(ROWS.c.row_key, ROWS.c.row_id).where(
+                ROWS.c.dest_table == table,
+                ROWS.c.row_key.in_(keys[i : i + _CHUNK]),
+                ROWS.c.row_id.is_not(None),
+            )
+        )
+        found.update({str(k): int(v) for k, v in result.all()})
+    return found
+
+
+async def _existing_ids(conn: AsyncConnection, table: str, ids: list[int]) -> set[int]:
+    found: set[int] = set()
+    id_col = TABLES[table].c.id
+    for i in range(0, len(ids), _CHUNK):
+        result = await conn.execute(sa.select(id_col).where(id_col.in_(ids[i : i + _CHUNK])))
+        found.update(int(v) for v in result.scalars())
+    return found
+
+
+async def _prepare(
+    conn: AsyncConnection, dialect: SqlDialect, table: str, changes: list[RowChange]
+) -> tuple[list[_Prepared], list[Refusal]]:
+    """Convert values and find which row each change addresses (allocating run_events ids)."""
+    pk = primary_key(table)
+    prepared: list[_Prepared] = []
+    refused: list[Refusal] = []
+    for change in changes:
+        try:
+            values = _convert(dialect, table, change.values)
+        except _BadChange as exc:
+            refused.append(Refusal(change, str(exc)))
+            continue
+        item = _Prepared(change, values)
+        if change.op == "upsert":
+            if table == "users" and "id" not in values:
+                refused.append(Refusal(change, "users upsert without its reserved id"))
+                continue
+            if table != "run_events":
+                values.setdefault(pk, change.key)
+        else:
+            item.where = _locate(table, pk, change.key)
+        prepared.append(item)
+    if table == "run_events":
+        await _resolve_run_event_ids(conn, dialect, prepared)
+    if table in _ID_TABLES:
+        for item in prepared:
+            if item.change.op == "upsert":
+                item.row_id = int(item.values["id"])
+    return prepared, refused
+
+
+async def _resolve_run_event_ids(
+    conn: AsyncConnection, dialect: SqlDialect, prepared: list[_Prepared]
+) -> None:
+    by_key = [p for p in prepared if p.where is None and "id" not in p.values]
+    ledger = await _ledger_ids(conn, "run_events", [p.change.key for p in by_key])
+    alive = await _existing_ids(conn, "run_events", sorted(set(ledger.values())))
+    fresh: list[_Prepared] = []
+    for item in by_key:
+        known = ledger.get(item.change.key)
+        if item.change.op == "upsert":
+            if known is not None and known in alive:
+                item.values["id"] = known
+            else:
+                fresh.append(item)
+        elif known is not None:
+            item.where = ("id", known)
+    new_ids = await dialect.allocate_ids(conn, "run_events", len(fresh))
+    for item, new_id in zip(fresh, new_ids, strict=True):
+        item.values["id"] = new_id
+
+
+async def _write_table(
+    conn: AsyncConnection,
+    dialect: SqlDialect,
+    table: str,
+    items: list[_Prepared],
+    *,
+    bulk: bool,
+) -> None:
+    quoted = dialect.quote(table)
+    deletes = [p for p in items if p.change.op == "delete"]
+    upserts = [p for p in items if p.change.op == "upsert"]
+    updates = [p for p in items if p.change.op == "update"]
+
+    by_column: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+    for p in deletes:
+        if p.where is not None:
+            by_column[p.where[0]].append({"k": p.where[1]})
+    for column, params in by_column.items():
+        sql = f"DELETE FROM {quoted} WHERE {dialect.quote(column)} = :k"
+        await conn.execute(sa.text(sql), params)
+    if deletes:
+        await conn.execute(
+            sa.text("DELETE FROM khala_import_rows WHERE dest_table = :t AND row_key = :k"),
+            [{"t": table, "k": p.change.key} for p in deletes],
+        )
+
+    table_columns = [c.name for c in TABLES[table].columns]
+    by_shape: defaultdict[tuple[str, ...], list[_Prepared]] = defaultdict(list)
+    for p in upserts:
+        by_shape[tuple(c for c in table_columns if c in p.values)].append(p)
+    for columns, group in by_shape.items():
+        rows = [tuple(p.values[c] for c in columns) for p in group]
+        await dialect.upsert(conn, table, columns, (primary_key(table),), rows, bulk=bulk)
+    if upserts:
+        ledger = [
+            (table, p.change.key, p.change.row_hash, p.row_id, p.change.run_id) for p in upserts
+        ]
+        await dialect.upsert(conn, ROWS.name, _LEDGER_COLUMNS, _LEDGER_KEY, ledger, bulk=bulk)
+
+    by_update: defaultdict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = defaultdict(list)
+    for p in updates:
+        if p.where is not None and p.values:
+            columns = tuple(c for c in table_columns if c in p.values)
+            bound = {f"p{i}": p.values[c] for i, c in enumerate(columns)}
+            by_update[(p.where[0], columns)].append({**bound, "k": p.where[1]})
+    for (column, columns), params_list in by_update.items():
+        sets = ", ".join(f"{dialect.quote(c)} = :p{i}" for i, c in enumerate(columns))
+        sql = f"UPDATE {quoted} SET {sets} WHERE {dialect.quote(column)} = :k"
+        await conn.execute(sa.text(sql), params_list)
+
+
+async def _record_refusals(conn: AsyncConnection, refused: list[Refusal]) -> None:
+    now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    await conn.execute(
+        sa.insert(REFUSALS),
+        [
+            {
+                "run_id": r.change.run_id,
+                "dest_table": r.change.table,
+                "row_key": r.change.key,
+                "reason": r.reason,
+                "created_at": now,
+            }
+            for r in refused
+        ],
+    )

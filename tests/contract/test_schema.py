@@ -1,0 +1,229 @@
+"""`db init` and the shape of the tables it makes (reference §2, SPEC §2), by reflection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from khala_stream.db import IMPORTER, LARAVEL, create_engine, dialect_name, init_db
+
+LARAVEL_NAMES = set(LARAVEL.tables)
+IMPORTER_NAMES = set(IMPORTER.tables)
+
+
+def run(db_url: str, body: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        engine = create_engine(db_url)
+        try:
+            return await body(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+async def reflect(engine: AsyncEngine, fn: Callable[[sa.Inspector], Any]) -> Any:
+    def _sync(conn: Connection) -> Any:
+        return fn(sa.inspect(conn))
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(_sync)
+
+
+def test_init_db_creates_every_table_then_is_a_no_op(db_url: str) -> None:
+    async def body(engine: AsyncEngine) -> None:
+        first = await init_db(engine)
+        assert set(first) == LARAVEL_NAMES | IMPORTER_NAMES
+        assert len(LARAVEL_NAMES) == 10
+        assert all(name.startswith("khala_import_") for name in IMPORTER_NAMES)
+        assert await init_db(engine) == []
+        names = await reflect(engine, lambda i: set(i.get_table_names()))
+        assert names >= LARAVEL_NAMES | IMPORTER_NAMES
+
+    run(db_url, body)
+
+
+def test_init_db_without_laravel_makes_only_importer_tables(db_url: str) -> None:
+    async def body(engine: AsyncEngine) -> None:
+        assert set(await init_db(engine, laravel=False)) == IMPORTER_NAMES
+        names = await reflect(engine, lambda i: set(i.get_table_names()))
+        assert not names & LARAVEL_NAMES
+
+    run(db_url, body)
+
+
+def test_init_db_never_alters_an_existing_table(db_url: str) -> None:
+    async def body(engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "CREATE TABLE users (id BIGINT PRIMARY KEY, name VARCHAR(255) NOT NULL, "
+                    "email VARCHAR(255) NOT NULL, is_admin BOOLEAN, extra_note TEXT)"
+                )
+            )
+            await conn.execute(
+                sa.text("INSERT INTO users (id, name, email) VALUES (7, 'Ann', 'ann@x.io')")
+            )
+        created = await init_db(engine)
+        assert "users" not in created
+        assert set(created) == (LARAVEL_NAMES - {"users"}) | IMPORTER_NAMES
+        columns = await reflect(engine, lambda i: [c["name"] for c in i.get_columns("users")])
+        assert columns == ["id", "name", "email", "is_admin", "extra_note"]
+        async with engine.connect() as conn:
+            found = (await conn.execute(sa.text("SELECT id, name FROM users"))).all()
+        assert [tuple(r) for r in found] == [(7, "Ann")]
+
+    run(db_url, body)
+
+
+def test_laravel_schema_details(db_url: str) -> None:
+    async def body(engine: AsyncEngine) -> None:
+        await init_db(engine)
+
+        def inspect_all(i: sa.Inspector) -> dict[str, Any]:
+            return {
+                name: {
+                    "columns": {c["name"]: c for c in i.get_columns(name)},
+                    "unique": {
+                        u["name"]: u["column_names"] for u in i.get_unique_constraints(name)
+                    },
+                    "indexes": {x["name"]: x["column_names"] for x in i.get_indexes(name)},
+                    "pk": i.get_pk_constraint(name)["constrained_columns"],
+                    "fks": i.get_foreign_keys(name),
+                }
+                for name in LARAVEL_NAMES
+            }
+
+        info = await reflect(engine, inspect_all)
+
+        lengths = {
+            ("users", "name"): 255,
+            ("users", "email"): 255,
+            ("users", "handle"): 64,
+            ("users", "workos_id"): 255,
+            ("users", "remember_token"): 100,
+            ("threads", "id"): 36,
+            ("threads", "autopilot_id"): 36,
+            ("runs", "status"): 32,
+            ("messages", "role"): 25,
+            ("run_events", "actor_type"): 16,
+            ("run_events", "type"): 64,
+            ("agent_conversation_messages", "agent"): 255,
+            ("autopilots", "handle"): 64,
+            ("autopilots", "display_name"): 120,
+            ("autopilot_profiles", "owner_display_name"): 120,
+            ("autopilot_profiles", "autopilot_voice"): 64,
+            ("autopilot_policies", "model_provider"): 64,
+            ("autopilot_policies", "model"): 128,
+        }
+        for (table, column), length in lengths.items():
+            col_type = info[table]["columns"][column]["type"]
+            assert isinstance(col_type, sa.String), (table, column, col_type)
+            assert col_type.length == length, (table, column, col_type.length)
+
+        assert info["users"]["unique"] == {
+            "users_email_unique": ["email"],
+            "users_handle_unique": ["handle"],
+            "users_workos_id_unique": ["workos_id"],
+        }
+        assert info["autopilots"]["unique"] == {"autopilots_handle_unique": ["handle"]}
+        for name in ("threads", "runs", "messages", "run_events", "agent_conversations"):
+            assert info[name]["unique"] == {}, name
+        assert all(info[name]["fks"] == [] for name in LARAVEL_NAMES)
+
+        assert info["threads"]["indexes"]["threads_user_id_updated_at_index"] == [
+            "user_id",
+            "updated_at",
+        ]
+        assert info["run_events"]["indexes"]["run_events_autopilot_id_type_id_index"] == [
+            "autopilot_id",
+            "type",
+            "id",
+        ]
+        assert info["agent_conversation_messages"]["indexes"]["conversation_index"] == [
+            "conversation_id",
+            "user_id",
+            "updated_at",
+        ]
+        assert info["autopilot_profiles"]["pk"] == ["autopilot_id"]
+        assert info["users"]["pk"] == ["id"]
+
+        cols = info["users"]["columns"]
+        assert cols["handle"]["nullable"] and not cols["workos_id"]["nullable"]
+        assert not cols["avatar"]["nullable"] and cols["email_verified_at"]["nullable"]
+        assert info["threads"]["columns"]["autopilot_id"]["nullable"]
+        assert "'user'" in str(info["run_events"]["columns"]["actor_type"]["default"])
+        assert (
+            "CURRENT_TIMESTAMP"
+            in str(info["run_events"]["columns"]["created_at"]["default"]).upper()
+        )
+        assert not info["run_events"]["columns"]["created_at"]["nullable"]
+        assert "active" in str(info["autopilots"]["columns"]["status"]["default"])
+        assert "private" in str(info["autopilots"]["columns"]["visibility"]["default"])
+        assert "1" in str(info["autopilots"]["columns"]["config_version"]["default"])
+        assert "1" in str(info["autopilot_profiles"]["columns"]["schema_version"]["default"])
+
+        async with engine.connect() as conn:
+            if dialect_name(engine) == "postgresql":
+                rows = (
+                    await conn.execute(
+                        sa.text(
+                            "SELECT table_name, column_name, data_type, datetime_precision, "
+                            "column_default FROM information_schema.columns "
+                            "WHERE table_schema = current_schema()"
+                        )
+                    )
+                ).all()
+                by = {(r[0], r[1]): r for r in rows}
+                assert by[("run_events", "payload")][2] == "json"  # not jsonb
+                assert by[("runs", "meta")][2] == "json"
+                assert by[("threads", "created_at")][2] == "timestamp without time zone"
+                assert by[("threads", "created_at")][3] == 0
+                assert by[("users", "id")][2] == "bigint"
+                assert "nextval" in by[("users", "id")][4]
+                assert by[("run_events", "id")][2] == "bigint"
+                assert by[("autopilot_profiles", "schema_version")][2] == "smallint"
+                assert by[("autopilot_policies", "l402_require_approval")][2] == "boolean"
+                assert by[("autopilot_policies", "l402_require_approval")][4] == "true"
+            else:
+                sql = await conn.scalar(
+                    sa.text("SELECT sql FROM sqlite_master WHERE name = 'run_events'")
+                )
+                assert "INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT" in sql
+                assert "payload TEXT" in sql
+                assert "created_at DATETIME" in sql
+
+    run(db_url, body)
+
+
+def test_importer_tables_shape(db_url: str) -> None:
+    async def body(engine: AsyncEngine) -> None:
+        await init_db(engine, laravel=False)
+
+        def inspect_pks(i: sa.Inspector) -> dict[str, list[str]]:
+            return {
+                name: i.get_pk_constraint(name)["constrained_columns"] for name in IMPORTER_NAMES
+            }
+
+        pks = await reflect(engine, inspect_pks)
+        assert pks == {
+            "khala_import_runs": ["id"],
+            "khala_import_documents": ["source_table", "doc_key"],
+            "khala_import_applied": ["run_id", "source_table"],
+            "khala_import_rows": ["dest_table", "row_key"],
+            "khala_import_offsets": ["consumer_group", "topic", "partition"],
+            "khala_import_user_ids": ["workos_id"],
+            "khala_import_workos_cache": ["workos_id"],
+            "khala_import_refusals": ["id"],
+        }
+        uniques = await reflect(engine, lambda i: i.get_unique_constraints("khala_import_user_ids"))
+        assert [u["column_names"] for u in uniques] == [["user_id"]]
+        indexes = await reflect(engine, lambda i: i.get_indexes("khala_import_documents"))
+        assert [x["column_names"] for x in indexes] == [["source_table", "export_seq", "line"]]
+
+    run(db_url, body)
