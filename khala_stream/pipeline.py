@@ -105,10 +105,16 @@ async def import_chat(
 ) -> ImportReport:
     """Import one export; raises KhalaError subclasses with their exit codes."""
     with open_export(source) as export:  # an invalid source fails here, before any write
+        export.verify(read_tables(options.skip_blueprints))
         workos = await _check_workos(settings) if options.resolve_workos_users else None
         if options.dry_run:
             return await _dry_run(settings, export, options, workos)
         return await _write_run(settings, export, options, progress)
+
+
+def read_tables(skip_blueprints: bool) -> list[str]:
+    """The source tables an import reads (blueprints not at all with --skip-blueprints)."""
+    return [t for t in SOURCE_TABLES if not (skip_blueprints and t == "blueprints")]
 
 
 async def _check_workos(settings: Settings) -> WorkosClient:
@@ -337,9 +343,7 @@ async def _load_scratch(
     rejected: Counter[str] = Counter()
     missing: Counter[str] = Counter()
     lines: list[list[Any]] = []
-    for table in SOURCE_TABLES:
-        if table == "blueprints" and options.skip_blueprints:
-            continue
+    for table in read_tables(options.skip_blueprints):
         batch: list[store.IncomingDocument] = []
         for item in export.iter_table(table):
             if isinstance(item, RejectedLine):

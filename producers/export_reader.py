@@ -16,7 +16,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,10 +215,7 @@ class _CountingReader:
                 self._path,
                 f"entry {self._entry} inflates beyond {self._max_entry_bytes} bytes; refused",
             )
-        if (
-            self.count > _RATIO_GRACE_BYTES
-            and self.count / self._compressed > self._max_ratio
-        ):
+        if self.count > _RATIO_GRACE_BYTES and self.count / self._compressed > self._max_ratio:
             raise InvalidExportError(
                 self._path,
                 f"entry {self._entry} inflates more than {self._max_ratio:g}x; refused",
@@ -306,6 +303,38 @@ class ExportSource:
                 raise InvalidExportError(self.path, f"cannot read: {exc}") from exc
             self._sha256 = digest.hexdigest()
         return self._sha256
+
+    def verify(self, tables: Iterable[str]) -> None:
+        """Decompress these tables' entries once (CRC and size limits checked), parsing nothing.
+
+        Damage inside a ZIP entry only shows while it is read; the importer calls this before
+        its first write, so a corrupt export is refused with exit 2 and nothing written.
+        """
+        if self.kind != "zip" or self._zip is None:
+            return
+        for table in tables:
+            info = self._zip_infos.get(table)
+            if info is None:
+                continue
+            _check_declared(self.path, info, self._max_entry_bytes, self._max_ratio)
+            try:
+                with self._zip.open(info) as raw:
+                    counted = _CountingReader(
+                        raw,
+                        path=self.path,
+                        entry=info.filename,
+                        compressed=info.compress_size,
+                        max_entry_bytes=self._max_entry_bytes,
+                        max_ratio=self._max_ratio,
+                    )
+                    while counted.read(_CHUNK):
+                        pass
+            except InvalidExportError:
+                raise
+            except _ZIP_ERRORS as exc:
+                raise InvalidExportError(
+                    self.path, f"corrupt ZIP: entry {info.filename}: {exc}"
+                ) from exc
 
     def iter_table(self, table: str) -> Iterator[SourceDocument | RejectedLine]:
         """Documents and rejected lines of one table, in file order; empty when missing."""

@@ -43,7 +43,9 @@ _STREAM_TIME: Final = (800, 30_000)
 _FIXTURE_TIME: Final = (2025, 1, 2, 0, 0, 0)
 _FLUSH_BYTES: Final = 1 << 20
 _CONVEX_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
-_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# Byte -> character tables: 256 is a multiple of 32, so every character is equally likely.
+_TO_CONVEX: Final = _CONVEX_ALPHABET.encode("ascii") * 8
+_TO_CROCKFORD: Final = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ" * 8
 _ENV_SHARED: Final = "KHALA_SHARED_DIR"
 
 
@@ -150,12 +152,14 @@ def _uuid4(rng: random.Random) -> str:
 
 
 def _convex_id(rng: random.Random) -> str:
-    return "".join(rng.choices(_CONVEX_ALPHABET, k=32))
+    # One random byte per character, its low 5 bits picking from Convex's id alphabet.
+    return rng.getrandbits(256).to_bytes(32, "big").translate(_TO_CONVEX).decode("ascii")
 
 
 def _workos_id(rng: random.Random) -> str:
     # WorkOS ids are "user_" + a 26-character ULID (Crockford base32, leading "01").
-    return "user_01" + "".join(rng.choices(_CROCKFORD, k=24))
+    raw = rng.getrandbits(192).to_bytes(24, "big").translate(_TO_CROCKFORD)
+    return "user_01" + raw.decode("ascii")
 
 
 def _creation(rng: random.Random, ms: int) -> float:
@@ -749,23 +753,43 @@ def _edge_block(cfg: _Config) -> dict[str, list[_Row]]:
 
     wide, long_, ghosted, stamped, anon = (ids.uuid() for _ in range(5))
     threads: list[dict[str, Any]] = [
-        _edge_doc(ids, threadId=wide, ownerId=conflict_a, createdAtMs=at + 20_000,
-                  updatedAtMs=at + 90_000),
-        _edge_doc(ids, threadId=long_, ownerId=conflict_a, createdAtMs=at + 21_000,
-                  updatedAtMs=at + 90_000),
+        _edge_doc(
+            ids, threadId=wide, ownerId=conflict_a, createdAtMs=at + 20_000, updatedAtMs=at + 90_000
+        ),
+        _edge_doc(
+            ids,
+            threadId=long_,
+            ownerId=conflict_a,
+            createdAtMs=at + 21_000,
+            updatedAtMs=at + 90_000,
+        ),
         # Owned by a user the users table never mentions.
-        _edge_doc(ids, threadId=ghosted, ownerId=ghost, createdAtMs=at + 22_000,
-                  updatedAtMs=at + 90_000),
+        _edge_doc(
+            ids, threadId=ghosted, ownerId=ghost, createdAtMs=at + 22_000, updatedAtMs=at + 90_000
+        ),
         _edge_doc(ids, threadId=stamped, ownerId=stamps, updatedAtMs="1738378400000"),
-        _edge_doc(ids, threadId=anon, anonKey=f"anon:{_hex(ids.rng, 32)}",
-                  createdAtMs=at + 25_000, updatedAtMs=at + 26_000),
+        _edge_doc(
+            ids,
+            threadId=anon,
+            anonKey=f"anon:{_hex(ids.rng, 32)}",
+            createdAtMs=at + 25_000,
+            updatedAtMs=at + 26_000,
+        ),
         _edge_doc(ids, threadId=ids.uuid(), ownerId="  ", createdAtMs=at + 26_000),
         _edge_doc(ids, threadId=ids.uuid(), ownerId=42, createdAtMs=at + 27_000),
-    ]  # fmt: skip
+    ]
 
     def message(thread: str, role: Any, text: Any, ms: Any, run: Any = _MISSING) -> dict[str, Any]:
-        return _edge_doc(ids, threadId=thread, messageId=ids.uuid(), role=role, status="final",
-                         text=text, runId=run, createdAtMs=ms)  # fmt: skip
+        return _edge_doc(
+            ids,
+            threadId=thread,
+            messageId=ids.uuid(),
+            role=role,
+            status="final",
+            text=text,
+            runId=run,
+            createdAtMs=ms,
+        )
 
     # Titles past 120 display columns: wide CJK, and long text with odd whitespace.
     cjk_title = "長いタイトルのテスト：" + "请帮我总结这个对话的重点内容" * 7
@@ -804,9 +828,16 @@ def _edge_block(cfg: _Config) -> dict[str, list[_Row]]:
         # Truthiness the PHP way (SPEC §8.4): numbers, strings, empty and non-empty containers.
         cancel: Any = ids.rng.choice((0, 1, "0", "yes", [], {"a": 1}))
         updated = ms if isinstance(ms, int) and ms > 0 else at + 40_000
-        return _edge_doc(ids, threadId=thread, runId=run_id, assistantMessageId=ids.uuid(),
-                         status=status, cancelRequested=cancel, createdAtMs=ms,
-                         updatedAtMs=updated)  # fmt: skip
+        return _edge_doc(
+            ids,
+            threadId=thread,
+            runId=run_id,
+            assistantMessageId=ids.uuid(),
+            status=status,
+            cancelRequested=cancel,
+            createdAtMs=ms,
+            updatedAtMs=updated,
+        )
 
     good_run = ids.uuid()
     runs: list[dict[str, Any]] = [
@@ -818,8 +849,9 @@ def _edge_block(cfg: _Config) -> dict[str, list[_Row]]:
     ]
 
     def receipt(thread: str, run_id: str, kind: Any, payload: Any, ms: Any) -> dict[str, Any]:
-        return _edge_doc(ids, threadId=thread, runId=run_id, kind=kind, json=payload,
-                         createdAtMs=ms)  # fmt: skip
+        return _edge_doc(
+            ids, threadId=thread, runId=run_id, kind=kind, json=payload, createdAtMs=ms
+        )
 
     receipts: list[dict[str, Any]] = [
         # Same payload within one second: still two events (SPEC §3.4).
@@ -841,8 +873,14 @@ def _edge_block(cfg: _Config) -> dict[str, list[_Row]]:
             "rules": {"body": f"You are Autopilot for {name}."},
         }
         if legacy:
-            return _edge_doc(ids, threadId=thread, docs=docs, bootstrapState="not an object",
-                             memory=None, updatedAtMs=updated)  # fmt: skip
+            return _edge_doc(
+                ids,
+                threadId=thread,
+                docs=docs,
+                bootstrapState="not an object",
+                memory=None,
+                updatedAtMs=updated,
+            )
         payload = {"bootstrapState": {"status": "complete"}, "docs": docs, "memory": []}
         return _edge_doc(ids, threadId=thread, blueprint=payload, updatedAtMs=updated)
 
@@ -1006,9 +1044,7 @@ def _write_entry(
     return documents, malformed
 
 
-def _with_edges(
-    rows: Iterator[_Row], injected: list[_Row], appended: list[_Row]
-) -> Iterator[_Row]:
+def _with_edges(rows: Iterator[_Row], injected: list[_Row], appended: list[_Row]) -> Iterator[_Row]:
     injected_done = False
     for row in rows:
         yield row

@@ -27,7 +27,7 @@ from khala_stream.contract.documents import (
     document_headers,
     document_key,
 )
-from khala_stream.contract.tables import CHAT_TABLES, DOCUMENT_KEYS
+from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.dead_letters import publish_dead_letters
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument
 from producers.ledger import stored_hashes
@@ -207,7 +207,3 @@ class Publisher:
         if letters:
             await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
         await asyncio.gather(*futures)
-
-
-def has_chat_tables(export: ExportSource) -> bool:
-    return any(t in CHAT_TABLES for t in export.tables)

@@ -139,10 +139,12 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
     from khala_stream.broker.clients import broker_session, ensure_topics, make_producer
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.pipeline import read_tables
     from producers.export_reader import open_export
     from producers.publisher import Publisher
 
     with open_export(args.export) as export:
+        export.verify(read_tables(args.skip_blueprints))
         engine = create_engine(settings.database_url)
         try:
             await init_db(engine)
