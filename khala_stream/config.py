@@ -66,6 +66,8 @@ class Settings:
     l402_allowlist_hosts: str = DEFAULT_L402_HOSTS
     broker_home: str = ".khala"
     """Where the embedded broker keeps its data, next to the default SQLite file."""
+    derive_lease_s: float = 30.0
+    """How long a silent processor keeps its claim on a run before another may take over."""
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
@@ -94,6 +96,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
         sasl_password=Secret(password) if password else None,
         ssl_cafile=env.get("KAFKA_SSL_CAFILE") or None,
+        partitions=_positive(env, "KHALA_TOPIC_PARTITIONS", 6),
     )
     key = env.get("WORKOS_API_KEY", "").strip()
     return Settings(
@@ -104,4 +107,14 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         workos_base_url=env.get("WORKOS_BASE_URL") or DEFAULT_WORKOS_BASE_URL,
         l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
+        derive_lease_s=float(_positive(env, "KHALA_DERIVE_LEASE_SECONDS", 30)),
     )
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"{name} must be a positive whole number, not {raw!r}")
+    return int(raw)

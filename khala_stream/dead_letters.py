@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from khala_stream.broker.clients import make_consumer
 from khala_stream.config import KafkaSettings
 from khala_stream.contract.dead_letters import DeadLetter, decode_dead_letter, encode_dead_letter
+from khala_stream.runtime import end_offsets
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,16 +37,14 @@ async def read_dead_letters(kafka: KafkaSettings, topic: str) -> list[StoredDead
     consumer = make_consumer(kafka, group_id=None, isolation_level="read_committed")
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()  # topic may be new to this client
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        ends = {
+            TopicPartition(topic, p): o for p, o in (await end_offsets(consumer, topic)).items()
+        }
+        tps = sorted(ends, key=lambda tp: tp.partition)
         if not tps:
             return []
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
         found: list[StoredDeadLetter] = []
         remaining = {tp for tp in tps if ends[tp] > 0}
         while remaining:

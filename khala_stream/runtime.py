@@ -133,3 +133,14 @@ async def commit_for_lag(consumer: AIOKafkaConsumer, positions: dict[TopicPartit
         await consumer.commit(positions)
     except KafkaError as exc:
         logger.info("offset commit for lag reporting skipped: %s", exc)
+
+
+async def end_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[int, int]:
+    """The current end offset of every partition of `topic` (group-less consumer)."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()  # a topic new to this client
+        partitions = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in partitions]
+    ends = await consumer.end_offsets(tps) if tps else {}
+    return {tp.partition: offset for tp, offset in ends.items()}

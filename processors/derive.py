@@ -41,7 +41,7 @@ from processors.linkage import (
     thread_rows,
     title_candidate,
 )
-from processors.lookups import LegacyEvent, TargetView, UserIds
+from processors.lookups import LedgerEntry, LegacyEvent, TargetView, UserIds
 from processors.text import gravatar_url, handle_candidates, is_valid_email, limit, normalise_handle
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,7 @@ class _Pending:
         changes = []
         for key, values, source in rows:
             digest = content_hash(values)
-            last = ledger.get(key)
-            if key in present and last is not None and last[0] == digest:
+            if key in present and self._d.settled(ledger.get(key), digest):
                 continue
             changes.append(self._d.change(self.table, "upsert", key, values, digest, source))
         await self._d.emit(changes)
@@ -182,6 +181,16 @@ class Derivation:
         for c in changes:
             self.result.written[c.table] = self.result.written.get(c.table, 0) + 1
         await self._out.emit(changes)
+
+    def settled(self, entry: LedgerEntry | None, digest: str) -> bool:
+        """The row holds this value from an earlier run, so writing it again changes nothing.
+
+        A value recorded by this very run is not settled: the run is being derived again after
+        a crash, and must emit what it emitted the first time (same changes, same counters).
+        """
+        return (
+            entry is not None and entry.row_hash == digest and entry.run_id != self.options.run_id
+        )
 
     def _docs(self, table: str) -> Any:
         return store.iter_documents(self._documents, table, self.options.run_id)
@@ -281,6 +290,7 @@ class Derivation:
     ) -> dict[str, Owner]:
         skip = self.options.skip_blueprints
         existing = await self.view.autopilots_by_owner([users[w].id for w in workos_ids])
+        created_here = await self.view.ledger("autopilots", [a.id for a in existing.values()])
         ids = {
             w: existing[users[w].id].id if users[w].id in existing else autopilot_id_for(w)
             for w in workos_ids
@@ -307,9 +317,8 @@ class Derivation:
             ):
                 digest = content_hash(values)
                 exists = autopilot_id in present
-                last = ledger.get(autopilot_id)
                 # --skip-blueprints never resets a profile or policy (SPEC §3.9).
-                if exists and (skip or (last is not None and last[0] == digest)):
+                if exists and (skip or self.settled(ledger.get(autopilot_id), digest)):
                     continue
                 row = {"autopilot_id": autopilot_id, **values, "updated_at": now}
                 if not exists:
@@ -318,9 +327,13 @@ class Derivation:
                 self._count(f"{table}_upserted")
                 wrote = True
             current = existing.get(user.id)
-            version = (current.config_version if current else 1) + (1 if wrote else 0)
-            if current is None:
-                changes.append(await self._new_autopilot(autopilot_id, user, profile, version, now))
+            redo = current is not None and self._made_by_this_run(created_here.get(current.id))
+            version = (current.config_version if current and not redo else 1) + (1 if wrote else 0)
+            if current is None or redo:
+                handle = current.handle if current is not None else None
+                changes.append(
+                    await self._new_autopilot(autopilot_id, user, profile, version, now, handle)
+                )
                 self._count("autopilots_created")
             elif wrote:
                 values = {"config_version": version, "updated_at": now}
@@ -336,9 +349,11 @@ class Derivation:
         profile: dict[str, Any],
         version: int,
         now: str,
+        handle: str | None,
     ) -> RowChange:
-        seed = f"{user.handle}-autopilot" if user.handle else f"autopilot-{user.id}"
-        handle = await self._free_handle(normalise_handle(seed))
+        if handle is None:
+            seed = f"{user.handle}-autopilot" if user.handle else f"autopilot-{user.id}"
+            handle = await self._free_handle(normalise_handle(seed))
         summary = profile["persona_summary"]
         tagline = (
             limit(summary, 255)
@@ -360,6 +375,10 @@ class Derivation:
             "updated_at": now,
         }
         return self.change("autopilots", "upsert", autopilot_id, values, content_hash(values))
+
+    def _made_by_this_run(self, entry: LedgerEntry | None) -> bool:
+        """An autopilot this run created before it crashed: it is derived as new again."""
+        return entry is not None and entry.run_id == self.options.run_id
 
     async def _free_handle(self, base: str) -> str:
         """The first free handle, against the table and this run's own (reference §5.3)."""
@@ -464,7 +483,7 @@ class Derivation:
         if not batch:
             return
         ledger = await self.view.ledger("run_events", [k for k, _, _ in batch])
-        ids = [row_id for _, row_id in ledger.values() if row_id is not None]
+        ids = [e.row_id for e in ledger.values() if e.row_id is not None]
         present = await self.view.existing("run_events", ids)
         legacy = await self.view.legacy_events(sorted({row["run_id"] for _, row, _ in batch}))
         changes: list[RowChange] = []
@@ -472,7 +491,7 @@ class Derivation:
             digest = content_hash(row)
             last = ledger.get(key)
             if last is not None:
-                if last[1] in present and last[0] == digest:
+                if last.row_id in present and self.settled(last, digest):
                     continue
             elif any(_same_event(event, row) for event in legacy):
                 continue  # written by an older importer: matched by content (SPEC §3.4)

@@ -36,6 +36,16 @@ class ExistingUser:
 class ExistingAutopilot:
     id: str
     config_version: int
+    handle: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """What the importer last computed for a row, and in which run (SPEC §8.7)."""
+
+    row_hash: str | None
+    row_id: int | None
+    run_id: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +113,16 @@ class TargetView:
         """Each owner's earliest autopilot, soft-deleted ones included (reference §5.3)."""
         a = TABLES["autopilots"].c
         rows = await self._rows(
-            sa.select(a.owner_user_id, a.id, a.config_version)
+            sa.select(a.owner_user_id, a.id, a.config_version, a.handle)
             .where(a.owner_user_id.in_(chunk))
             .order_by(a.owner_user_id, a.created_at, a.id)
             for chunk in _chunks(user_ids)
         )
         found: dict[int, ExistingAutopilot] = {}
-        for owner, autopilot_id, version in rows:
-            found.setdefault(int(owner), ExistingAutopilot(autopilot_id, max(int(version or 1), 1)))
+        for owner, autopilot_id, version, handle in rows:
+            found.setdefault(
+                int(owner), ExistingAutopilot(autopilot_id, max(int(version or 1), 1), handle)
+            )
         return found
 
     async def taken_handles(self, handles: Sequence[str]) -> set[str]:
@@ -120,19 +132,17 @@ class TargetView:
         )
         return {r.handle for r in rows}
 
-    async def ledger(
-        self, table: str, keys: Sequence[str]
-    ) -> dict[str, tuple[str | None, int | None]]:
+    async def ledger(self, table: str, keys: Sequence[str]) -> dict[str, LedgerEntry]:
         """The last computed hash (and allocated id) of each row, by ledger key."""
         if table in self._emptied or not self._has_ledger:
             return {}
         rows = await self._rows(
-            sa.select(ROWS.c.row_key, ROWS.c.row_hash, ROWS.c.row_id).where(
+            sa.select(ROWS.c.row_key, ROWS.c.row_hash, ROWS.c.row_id, ROWS.c.run_id).where(
                 ROWS.c.dest_table == table, ROWS.c.row_key.in_(chunk)
             )
             for chunk in _chunks(keys)
         )
-        return {r.row_key: (r.row_hash, r.row_id) for r in rows}
+        return {r.row_key: LedgerEntry(r.row_hash, r.row_id, r.run_id) for r in rows}
 
     async def existing(self, table: str, keys: Sequence[Any]) -> set[Any]:
         """Which of these primary keys have a row in the table now."""

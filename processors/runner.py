@@ -31,6 +31,7 @@ from khala_stream.runtime import (
     StoredOffsets,
     caught_up,
     commit_for_lag,
+    end_offsets,
     seek_to_stored,
     with_retries,
 )
@@ -84,14 +85,13 @@ class Processor:
         engine: AsyncEngine,
         *,
         batch_records: int = 5000,
-        lease_s: float = 30.0,
         db_deadline_s: float = 300.0,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
         self._batch_records = batch_records
-        self._lease_s = lease_s
+        self._lease_s = settings.derive_lease_s
         self._deadline = db_deadline_s
         self._worker = uuid.uuid4().hex
         self.derived: list[int] = []
@@ -102,8 +102,10 @@ class Processor:
         consumer = make_consumer(self._settings.kafka, group_id=group)
         consumer.subscribe(topics.sources, listener=StoredOffsets(consumer, self._engine, group))
         producer = make_producer(self._settings.kafka)
+        self._probe = make_consumer(self._settings.kafka, group_id=None)
         await consumer.start()
         await producer.start()
+        await self._probe.start()
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=self._batch_records)
@@ -122,6 +124,7 @@ class Processor:
                 if until_idle and not batch and not derived and await caught_up(consumer):
                     return
         finally:
+            await self._probe.stop()
             await producer.stop()
             await consumer.stop()
 
@@ -176,6 +179,9 @@ class Processor:
         out = KafkaChangeOutput(producer, self._topics.changes)
         beat = asyncio.create_task(self._heartbeat(run.id))
         try:
+            # The derivation reads the database: let every change sent before it land first
+            # (after a crash, the changes of the interrupted attempt).
+            await self._wait_for_sink(await end_offsets(self._probe, self._topics.changes), run.id)
             if flags.replace:
                 await self._truncate_first(run.id, out)
             async with contextlib.AsyncExitStack() as stack:
@@ -212,12 +218,18 @@ class Processor:
             RowChange(run_id=run_id, table=t, op="truncate", key="") for t in REPLACED_TABLES
         ]
         await out.emit(truncates)
-        ends = dict(await out.drain())
+        await self._wait_for_sink(dict(await out.drain()), run_id)
+
+    async def _wait_for_sink(self, ends: dict[int, int], run_id: int) -> None:
+        """Until the sink's stored positions reach `ends` on every partition."""
         group, topic = self._topics.sink_group, self._topics.changes
+        polls = 0
         while not import_runs.reached(
             await import_runs.sink_positions(self._engine, group, topic), ends
         ):
-            logger.info("waiting for the sink to empty the chat tables (run %d)", run_id)
+            if polls % 50 == 0:
+                logger.info("run %d waits for the sink to apply earlier changes", run_id)
+            polls += 1
             await asyncio.sleep(0.2)
 
     async def _workos_lookup(self, stack: contextlib.AsyncExitStack) -> WorkosLookup:
