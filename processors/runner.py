@@ -134,7 +134,7 @@ class Processor:
         documents: list[store.IncomingDocument] = []
         for records in batch.values():
             for r in records:
-                provenance, seen = read_headers(r.headers)
+                provenance = read_headers(r.headers)
                 documents.append(
                     store.IncomingDocument(
                         run_id=provenance.run_id,
@@ -143,7 +143,7 @@ class Processor:
                         line=provenance.line,
                         content_hash=provenance.content_hash,
                         doc_id=provenance.doc_id,
-                        raw=None if seen else r.value,
+                        raw=r.value or b"",
                     )
                 )
         group = self._topics.processor_group

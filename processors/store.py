@@ -23,7 +23,7 @@ _PAGE = 2000
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IncomingDocument:
-    """One message of a source topic: a document, or a marker that an unchanged one was seen."""
+    """One message of a source topic: a document with its provenance."""
 
     run_id: int
     table: str
@@ -31,7 +31,7 @@ class IncomingDocument:
     line: int
     content_hash: str
     doc_id: str | None
-    raw: bytes | None  # None: "seen, unchanged" marker of an incremental publish
+    raw: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +79,7 @@ async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDoc
             "line": new.line,
             "doc_id": new.doc_id,
             "content_hash": new.content_hash,
-            # A "seen" marker carries no body: keep the stored one, which has the same hash.
-            "document": sa.case((new.document == "", old.document), else_=new.document),
+            "document": new.document,
             "changed_seq": sa.case(
                 (old.content_hash != new.content_hash, new.export_seq), else_=old.changed_seq
             ),
@@ -100,7 +99,7 @@ async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDoc
             "line": d.line,
             "first_seq": d.run_id,
             "changed_seq": d.run_id,
-            "document": d.raw.decode() if d.raw is not None else "",
+            "document": d.raw.decode(),
         }
         for d in _latest(documents)
     ]

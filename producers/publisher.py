@@ -1,8 +1,8 @@
 """The `publish` stage: every document of an export to its source topic, with provenance.
 
 Bad lines and documents without a key go to the dead-letter topic with their raw bytes.
-Incremental publishing sends a small "seen" marker instead of a document whose content hash
-is already in the ledger, so the processors know it is still part of the export (SPEC §5).
+Incremental publishing sends only new and changed documents; an unchanged one (same content
+hash in the ledger) is marked as part of this export in the ledger instead (SPEC §5).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from khala_stream.contract.documents import (
 from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.dead_letters import publish_dead_letters
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument
-from producers.ledger import stored_hashes
+from producers.ledger import mark_unchanged, stored_hashes
 
 logger = logging.getLogger(__name__)
 _BATCH = 2000
@@ -178,13 +178,18 @@ class Publisher:
                 letters.append(self._letter(item, "missing_key", reason, report))
             else:
                 keyed.append((key, digest, item))
-        known: dict[str, str] = {}
+        unchanged: set[str] = set()
         if self._incremental and keyed:
             known = await stored_hashes(self._engine, table, [k for k, _, _ in keyed])
+            same = [(k, d, i.line) for k, d, i in keyed if known.get(k) == d]
+            unchanged = await mark_unchanged(self._engine, table, report.run_id, same)
+        if unchanged:
+            report.unchanged[table] += len(unchanged)
         topic = self._topics.source(table)
         futures = []
         for key, digest, item in keyed:
-            seen = known.get(key) == digest
+            if key in unchanged:
+                continue
             provenance = Provenance(
                 export_sha256=report.sha256,
                 run_id=report.run_id,
@@ -196,14 +201,12 @@ class Publisher:
             futures.append(
                 await self._producer.send(
                     topic,
-                    b"" if seen else item.raw,
+                    item.raw,
                     key=key.encode(),
-                    headers=document_headers(provenance, seen=seen),
+                    headers=document_headers(provenance),
                 )
             )
             report.published[table] += 1
-            if seen:
-                report.unchanged[table] += 1
         if letters:
             await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
         await asyncio.gather(*futures)

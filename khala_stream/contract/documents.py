@@ -1,7 +1,6 @@
 """Source document messages: one per export line, on `<prefix>.<table>`, with provenance headers.
 
-The value is the line's own bytes (never re-encoded); an empty value with `khala-kind: seen`
-says that an unchanged document is still part of this export (incremental publishing).
+The value is the line's own bytes (never re-encoded).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from khala_stream.contract.tables import DOCUMENT_KEYS
 
 # PHP's trim() strips exactly these characters; the reference trims string fields with it.
 ASCII_TRIM = " \t\n\r\0\x0b"
-KIND_DOCUMENT = b"doc"
-KIND_SEEN = b"seen"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,7 +26,7 @@ class Provenance:
     content_hash: str
 
 
-def document_headers(p: Provenance, *, seen: bool = False) -> list[tuple[str, bytes]]:
+def document_headers(p: Provenance) -> list[tuple[str, bytes]]:
     return [
         ("khala-export", p.export_sha256.encode()),
         ("khala-run", str(p.run_id).encode()),
@@ -37,12 +34,11 @@ def document_headers(p: Provenance, *, seen: bool = False) -> list[tuple[str, by
         ("khala-line", str(p.line).encode()),
         ("khala-id", (p.doc_id or "").encode()),
         ("khala-hash", p.content_hash.encode()),
-        ("khala-kind", KIND_SEEN if seen else KIND_DOCUMENT),
     ]
 
 
-def read_headers(headers: Sequence[tuple[str, bytes]]) -> tuple[Provenance, bool]:
-    """(provenance, seen) from a document message's headers."""
+def read_headers(headers: Sequence[tuple[str, bytes]]) -> Provenance:
+    """The provenance of a document message, from its headers."""
     h = {k: v for k, v in headers}
     doc_id = h.get("khala-id", b"").decode() or None
     provenance = Provenance(
@@ -53,7 +49,7 @@ def read_headers(headers: Sequence[tuple[str, bytes]]) -> tuple[Provenance, bool
         doc_id=doc_id,
         content_hash=h["khala-hash"].decode(),
     )
-    return provenance, h.get("khala-kind") == KIND_SEEN
+    return provenance
 
 
 def string_field(doc: dict[str, Any], name: str) -> str | None:

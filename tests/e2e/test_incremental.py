@@ -1,0 +1,129 @@
+"""Incremental re-imports (SPEC §5, §3.8): only what changed is published and written, derived
+values follow the changes, vanished documents are reported and deleted only on request, and
+Laravel-side edits of unchanged documents survive."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from khala_stream.db.laravel_tables import TABLES
+from producers.generator import load_reference_fixture, write_fixture_zip
+from tests.e2e.harness import env_for, json_value, khala, ok, rows, run_db, versions
+
+THREAD = "11111111-1111-1111-1111-111111111111"
+FIRST_MESSAGE = "33333333-3333-3333-3333-333333333333"
+
+
+def _export(path: Path, tables: dict[str, list[dict[str, Any]]]) -> Path:
+    write_fixture_zip(path, tables)
+    return path
+
+
+def _newer(tables: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """A later snapshot: an edited first message, a new message, a changed blueprint, and the
+    receipt gone."""
+    newer = copy.deepcopy(tables)
+    newer["messages"][0]["text"] = "Plan the   migration\nweekend."
+    newer["messages"].append(
+        {
+            "_id": "messages:3",
+            "threadId": THREAD,
+            "messageId": "55555555-5555-5555-5555-555555555555",
+            "role": "user",
+            "status": "final",
+            "text": "And the rollback?",
+            "createdAtMs": 1735700030000,
+            "updatedAtMs": 1735700030000,
+        }
+    )
+    newer["blueprints"][0]["blueprint"]["docs"]["identity"]["vibe"] = "calm and exact"
+    newer["blueprints"][0]["updatedAtMs"] = 1735700040000
+    newer["receipts"] = []
+    return newer
+
+
+def _doc_stats(stdout: str) -> dict[str, dict[str, int]]:
+    stats = {}
+    for line in stdout.splitlines():
+        if line.startswith("  documents "):
+            table, rest = line[len("  documents ") :].split(": ", 1)
+            stats[table] = {k: int(v) for k, v in (p.split("=") for p in rest.split())}
+    return stats
+
+
+def test_newer_export_publishes_only_changes_and_derived_values_follow(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> None:
+    tables = load_reference_fixture("fixture-a")
+    env = env_for(kafka_bootstrap, topic_prefix, pg_url)
+    ok(khala(["import-chat", str(_export(tmp_path / "v1.zip", tables))], env))
+    (autopilot,) = rows(pg_url, "autopilots")
+    assert autopilot["config_version"] == 2
+    run_before = versions(pg_url)["runs"]
+
+    v2 = _export(tmp_path / "v2.zip", _newer(tables))
+    published = orjson.loads(ok(khala(["publish", str(v2), "--incremental", "--json"], env)).stdout)
+    # Only the new and changed documents travel; the rest is marked in the ledger.
+    assert published["published"] == {"messages": 2, "blueprints": 1}
+    assert published["unchanged"] == {"users": 1, "threads": 2, "runs": 1, "messages": 1}
+    ok(khala(["process", "--until-idle"], env))
+    ok(khala(["sink", "--until-idle"], env))
+
+    # The same newer export through import-chat: now nothing is new.
+    result = ok(khala(["import-chat", str(v2)], env))
+    stats = _doc_stats(result.stdout)
+    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "deleted": 0}
+    assert stats["receipts"]["deleted"] == 1  # reported, not deleted
+    assert "rows written: none" in result.stdout
+
+    (thread,) = rows(pg_url, "threads")
+    assert thread["title"] == "Plan the migration weekend."  # the title follows its message
+    assert {m["id"] for m in rows(pg_url, "messages")} >= {"55555555-5555-5555-5555-555555555555"}
+    (profile,) = rows(pg_url, "autopilot_profiles", "autopilot_id")
+    assert profile["autopilot_voice"] == "calm and exact"
+    (autopilot,) = rows(pg_url, "autopilots")
+    assert autopilot["config_version"] == 3  # one real change, one bump
+    (run,) = rows(pg_url, "runs")
+    assert run["autopilot_config_version"] == 3
+    assert versions(pg_url)["runs"] != run_before
+    assert len(rows(pg_url, "run_events")) == 1  # the vanished receipt's event stays
+
+    deleted = ok(khala(["import-chat", str(v2), "--propagate-deletes"], env))
+    assert _doc_stats(deleted.stdout)["receipts"]["deleted"] == 1
+    assert rows(pg_url, "run_events") == []
+    again = ok(khala(["import-chat", str(v2)], env))
+    assert "receipts" not in _doc_stats(again.stdout)  # nothing left to report
+
+
+def test_laravel_edits_of_unchanged_documents_survive_and_deleted_rows_come_back(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, db_url: str
+) -> None:
+    export = _export(tmp_path / "a.zip", load_reference_fixture("fixture-a"))
+    env = env_for(kafka_bootstrap, topic_prefix, db_url)
+    ok(khala(["import-chat", str(export)], env))
+    threads, messages = TABLES["threads"], TABLES["messages"]
+    profiles = TABLES["autopilot_profiles"]
+    run_db(
+        db_url,
+        [
+            sa.update(threads).values(title="Renamed in Laravel"),
+            sa.update(profiles).values(owner_display_name="Christopher"),
+            sa.delete(messages).where(messages.c.id == FIRST_MESSAGE),
+        ],
+    )
+    result = ok(khala(["import-chat", str(export)], env))
+    (thread,) = rows(db_url, "threads")
+    assert thread["title"] == "Renamed in Laravel"
+    (profile,) = rows(db_url, "autopilot_profiles", "autopilot_id")
+    assert profile["owner_display_name"] == "Christopher"
+    restored = [m for m in rows(db_url, "messages") if m["id"] == FIRST_MESSAGE]
+    assert len(restored) == 1 and restored[0]["content"] == "Summarize my previous conversation."
+    assert json_value(restored[0]["meta"])["source"] == "khala"
+    assert "rows written: messages=1" in result.stdout
+    (autopilot,) = rows(db_url, "autopilots")
+    assert autopilot["config_version"] == 2  # nothing of the profile was recomputed differently
