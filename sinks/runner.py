@@ -13,6 +13,7 @@ import logging
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_stream import import_runs
 from khala_stream.broker.clients import make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import Topics
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
-def refusal_letter(refusal: Refusal) -> DeadLetter:
+def refusal_letter(refusal: Refusal, export_sha256: str | None) -> DeadLetter:
     change, source = refusal.change, refusal.change.source
     return DeadLetter(
         stage="sink",
@@ -44,6 +45,7 @@ def refusal_letter(refusal: Refusal) -> DeadLetter:
         entry=f"{source.table}/documents.jsonl" if source else None,
         line=source.line if source else None,
         doc_id=source.doc_id if source else None,
+        export_sha256=export_sha256,
         run_id=change.run_id,
     )
 
@@ -64,6 +66,7 @@ class SinkService:
         self._batch_records = batch_records
         self._deadline = db_deadline_s
         self.refused = 0
+        self._exports: dict[int, str | None] = {}
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -104,7 +107,7 @@ class SinkService:
         ]
 
         async def set_aside(refused: list[Refusal]) -> None:
-            letters = [refusal_letter(r) for r in refused]
+            letters = [refusal_letter(r, await self._export_of(r.change.run_id)) for r in refused]
             await publish_dead_letters(producer, self._topics.dead_letters, letters)
             self.refused += len(refused)
             for r in refused:
@@ -112,3 +115,10 @@ class SinkService:
 
         result = await self._sink.apply(changes, offsets=offsets, on_refused=set_aside)
         return result.applied
+
+    async def _export_of(self, run_id: int) -> str | None:
+        """The export a run came from, for the dead letters' provenance."""
+        if run_id not in self._exports:
+            run = await import_runs.load(self._engine, run_id)
+            self._exports[run_id] = run.export_sha256 if run else None
+        return self._exports[run_id]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -260,40 +259,27 @@ def db_init(args: argparse.Namespace, settings: Settings) -> int:
 def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
-    from khala_stream.dead_letters import read_dead_letters
+    from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.dlq import pending_letters, summarise
 
-    async def go() -> list[Any]:
-        async with broker_session(settings) as live:
-            return await read_dead_letters(live.kafka, Topics(live.topic_prefix).dead_letters)
+    async def go() -> dict[str, Any]:
+        engine = create_engine(settings.database_url)
+        try:
+            await init_db(engine, laravel=False)
+            async with broker_session(settings) as live:
+                topic = Topics(live.topic_prefix).dead_letters
+                return summarise(await pending_letters(live.kafka, engine, topic))
+        finally:
+            await engine.dispose()
 
-    stored = _run(go())
-    groups = Counter(s.letter.reason_code for s in stored)
-    data = {
-        "total": len(stored),
-        "by_reason": dict(groups),
-        "letters": [
-            {
-                "partition": s.partition,
-                "offset": s.offset,
-                "stage": s.letter.stage,
-                "reason_code": s.letter.reason_code,
-                "reason": s.letter.reason,
-                "location": s.letter.location,
-                "table": s.letter.table,
-                "run_id": s.letter.run_id,
-                "export_sha256": s.letter.export_sha256,
-            }
-            for s in stored
-        ],
-    }
-    lines = [f"{len(stored)} dead letters"]
-    for code, n in groups.most_common():
+    data = _run(go())
+    lines = [f"{data['total']} dead letters waiting"]
+    for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")
-        lines += [
-            f"  {s.letter.location}: {s.letter.reason}"
-            for s in stored
-            if s.letter.reason_code == code
-        ][:20]
+        mine = [d for d in data["letters"] if d["reason_code"] == code]
+        lines += [f"  {d['location']}: {d['reason']}" for d in mine[:20]]
+        if len(mine) > 20:
+            lines.append(f"  ... and {len(mine) - 20} more (--json lists all)")
     _emit(args, data, lines)
     return 0
 
@@ -301,29 +287,18 @@ def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
-    from khala_stream.contract.codec import decode_change
-    from khala_stream.db.engine import create_engine
-    from khala_stream.dead_letters import read_dead_letters
-    from sinks.sql_sink import SqlSink
+    from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.dlq import replay
 
     async def go() -> dict[str, Any]:
-        async with broker_session(settings) as live:
-            stored = await read_dead_letters(live.kafka, Topics(live.topic_prefix).dead_letters)
-        changes = [decode_change(s.letter.raw) for s in stored if s.letter.stage == "sink"]
         engine = create_engine(settings.database_url)
         try:
-            result = await SqlSink(engine).apply(changes)
+            await init_db(engine, laravel=False)
+            async with broker_session(settings) as live:
+                topic = Topics(live.topic_prefix).dead_letters
+                return (await replay(live.kafka, engine, topic)).to_json()
         finally:
             await engine.dispose()
-        return {
-            "retried": len(changes),
-            "applied": len(changes) - len(result.refused),
-            "still_refused": [
-                {"table": r.change.table, "key": r.change.key, "reason": r.reason}
-                for r in result.refused
-            ],
-            "not_retryable": sum(1 for s in stored if s.letter.stage != "sink"),
-        }
 
     data = _run(go())
     lines = [

@@ -17,6 +17,7 @@ __all__ = [
     "IMPORTER_TABLES",
     "OFFSETS",
     "REFUSALS",
+    "REPLAYED",
     "ROWS",
     "RUNS",
     "USER_IDS",
@@ -126,6 +127,16 @@ REFUSALS: Final = sa.Table(
     sa.Column("row_key", sa.Text(), nullable=False),
     sa.Column("reason", sa.Text(), nullable=False),
     sa.Column("created_at", sa.DateTime(), nullable=False),
+)
+
+# Dead letters that `dlq replay` has applied, by their place in the dead-letter topic.
+REPLAYED: Final = sa.Table(
+    "khala_import_replayed",
+    IMPORTER,
+    sa.Column("topic", sa.Text(), primary_key=True),
+    sa.Column("partition", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("offset", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("replayed_at", sa.DateTime(), nullable=False),
 )
 
 IMPORTER_TABLES: Final[dict[str, sa.Table]] = dict(IMPORTER.tables)

@@ -1,0 +1,109 @@
+"""`dlq list` and `dlq replay`: what was set aside, and retrying it once the cause is fixed.
+
+Rows the database refused are retried through the sink; a replayed letter is remembered in
+`khala_import_replayed` and no longer listed. Bad source lines cannot be retried from their
+bytes: they need a corrected export.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from khala_stream.config import KafkaSettings
+from khala_stream.contract.codec import decode_change
+from khala_stream.db.importer_tables import REPLAYED
+from khala_stream.dead_letters import StoredDeadLetter, read_dead_letters
+from sinks.sql_sink import SqlSink
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    retried: int = 0
+    applied: int = 0
+    still_refused: list[dict[str, str]] = field(default_factory=list)
+    not_retryable: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "retried": self.retried,
+            "applied": self.applied,
+            "still_refused": self.still_refused,
+            "not_retryable": self.not_retryable,
+        }
+
+
+async def _replayed(engine: AsyncEngine, topic: str) -> set[tuple[int, int]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(REPLAYED.c.partition, REPLAYED.c.offset).where(REPLAYED.c.topic == topic)
+        )
+        return {(int(p), int(o)) for p, o in rows.all()}
+
+
+async def pending_letters(
+    kafka: KafkaSettings, engine: AsyncEngine | None, topic: str
+) -> list[StoredDeadLetter]:
+    """The dead letters not replayed yet (all of them when there is no database to ask)."""
+    letters = await read_dead_letters(kafka, topic)
+    done = await _replayed(engine, topic) if engine is not None else set()
+    return [s for s in letters if (s.partition, s.offset) not in done]
+
+
+def summarise(letters: list[StoredDeadLetter]) -> dict[str, Any]:
+    return {
+        "total": len(letters),
+        "by_reason": dict(Counter(s.letter.reason_code for s in letters)),
+        "letters": [
+            {
+                "partition": s.partition,
+                "offset": s.offset,
+                "stage": s.letter.stage,
+                "reason_code": s.letter.reason_code,
+                "reason": s.letter.reason,
+                "location": s.letter.location,
+                "table": s.letter.table,
+                "doc_id": s.letter.doc_id,
+                "run_id": s.letter.run_id,
+                "export_sha256": s.letter.export_sha256,
+            }
+            for s in letters
+        ],
+    }
+
+
+async def replay(kafka: KafkaSettings, engine: AsyncEngine, topic: str) -> ReplayResult:
+    letters = await pending_letters(kafka, engine, topic)
+    result = ReplayResult(not_retryable=sum(1 for s in letters if s.letter.stage != "sink"))
+    rows = [(s, decode_change(s.letter.raw)) for s in letters if s.letter.stage == "sink"]
+    result.retried = len(rows)
+    if not rows:
+        return result
+    outcome = await SqlSink(engine).apply([change for _, change in rows])
+    refused = {(r.change.table, r.change.key): r.reason for r in outcome.refused}
+    done = [s for s, c in rows if (c.table, c.key) not in refused]
+    result.applied = len(done)
+    result.still_refused = [
+        {"table": table, "key": key, "reason": reason} for (table, key), reason in refused.items()
+    ]
+    if done:
+        now = datetime.now(tz=UTC).replace(tzinfo=None, microsecond=0)
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.insert(REPLAYED),
+                [
+                    {
+                        "topic": topic,
+                        "partition": s.partition,
+                        "offset": s.offset,
+                        "replayed_at": now,
+                    }
+                    for s in done
+                ],
+            )
+    return result

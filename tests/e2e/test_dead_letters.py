@@ -1,0 +1,64 @@
+"""Dead letters (SPEC §3.2): a row the database refuses is set aside with its provenance while
+the rest of its batch is written, and `dlq replay` applies it once the cause is fixed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import sqlalchemy as sa
+
+from producers.generator import load_reference_fixture, write_fixture_zip
+from tests.e2e.harness import counts, env_for, khala, ok, run_db
+
+LONG_ID = "m" * 40  # messages.id is varchar(36)
+
+
+def test_refused_row_is_set_aside_then_replayed_after_the_fix(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> None:
+    tables = load_reference_fixture("fixture-a")
+    tables["messages"].append(
+        {
+            "_id": "messages:long",
+            "threadId": "11111111-1111-1111-1111-111111111111",
+            "messageId": LONG_ID,
+            "role": "assistant",
+            "text": "too long an id",
+            "createdAtMs": 1735700021000,
+        }
+    )
+    export = tmp_path / "long-id.zip"
+    write_fixture_zip(export, tables)
+    env = env_for(kafka_bootstrap, topic_prefix, pg_url)
+    result = ok(khala(["import-chat", str(export)], env))
+    assert "rows refused by the database: 2" in result.stdout
+    assert "value too long for type character varying(36)" in result.stdout
+    assert result.counters["messages_imported"] == 3  # refused rows still count (SPEC §8.12)
+    assert counts(pg_url)["messages"] == 2  # the rest of the batch was written
+
+    listed = orjson.loads(ok(khala(["dlq", "list", "--json"], env)).stdout)
+    assert listed["by_reason"] == {"db_refused": 2}
+    letter = listed["letters"][0]
+    assert letter["location"] == "messages/documents.jsonl:3"
+    assert letter["doc_id"] == LONG_ID
+    assert letter["stage"] == "sink" and letter["run_id"] == 1
+    assert len(letter["export_sha256"]) == 64
+
+    still = khala(["dlq", "replay", "--json"], env)
+    assert still.exit_code == 1  # nothing fixed yet: still refused, still listed
+    assert orjson.loads(still.stdout)["applied"] == 0
+
+    run_db(
+        pg_url,
+        [
+            sa.text("ALTER TABLE messages ALTER COLUMN id TYPE varchar(64)"),
+            sa.text("ALTER TABLE agent_conversation_messages ALTER COLUMN id TYPE varchar(64)"),
+        ],
+    )
+    replayed = orjson.loads(ok(khala(["dlq", "replay", "--json"], env)).stdout)
+    assert replayed == {"retried": 2, "applied": 2, "still_refused": [], "not_retryable": 0}
+    (found,) = run_db(pg_url, [sa.text(f"SELECT content FROM messages WHERE id = '{LONG_ID}'")])
+    assert found[0][0] == "too long an id"
+    assert counts(pg_url)["agent_conversation_messages"] == 3
+    assert orjson.loads(ok(khala(["dlq", "list", "--json"], env)).stdout)["total"] == 0
