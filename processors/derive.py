@@ -70,7 +70,7 @@ COUNTER_KEYS: tuple[str, ...] = (
     "messages_linked_backfilled",
     "run_events_linked_backfilled",
 )
-_BATCH = 500
+_BATCH = 2000
 
 
 class ChangeOutput(Protocol):
@@ -153,6 +153,7 @@ class Derivation:
         self._out = out
         self.result = Derived()
         self._handles_taken: set[str] = set()
+        self._handles_free: set[str] = set()  # known free in the table (prefetched)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -303,6 +304,13 @@ class Derivation:
         now = now_timestamp()
         owners: dict[str, Owner] = {}
         changes: list[RowChange] = []
+        bases = [
+            normalise_handle(_handle_seed(users[w]))
+            for w in workos_ids
+            if users[w].id not in existing
+        ]
+        taken = await self.view.taken_handles(bases)
+        self._handles_free.update(b for b in bases if b not in taken)
         for w in workos_ids:
             user, blueprint, autopilot_id = users[w], chosen[w], ids[w]
             payload = blueprint.payload if blueprint else None
@@ -352,8 +360,7 @@ class Derivation:
         handle: str | None,
     ) -> RowChange:
         if handle is None:
-            seed = f"{user.handle}-autopilot" if user.handle else f"autopilot-{user.id}"
-            handle = await self._free_handle(normalise_handle(seed))
+            handle = await self._free_handle(normalise_handle(_handle_seed(user)))
         summary = profile["persona_summary"]
         tagline = (
             limit(summary, 255)
@@ -382,6 +389,9 @@ class Derivation:
 
     async def _free_handle(self, base: str) -> str:
         """The first free handle, against the table and this run's own (reference §5.3)."""
+        if base in self._handles_free and base not in self._handles_taken:
+            self._handles_taken.add(base)
+            return base
         candidates = handle_candidates(base)
         while True:
             batch = [next(candidates) for _ in range(8)]
@@ -538,6 +548,10 @@ class Derivation:
                 ]
                 await self.emit(changes)
                 await store.forget(conn, table, keys)
+
+
+def _handle_seed(user: ResolvedUser) -> str:
+    return f"{user.handle}-autopilot" if user.handle else f"autopilot-{user.id}"
 
 
 def _same_event(event: LegacyEvent, row: dict[str, Any]) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,10 +36,15 @@ def int_field(doc: dict[str, Any], name: str) -> int | None:
     return None
 
 
+# Year 10000: later instants have no `YYYY-MM-DD` form (nor a Python datetime).
+_MAX_MS = 253402300800000
+
+
 def usable_ms(doc: dict[str, Any], name: str) -> int | None:
-    """A timestamp field is usable when it is a number (or numeric string) greater than 0."""
+    """A timestamp field is usable when it is a number (or numeric string) greater than 0,
+    and before the year 10000."""
     value = int_field(doc, name)
-    return value if value is not None and value > 0 else None
+    return value if value is not None and 0 < value < _MAX_MS else None
 
 
 def first_usable_ms(doc: dict[str, Any], names: tuple[str, ...], fallback_ms: int) -> int:
@@ -55,7 +61,7 @@ UPDATED_CHAIN = ("updatedAtMs", "createdAtMs", "_creationTime")
 
 def to_timestamp(ms: int) -> str:
     """Epoch milliseconds → `YYYY-MM-DD HH:MM:SS` (UTC), floored to the second (timestamp(0))."""
-    return datetime.fromtimestamp(ms // 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms // 1000))
 
 
 def created_at(doc: dict[str, Any], snapshot_ms: int) -> str:

@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from khala_stream.contract.tables import REPLACED_TABLES
 from khala_stream.db.importer_tables import ROWS, USER_IDS
 from khala_stream.db.laravel_tables import TABLES, primary_key
+from khala_stream.db.queries import one_of
 
-_CHUNK = 500
+_CHUNK = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class TargetView:
 
     def __init__(self, engine: AsyncEngine, *, replace: bool = False, ledger: bool = True) -> None:
         self._engine = engine
+        self._dialect = engine.dialect.name
         self._emptied = frozenset(REPLACED_TABLES) if replace else frozenset()
         self._has_ledger = ledger  # False: a dry run against a database we never imported into
 
@@ -97,7 +99,8 @@ class TargetView:
         u = TABLES["users"].c
         cols = (u.id, u.workos_id, u.name, u.email, u.avatar, u.handle)
         rows = await self._rows(
-            sa.select(*cols).where(u.workos_id.in_(chunk)) for chunk in _chunks(workos_ids)
+            sa.select(*cols).where(one_of(u.workos_id, chunk, self._dialect))
+            for chunk in _chunks(workos_ids)
         )
         return {r.workos_id: ExistingUser(*r) for r in rows}
 
@@ -105,7 +108,8 @@ class TargetView:
         """email → workos_id of the user that holds it (exact comparison, SPEC §8.5)."""
         u = TABLES["users"].c
         rows = await self._rows(
-            sa.select(u.email, u.workos_id).where(u.email.in_(chunk)) for chunk in _chunks(emails)
+            sa.select(u.email, u.workos_id).where(one_of(u.email, chunk, self._dialect))
+            for chunk in _chunks(emails)
         )
         return {r.email: r.workos_id for r in rows}
 
@@ -114,7 +118,7 @@ class TargetView:
         a = TABLES["autopilots"].c
         rows = await self._rows(
             sa.select(a.owner_user_id, a.id, a.config_version, a.handle)
-            .where(a.owner_user_id.in_(chunk))
+            .where(one_of(a.owner_user_id, chunk, self._dialect))
             .order_by(a.owner_user_id, a.created_at, a.id)
             for chunk in _chunks(user_ids)
         )
@@ -128,7 +132,8 @@ class TargetView:
     async def taken_handles(self, handles: Sequence[str]) -> set[str]:
         a = TABLES["autopilots"].c
         rows = await self._rows(
-            sa.select(a.handle).where(a.handle.in_(chunk)) for chunk in _chunks(handles)
+            sa.select(a.handle).where(one_of(a.handle, chunk, self._dialect))
+            for chunk in _chunks(handles)
         )
         return {r.handle for r in rows}
 
@@ -138,7 +143,7 @@ class TargetView:
             return {}
         rows = await self._rows(
             sa.select(ROWS.c.row_key, ROWS.c.row_hash, ROWS.c.row_id, ROWS.c.run_id).where(
-                ROWS.c.dest_table == table, ROWS.c.row_key.in_(chunk)
+                ROWS.c.dest_table == table, one_of(ROWS.c.row_key, chunk, self._dialect)
             )
             for chunk in _chunks(keys)
         )
@@ -150,7 +155,7 @@ class TargetView:
             return set()
         column = TABLES[table].c[primary_key(table)]
         rows = await self._rows(
-            sa.select(column).where(column.in_(chunk)) for chunk in _chunks(keys)
+            sa.select(column).where(one_of(column, chunk, self._dialect)) for chunk in _chunks(keys)
         )
         return {r[0] for r in rows}
 
@@ -169,7 +174,7 @@ class TargetView:
                 e.created_at,
                 e.payload,
                 e.autopilot_id,
-            ).where(e.run_id.in_(chunk), e.type.like("legacy_receipt%"))
+            ).where(one_of(e.run_id, chunk, self._dialect), e.type.like("legacy_receipt%"))
             for chunk in _chunks(run_ids)
         )
         return [
@@ -244,7 +249,7 @@ async def _reserved(conn: AsyncConnection, workos_ids: Sequence[str]) -> dict[st
     for chunk in _chunks(list(workos_ids)):
         result = await conn.execute(
             sa.select(USER_IDS.c.workos_id, USER_IDS.c.user_id).where(
-                USER_IDS.c.workos_id.in_(chunk)
+                one_of(USER_IDS.c.workos_id, chunk, conn.dialect.name)
             )
         )
         found.update({w: int(i) for w, i in result.all()})

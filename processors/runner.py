@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream import import_runs
+from khala_stream import import_runs, metrics
 from khala_stream.broker.clients import make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import REPLACED_TABLES, RowChange, Topics
@@ -47,30 +49,52 @@ logger = logging.getLogger(__name__)
 
 
 class KafkaChangeOutput:
-    """Sends changes to the changes topic, keyed by row so a row's changes stay in order."""
+    """Sends changes to the changes topic in chunks, spread over its partitions.
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+    Order between chunks does not matter: a derivation emits each row at most once, and the
+    next derivation starts only after the sink has applied everything before it.
+    """
+
+    def __init__(
+        self, producer: AIOKafkaProducer, topic: str, chunk_bytes: int = 512 * 1024
+    ) -> None:
         self._producer = producer
         self._topic = topic
+        self._chunk_bytes = chunk_bytes
+        self._buffer: list[bytes] = []
+        self._buffered = 0
         self._pending: list[asyncio.Future[Any]] = []
         self.ends: dict[int, int] = {}
 
     async def emit(self, changes: Sequence[RowChange]) -> None:
+        metrics.record_output("process", Counter(c.table for c in changes))
         for change in changes:
-            key = f"{change.table}:{change.key}".encode()
-            self._pending.append(
-                await self._producer.send(self._topic, encode_change(change), key=key)
-            )
-        if len(self._pending) >= 5000:
-            await self.drain()
+            encoded = encode_change(change)
+            if self._buffer and self._buffered + len(encoded) > self._chunk_bytes:
+                await self._send()
+            self._buffer.append(encoded)
+            self._buffered += len(encoded) + 1
 
-    async def drain(self) -> dict[int, int]:
-        """Wait for every acknowledgement; returns the end offset reached per partition."""
+    async def _send(self) -> None:
+        # A JSON array of the encoded changes, joined without encoding them again.
+        value = b"[" + b",".join(self._buffer) + b"]"
+        self._buffer, self._buffered = [], 0
+        self._pending.append(await self._producer.send(self._topic, value))
+        if len(self._pending) >= 64:
+            await self._settle()
+
+    async def _settle(self) -> None:
         pending, self._pending = self._pending, []
         for metadata in await asyncio.gather(*pending):
-            self.ends[metadata.partition] = max(
-                self.ends.get(metadata.partition, 0), metadata.offset + 1
-            )
+            end = metadata.offset + 1
+            self.ends[metadata.partition] = max(self.ends.get(metadata.partition, 0), end)
+
+    async def drain(self) -> dict[int, int]:
+        """Send what is buffered and wait for every acknowledgement; the end offset reached
+        per partition."""
+        if self._buffer:
+            await self._send()
+        await self._settle()
         return self.ends
 
 
@@ -110,6 +134,7 @@ class Processor:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=self._batch_records)
                 if batch:
+                    started = time.monotonic()
                     try:
                         positions = await with_retries(
                             functools.partial(self._apply, batch),
@@ -120,6 +145,9 @@ class Processor:
                         await seek_to_stored(consumer, self._engine, group, consumer.assignment())
                         continue
                     await commit_for_lag(consumer, positions)
+                    metrics.record_batch(
+                        "process", self._by_table(batch), time.monotonic() - started
+                    )
                 derived = await self._derive_ready(producer)
                 if until_idle and not batch and not derived and await caught_up(consumer):
                     return
@@ -127,6 +155,14 @@ class Processor:
             await self._probe.stop()
             await producer.stop()
             await consumer.stop()
+
+    def _by_table(
+        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for tp, records in batch.items():
+            counts[tp.topic.removeprefix(self._topics.prefix + ".")] += len(records)
+        return counts
 
     async def _apply(
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]

@@ -40,6 +40,7 @@ from urllib.parse import quote
 import httpx
 from email_validator import EmailNotValidError, validate_email
 
+from khala_stream import metrics
 from khala_stream.errors import WorkosAuthError, WorkosKeyError
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,14 @@ class _RateLimiter:
             if wait > 0:
                 await asyncio.sleep(wait)
             self._next = max(now, self._next) + self._interval
+
+
+def _outcome(status: int) -> metrics.WorkosOutcome:
+    if status == 200:
+        return "ok"
+    if status == 404:
+        return "not_found"
+    return "retryable" if status == 429 or status >= 500 else "failed"
 
 
 class WorkosClient:
@@ -359,6 +368,7 @@ class WorkosClient:
         for attempt in range(1, self._max_attempts + 1):
             if attempt > 1:
                 self._retries += 1
+                metrics.workos_retry()
             try:
                 return await self._attempt(path, parse_json=parse_json)
             except _Retryable as exc:
@@ -385,10 +395,13 @@ class WorkosClient:
             try:
                 response = await http.get(path)
             except httpx.TimeoutException as exc:
+                metrics.workos_request("retryable")
                 raise _Retryable(f"timeout ({type(exc).__name__})") from exc
             except httpx.TransportError as exc:
+                metrics.workos_request("retryable")
                 raise _Retryable(f"transport error ({type(exc).__name__})") from exc
         status = response.status_code
+        metrics.workos_request(_outcome(status))
         if status == 429 or status >= 500:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if status == 429 and retry_after is not None:

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.expression import TableClause
 
+from khala_stream import metrics
 from processors.workos import WorkosClient, WorkosUser
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ async def resolve_with_cache(
     from_cache = len(answers)
     client.note_cache_hits(from_cache)
     misses = [workos_id for workos_id in unique if workos_id not in answers]
+    metrics.workos_cache(hits=from_cache, misses=len(misses))
     for start in range(0, len(misses), _LOOKUP_SLICE):
         results = await client.lookup_many(misses[start : start + _LOOKUP_SLICE])
         await cache.put_many(

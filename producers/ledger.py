@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.db.importer_tables import DOCUMENTS
+from khala_stream.db.queries import one_of
 
 
 async def stored_hashes(engine: AsyncEngine, table: str, keys: Sequence[str]) -> dict[str, str]:
@@ -21,7 +22,9 @@ async def stored_hashes(engine: AsyncEngine, table: str, keys: Sequence[str]) ->
     c = DOCUMENTS.c
     async with engine.connect() as conn:
         result = await conn.execute(
-            sa.select(c.doc_key, c.content_hash).where(c.source_table == table, c.doc_key.in_(keys))
+            sa.select(c.doc_key, c.content_hash).where(
+                c.source_table == table, one_of(c.doc_key, keys, engine.dialect.name)
+            )
         )
         return dict(result.tuples().all())
 
@@ -57,7 +60,7 @@ async def mark_unchanged(
             sa.select(c.doc_key, c.content_hash, c.line).where(
                 c.source_table == table,
                 c.export_seq == run_id,
-                c.doc_key.in_([k for k, _, _ in documents]),
+                one_of(c.doc_key, [k for k, _, _ in documents], engine.dialect.name),
             )
         )
         now = {k: (h, n) for k, h, n in result.all()}

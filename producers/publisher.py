@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream import import_runs
+from khala_stream import import_runs, metrics
 from khala_stream.contract import SOURCE_TABLES, Topics
 from khala_stream.contract.dead_letters import DeadLetter, ReasonCode
 from khala_stream.contract.documents import (
@@ -132,7 +133,11 @@ class Publisher:
                 report.source[table] += 1
                 batch.append(item)
             if len(batch) >= _BATCH or len(letters) >= _BATCH:
+                started = time.monotonic()
                 await self._send(table, batch, letters, report)
+                metrics.record_batch(
+                    "publish", {table: len(batch) + len(letters)}, time.monotonic() - started
+                )
                 batch, letters = [], []
                 if self._progress:
                     self._progress(table, read)
@@ -209,4 +214,7 @@ class Publisher:
             report.published[table] += 1
         if letters:
             await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
+            for code, n in Counter(letter.reason_code for letter in letters).items():
+                metrics.dead_letters("publish", code, n)
         await asyncio.gather(*futures)
+        metrics.record_output("publish", {table: len(futures)})

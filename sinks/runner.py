@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
+from collections import Counter
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream import import_runs
+from khala_stream import import_runs, metrics
 from khala_stream.broker.clients import make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import Topics
-from khala_stream.contract.codec import decode_change, encode_change
+from khala_stream.contract.codec import decode_changes, encode_change
 from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.runtime import (
@@ -56,7 +58,7 @@ class SinkService:
         settings: Settings,
         engine: AsyncEngine,
         *,
-        batch_records: int = 5000,
+        batch_records: int = 20,
         db_deadline_s: float = 300.0,
     ) -> None:
         self._settings = settings
@@ -100,7 +102,13 @@ class SinkService:
 
     async def _apply(self, batch: Batch, producer: AIOKafkaProducer) -> bool:
         group = self._topics.sink_group
-        changes = [decode_change(r.value) for records in batch.values() for r in records if r.value]
+        changes = [
+            c
+            for records in batch.values()
+            for r in records
+            if r.value
+            for c in decode_changes(r.value)
+        ]
         offsets = [
             OffsetAdvance(group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1)
             for tp, records in batch.items()
@@ -108,12 +116,21 @@ class SinkService:
 
         async def set_aside(refused: list[Refusal]) -> None:
             letters = [refusal_letter(r, await self._export_of(r.change.run_id)) for r in refused]
+            metrics.dead_letters("sink", "db_refused", len(refused))
             await publish_dead_letters(producer, self._topics.dead_letters, letters)
             self.refused += len(refused)
             for r in refused:
                 logger.warning("row refused: %s %s: %s", r.change.table, r.change.key, r.reason)
 
+        started = time.monotonic()
         result = await self._sink.apply(changes, offsets=offsets, on_refused=set_aside)
+        if result.applied:
+            metrics.record_batch(
+                "sink", Counter(c.table for c in changes), time.monotonic() - started
+            )
+            written = Counter[str](c.table for c in changes)
+            written.subtract(r.change.table for r in result.refused)
+            metrics.record_output("sink", written)
         return result.applied
 
     async def _export_of(self, run_id: int) -> str | None:

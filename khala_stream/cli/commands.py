@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from khala_stream.config import Settings
+
+if TYPE_CHECKING:
+    from producers.publisher import Progress
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,6 +80,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=dlq_replay)
 
+    from khala_stream.cli import operations
+
+    operations.register(sub)
+    for name in ("publish", "process", "sink"):
+        operations.add_metrics_flags(sub.choices[name])
+
 
 def _import_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace", action="store_true", help="empty the six chat tables first")
@@ -128,14 +139,32 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
         propagate_deletes=args.propagate_deletes,
         deadline_s=args.retry_deadline,
     )
-    report = _run(run_import(settings, args.export or SAMPLE_EXPORT, options))
+    source = args.export or SAMPLE_EXPORT
+    with _progress(source, enabled=not args.dry_run) as progress:
+        report = _run(run_import(settings, source, options, progress=progress))
     _emit(args, report.to_json(), summary_lines(report))
     return 0
+
+
+@contextlib.contextmanager
+def _progress(source: Path, *, enabled: bool) -> Iterator[Progress | None]:
+    """Progress bars per table on a terminal, log lines otherwise (on stderr)."""
+    from khala_stream.progress import estimate_lines, table_progress
+    from producers.export_reader import open_export
+
+    if not enabled:
+        yield None
+        return
+    with open_export(source) as export:
+        estimates = estimate_lines(export.path, export.tables)
+    with table_progress(estimates=estimates) as progress:
+        yield progress
 
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from khala_stream import import_runs
     from khala_stream.broker.clients import broker_session, ensure_topics, make_producer
+    from khala_stream.cli import operations
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
     from khala_stream.pipeline import read_tables
@@ -147,7 +176,10 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
         engine = create_engine(settings.database_url)
         try:
             await init_db(engine)
-            async with broker_session(settings) as live:
+            async with (
+                broker_session(settings) as live,
+                operations.stage_metrics(args, live, "publish"),
+            ):
                 topics = Topics(live.topic_prefix)
                 await ensure_topics(live.kafka, topics.all)
                 flags = import_runs.RunFlags(
@@ -163,13 +195,15 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
                 producer = make_producer(live.kafka)
                 await producer.start()
                 try:
-                    report = await Publisher(
-                        producer=producer,
-                        engine=engine,
-                        topics=topics,
-                        incremental=args.incremental,
-                        skip_blueprints=args.skip_blueprints,
-                    ).publish(export, run_id)
+                    with _progress(args.export, enabled=True) as progress:
+                        report = await Publisher(
+                            producer=producer,
+                            engine=engine,
+                            topics=topics,
+                            incremental=args.incremental,
+                            skip_blueprints=args.skip_blueprints,
+                            progress=progress,
+                        ).publish(export, run_id)
                 finally:
                     await producer.stop()
         finally:
@@ -187,10 +221,13 @@ def publish(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _stage(settings: Settings, kind: str, until_idle: bool) -> None:
+async def _stage(
+    args: argparse.Namespace, settings: Settings, kind: Literal["process", "sink"]
+) -> None:
     import signal
 
     from khala_stream.broker.clients import broker_session, ensure_topics
+    from khala_stream.cli import operations
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
     from processors.runner import Processor
@@ -203,21 +240,21 @@ async def _stage(settings: Settings, kind: str, until_idle: bool) -> None:
     engine = create_engine(settings.database_url)
     try:
         await init_db(engine)
-        async with broker_session(settings) as live:
+        async with broker_session(settings) as live, operations.stage_metrics(args, live, kind):
             await ensure_topics(live.kafka, Topics(live.topic_prefix).all)
             service = Processor(live, engine) if kind == "process" else SinkService(live, engine)
-            await service.run(until_idle=until_idle, stop=stop)
+            await service.run(until_idle=args.until_idle, stop=stop)
     finally:
         await engine.dispose()
 
 
 def process(args: argparse.Namespace, settings: Settings) -> int:
-    _run(_stage(settings, "process", args.until_idle))
+    _run(_stage(args, settings, "process"))
     return 0
 
 
 def sink(args: argparse.Namespace, settings: Settings) -> int:
-    _run(_stage(settings, "sink", args.until_idle))
+    _run(_stage(args, settings, "sink"))
     return 0
 
 

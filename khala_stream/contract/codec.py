@@ -35,7 +35,7 @@ def content_hash(value: Any) -> str:
     return hashlib.sha256(canonical(value)).hexdigest()
 
 
-def encode_change(change: RowChange) -> bytes:
+def _change_dict(change: RowChange) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "v": change.schema_version,
         "run": change.run_id,
@@ -47,11 +47,10 @@ def encode_change(change: RowChange) -> bytes:
     }
     if change.source is not None:
         payload["src"] = [change.source.table, change.source.line, change.source.doc_id]
-    return orjson.dumps(payload)
+    return payload
 
 
-def decode_change(data: bytes) -> RowChange:
-    raw = orjson.loads(data)
+def _change_from(raw: dict[str, Any]) -> RowChange:
     src = raw.get("src")
     return RowChange(
         run_id=int(raw["run"]),
@@ -63,3 +62,16 @@ def decode_change(data: bytes) -> RowChange:
         source=SourceRef(table=src[0], line=int(src[1]), doc_id=src[2]) if src else None,
         schema_version=int(raw.get("v", 1)),
     )
+
+
+def encode_change(change: RowChange) -> bytes:
+    return orjson.dumps(_change_dict(change))
+
+
+def decode_change(data: bytes) -> RowChange:
+    return _change_from(orjson.loads(data))
+
+
+def decode_changes(data: bytes) -> list[RowChange]:
+    """A message of the changes topic: a JSON array of encoded changes (README)."""
+    return [_change_from(raw) for raw in orjson.loads(data)]
