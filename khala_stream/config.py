@@ -66,6 +66,8 @@ class Settings:
     l402_allowlist_hosts: str = DEFAULT_L402_HOSTS
     broker_home: str = ".khala"
     """Where the embedded broker keeps its data, next to the default SQLite file."""
+    retry_deadline_s: float = 120.0
+    """How long the stages wait for an unreachable database or broker before exit 1."""
     derive_lease_s: float = 30.0
     """How long a silent processor keeps its claim on a run before another may take over."""
 
@@ -108,6 +110,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
         derive_lease_s=float(_positive(env, "KHALA_DERIVE_LEASE_SECONDS", 30)),
+        retry_deadline_s=float(_positive(env, "KHALA_RETRY_DEADLINE_SECONDS", 120)),
     )
 
 

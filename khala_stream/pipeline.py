@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -28,20 +30,18 @@ from khala_stream.contract.documents import document_hash, document_key
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
-from khala_stream.errors import KhalaError, RuntimeFailure, WorkosKeyError
+from khala_stream.errors import RuntimeFailure, WorkosKeyError
 from khala_stream.runtime import with_retries
 from processors import store
 from processors.autopilots import parse_allowed_hosts
 from processors.derive import COUNTER_KEYS, Derivation, RunOptions
 from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
-from processors.runner import Processor
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import MemoryWorkosCache, SqlWorkosCache, resolve_with_cache
 from producers.export_reader import ExportSource, RejectedLine, open_export
 from producers.ledger import stored_hashes
 from producers.publisher import Progress, Publisher
-from sinks.runner import SinkService
 
 logger = logging.getLogger(__name__)
 
@@ -169,17 +169,18 @@ async def _run_stages(
     options: ImportOptions,
     progress: Progress | None,
 ) -> None:
-    """The three stages as tasks of this process, until the sink has applied the run."""
-    stop = asyncio.Event()
+    """Publish here while `process` and `sink` run as child processes (one core each), until
+    the sink has applied the run."""
     topics = Topics(settings.topic_prefix)
-    stages = [
-        asyncio.create_task(
-            Processor(settings, engine, db_deadline_s=options.deadline_s).run(stop=stop)
-        ),
-        asyncio.create_task(
-            SinkService(settings, engine, db_deadline_s=options.deadline_s).run(stop=stop)
-        ),
-    ]
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers or "",
+        "KHALA_TOPIC_PREFIX": settings.topic_prefix,
+        "KHALA_TOPIC_PARTITIONS": str(settings.kafka.partitions),
+        "DATABASE_URL": settings.database_url,
+        "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(options.deadline_s))),
+    }
+    stages = [await _start_stage(name, env) for name in ("process", "sink")]
     try:
         producer = make_producer(settings.kafka)
         await producer.start()
@@ -196,10 +197,12 @@ async def _run_stages(
         finally:
             await producer.stop()
         while True:
-            failed = [t for t in stages if t.done()]
-            if failed:
-                failed[0].result()  # re-raises the stage's error
-                raise RuntimeFailure("a stage stopped before the import finished")
+            for name, child in stages:
+                if child.returncode is not None:
+                    raise RuntimeFailure(
+                        f"the {name} stage exited with code {child.returncode} before the"
+                        " import finished (its error is above); rerun to resume"
+                    )
             run = await import_runs.load(engine, run_id)
             if run is not None and await import_runs.applied_by_sink(
                 engine, run, topics.sink_group, topics.changes
@@ -207,13 +210,25 @@ async def _run_stages(
                 return
             await asyncio.sleep(0.1)
     finally:
-        stop.set()
-        results = await asyncio.gather(*stages, return_exceptions=True)
-        for result in results:
-            if isinstance(result, KhalaError):
-                raise result
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                raise result
+        await asyncio.gather(*(_stop_stage(child) for _, child in stages))
+
+
+async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.subprocess.Process]:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "khala_stream", name, env=env, stdout=asyncio.subprocess.DEVNULL
+    )
+    return name, child
+
+
+async def _stop_stage(child: asyncio.subprocess.Process) -> None:
+    """SIGTERM asks for a stop at the next batch boundary; SIGKILL if it does not come."""
+    if child.returncode is None:
+        child.terminate()
+        try:
+            await asyncio.wait_for(child.wait(), timeout=30)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
 
 
 async def _report(

@@ -242,7 +242,12 @@ async def _stage(
         await init_db(engine)
         async with broker_session(settings) as live, operations.stage_metrics(args, live, kind):
             await ensure_topics(live.kafka, Topics(live.topic_prefix).all)
-            service = Processor(live, engine) if kind == "process" else SinkService(live, engine)
+            deadline = live.retry_deadline_s
+            service = (
+                Processor(live, engine, db_deadline_s=deadline)
+                if kind == "process"
+                else SinkService(live, engine, db_deadline_s=deadline)
+            )
             await service.run(until_idle=args.until_idle, stop=stop)
     finally:
         await engine.dispose()
