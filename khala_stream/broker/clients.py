@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +96,24 @@ async def broker_session(settings: Settings) -> AsyncIterator[Settings]:
     if settings.kafka.bootstrap_servers is not None:
         yield settings
         return
-    from khala_stream.broker.local_broker import start_local_broker
+    from khala_stream.broker.local_broker import running_broker, start_local_broker
 
     home = Path(settings.broker_home) / "broker"
     home.mkdir(parents=True, exist_ok=True)
+    pid_file = home / "broker.pid"
+    # Another command (an import in progress, say) already runs the broker on this data:
+    # share it rather than start a second broker on the same files.
+    shared = running_broker(pid_file)
+    if shared is not None:
+        yield settings.with_overrides(kafka=replace(settings.kafka, bootstrap_servers=shared))
+        return
     broker = start_local_broker(home / "data")
-    logger.info("embedded broker started", extra={"bootstrap": broker.bootstrap})
+    pid_file.write_text(f"{broker.pid} {broker.port}\n")
+    logger.info("embedded broker started on %s", broker.bootstrap)
     try:
-        kafka = KafkaSettings(
-            bootstrap_servers=broker.bootstrap, partitions=settings.kafka.partitions
+        yield settings.with_overrides(
+            kafka=replace(settings.kafka, bootstrap_servers=broker.bootstrap)
         )
-        yield settings.with_overrides(kafka=kafka)
     finally:
         broker.stop()
+        pid_file.unlink(missing_ok=True)

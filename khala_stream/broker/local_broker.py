@@ -351,3 +351,18 @@ def _main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main())
+
+
+def running_broker(pid_file: Path) -> str | None:
+    """The bootstrap address of an embedded broker another process started, if it answers.
+
+    `pid_file` holds `PID PORT`; a stale or foreign one is ignored.
+    """
+    try:
+        pid_text, port_text = pid_file.read_text().split()
+        pid, port = int(pid_text), int(port_text)
+    except (OSError, ValueError):
+        return None
+    if _pid_alive(pid) and _looks_like_broker(pid) and _metadata_answered(port, 5.0):
+        return f"{HOST}:{port}"
+    return None
