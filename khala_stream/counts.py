@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_stream.contract.tables import DESTINATION_TABLES
 from khala_stream.db.laravel_tables import TABLES
 from khala_stream.errors import UsageError
 
@@ -34,17 +35,9 @@ __all__ = [
     "snapshot",
 ]
 
-RUNBOOK_TABLES: Final = (
-    "users",
-    "threads",
-    "runs",
-    "messages",
-    "run_events",
-    "agent_conversations",
-    "agent_conversation_messages",
-    "autopilots",
-)
+# The runbook's eight tables: the Laravel tables but the autopilot profiles and policies.
 EXTRA_TABLES: Final = ("autopilot_profiles", "autopilot_policies")
+RUNBOOK_TABLES: Final = tuple(t for t in DESTINATION_TABLES if t not in EXTRA_TABLES)
 LINKED_TABLES: Final = ("threads", "runs", "messages", "run_events")
 """Tables whose `<table>_with_autopilot` count is their rows with an autopilot_id."""
 

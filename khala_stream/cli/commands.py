@@ -298,23 +298,31 @@ def db_init(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
+    """Run `action(kafka, engine, dead_letter_topic)` with a broker and the database."""
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+
+    engine = create_engine(settings.database_url)
+    try:
+        await init_db(engine, laravel=False)
+        async with broker_session(settings) as live:
+            result: dict[str, Any] = await action(
+                live.kafka, engine, Topics(live.topic_prefix).dead_letters
+            )
+            return result
+    finally:
+        await engine.dispose()
+
+
+def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     from khala_stream.dlq import pending_letters, summarise
 
-    async def go() -> dict[str, Any]:
-        engine = create_engine(settings.database_url)
-        try:
-            await init_db(engine, laravel=False)
-            async with broker_session(settings) as live:
-                topic = Topics(live.topic_prefix).dead_letters
-                return summarise(await pending_letters(live.kafka, engine, topic))
-        finally:
-            await engine.dispose()
+    async def listing(kafka: Any, engine: Any, topic: str) -> dict[str, Any]:
+        return summarise(await pending_letters(kafka, engine, topic))
 
-    data = _run(go())
+    data = _run(_with_dead_letters(settings, listing))
     lines = [f"{data['total']} dead letters waiting"]
     for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")
@@ -327,22 +335,12 @@ def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_stream.broker.clients import broker_session
-    from khala_stream.contract import Topics
-    from khala_stream.db.engine import create_engine, init_db
     from khala_stream.dlq import replay
 
-    async def go() -> dict[str, Any]:
-        engine = create_engine(settings.database_url)
-        try:
-            await init_db(engine, laravel=False)
-            async with broker_session(settings) as live:
-                topic = Topics(live.topic_prefix).dead_letters
-                return (await replay(live.kafka, engine, topic)).to_json()
-        finally:
-            await engine.dispose()
+    async def replaying(kafka: Any, engine: Any, topic: str) -> dict[str, Any]:
+        return (await replay(kafka, engine, topic)).to_json()
 
-    data = _run(go())
+    data = _run(_with_dead_letters(settings, replaying))
     lines = [
         f"retried {data['retried']} refused rows: {data['applied']} applied,"
         f" {len(data['still_refused'])} still refused",

@@ -14,21 +14,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from khala_stream.contract.tables import DESTINATION_TABLES
 from khala_stream.db.engine import create_engine
 from khala_stream.db.laravel_tables import TABLES
 
-LARAVEL_TABLES = (
-    "users",
-    "threads",
-    "runs",
-    "messages",
-    "run_events",
-    "agent_conversations",
-    "agent_conversation_messages",
-    "autopilots",
-    "autopilot_profiles",
-    "autopilot_policies",
-)
+LARAVEL_TABLES = DESTINATION_TABLES
 _COUNTER = re.compile(r"^  ([a-z_]+):\s+(\d+)$")
 
 
