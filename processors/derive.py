@@ -495,7 +495,12 @@ class Derivation:
         ledger = await self.view.ledger("run_events", [k for k, _, _ in batch])
         ids = [e.row_id for e in ledger.values() if e.row_id is not None]
         present = await self.view.existing("run_events", ids)
-        legacy = await self.view.legacy_events(sorted({row["run_id"] for _, row, _ in batch}))
+        # Events of older importers: matched by content for receipts never seen before, and
+        # linked to their autopilot when they have none (reference §3.6).
+        unseen_runs = sorted({row["run_id"] for key, row, _ in batch if key not in ledger})
+        older: dict[tuple[Any, ...], list[LegacyEvent]] = {}
+        for event in await self.view.legacy_events(unseen_runs):
+            older.setdefault(_event_key(event), []).append(event)
         changes: list[RowChange] = []
         for key, row, source in batch:
             digest = content_hash(row)
@@ -503,28 +508,25 @@ class Derivation:
             if last is not None:
                 if last.row_id in present and self.settled(last, digest):
                     continue
-            elif any(_same_event(event, row) for event in legacy):
+            elif any(e.payload == row["payload"] for e in older.get(_row_event_key(row), ())):
                 continue  # written by an older importer: matched by content (SPEC §3.4)
             changes.append(self.change("run_events", "upsert", key, row, digest, source))
-        for event in legacy:
-            owner_match = [
-                row
-                for _, row, _ in batch
-                if (row["thread_id"], row["run_id"], row["user_id"])
-                == (event.thread_id, event.run_id, event.user_id)
-            ]
-            if event.autopilot_id is None and owner_match and event.id not in linked:
-                autopilot_id = owner_match[0]["autopilot_id"]
-                if autopilot_id is None:
-                    continue
-                linked.add(event.id)
-                values = {
-                    "autopilot_id": autopilot_id,
-                    "actor_type": "autopilot",
-                    "actor_autopilot_id": autopilot_id,
-                }
-                changes.append(self.change("run_events", "update", f"id:{event.id}", values))
-                self._count("run_events_linked_backfilled")
+        owners = {
+            (r["thread_id"], r["run_id"], r["user_id"]): r["autopilot_id"] for _, r, _ in batch
+        }
+        runs = sorted({row["run_id"] for _, row, _ in batch})
+        for event in await self.view.legacy_events(runs, unlinked_only=True):
+            autopilot_id = owners.get((event.thread_id, event.run_id, event.user_id))
+            if autopilot_id is None or event.id in linked:
+                continue
+            linked.add(event.id)
+            values = {
+                "autopilot_id": autopilot_id,
+                "actor_type": "autopilot",
+                "actor_autopilot_id": autopilot_id,
+            }
+            changes.append(self.change("run_events", "update", f"id:{event.id}", values))
+            self._count("run_events_linked_backfilled")
         await self.emit(changes)
 
     async def _vanished(self) -> None:
@@ -554,15 +556,12 @@ def _handle_seed(user: ResolvedUser) -> str:
     return f"{user.handle}-autopilot" if user.handle else f"autopilot-{user.id}"
 
 
-def _same_event(event: LegacyEvent, row: dict[str, Any]) -> bool:
-    return bool(
-        event.thread_id == row["thread_id"]
-        and event.run_id == row["run_id"]
-        and event.user_id == row["user_id"]
-        and event.type == row["type"]
-        and event.created_at == row["created_at"]
-        and event.payload == row["payload"]
-    )
+def _event_key(event: LegacyEvent) -> tuple[Any, ...]:
+    return (event.thread_id, event.run_id, event.user_id, event.type, event.created_at)
+
+
+def _row_event_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["thread_id"], row["run_id"], row["user_id"], row["type"], row["created_at"])
 
 
 __all__ = ["COUNTER_KEYS", "PROFILE_COLUMNS", "ChangeOutput", "Derivation", "Derived", "RunOptions"]

@@ -159,11 +159,23 @@ class TargetView:
         )
         return {r[0] for r in rows}
 
-    async def legacy_events(self, run_ids: Sequence[str]) -> list[LegacyEvent]:
-        """Receipt events of these runs that an importer wrote (type legacy_receipt*)."""
-        if "run_events" in self._emptied:
+    async def legacy_events(
+        self, run_ids: Sequence[str], *, unlinked_only: bool = False
+    ) -> list[LegacyEvent]:
+        """Receipt events (type legacy_receipt*) of these runs written by older importers:
+        events this importer wrote itself (they are in its row ledger) are left out.
+        `unlinked_only`: only those without an autopilot, which the backfill links."""
+        if "run_events" in self._emptied or not run_ids:
             return []
         e = TABLES["run_events"].c
+        conditions: list[sa.ColumnElement[bool]] = [e.type.like("legacy_receipt%")]
+        if unlinked_only:
+            conditions.append(e.autopilot_id.is_(None))
+        if self._has_ledger:
+            ours = sa.select(ROWS.c.row_id).where(
+                ROWS.c.dest_table == "run_events", ROWS.c.row_id == e.id
+            )
+            conditions.append(~sa.exists(ours))
         rows = await self._rows(
             sa.select(
                 e.id,
@@ -174,7 +186,7 @@ class TargetView:
                 e.created_at,
                 e.payload,
                 e.autopilot_id,
-            ).where(one_of(e.run_id, chunk, self._dialect), e.type.like("legacy_receipt%"))
+            ).where(one_of(e.run_id, chunk, self._dialect), *conditions)
             for chunk in _chunks(run_ids)
         )
         return [
