@@ -40,6 +40,7 @@ from processors.linkage import (
     run_row,
     thread_rows,
     title_candidate,
+    title_from,
 )
 from processors.lookups import LedgerEntry, LegacyEvent, TargetView, UserIds
 from processors.text import gravatar_url, handle_candidates, is_valid_email, limit, normalise_handle
@@ -415,7 +416,11 @@ class Derivation:
         conversations = _Pending(self, "agent_conversations")
         snapshot = self.options.snapshot_ms
         for thread_id, thread in threads.items():
-            title = titles[thread_id][1] if thread_id in titles else default_title(thread_id)
+            title = (
+                title_from(titles[thread_id][1])
+                if thread_id in titles
+                else default_title(thread_id)
+            )
             row, conversation = thread_rows(
                 thread_id, thread.doc, owners[thread.owner], title, snapshot
             )

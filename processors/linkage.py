@@ -53,7 +53,7 @@ class TitleSeed:
 
 
 def title_candidate(doc: dict[str, Any]) -> tuple[str, float, str] | None:
-    """(threadId, sort key, title) when the message may seed its thread's title."""
+    """(threadId, sort key, trimmed text) when the message may seed its thread's title."""
     thread_id = string_field(doc, "threadId")
     text = doc.get("text")
     if thread_id is None or string_field(doc, "role") != "user" or not isinstance(text, str):
@@ -63,7 +63,12 @@ def title_candidate(doc: dict[str, Any]) -> tuple[str, float, str] | None:
         return None
     created = int_field(doc, "createdAtMs")
     sort_key = float("inf") if created is None else float(created)
-    return thread_id, sort_key, limit(collapse_whitespace(trimmed), 120, "…")
+    return thread_id, sort_key, trimmed
+
+
+def title_from(text: str) -> str:
+    """The thread title made of its seeding message's trimmed text (reference §3.2)."""
+    return limit(collapse_whitespace(text), 120, "…")
 
 
 def default_title(thread_id: str) -> str:

@@ -30,13 +30,15 @@ def _char_width(char: str) -> int:
 
 
 def display_width(text: str) -> int:
+    if text.isascii():
+        return len(text)
     return sum(_char_width(c) for c in text)
 
 
 def limit(text: str, columns: int, end: str = "") -> str:
     """Laravel's Str::limit: cut to `columns` display columns, right-trim, append `end` if cut."""
-    if display_width(text) <= columns:
-        return text
+    if len(text) <= columns // 2 or display_width(text) <= columns:
+        return text  # (a character is at most two columns wide)
     kept: list[str] = []
     width = 0
     for char in text:
