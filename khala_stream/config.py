@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from khala_stream.errors import UsageError
@@ -66,6 +67,10 @@ class Settings:
     l402_allowlist_hosts: str = DEFAULT_L402_HOSTS
     broker_home: str = ".khala"
     """Where the embedded broker keeps its data, next to the default SQLite file."""
+    max_entry_bytes: int = 8 << 30
+    """Largest uncompressed size of one export table (a larger one is refused as a bomb)."""
+    max_ratio: float = 200.0
+    """Largest uncompressed/compressed ratio of one export table above 1 MiB."""
     retry_deadline_s: float = 120.0
     """How long the stages wait for an unreachable database or broker before exit 1."""
     derive_lease_s: float = 30.0
@@ -100,6 +105,12 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         ssl_cafile=env.get("KAFKA_SSL_CAFILE") or None,
         partitions=_positive(env, "KHALA_TOPIC_PARTITIONS", 6),
     )
+    if protocol.startswith("SASL") and not (kafka.sasl_username and kafka.sasl_password):
+        raise UsageError(
+            f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+        )
+    if kafka.ssl_cafile is not None and not Path(kafka.ssl_cafile).is_file():
+        raise UsageError(f"KAFKA_SSL_CAFILE: no such file: {kafka.ssl_cafile}")
     key = env.get("WORKOS_API_KEY", "").strip()
     return Settings(
         kafka=kafka,
@@ -111,6 +122,8 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
         derive_lease_s=float(_positive(env, "KHALA_DERIVE_LEASE_SECONDS", 30)),
         retry_deadline_s=float(_positive(env, "KHALA_RETRY_DEADLINE_SECONDS", 120)),
+        max_entry_bytes=_positive(env, "KHALA_MAX_ENTRY_BYTES", 8 << 30),
+        max_ratio=float(_positive(env, "KHALA_MAX_RATIO", 200)),
     )
 
 

@@ -104,7 +104,10 @@ async def import_chat(
     progress: Progress | None = None,
 ) -> ImportReport:
     """Import one export; raises KhalaError subclasses with their exit codes."""
-    with open_export(source) as export:  # an invalid source fails here, before any write
+    # An invalid source fails here, before any write.
+    with open_export(
+        source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+    ) as export:
         export.verify(read_tables(options.skip_blueprints))
         workos = await _check_workos(settings) if options.resolve_workos_users else None
         if options.dry_run:
@@ -154,11 +157,19 @@ async def _write_run(
                 resolve_workos_users=options.resolve_workos_users,
                 propagate_deletes=options.propagate_deletes,
             )
-            run_id = await import_runs.register(
-                engine, source=str(export.path), sha256=export.sha256(), flags=flags
+            run_id = await with_retries(
+                lambda: import_runs.register(
+                    engine, source=str(export.path), sha256=export.sha256(), flags=flags
+                ),
+                what="the database",
+                deadline_s=deadline,
             )
             await _run_stages(live, engine, export, run_id, options, progress)
-        return await _report(engine, export, options, run_id)
+        return await with_retries(
+            lambda: _report(engine, export, options, run_id),
+            what="the database",
+            deadline_s=deadline,
+        )
 
 
 async def _run_stages(
@@ -192,6 +203,7 @@ async def _run_stages(
                 incremental=True,
                 skip_blueprints=options.skip_blueprints,
                 progress=progress,
+                deadline_s=options.deadline_s,
             )
             await publisher.publish(export, run_id)
         finally:
@@ -203,14 +215,22 @@ async def _run_stages(
                         f"the {name} stage exited with code {child.returncode} before the"
                         " import finished (its error is above); rerun to resume"
                     )
-            run = await import_runs.load(engine, run_id)
-            if run is not None and await import_runs.applied_by_sink(
-                engine, run, topics.sink_group, topics.changes
+            if await with_retries(
+                lambda: _applied(engine, run_id, topics),
+                what="the database",
+                deadline_s=options.deadline_s,
             ):
                 return
             await asyncio.sleep(0.1)
     finally:
         await asyncio.gather(*(_stop_stage(child) for _, child in stages))
+
+
+async def _applied(engine: AsyncEngine, run_id: int, topics: Topics) -> bool:
+    run = await import_runs.load(engine, run_id)
+    return run is not None and await import_runs.applied_by_sink(
+        engine, run, topics.sink_group, topics.changes
+    )
 
 
 async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.subprocess.Process]:

@@ -58,7 +58,7 @@ async def with_retries(
                 raise RuntimeFailure(
                     f"gave up waiting for {what} after {waited:.0f}s: {exc}"
                 ) from exc
-            delay = random.uniform(0, min(cap_s, base_s * 2**attempt))
+            delay = min(random.uniform(0, min(cap_s, base_s * 2**attempt)), deadline_s - waited)
             attempt += 1
             logger.warning(
                 "waiting for %s (attempt %d, retry in %.1fs): %s", what, attempt, delay, exc

@@ -145,10 +145,14 @@ class Processor:
                         await seek_to_stored(consumer, self._engine, group, consumer.assignment())
                         continue
                     await commit_for_lag(consumer, positions)
-                    metrics.record_batch(
-                        "process", self._by_table(batch), time.monotonic() - started
-                    )
-                derived = await self._derive_ready(producer)
+                    by_table = self._by_table(batch)
+                    metrics.record_batch("process", by_table, time.monotonic() - started)
+                    logger.debug("stored documents: %s", dict(by_table))
+                derived = await with_retries(
+                    functools.partial(self._derive_ready, producer),
+                    what="the database",
+                    deadline_s=self._deadline,
+                )
                 if until_idle and not batch and not derived and await caught_up(consumer):
                     return
         finally:

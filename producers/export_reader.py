@@ -76,6 +76,7 @@ class SourceDocument:
     """One parsed line: a JSON object."""
 
     table: str
+    entry: str
     line: int
     raw: bytes
     doc: dict[str, Any]
@@ -180,7 +181,7 @@ def _parse_lines(
                 reason = f"invalid JSON: {exc}"
         else:
             if isinstance(value, dict):
-                yield SourceDocument(table=table, line=number, raw=line, doc=value)
+                yield SourceDocument(table=table, entry=entry, line=number, raw=line, doc=value)
                 continue
             reason = f"not a JSON object ({_describe(value)})"
         yield RejectedLine(table=table, entry=entry, line=number, raw=line, reason=reason)

@@ -11,9 +11,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -30,10 +30,12 @@ from khala_stream.contract.documents import (
 )
 from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.dead_letters import publish_dead_letters
+from khala_stream.runtime import with_retries
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument
 from producers.ledger import mark_unchanged, stored_hashes
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 _BATCH = 2000
 Progress = Callable[[str, int], None]
 """Called with (table, lines read so far) as publishing goes."""
@@ -89,6 +91,7 @@ class Publisher:
         skip_blueprints: bool,
         progress: Progress | None = None,
         max_reported_rejections: int = 1000,
+        deadline_s: float = 120.0,
     ) -> None:
         self._producer = producer
         self._engine = engine
@@ -97,6 +100,10 @@ class Publisher:
         self._skip_blueprints = skip_blueprints
         self._progress = progress
         self._max_reported = max_reported_rejections
+        self._deadline = deadline_s
+
+    async def _db(self, action: Callable[[], Awaitable[T]]) -> T:
+        return await with_retries(action, what="the database", deadline_s=self._deadline)
 
     async def publish(self, export: ExportSource, run_id: int) -> PublishReport:
         report = PublishReport(
@@ -113,8 +120,10 @@ class Publisher:
             orjson.dumps({"run_id": run_id, "export_sha256": report.sha256, **report.to_json()}),
             key=str(run_id).encode(),
         )
-        await import_runs.mark_published(
-            self._engine, run_id, published=report.to_json(), snapshot_ms=report.snapshot_ms
+        await self._db(
+            lambda: import_runs.mark_published(
+                self._engine, run_id, published=report.to_json(), snapshot_ms=report.snapshot_ms
+            )
         )
         return report
 
@@ -144,6 +153,14 @@ class Publisher:
         await self._send(table, batch, letters, report)
         if self._progress:
             self._progress(table, read)
+        logger.debug(
+            "published %s: %d lines, %d sent, %d unchanged, %d set aside",
+            table,
+            read,
+            report.published[table],
+            report.unchanged[table],
+            report.rejected[table] + report.missing_key[table],
+        )
 
     def _letter(
         self,
@@ -152,14 +169,13 @@ class Publisher:
         reason: str,
         report: PublishReport,
     ) -> DeadLetter:
-        entry = item.entry if isinstance(item, RejectedLine) else None
         return DeadLetter(
             stage="publish",
             reason_code=code,
             reason=reason,
             raw=item.raw,
             table=item.table,
-            entry=entry or f"{item.table}/documents.jsonl",
+            entry=item.entry,
             line=item.line,
             export_sha256=report.sha256,
             run_id=report.run_id,
@@ -185,9 +201,12 @@ class Publisher:
                 keyed.append((key, digest, item))
         unchanged: set[str] = set()
         if self._incremental and keyed:
-            known = await stored_hashes(self._engine, table, [k for k, _, _ in keyed])
+            keys = [k for k, _, _ in keyed]
+            known = await self._db(lambda: stored_hashes(self._engine, table, keys))
             same = [(k, d, i.line) for k, d, i in keyed if known.get(k) == d]
-            unchanged = await mark_unchanged(self._engine, table, report.run_id, same)
+            unchanged = await self._db(
+                lambda: mark_unchanged(self._engine, table, report.run_id, same)
+            )
         if unchanged:
             report.unchanged[table] += len(unchanged)
         topic = self._topics.source(table)

@@ -131,6 +131,7 @@ class SinkService:
             written = Counter[str](c.table for c in changes)
             written.subtract(r.change.table for r in result.refused)
             metrics.record_output("sink", written)
+            logger.debug("applied changes: %s", dict(written))
         return result.applied
 
     async def _export_of(self, run_id: int) -> str | None:

@@ -18,6 +18,9 @@ from khala_stream.config import KafkaSettings, Settings
 
 logger = logging.getLogger(__name__)
 
+MAX_MESSAGE_BYTES = 64 << 20
+"""The largest message this product sends; its topics are created to accept it."""
+
 
 def connection_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     """The connection and security part of every client's configuration (SPEC §2)."""
@@ -45,7 +48,7 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
         "enable_idempotence": True,
         "linger_ms": 20,
         "max_batch_size": 1 << 20,
-        "max_request_size": 16 << 20,
+        "max_request_size": MAX_MESSAGE_BYTES,
         "request_timeout_ms": 60000,
     }
     options.update(overrides)
@@ -79,7 +82,9 @@ async def ensure_topics(kafka: KafkaSettings, names: Sequence[str]) -> None:
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
-            topics = [NewTopic(n, kafka.partitions, 1) for n in missing]
+            # Room for a multi-MB export line (and its dead letter): Kafka's default is 1 MB.
+            config = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+            topics = [NewTopic(n, kafka.partitions, 1, topic_configs=config) for n in missing]
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(topics)
     finally:

@@ -41,12 +41,20 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    # -v / -vv raise our own loggers only: libraries' debug output carries message values,
+    # which hold personal data (emails).
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
-    if args.verbose < 2:
-        logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # The stages import-chat starts as child processes log as verbosely as their parent.
+    verbosity = args.verbose or int(os.environ.get("KHALA_VERBOSITY", "0") or 0)
+    os.environ["KHALA_VERBOSITY"] = str(verbosity)
+    ours = logging.WARNING - 10 * min(verbosity, 2)
+    for name in ("khala_stream", "producers", "processors", "sinks"):
+        logging.getLogger(name).setLevel(ours)
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
     try:
         settings = settings_from_env(os.environ)
         settings = _apply_flags(settings, args)

@@ -120,7 +120,9 @@ def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
 def validate(args: argparse.Namespace, settings: Settings) -> int:
     from producers.validation import validate_export
 
-    report = validate_export(args.export)
+    report = validate_export(
+        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+    )
     _emit(args, report.to_json(), report.lines())
     return 0
 
@@ -155,7 +157,7 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[Progress | None]:
     if not enabled:
         yield None
         return
-    with open_export(source) as export:
+    with open_export(source, max_entry_bytes=1 << 62, max_ratio=1e12) as export:
         estimates = estimate_lines(export.path, export.tables)
     with table_progress(estimates=estimates) as progress:
         yield progress
@@ -171,7 +173,9 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
     from producers.export_reader import open_export
     from producers.publisher import Publisher
 
-    with open_export(args.export) as export:
+    with open_export(
+        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+    ) as export:
         export.verify(read_tables(args.skip_blueprints))
         engine = create_engine(settings.database_url)
         try:
@@ -230,6 +234,7 @@ async def _stage(
     from khala_stream.cli import operations
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
     from processors.runner import Processor
     from sinks.runner import SinkService
 
@@ -238,11 +243,15 @@ async def _stage(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # a signal asks for a stop at a batch boundary
     engine = create_engine(settings.database_url)
+    deadline = settings.retry_deadline_s
     try:
-        await init_db(engine)
+        await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
         async with broker_session(settings) as live, operations.stage_metrics(args, live, kind):
-            await ensure_topics(live.kafka, Topics(live.topic_prefix).all)
-            deadline = live.retry_deadline_s
+            await with_retries(
+                lambda: ensure_topics(live.kafka, Topics(live.topic_prefix).all),
+                what="the broker",
+                deadline_s=deadline,
+            )
             service = (
                 Processor(live, engine, db_deadline_s=deadline)
                 if kind == "process"
