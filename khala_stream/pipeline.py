@@ -313,7 +313,7 @@ async def _dry_run(
                 # A database without the Laravel tables reads as empty ones.
                 await init_db(scratch, laravel=not has_laravel)
                 view = real if has_laravel else scratch
-                run_id = 1
+                run_id = 0  # no real run has id 0: everything in the ledger is settled
                 published = await _load_scratch(export, scratch, run_id, options)
                 _fill_from_published(report, published)
                 report.documents = await _document_stats(scratch, ledger, run_id)
