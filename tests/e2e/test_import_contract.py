@@ -110,7 +110,11 @@ def _truncated_zip(path: Path, good: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("replace", [False, True], ids=["merge", "replace"])
+@pytest.mark.parametrize(
+    "replace",
+    [pytest.param(False, marks=pytest.mark.stress), True],  # test_hostile_exports covers merge
+    ids=["merge", "replace"],
+)
 @pytest.mark.parametrize(
     "kind", ["missing", "not-a-zip", "truncated", "empty-zip", "no-chat-tables"]
 )
