@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from khala_stream.contract.tables import DESTINATION_TABLES
 from khala_stream.db.engine import create_engine
 from khala_stream.db.laravel_tables import (
     TABLES,
@@ -44,18 +45,7 @@ __all__ = [
     "table_snapshot",
 ]
 
-SNAPSHOT_TABLES: tuple[str, ...] = (
-    "users",
-    "threads",
-    "runs",
-    "messages",
-    "run_events",
-    "agent_conversations",
-    "agent_conversation_messages",
-    "autopilots",
-    "autopilot_profiles",
-    "autopilot_policies",
-)
+SNAPSHOT_TABLES: tuple[str, ...] = DESTINATION_TABLES
 _WALL_CLOCK = ("created_at", "updated_at")
 DROPPED: dict[str, frozenset[str]] = {
     "autopilots": frozenset(_WALL_CLOCK),
