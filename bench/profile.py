@@ -42,6 +42,7 @@ _ENTRY = frozenset(
         "khala_stream/cli/commands.py:import_chat",
         "khala_stream/cli/commands.py:process",
         "khala_stream/cli/commands.py:sink",
+        "khala_stream/cli/commands.py:_stage",
     }
 )
 # Frames every stack of an asyncio program has, however the time is spent.
