@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
@@ -23,6 +23,8 @@ from khala_stream.contract.codec import decode_changes, encode_change
 from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.runtime import (
+    Batch,
+    Poller,
     StoredOffsets,
     caught_up,
     commit_for_lag,
@@ -32,8 +34,6 @@ from khala_stream.runtime import (
 from sinks.sql_sink import OffsetAdvance, Refusal, SqlSink
 
 logger = logging.getLogger(__name__)
-
-Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
 def refusal_letter(refusal: Refusal, export_sha256: str | None) -> DeadLetter:
@@ -78,9 +78,10 @@ class SinkService:
         producer = make_producer(self._settings.kafka)
         await consumer.start()
         await producer.start()
+        poller = Poller(consumer, self._batch_records)
         try:
             while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=200, max_records=self._batch_records)
+                batch = await poller.poll()
                 if not batch:
                     if until_idle and await caught_up(consumer):
                         return
