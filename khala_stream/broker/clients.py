@@ -50,6 +50,7 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
         "max_batch_size": 1 << 20,
         "max_request_size": MAX_MESSAGE_BYTES,
         "request_timeout_ms": 60000,
+        "compression_type": None if kafka.compression == "none" else kafka.compression,
     }
     options.update(overrides)
     return AIOKafkaProducer(**connection_kwargs(kafka), **options)
