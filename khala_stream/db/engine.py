@@ -1,5 +1,6 @@
 """Engines for the Laravel database, and `db init` (SPEC §2).
 
+PostgreSQL connections plan every statement with its parameters (see `create_engine`).
 SQLite connections run in WAL mode with a 30 s busy timeout and foreign keys off (Laravel's
 tables have none). The sqlite3 module's own transaction handling is switched off so that
 SAVEPOINTs work, and every transaction starts with `BEGIN IMMEDIATE`: a read-then-write
@@ -38,6 +39,14 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     backend = parsed.get_backend_name()
     if backend == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
+        # asyncpg prepares every statement, and PostgreSQL switches a prepared statement to a
+        # generic plan after five runs. The importer's tables grow from empty to millions of
+        # rows within one run, so a plan chosen early (a sequential scan of a tiny table)
+        # would stay for good: plan each execution with its parameters instead.
+        connect_args = kwargs.setdefault("connect_args", {})
+        connect_args.setdefault("server_settings", {}).setdefault(
+            "plan_cache_mode", "force_custom_plan"
+        )
         return create_async_engine(parsed, **kwargs)
     if backend == "sqlite":
         engine = create_async_engine(parsed, **kwargs)
