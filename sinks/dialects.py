@@ -27,6 +27,8 @@ TIMESTAMP_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
 def parse_timestamp(value: Any) -> datetime:
     """A contract timestamp (`YYYY-MM-DD HH:MM:SS`, UTC) as a naive UTC datetime, floored to
     whole seconds (the columns are `timestamp(0)`, SPEC §3.3)."""
+    if type(value) is str and len(value) == 19:  # the contract's own form: nothing to adjust
+        return datetime.fromisoformat(value)
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, str):

@@ -17,6 +17,7 @@ refuses (over-long value, constraint violation) is set aside as a `Refusal` and 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -220,25 +221,39 @@ async def _write_all(
     return dict(rows), refused
 
 
-def _convert(dialect: SqlDialect, table: str, values: dict[str, Any]) -> dict[str, Any]:
-    columns = TABLES[table].columns
+@functools.cache
+def _column_kinds(table: str) -> dict[str, str]:
+    """Each column of `table` by how its values are converted: json, time, bool or plain."""
     json_cols, time_cols = json_columns(table), timestamp_columns(table)
     bool_cols = boolean_columns(table)
+    return {
+        c.name: "json"
+        if c.name in json_cols
+        else "time"
+        if c.name in time_cols
+        else "bool"
+        if c.name in bool_cols
+        else "plain"
+        for c in TABLES[table].columns
+    }
+
+
+def _convert(dialect: SqlDialect, table: str, values: dict[str, Any]) -> dict[str, Any]:
+    kinds = _column_kinds(table)
     out: dict[str, Any] = {}
     for name, value in values.items():
-        if name not in columns:
+        kind = kinds.get(name)
+        if kind is None:
             raise _BadChange(f"unknown column {table}.{name}")
         try:
-            if value is None:
-                out[name] = None
-            elif name in json_cols:
-                out[name] = dumps_text(value)
-            elif name in time_cols:
-                out[name] = dialect.timestamp(value)
-            elif name in bool_cols:
-                out[name] = bool(value)
-            else:
+            if value is None or kind == "plain":
                 out[name] = value
+            elif kind == "json":
+                out[name] = dumps_text(value)
+            elif kind == "time":
+                out[name] = dialect.timestamp(value)
+            else:
+                out[name] = bool(value)
         except (TypeError, ValueError) as exc:
             raise _BadChange(f"invalid value for {table}.{name}: {exc}") from exc
     return out
@@ -360,9 +375,9 @@ async def _write_table(
     table_columns = [c.name for c in TABLES[table].columns]
     by_shape: defaultdict[tuple[str, ...], list[_Prepared]] = defaultdict(list)
     for p in upserts:
-        by_shape[tuple(c for c in table_columns if c in p.values)].append(p)
+        by_shape[tuple(p.values)].append(p)  # rows of a table are built with one key order
     for columns, group in by_shape.items():
-        rows = [tuple(p.values[c] for c in columns) for p in group]
+        rows = [tuple(p.values.values()) for p in group]
         await dialect.upsert(conn, table, columns, (primary_key(table),), rows, bulk=bulk)
     if upserts:
         ledger = [
