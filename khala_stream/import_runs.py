@@ -169,6 +169,18 @@ def reached(positions: dict[int, int], ends: dict[int, int]) -> bool:
     return all(positions.get(p, 0) >= end for p, end in ends.items())
 
 
+async def latest_derived_before(conn: AsyncConnection, run_id: int) -> ImportRun | None:
+    """The newest run before `run_id` whose derivation completed."""
+    stmt = (
+        sa.select(RUNS)
+        .where(RUNS.c.id < run_id, RUNS.c.status == "derived")
+        .order_by(RUNS.c.id.desc())
+        .limit(1)
+    )
+    row = (await conn.execute(stmt)).first()
+    return _from_row(row) if row is not None else None
+
+
 async def latest(engine: AsyncEngine) -> ImportRun | None:
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(RUNS).order_by(RUNS.c.id.desc()).limit(1))).first()

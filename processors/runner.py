@@ -24,12 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from khala_stream import import_runs, metrics
 from khala_stream.broker.clients import make_consumer, make_producer
 from khala_stream.config import Settings
-from khala_stream.contract import REPLACED_TABLES, RowChange, Topics
+from khala_stream.contract import REPLACED_TABLES, SOURCE_TABLES, RowChange, Topics
 from khala_stream.contract.codec import encode_change
 from khala_stream.contract.documents import read_headers
 from khala_stream.db.offsets import advance
 from khala_stream.errors import WorkosKeyError
 from khala_stream.runtime import (
+    Poller,
     StoredOffsets,
     caught_up,
     commit_for_lag,
@@ -37,9 +38,9 @@ from khala_stream.runtime import (
     seek_to_stored,
     with_retries,
 )
-from processors import store
+from processors import store, unchanged
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import Derivation, RunOptions
+from processors.derive import COUNTER_KEYS, Derivation, Derived, RunOptions
 from processors.identity import WorkosLookup
 from processors.lookups import SqlUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
@@ -129,10 +130,11 @@ class Processor:
         self._probe = make_consumer(self._settings.kafka, group_id=None)
         await consumer.start()
         await producer.start()
+        poller = Poller(consumer, self._batch_records)
         await self._probe.start()
         try:
             while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=200, max_records=self._batch_records)
+                batch = await poller.poll()
                 if batch:
                     started = time.monotonic()
                     try:
@@ -217,40 +219,62 @@ class Processor:
         flags = run.flags
         logger.info("deriving run %d", run.id)
         out = KafkaChangeOutput(producer, self._topics.changes)
+        options = RunOptions(
+            run_id=run.id,
+            snapshot_ms=run.snapshot_ms or 0,
+            allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
+            replace=flags.replace,
+            skip_blueprints=flags.skip_blueprints,
+            propagate_deletes=flags.propagate_deletes,
+        )
+        fingerprint = unchanged.fingerprint(
+            options, resolve_workos_users=flags.resolve_workos_users
+        )
         beat = asyncio.create_task(self._heartbeat(run.id))
         try:
             # The derivation reads the database: let every change sent before it land first
             # (after a crash, the changes of the interrupted attempt).
             await self._wait_for_sink(await end_offsets(self._probe, self._topics.changes), run.id)
-            if flags.replace:
-                await self._truncate_first(run.id, out)
-            async with contextlib.AsyncExitStack() as stack:
-                workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
-                derivation = Derivation(
-                    options=RunOptions(
-                        run_id=run.id,
-                        snapshot_ms=run.snapshot_ms or 0,
-                        allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
-                        replace=flags.replace,
-                        skip_blueprints=flags.skip_blueprints,
-                        propagate_deletes=flags.propagate_deletes,
-                    ),
-                    documents=self._engine,
-                    view=TargetView(self._engine, replace=flags.replace),
-                    user_ids=SqlUserIds(self._engine),
-                    workos=workos,
-                    out=out,
+            reused = await unchanged.reusable_counters(self._engine, run, fingerprint)
+            if reused is not None:
+                logger.info(
+                    "run %d: the documents of the last derived run; nothing to derive", run.id
                 )
-                result = await derivation.run()
+                result = Derived(counters=dict.fromkeys(COUNTER_KEYS, 0) | reused)
+                async with self._engine.connect() as conn:
+                    result.documents = await store.table_changes(conn, run.id, SOURCE_TABLES)
+            else:
+                result = await self._derive_all(run, options, out)
             ends = await out.drain()
         finally:
             beat.cancel()
         counters: dict[str, Any] = dict(result.counters)
         counters["written"] = result.written
         counters["documents"] = {t: asdict(c) for t, c in result.documents.items()}
+        counters[unchanged.OPTIONS_KEY] = fingerprint
+        counters[unchanged.SKIPPED_KEY] = reused is not None
         await import_runs.mark_derived(self._engine, run.id, counters=counters, changes_end=ends)
         self.derived.append(run.id)
         logger.info("run %d derived: %d changes", run.id, sum(result.written.values()))
+
+    async def _derive_all(
+        self, run: import_runs.ImportRun, options: RunOptions, out: KafkaChangeOutput
+    ) -> Derived:
+        flags = run.flags
+        if flags.replace:
+            await self._truncate_first(run.id, out)
+        async with contextlib.AsyncExitStack() as stack:
+            workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
+            derivation = Derivation(
+                options=options,
+                documents=self._engine,
+                view=TargetView(self._engine, replace=flags.replace),
+                user_ids=SqlUserIds(self._engine),
+                workos=workos,
+                out=out,
+            )
+            result = await derivation.run()
+        return result
 
     async def _truncate_first(self, run_id: int, out: KafkaChangeOutput) -> None:
         """--replace: the sink empties the six chat tables before any row of this run lands."""

@@ -11,9 +11,13 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from khala_stream.db.importer_tables import REFUSALS
 from khala_stream.db.laravel_tables import TABLES
-from producers.generator import load_reference_fixture, write_fixture_zip
+from processors.unchanged import SKIPPED_KEY
+from producers.generator import generate_export, load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import env_for, json_value, khala, ok, rows, run_db, versions
+from tests.e2e.snapshot import table_snapshot
+from tests.e2e.stages import latest_run, run_counters
 
 THREAD = "11111111-1111-1111-1111-111111111111"
 FIRST_MESSAGE = "33333333-3333-3333-3333-333333333333"
@@ -127,3 +131,65 @@ def test_laravel_edits_of_unchanged_documents_survive_and_deleted_rows_come_back
     assert "rows written: messages=1" in result.stdout
     (autopilot,) = rows(db_url, "autopilots")
     assert autopilot["config_version"] == 2  # nothing of the profile was recomputed differently
+
+
+def _latest_counters(db_url: str) -> tuple[dict[str, int], dict[str, Any]]:
+    run = latest_run(db_url)
+    assert run is not None and run.status == "derived"
+    return run_counters(run), run.counters
+
+
+def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, db_url: str
+) -> None:
+    export = tmp_path / "plain.zip"
+    generate_export(export, users=6, seed=21, edge_cases=False)
+    env = env_for(kafka_bootstrap, topic_prefix, db_url)
+    ok(khala(["import-chat", str(export)], env))
+    first, first_raw = _latest_counters(db_url)
+    assert first_raw[SKIPPED_KEY] is False and first["autopilots_created"] == 6
+    before = table_snapshot(db_url)
+
+    again = ok(khala(["import-chat", str(export)], env))
+    skipped, skipped_raw = _latest_counters(db_url)
+    assert skipped_raw[SKIPPED_KEY] is True
+    assert "rows written: none" in again.stdout
+    assert table_snapshot(db_url) == before
+
+    # A row deleted in Laravel: the next run derives in full, brings the row back, and
+    # reports the counters the skipped run reported.
+    messages = TABLES["messages"]
+    (gone,) = run_db(db_url, [sa.select(messages.c.id).order_by(messages.c.id).limit(1)])[0]
+    run_db(db_url, [sa.delete(messages).where(messages.c.id == gone.id)])
+    restored = ok(khala(["import-chat", str(export)], env))
+    full, full_raw = _latest_counters(db_url)
+    assert full_raw[SKIPPED_KEY] is False
+    assert "rows written: messages=1" in restored.stdout
+    assert full == skipped
+    assert table_snapshot(db_url) == before
+
+
+def test_reimport_after_refused_rows_derives_in_full(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> None:
+    """Rows the database refused are offered again by a full derivation (and set aside again):
+    a run after one with refusals is never skipped. (PostgreSQL: SQLite refuses no length.)"""
+    db_url = pg_url
+    export = tmp_path / "edges.zip"
+    generate_export(export, users=6, seed=22, edge_cases=True)
+    env = env_for(kafka_bootstrap, topic_prefix, db_url)
+    ok(khala(["import-chat", str(export)], env))
+    first, _ = _latest_counters(db_url)
+    refused = _refusals(db_url)
+    assert refused > 0, "the edge cases include a row the database refuses"
+    ok(khala(["import-chat", str(export)], env))
+    again, again_raw = _latest_counters(db_url)
+    assert again_raw[SKIPPED_KEY] is False
+    assert _refusals(db_url) == 2 * refused
+    settled = ("autopilots_created", "autopilot_profiles_upserted", "autopilot_policies_upserted")
+    assert again == first | dict.fromkeys(settled, 0)
+
+
+def _refusals(db_url: str) -> int:
+    (found,) = run_db(db_url, [sa.select(sa.func.count()).select_from(REFUSALS)])
+    return int(found[0][0])

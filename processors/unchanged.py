@@ -1,0 +1,120 @@
+"""Re-imports of an unchanged export: when a derivation can be skipped, and what it reports.
+
+A derivation is a function of the export's documents, the run's options and the rows it wrote
+before (the row ledger and their presence in Laravel's tables). When every document of this run
+is the one the previous derivation used, nothing vanished, the options are the same and every
+row recorded in the ledger is still there, a full derivation would find every row settled and
+emit nothing (SPEC §5, §8.7). So it is skipped: a re-import of an unchanged export costs the
+publisher's hashing and no pass over the documents. Otherwise, and whenever in doubt (WorkOS
+lookups, which may answer differently now; rows the database refused last time, which a
+derivation offers again), the full derivation runs.
+
+The skipped run reports the previous run's counters of what was read, and zero for what a
+derivation that finds everything settled does not do (create autopilots, upsert profiles and
+policies, link older rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from khala_stream import import_runs
+from khala_stream.db.importer_tables import DOCUMENTS, REFUSALS, ROWS
+from khala_stream.db.laravel_tables import TABLES, primary_key
+from processors.derive import COUNTER_KEYS, RunOptions
+
+__all__ = ["OPTIONS_KEY", "SKIPPED_KEY", "fingerprint", "reusable_counters"]
+
+OPTIONS_KEY = "options"
+"""Where a derived run's counters keep the fingerprint of its options."""
+SKIPPED_KEY = "derivation_skipped"
+"""True in the counters of a run whose derivation was skipped."""
+
+# Counted only when the derivation writes something; zero when everything is settled.
+_WRITES_ONLY = frozenset(
+    {
+        "autopilots_created",
+        "autopilot_profiles_upserted",
+        "autopilot_policies_upserted",
+        "threads_linked_backfilled",
+        "runs_linked_backfilled",
+        "messages_linked_backfilled",
+        "run_events_linked_backfilled",
+    }
+)
+# How a ledger row is found in its table: (ledger column, table column); others by primary key.
+_LOCATED_BY = {"users": ("row_key", "workos_id"), "run_events": ("row_id", "id")}
+
+
+def fingerprint(options: RunOptions, *, resolve_workos_users: bool) -> dict[str, Any]:
+    """Everything besides documents and rows that a derivation's result depends on."""
+    return {
+        "snapshot_ms": options.snapshot_ms,
+        "allowed_hosts": sorted(options.allowed_hosts),
+        "skip_blueprints": options.skip_blueprints,
+        "propagate_deletes": options.propagate_deletes,
+        "resolve_workos_users": resolve_workos_users,
+    }
+
+
+async def reusable_counters(
+    engine: AsyncEngine, run: import_runs.ImportRun, options: dict[str, Any]
+) -> dict[str, int] | None:
+    """The counters of this run if its derivation can be skipped (module docstring), else None."""
+    if run.flags.replace or options["resolve_workos_users"]:
+        return None
+    async with engine.connect() as conn:
+        previous = await import_runs.latest_derived_before(conn, run.id)
+        if previous is None or previous.counters.get(OPTIONS_KEY) != options:
+            return None
+        documents = previous.counters.get("documents", {})
+        if any(int(changes.get("deleted", 0)) for changes in documents.values()):
+            return None  # the previous derivation did not see every document of the ledger
+        if not await _same_documents(conn, run.id, previous.id):
+            return None
+        if await _refused(conn, previous.id) or await _rows_missing(conn):
+            return None
+    return {
+        key: 0 if key in _WRITES_ONLY else int(previous.counters.get(key, 0))
+        for key in COUNTER_KEYS
+        if not key.startswith("source_")
+    }
+
+
+async def _same_documents(conn: AsyncConnection, run_id: int, previous_id: int) -> bool:
+    """Every document is in this export (none vanished) and unchanged since `previous_id`."""
+    c = DOCUMENTS.c
+    differs = sa.or_(c.export_seq != run_id, c.first_seq > previous_id, c.changed_seq > previous_id)
+    found = await conn.scalar(sa.select(sa.literal(1)).where(differs).limit(1))
+    return found is None
+
+
+async def _refused(conn: AsyncConnection, run_id: int) -> bool:
+    found = await conn.scalar(sa.select(sa.literal(1)).where(REFUSALS.c.run_id == run_id).limit(1))
+    return found is not None
+
+
+async def _rows_missing(conn: AsyncConnection) -> bool:
+    """Whether a row the ledger records is gone from its table (deleted in Laravel)."""
+    for name in await _ledger_tables(conn):
+        table = TABLES[name]
+        ledger_column, column = _LOCATED_BY.get(name, ("row_key", primary_key(name)))
+        target = table.c[column]
+        ledger_value: Any = ROWS.c[ledger_column]
+        if ledger_column == "row_key" and not isinstance(target.type, sa.String):
+            ledger_value = sa.cast(ledger_value, target.type)
+        gone = sa.select(sa.literal(1)).where(
+            ROWS.c.dest_table == name,
+            ~sa.exists().where(target == ledger_value),
+        )
+        if await conn.scalar(gone.limit(1)) is not None:
+            return True
+    return False
+
+
+async def _ledger_tables(conn: AsyncConnection) -> list[str]:
+    names = await conn.scalars(sa.select(ROWS.c.dest_table).distinct())
+    return [n for n in names if n in TABLES]
