@@ -235,15 +235,15 @@ class Processor:
             # The derivation reads the database: let every change sent before it land first
             # (after a crash, the changes of the interrupted attempt).
             await self._wait_for_sink(await end_offsets(self._probe, self._topics.changes), run.id)
-            reused = await unchanged.reusable_counters(self._engine, run, fingerprint)
+            async with self._engine.connect() as conn:
+                documents = await store.table_changes(conn, run.id, SOURCE_TABLES)
+                reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
             if reused is not None:
-                logger.info(
-                    "run %d: the documents of the last derived run; nothing to derive", run.id
-                )
+                logger.info("run %d: the last derived run's documents; nothing to derive", run.id)
                 result = Derived(counters=dict.fromkeys(COUNTER_KEYS, 0) | reused)
-                async with self._engine.connect() as conn:
-                    result.documents = await store.table_changes(conn, run.id, SOURCE_TABLES)
+                result.documents = documents
             else:
+                await store.refresh_statistics(self._engine)
                 result = await self._derive_all(run, options, out)
             ends = await out.drain()
         finally:

@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from khala_stream import import_runs
-from khala_stream.db.importer_tables import DOCUMENTS, REFUSALS, ROWS
+from khala_stream.db.importer_tables import REFUSALS, ROWS
 from khala_stream.db.laravel_tables import TABLES, primary_key
 from processors.derive import COUNTER_KEYS, RunOptions
+from processors.store import TableChanges
 
 __all__ = ["OPTIONS_KEY", "SKIPPED_KEY", "fingerprint", "reusable_counters"]
 
@@ -61,35 +62,34 @@ def fingerprint(options: RunOptions, *, resolve_workos_users: bool) -> dict[str,
 
 
 async def reusable_counters(
-    engine: AsyncEngine, run: import_runs.ImportRun, options: dict[str, Any]
+    conn: AsyncConnection,
+    run: import_runs.ImportRun,
+    options: dict[str, Any],
+    documents: dict[str, TableChanges],
 ) -> dict[str, int] | None:
-    """The counters of this run if its derivation can be skipped (module docstring), else None."""
+    """The counters of this run if its derivation can be skipped (module docstring), else None.
+
+    `documents`: the run's document statistics (`store.table_changes`).
+    """
     if run.flags.replace or options["resolve_workos_users"]:
         return None
-    async with engine.connect() as conn:
-        previous = await import_runs.latest_derived_before(conn, run.id)
-        if previous is None or previous.counters.get(OPTIONS_KEY) != options:
-            return None
-        documents = previous.counters.get("documents", {})
-        if any(int(changes.get("deleted", 0)) for changes in documents.values()):
-            return None  # the previous derivation did not see every document of the ledger
-        if not await _same_documents(conn, run.id, previous.id):
-            return None
-        if await _refused(conn, previous.id) or await _rows_missing(conn):
-            return None
+    if any(c.inserted or c.updated or c.deleted for c in documents.values()):
+        return None
+    previous = await import_runs.latest_derived_before(conn, run.id)
+    # The run just before: a run in between that was never derived may have changed documents.
+    if previous is None or previous.id != run.id - 1:
+        return None
+    if previous.counters.get(OPTIONS_KEY) != options:
+        return None
+    if any(int(c.get("deleted", 0)) for c in previous.counters.get("documents", {}).values()):
+        return None  # the previous derivation did not see every document of the ledger
+    if await _refused(conn, previous.id) or await _rows_missing(conn):
+        return None
     return {
         key: 0 if key in _WRITES_ONLY else int(previous.counters.get(key, 0))
         for key in COUNTER_KEYS
         if not key.startswith("source_")
     }
-
-
-async def _same_documents(conn: AsyncConnection, run_id: int, previous_id: int) -> bool:
-    """Every document is in this export (none vanished) and unchanged since `previous_id`."""
-    c = DOCUMENTS.c
-    differs = sa.or_(c.export_seq != run_id, c.first_seq > previous_id, c.changed_seq > previous_id)
-    found = await conn.scalar(sa.select(sa.literal(1)).where(differs).limit(1))
-    return found is None
 
 
 async def _refused(conn: AsyncConnection, run_id: int) -> bool:
