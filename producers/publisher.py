@@ -32,11 +32,12 @@ from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.runtime import with_retries
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument
-from producers.ledger import mark_unchanged, stored_hashes
+from producers.ledger import mark_unchanged
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _BATCH = 2000
+_YIELD_EVERY = 100
 Progress = Callable[[str, int], None]
 """Called with (table, lines read so far) as publishing goes."""
 
@@ -131,8 +132,14 @@ class Publisher:
         batch: list[SourceDocument] = []
         letters: list[DeadLetter] = []
         read = 0
+        # One batch is marked and sent while the next is read and parsed: the ledger's round
+        # trips overlap with the CPU work (reading yields now and then so that they proceed).
+        # Batches still go out in file order.
+        sending: asyncio.Task[None] | None = None
         for item in export.iter_table(table):
             read += 1
+            if read % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             if isinstance(item, RejectedLine):
                 report.rejected[table] += 1
                 if len(report.rejected_lines) < self._max_reported:
@@ -142,14 +149,14 @@ class Publisher:
                 report.source[table] += 1
                 batch.append(item)
             if len(batch) >= _BATCH or len(letters) >= _BATCH:
-                started = time.monotonic()
-                await self._send(table, batch, letters, report)
-                metrics.record_batch(
-                    "publish", {table: len(batch) + len(letters)}, time.monotonic() - started
-                )
+                if sending is not None:
+                    await sending
+                sending = asyncio.create_task(self._send(table, batch, letters, report))
                 batch, letters = [], []
                 if self._progress:
                     self._progress(table, read)
+        if sending is not None:
+            await sending
         await self._send(table, batch, letters, report)
         if self._progress:
             self._progress(table, read)
@@ -188,6 +195,7 @@ class Publisher:
         letters: list[DeadLetter],
         report: PublishReport,
     ) -> None:
+        started = time.monotonic()
         keyed: list[tuple[str, str, SourceDocument]] = []
         for item in batch:
             digest = document_hash(item.doc)
@@ -199,20 +207,18 @@ class Publisher:
                 letters.append(self._letter(item, "missing_key", reason, report))
             else:
                 keyed.append((key, digest, item))
-        unchanged: set[str] = set()
+        unchanged: set[tuple[str, int]] = set()
         if self._incremental and keyed:
-            keys = [k for k, _, _ in keyed]
-            known = await self._db(lambda: stored_hashes(self._engine, table, keys))
-            same = [(k, d, i.line) for k, d, i in keyed if known.get(k) == d]
+            documents = [(k, d, i.line) for k, d, i in keyed]
             unchanged = await self._db(
-                lambda: mark_unchanged(self._engine, table, report.run_id, same)
+                lambda: mark_unchanged(self._engine, table, report.run_id, documents)
             )
         if unchanged:
             report.unchanged[table] += len(unchanged)
         topic = self._topics.source(table)
         futures = []
         for key, digest, item in keyed:
-            if key in unchanged:
+            if (key, item.line) in unchanged:
                 continue
             provenance = Provenance(
                 export_sha256=report.sha256,
@@ -237,3 +243,5 @@ class Publisher:
                 metrics.dead_letters("publish", code, n)
         await asyncio.gather(*futures)
         metrics.record_output("publish", {table: len(futures)})
+        elapsed = time.monotonic() - started
+        metrics.record_batch("publish", {table: len(batch) + len(letters)}, elapsed)
