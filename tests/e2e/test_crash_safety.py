@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from tests.e2e.harness import khala, ok
 from tests.e2e.snapshot import Snapshot, assert_same_tables, table_snapshot
 from tests.e2e.stages import (
     Baseline,
+    MakeStages,
     Phase,
     Stage,
     StageError,
@@ -34,66 +35,33 @@ from tests.e2e.stages import (
     baseline,
     create_database,
     describe,
-    drop_database,
     generated_export,
     latest_run,
     run_counters,
+    run_phase,
     stage_env,
 )
 
-CI_SEEDS = (11, 12)  # the order tests' seeds: the exports and their baselines are shared
-USERS = 12  # the sink works for seconds even so (every export has a row the database refuses)
-STRESS_USERS = 40
+CI_SEEDS = (11, 12)
+USERS = 40  # enough for each stage to work a second or more, so that a kill lands inside
+STRESS_USERS = USERS
 PARTITIONS = 3
 LEASE_S = 2  # a killed processor's claim on a run blocks the others this long
 TIMEOUT_S = 240.0
-# The phases of an import run after which each stage has work to do (stages.PHASES).
-KILL_ANCHORS: dict[str, tuple[Phase, ...]] = {
-    "process": ("publishing", "published"),  # storing documents; deriving
-    "sink": ("published", "derived"),  # (--replace: truncating;) writing rows
+# Where a stage has work to do: (phase of the import run, longest delay after reaching it).
+# The phase is a seeded choice and the delay seeded too, so a kill lands inside the work.
+KILL_POINTS: dict[str, tuple[tuple[Phase, float], ...]] = {
+    "process": (("publishing", 0.5), ("deriving", 0.4)),  # storing documents; deriving
+    "sink": (("deriving", 1.0), ("derived", 3.0)),  # (--replace: truncating;) writing rows
 }
-# The longest delay after the anchor: about how long the stage stays busy past it.
-KILL_DELAY_S: dict[str, float] = {"process": 1.5, "sink": 4.0}
 POSTGRES_SH = Path(__file__).resolve().parents[2] / "infra" / "local" / "postgres.sh"
 
-MakeStages = Callable[..., Stages]
 # Each case starts processes and waits on them with its own deadlines (TIMEOUT_S per wait).
-# Slow (stage processes, kill -9, restarts): run with `make stress` until trimmed for CI.
-pytestmark = [pytest.mark.stress, pytest.mark.timeout(900)]
-
-
-@pytest.fixture
-def make_stages(tmp_path: Path) -> Iterator[MakeStages]:
-    """Stages harnesses for this test; every process is stopped when the test ends."""
-    made: list[Stages] = []
-
-    def make(env: dict[str, str], **kwargs: int) -> Stages:
-        stages = Stages(env, log_dir=tmp_path / f"stages-{len(made)}", **kwargs)  # type: ignore[arg-type]
-        made.append(stages)
-        return stages
-
-    yield make
-    for stages in made:
-        stages.stop()
-
-
-@pytest.fixture
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "exports"
+# The cases below are the CI subset; tests/stress/test_stress.py runs them all, many seeds.
+pytestmark = pytest.mark.timeout(900)
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def phase(db_url: str) -> str:
-    """Where the newest import run stands: for the record of where a kill landed."""
-    try:
-        run = latest_run(db_url)
-    except Exception:  # tables not created yet, or the database is down
-        return "no run"
-    if run is None:
-        return "no run"
-    return f"run {run.id} {run.status}"
 
 
 def check(
@@ -104,6 +72,7 @@ def check(
         assert_same_tables(expected.snapshot, actual, context=context)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{stages.tails()}") from None
+    print(f"case passed: {context}")  # shown with -rP: where the kills landed
     if counters:
         found = run_counters(latest_run(db_url))
         assert found == expected.counters, (
@@ -132,7 +101,7 @@ def run_stage_kill_case(
     time; the end state and counters equal those of an uninterrupted run.
 
     A kill point is a seeded random delay after a seeded choice among the phases in which the
-    stage has work (`KILL_ANCHORS`), so that kills land inside the stage's work rather than
+    stage has work (`KILL_POINTS`), so that kills land inside the stage's work rather than
     before or after it; where each kill landed is part of the assertion message.
     """
     rng = random.Random(seed)
@@ -140,15 +109,16 @@ def run_stage_kill_case(
     expected = baseline(export, kafka_bootstrap=kafka_bootstrap, pg_admin_url=pg_admin_url)
     env = stage_env(kafka_bootstrap, topic_prefix, pg_url, partitions=PARTITIONS, lease_s=LEASE_S)
     stages = make_stages(env)
+    stages.context = describe(seed, stage=stage, users=users, kills=kills)
     stages.start()
     stages.start_publish(export)
     landed = []
     for _ in range(kills):
-        anchor = rng.choice(KILL_ANCHORS[stage])
-        delay = rng.uniform(0.0, KILL_DELAY_S[stage])
+        anchor, longest = rng.choice(KILL_POINTS[stage])
+        delay = rng.uniform(0.0, longest)
         stages.wait_phase(pg_url, anchor, timeout=TIMEOUT_S)
         time.sleep(delay)
-        where = phase(pg_url)
+        where = run_phase(pg_url, topic_prefix)
         stages.kill(stage)
         landed.append(f"{anchor}+{delay:.1f}s ({where})")
         time.sleep(rng.uniform(0.0, 1.5))
@@ -176,12 +146,13 @@ def run_publisher_kill_case(
     expected = baseline(export, kafka_bootstrap=kafka_bootstrap, pg_admin_url=pg_admin_url)
     env = stage_env(kafka_bootstrap, topic_prefix, pg_url, partitions=PARTITIONS, lease_s=LEASE_S)
     stages = make_stages(env)
+    stages.context = describe(seed, case="publisher killed", users=users)
     stages.start()
     stages.start_publish(export)
     stages.wait_phase(pg_url, "publishing", timeout=TIMEOUT_S)
-    at = rng.uniform(0.0, 0.6)  # publishing a small export takes about half a second
+    at = rng.uniform(0.0, 0.25)  # publishing this export takes about a third of a second
     time.sleep(at)
-    where = phase(pg_url)
+    where = run_phase(pg_url, topic_prefix)
     stages.kill("publish", 0)
     first = latest_run(pg_url)
     interrupted = first is not None and first.status == "publishing"
@@ -245,13 +216,14 @@ def run_broker_restart_case(
     bootstrap = broker.start()
     env = stage_env(bootstrap, topic_prefix, pg_url, partitions=PARTITIONS, lease_s=LEASE_S)
     stages = make_stages(env)
+    stages.context = describe(seed, case="broker restart", users=users)
     stages.start()
     stages.start_publish(export)
-    anchor: Phase = rng.choice(("publishing", "published", "derived"))
+    anchor: Phase = rng.choice(("publishing", "deriving", "derived"))
     at = rng.uniform(0.0, 2.0)
     stages.wait_phase(pg_url, anchor, timeout=TIMEOUT_S)
     time.sleep(at)
-    where = phase(pg_url)
+    where = run_phase(pg_url, topic_prefix)
     broker.stop()
     down = rng.uniform(1.0, 3.0)
     time.sleep(down)
@@ -342,13 +314,14 @@ def run_postgres_restart_case(
     db_url = create_database(admin)
     env = stage_env(kafka_bootstrap, topic_prefix, db_url, partitions=PARTITIONS, lease_s=LEASE_S)
     stages = make_stages(env)
+    stages.context = describe(seed, case="postgres restart", users=users, revive=revive)
     stages.start()
     stages.start_publish(export)
-    anchor: Phase = rng.choice(("published", "derived"))
+    anchor: Phase = rng.choice(("deriving", "derived"))
     at = rng.uniform(0.0, 2.0)
     stages.wait_phase(db_url, anchor, timeout=TIMEOUT_S)
     time.sleep(at)
-    where = phase(db_url)
+    where = run_phase(db_url, topic_prefix)
     server.stop()
     down = rng.uniform(2.0, 4.0)
     time.sleep(down)
@@ -363,7 +336,6 @@ def run_postgres_restart_case(
     except StageError as exc:
         raise AssertionError(f"{context}: {exc}") from None
     check(db_url, expected, stages, context)
-    drop_database(admin, db_url)
 
 
 def run_replace_interrupted_case(
@@ -390,15 +362,16 @@ def run_replace_interrupted_case(
     )
     env = stage_env(kafka_bootstrap, topic_prefix, pg_url, partitions=PARTITIONS, lease_s=LEASE_S)
     stages = make_stages(env)
+    stages.context = describe(seed, case=f"--replace, {stage} killed", users=users)
     stages.start()
     stages.publish(export, timeout=TIMEOUT_S)
     first = stages.wait_applied(pg_url, TIMEOUT_S)
     stages.start_publish(export, "--replace")
-    anchor = rng.choice(KILL_ANCHORS[stage])
-    at = rng.uniform(0.0, KILL_DELAY_S[stage])
+    anchor, longest = rng.choice(KILL_POINTS[stage])
+    at = rng.uniform(0.0, longest)
     stages.wait_phase(pg_url, anchor, after_run=first.id, timeout=TIMEOUT_S)
     time.sleep(at)
-    where = phase(pg_url)
+    where = run_phase(pg_url, topic_prefix)
     stages.kill(stage)
     time.sleep(rng.uniform(0.0, 1.5))
     stages.restart(stage)
@@ -414,8 +387,9 @@ def run_replace_interrupted_case(
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("seed", CI_SEEDS)
-@pytest.mark.parametrize("stage", ["process", "sink"])
+@pytest.mark.parametrize(
+    ("stage", "seed"), [("process", CI_SEEDS[0]), ("sink", CI_SEEDS[1])], ids=["process", "sink"]
+)
 def test_sigkill_a_stage_and_restart_it(
     stage: Stage,
     seed: int,

@@ -16,7 +16,7 @@ import itertools
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from producers.ledger import mark_unchanged, stored_hashes
 from tests.e2e.harness import khala, ok
 from tests.e2e.snapshot import assert_same_tables, table_snapshot
 from tests.e2e.stages import (
+    MakeStages,
     Stages,
     baseline,
     describe,
@@ -59,30 +60,9 @@ TIMEOUT_S = 180.0
 # Children before parents: every table after the tables that depend on it, lines reversed.
 CHILDREN_FIRST = ("receipts", "messages", "runs", "blueprints", "threads", "users")
 
-MakeStages = Callable[..., Stages]
 # Each case starts processes and waits on them with its own deadlines (TIMEOUT_S per wait).
 # The cases below are the CI subset; tests/stress/test_stress.py runs them all, many seeds.
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture
-def make_stages(tmp_path: Path) -> Iterator[MakeStages]:
-    """Stages harnesses for this test; every process is stopped when the test ends."""
-    made: list[Stages] = []
-
-    def make(env: dict[str, str], **kwargs: int) -> Stages:
-        stages = Stages(env, log_dir=tmp_path / f"stages-{len(made)}", **kwargs)  # type: ignore[arg-type]
-        made.append(stages)
-        return stages
-
-    yield make
-    for stages in made:
-        stages.stop()
-
-
-@pytest.fixture
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "exports"
 
 
 # --------------------------------------------------------------------------- documents

@@ -17,39 +17,19 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e import test_crash_safety as crash
 from tests.e2e import test_order_independence as order
-from tests.e2e.stages import Stage, Stages
+from tests.e2e.stages import MakeStages, Stage
 
 pytestmark = [pytest.mark.stress, pytest.mark.timeout(1800)]
 
 STRESS_SEEDS = int(os.environ.get("STRESS_SEEDS", "10"))
 SEEDS = [1000 + i for i in range(STRESS_SEEDS)]
 GRID = [(p, w) for p in (1, 3, 12) for w in (1, 2, 3)]
-
-
-@pytest.fixture
-def make_stages(tmp_path: Path) -> Iterator[crash.MakeStages]:
-    made: list[Stages] = []
-
-    def make(env: dict[str, str], **kwargs: int) -> Stages:
-        stages = Stages(env, log_dir=tmp_path / f"stages-{len(made)}", **kwargs)  # type: ignore[arg-type]
-        made.append(stages)
-        return stages
-
-    yield make
-    for stages in made:
-        stages.stop()
-
-
-@pytest.fixture
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "exports"
 
 
 own_broker = crash.own_broker
@@ -66,7 +46,7 @@ def test_grid(
     topic_prefix: str,
     pg_url: str,
     pg_admin_url: str,
-    make_stages: crash.MakeStages,
+    make_stages: MakeStages,
     export_dir: Path,
 ) -> None:
     order.run_grid_case(
@@ -92,7 +72,7 @@ def test_crafted_order(
     topic_prefix: str,
     pg_url: str,
     pg_admin_url: str,
-    make_stages: crash.MakeStages,
+    make_stages: MakeStages,
     export_dir: Path,
 ) -> None:
     rng = random.Random(seed)
@@ -121,7 +101,7 @@ def test_reimport_duplicate_keys(
     topic_prefix: str,
     pg_url: str,
     pg_admin_url: str,
-    make_stages: crash.MakeStages,
+    make_stages: MakeStages,
     export_dir: Path,
 ) -> None:
     order.run_reimport_case(
@@ -145,7 +125,7 @@ def test_sigkill_stage(
     topic_prefix: str,
     pg_url: str,
     pg_admin_url: str,
-    make_stages: crash.MakeStages,
+    make_stages: MakeStages,
     export_dir: Path,
 ) -> None:
     crash.run_stage_kill_case(
@@ -169,7 +149,7 @@ def test_sigkill_publisher(
     topic_prefix: str,
     pg_url: str,
     pg_admin_url: str,
-    make_stages: crash.MakeStages,
+    make_stages: MakeStages,
     export_dir: Path,
 ) -> None:
     crash.run_publisher_kill_case(
@@ -192,7 +172,7 @@ def test_broker_restart(
     topic_prefix: str,
     pg_url: str,
     pg_admin_url: str,
-    make_stages: crash.MakeStages,
+    make_stages: MakeStages,
     export_dir: Path,
 ) -> None:
     crash.run_broker_restart_case(
@@ -215,7 +195,7 @@ def test_postgres_restart(
     kafka_bootstrap: str,
     topic_prefix: str,
     pg_admin_url: str,
-    make_stages: crash.MakeStages,
+    make_stages: MakeStages,
     export_dir: Path,
 ) -> None:
     crash.run_postgres_restart_case(
@@ -240,7 +220,7 @@ def test_replace_interrupted(
     topic_prefix: str,
     pg_url: str,
     pg_admin_url: str,
-    make_stages: crash.MakeStages,
+    make_stages: MakeStages,
     export_dir: Path,
 ) -> None:
     crash.run_replace_interrupted_case(
