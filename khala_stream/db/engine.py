@@ -88,6 +88,9 @@ def dialect_name(
     raise ValueError(f"unsupported database dialect {name!r}")
 
 
+_INIT_LOCK = 0x6B68616C61  # "khala": the advisory lock that serialises `init_db`
+
+
 async def init_db(engine: AsyncEngine, *, laravel: bool = True) -> list[str]:
     """Create whichever tables are missing; never alter one that exists. Returns those created.
 
@@ -105,4 +108,8 @@ async def init_db(engine: AsyncEngine, *, laravel: bool = True) -> list[str]:
         return [table.name for table in missing]
 
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Workers started together on a fresh database would race to create the same
+            # tables (UniqueViolation on pg_type); one at a time, the others find them there.
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK})
         return await conn.run_sync(_create)

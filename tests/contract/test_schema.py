@@ -48,6 +48,27 @@ def test_init_db_creates_every_table_then_is_a_no_op(db_url: str) -> None:
     run(db_url, body)
 
 
+def test_workers_starting_together_on_a_fresh_database_all_find_their_tables(
+    db_url: str,
+) -> None:
+    """Six init_db at once, each on its own engine (as six workers started together): every
+    one succeeds, and the tables are created exactly once."""
+
+    async def one() -> list[str]:
+        engine = create_engine(db_url)
+        try:
+            return await init_db(engine)
+        finally:
+            await engine.dispose()
+
+    async def all_at_once() -> list[list[str]]:
+        return list(await asyncio.gather(*(one() for _ in range(6))))
+
+    created = asyncio.run(all_at_once())
+    names = [name for tables in created for name in tables]
+    assert sorted(names) == sorted(LARAVEL_NAMES | IMPORTER_NAMES)
+
+
 def test_init_db_without_laravel_makes_only_importer_tables(db_url: str) -> None:
     async def body(engine: AsyncEngine) -> None:
         assert set(await init_db(engine, laravel=False)) == IMPORTER_NAMES

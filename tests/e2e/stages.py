@@ -8,9 +8,10 @@ under `log_dir`).
 
 What the harness works around, and why (none of it changes what the product is asked to do):
 
-- Workers started together on a database without the importer's tables race in `init_db`
-  (concurrent CREATE TABLE: UniqueViolation on pg_type) and some exit 1. The harness creates
-  the tables before starting workers; the race itself is reported as a product bug.
+- The harness creates the importer's tables before starting workers, so that every case starts
+  from the same point. (Workers started together on a fresh database used to race in
+  `init_db` and some exited 1; `init_db` now takes an advisory lock, tested in
+  tests/contract/test_schema.py.)
 - noida-db 0.2.3, the test broker, never expires the session of a consumer that went away
   without leaving the group; Apache Kafka drops it after `session.timeout.ms`. A worker that
   joins a group holding such a member (or members joining at the same moment, which leaves
@@ -143,9 +144,7 @@ class Stages:
     def start(self, *, init_db: bool = True) -> Stages:
         """Starts every worker that is not running, one worker of each stage at a time.
 
-        With `init_db`, the tables are created first, from here: workers that all start on a
-        database without the importer's tables race to create them and some die (see the
-        module docstring). With `stagger`, each round of workers joins its consumer groups
+        With `init_db`, the tables are created first, from here (see the module docstring). With `stagger`, each round of workers joins its consumer groups
         before the next starts (see the module docstring).
         """
         if init_db and not self._initialised:
