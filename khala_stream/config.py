@@ -89,9 +89,10 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str 
     value = env.get(name, "").strip()
     if not value:
         return None
-    if value.upper() not in allowed:
-        raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-    return value.upper()
+    for choice in allowed:  # any case; returned as spelled in `allowed`
+        if value.upper() == choice.upper():
+            return choice
+    raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:

@@ -166,8 +166,28 @@ def test_settings_reach_every_client(
 
 
 @pytest.mark.parametrize(
+    ("value", "codec"), [(None, "zstd"), ("zstd", "zstd"), ("gzip", "gzip"), ("none", None)]
+)
+def test_producers_compress_as_configured(value: str | None, codec: str | None) -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP} | (
+        {"KAFKA_COMPRESSION_TYPE": value} if value else {}
+    )
+    kafka = settings_from_env(env).kafka
+
+    async def build() -> Any:
+        producer = make_producer(kafka)
+        accumulator = producer._message_accumulator
+        await producer.stop()
+        return accumulator
+
+    codes = {None: 0, "gzip": 1, "zstd": 4}
+    assert asyncio.run(build())._compression_type == codes[codec]
+
+
+@pytest.mark.parametrize(
     ("variable", "value"),
     [
+        ("KAFKA_COMPRESSION_TYPE", "brotli"),
         ("KAFKA_SECURITY_PROTOCOL", "TLS"),
         ("KAFKA_SECURITY_PROTOCOL", "SASL"),
         ("KAFKA_SASL_MECHANISM", "GSSAPI"),
