@@ -72,6 +72,15 @@ COUNTER_KEYS: tuple[str, ...] = (
     "run_events_linked_backfilled",
 )
 _BATCH = 2000
+# The tables whose rows are compared in batches with what is there (see `_Pending`).
+_ROW_TABLES: tuple[DestinationTable, ...] = (
+    "threads",
+    "agent_conversations",
+    "runs",
+    "messages",
+    "agent_conversation_messages",
+    "run_events",
+)
 
 
 class ChangeOutput(Protocol):
@@ -123,6 +132,13 @@ class _Pending:
         rows, self._rows = self._rows, []
         if not rows:
             return
+        if self.table in self._d.untouched:  # nothing there to compare with
+            changes = [
+                self._d.change(self.table, "upsert", key, values, content_hash(values), source)
+                for key, values, source in rows
+            ]
+            await self._d.emit(changes)
+            return
         keys = [k for k, _, _ in rows]
         ledger = await self._d.view.ledger(self.table, keys)
         present = await self._d.view.existing(self.table, keys)
@@ -155,6 +171,7 @@ class Derivation:
         self.result = Derived()
         self._handles_taken: set[str] = set()
         self._handles_free: set[str] = set()  # known free in the table (prefetched)
+        self.untouched: set[str] = set()  # row tables empty when the derivation began
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -204,6 +221,7 @@ class Derivation:
 
     async def run(self) -> Derived:
         snapshot = self.options.snapshot_ms
+        self.untouched = await self.view.untouched(_ROW_TABLES)
         candidates: dict[str, Candidate] = {}
         async for d in self._docs("users"):
             candidates[d.key] = Candidate(
@@ -496,6 +514,14 @@ class Derivation:
         self, batch: list[tuple[str, dict[str, Any], SourceRef]], linked: set[int]
     ) -> None:
         if not batch:
+            return
+        if "run_events" in self.untouched:  # no ledger, no events of older importers
+            await self.emit(
+                [
+                    self.change("run_events", "upsert", key, row, content_hash(row), source)
+                    for key, row, source in batch
+                ]
+            )
             return
         ledger = await self.view.ledger("run_events", [k for k, _, _ in batch])
         ids = [e.row_id for e in ledger.values() if e.row_id is not None]

@@ -149,6 +149,24 @@ class TargetView:
         )
         return {r.row_key: LedgerEntry(r.row_hash, r.row_id, r.run_id) for r in rows}
 
+    async def untouched(self, tables: Sequence[str]) -> set[str]:
+        """The tables that hold no row and no ledger entry: a first import into them.
+
+        Until the derivation ends, a lookup in such a table can only find rows of the run being
+        derived, which are never settled (`Derivation.settled`): its lookups can be skipped.
+        """
+        found: set[str] = set()
+        async with self._engine.connect() as conn:
+            for name in tables:
+                table = TABLES[name]
+                row = await conn.scalar(sa.select(sa.literal(1)).select_from(table).limit(1))
+                ledger = await conn.scalar(
+                    sa.select(sa.literal(1)).where(ROWS.c.dest_table == name).limit(1)
+                )
+                if row is None and ledger is None:
+                    found.add(name)
+        return found
+
     async def existing(self, table: str, keys: Sequence[Any]) -> set[Any]:
         """Which of these primary keys have a row in the table now."""
         if table in self._emptied or not keys:
