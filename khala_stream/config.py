@@ -57,6 +57,10 @@ class KafkaSettings:
     ssl_cafile: str | None = None
     partitions: int = 6
     """Partitions of every topic this product creates (bounds the number of workers)."""
+    trim_consumed: bool | None = None
+    """Delete records the stages have applied to the database (DeleteRecords) as they go.
+    None: only on the embedded broker, which holds every record in memory and snapshots all of
+    it as a whole (bench/README.md); on a real cluster, retention is the operator's."""
     compression: Compression = "zstd"
     """Producer batch compression: zstd costs the producer about nothing and cuts what the
     broker stores and copies about eight-fold on export text (bench/README.md)."""
@@ -111,6 +115,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         ssl_cafile=env.get("KAFKA_SSL_CAFILE") or None,
         partitions=_positive(env, "KHALA_TOPIC_PARTITIONS", 6),
         compression=_choice(env, "KAFKA_COMPRESSION_TYPE", _COMPRESSIONS) or "zstd",  # type: ignore[arg-type]
+        trim_consumed=_flag(env, "KHALA_TRIM_CONSUMED"),
     )
     if protocol.startswith("SASL") and not (kafka.sasl_username and kafka.sasl_password):
         raise UsageError(
@@ -132,6 +137,15 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         max_entry_bytes=_positive(env, "KHALA_MAX_ENTRY_BYTES", 8 << 30),
         max_ratio=float(_positive(env, "KHALA_MAX_RATIO", 200)),
     )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool | None:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise UsageError(f"{name} must be 1 or 0, not {raw!r}")
+    return raw in ("1", "true", "yes")
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:

@@ -188,6 +188,7 @@ async def _run_stages(
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers or "",
         "KHALA_TOPIC_PREFIX": settings.topic_prefix,
         "KHALA_TOPIC_PARTITIONS": str(settings.kafka.partitions),
+        "KHALA_TRIM_CONSUMED": "1" if settings.kafka.trim_consumed else "0",
         "DATABASE_URL": settings.database_url,
         "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(options.deadline_s))),
     }

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
-from khala_stream.broker.clients import make_consumer, make_producer
+from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import REPLACED_TABLES, SOURCE_TABLES, RowChange, Topics
 from khala_stream.contract.codec import encode_change
@@ -131,6 +131,7 @@ class Processor:
         await consumer.start()
         await producer.start()
         poller = Poller(consumer, self._batch_records)
+        trimmer = Trimmer(self._settings.kafka)
         await self._probe.start()
         try:
             while not stop.is_set():
@@ -147,6 +148,7 @@ class Processor:
                         await seek_to_stored(consumer, self._engine, group, consumer.assignment())
                         continue
                     await commit_for_lag(consumer, positions)
+                    await trimmer.consumed(positions)
                     by_table = self._by_table(batch)
                     metrics.record_batch("process", by_table, time.monotonic() - started)
                     logger.debug("stored documents: %s", dict(by_table))
@@ -156,7 +158,8 @@ class Processor:
                     deadline_s=self._deadline,
                 )
                 if until_idle and not batch and not derived and await caught_up(consumer):
-                    return
+                    break
+            await trimmer.consumed({}, now=True)  # stopping: what is stored, at once
         finally:
             await self._probe.stop()
             await producer.stop()

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
-from khala_stream.broker.clients import make_consumer, make_producer
+from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import Topics
 from khala_stream.contract.codec import decode_changes, encode_change
@@ -79,12 +79,13 @@ class SinkService:
         await consumer.start()
         await producer.start()
         poller = Poller(consumer, self._batch_records)
+        trimmer = Trimmer(self._settings.kafka)
         try:
             while not stop.is_set():
                 batch = await poller.poll()
                 if not batch:
                     if until_idle and await caught_up(consumer):
-                        return
+                        break
                     continue
                 applied = await with_retries(
                     functools.partial(self._apply, batch, producer),
@@ -92,11 +93,12 @@ class SinkService:
                     deadline_s=self._deadline,
                 )
                 if applied:
-                    await commit_for_lag(
-                        consumer, {tp: records[-1].offset + 1 for tp, records in batch.items()}
-                    )
+                    positions = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+                    await commit_for_lag(consumer, positions)
+                    await trimmer.consumed(positions)
                 else:
                     await seek_to_stored(consumer, self._engine, group, consumer.assignment())
+            await trimmer.consumed({}, now=True)  # stopping: what is applied, at once
         finally:
             await producer.stop()
             await consumer.stop()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
 from khala_stream.config import KafkaSettings, Settings
@@ -75,6 +76,43 @@ def make_admin(kafka: KafkaSettings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(**connection_kwargs(kafka))
 
 
+class Trimmer:
+    """Deletes the records before positions the database holds (`KafkaSettings.trim_consumed`).
+
+    Called with a stage's stored positions after each batch; sends a DeleteRecords at most
+    every `every_s` seconds, for the highest positions seen since the last one.
+    """
+
+    def __init__(self, kafka: KafkaSettings, every_s: float = 10.0) -> None:
+        self._kafka = kafka
+        self._every_s = every_s
+        self._pending: dict[TopicPartition, int] = {}
+        self._last = time.monotonic()
+
+    async def consumed(self, positions: dict[TopicPartition, int], *, now: bool = False) -> None:
+        if not self._kafka.trim_consumed:
+            return
+        for tp, offset in positions.items():
+            self._pending[tp] = max(offset, self._pending.get(tp, 0))
+        if self._pending and (now or time.monotonic() - self._last >= self._every_s):
+            await self._trim()
+
+    async def _trim(self) -> None:
+        pending, self._pending = self._pending, {}
+        self._last = time.monotonic()
+        admin = make_admin(self._kafka)
+        try:
+            await admin.start()
+            await admin.delete_records(
+                {tp: RecordsToDelete(before_offset=o) for tp, o in pending.items()},
+                timeout_ms=30000,
+            )
+        except KafkaError as exc:  # the records stay; the next trim covers them
+            logger.info("trimming consumed records skipped: %s", exc)
+        finally:
+            await admin.close()
+
+
 async def ensure_topics(kafka: KafkaSettings, names: Sequence[str]) -> None:
     """Create the topics that are missing, with the configured partition count."""
     admin = make_admin(kafka)
@@ -109,16 +147,18 @@ async def broker_session(settings: Settings) -> AsyncIterator[Settings]:
     pid_file = home / "broker.pid"
     # Another command (an import in progress, say) already runs the broker on this data:
     # share it rather than start a second broker on the same files.
+    trim = settings.kafka.trim_consumed is not False  # on by default here (see KafkaSettings)
     shared = running_broker(pid_file)
     if shared is not None:
-        yield settings.with_overrides(kafka=replace(settings.kafka, bootstrap_servers=shared))
+        kafka = replace(settings.kafka, bootstrap_servers=shared, trim_consumed=trim)
+        yield settings.with_overrides(kafka=kafka)
         return
     broker = start_local_broker(home / "data")
     pid_file.write_text(f"{broker.pid} {broker.port}\n")
     logger.info("embedded broker started on %s", broker.bootstrap)
     try:
         yield settings.with_overrides(
-            kafka=replace(settings.kafka, bootstrap_servers=broker.bootstrap)
+            kafka=replace(settings.kafka, bootstrap_servers=broker.bootstrap, trim_consumed=trim)
         )
     finally:
         broker.stop()

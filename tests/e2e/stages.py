@@ -144,8 +144,8 @@ class Stages:
     def start(self, *, init_db: bool = True) -> Stages:
         """Starts every worker that is not running, one worker of each stage at a time.
 
-        With `init_db`, the tables are created first, from here (see the module docstring). With `stagger`, each round of workers joins its consumer groups
-        before the next starts (see the module docstring).
+        With `init_db`, the tables are created first, from here. With `stagger`, each round of
+        workers joins its consumer groups before the next starts (see the module docstring).
         """
         if init_db and not self._initialised:
             asyncio.run(_init_db(self.env["DATABASE_URL"]))
