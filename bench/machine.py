@@ -12,7 +12,16 @@ from typing import Any
 __all__ = ["describe"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_PACKAGES = ("khala-stream", "aiokafka", "asyncpg", "sqlalchemy", "orjson", "noida-db", "py-spy")
+_PACKAGES = (
+    "khala-stream",
+    "aiokafka",
+    "cramjam",
+    "asyncpg",
+    "sqlalchemy",
+    "orjson",
+    "noida-db",
+    "py-spy",
+)
 
 
 def _cpu_model() -> str:
