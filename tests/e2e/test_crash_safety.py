@@ -51,7 +51,7 @@ TIMEOUT_S = 240.0
 # Where a stage has work to do: (phase of the import run, longest delay after reaching it).
 # The phase is a seeded choice and the delay seeded too, so a kill lands inside the work.
 KILL_POINTS: dict[str, tuple[tuple[Phase, float], ...]] = {
-    "process": (("publishing", 0.5), ("deriving", 0.4)),  # storing documents; deriving
+    "process": (("publishing", 0.5), ("deriving", 0.15)),  # storing documents; deriving
     "sink": (("deriving", 1.0), ("derived", 3.0)),  # (--replace: truncating;) writing rows
 }
 POSTGRES_SH = Path(__file__).resolve().parents[2] / "infra" / "local" / "postgres.sh"
