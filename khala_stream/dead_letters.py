@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from khala_stream.broker.clients import make_consumer
-from khala_stream.broker.rdkafka_producer import RdKafkaProducer
 from khala_stream.config import KafkaSettings
 from khala_stream.contract.dead_letters import DeadLetter, decode_dead_letter, encode_dead_letter
 from khala_stream.runtime import end_offsets
@@ -23,7 +22,7 @@ class StoredDeadLetter:
 
 
 async def publish_dead_letters(
-    producer: AIOKafkaProducer | RdKafkaProducer, topic: str, letters: Sequence[DeadLetter]
+    producer: AIOKafkaProducer, topic: str, letters: Sequence[DeadLetter]
 ) -> None:
     """Send and wait for every acknowledgement: a dead letter is durable before work moves on."""
     futures = []

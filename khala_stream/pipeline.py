@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs
-from khala_stream.broker.clients import broker_session, ensure_topics, make_document_producer
+from khala_stream.broker.clients import broker_session, ensure_topics, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import SOURCE_TABLES, RowChange, Topics
 from khala_stream.contract.documents import document_hash, document_key
@@ -194,8 +194,8 @@ async def _run_stages(
     }
     stages = [await _start_stage(name, env) for name in ("process", "sink")]
     try:
-        producer = make_document_producer(settings.kafka, deadline_s=options.deadline_s)
-        await with_retries(producer.start, what="the broker", deadline_s=options.deadline_s)
+        producer = make_producer(settings.kafka)
+        await producer.start()
         try:
             publisher = Publisher(
                 producer=producer,

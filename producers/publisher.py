@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
+from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
-from khala_stream.broker.rdkafka_producer import RdKafkaProducer
 from khala_stream.contract import SOURCE_TABLES, Topics
 from khala_stream.contract.dead_letters import DeadLetter, ReasonCode
 from khala_stream.contract.documents import (
@@ -85,7 +85,7 @@ class Publisher:
     def __init__(
         self,
         *,
-        producer: RdKafkaProducer,
+        producer: AIOKafkaProducer,
         engine: AsyncEngine,
         topics: Topics,
         incremental: bool,

@@ -1,8 +1,4 @@
-"""Kafka clients built from KafkaSettings: every client gets the same security settings.
-
-Consumers, admin and the stages' producers are aiokafka's; the publisher's producer is
-librdkafka's (`rdkafka_producer.py` says why).
-"""
+"""aiokafka clients built from KafkaSettings: every client gets the same security settings."""
 
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
-from khala_stream.broker.rdkafka_producer import RdKafkaProducer
 from khala_stream.config import KafkaSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -60,43 +55,6 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     }
     options.update(overrides)
     return AIOKafkaProducer(**connection_kwargs(kafka), **options)
-
-
-def make_document_producer(kafka: KafkaSettings, *, deadline_s: float) -> RdKafkaProducer:
-    """The publisher's producer: the same guarantees as `make_producer`, in librdkafka terms.
-    A message the broker has not taken within `deadline_s` fails (librdkafka retries until
-    then, across broker restarts)."""
-    config = rdkafka_config(kafka) | {"message.timeout.ms": max(1000, int(deadline_s * 1000))}
-    return RdKafkaProducer(config)
-
-
-def rdkafka_config(kafka: KafkaSettings) -> dict[str, Any]:
-    """`connection_kwargs` and `make_producer`'s options as librdkafka properties."""
-    if kafka.bootstrap_servers is None:
-        raise ValueError("no bootstrap servers: start the embedded broker first")
-    config: dict[str, Any] = {
-        "bootstrap.servers": kafka.bootstrap_servers,
-        "security.protocol": kafka.security_protocol,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 20,
-        "batch.size": 1 << 20,
-        "message.max.bytes": MAX_MESSAGE_BYTES + (1 << 20),
-        "compression.type": kafka.compression,
-        # aiokafka's and Java's partitioner: a key lands on the same partition whichever
-        # client sent it.
-        "partitioner": "murmur2_random",
-        "logger": logging.getLogger("rdkafka"),
-    }
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        # The wheel's OpenSSL is built in: "probe" finds the system's CA bundle. Host names
-        # are verified by default (ssl.endpoint.identification.algorithm=https).
-        config["ssl.ca.location"] = kafka.ssl_cafile or "probe"
-    if kafka.security_protocol.startswith("SASL"):
-        config["sasl.mechanism"] = kafka.sasl_mechanism or "PLAIN"
-        config["sasl.username"] = kafka.sasl_username
-        config["sasl.password"] = kafka.sasl_password.reveal() if kafka.sasl_password else None
-    return config
 
 
 def make_consumer(

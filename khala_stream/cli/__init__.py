@@ -54,8 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = logging.WARNING - 10 * min(verbosity, 2)
     for name in ("khala_stream", "producers", "processors", "sinks"):
         logging.getLogger(name).setLevel(ours)
-    for library in ("aiokafka", "rdkafka"):
-        logging.getLogger(library).setLevel(logging.ERROR)
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
     try:
         settings = settings_from_env(os.environ)
         settings = _apply_flags(settings, args)

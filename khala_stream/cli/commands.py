@@ -165,7 +165,7 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[Progress | None]:
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from khala_stream import import_runs
-    from khala_stream.broker.clients import broker_session, ensure_topics, make_document_producer
+    from khala_stream.broker.clients import broker_session, ensure_topics, make_producer
     from khala_stream.cli import operations
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
@@ -196,7 +196,7 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
                 run_id = await import_runs.register(
                     engine, source=str(export.path), sha256=export.sha256(), flags=flags
                 )
-                producer = make_document_producer(live.kafka, deadline_s=settings.retry_deadline_s)
+                producer = make_producer(live.kafka)
                 await producer.start()
                 try:
                     with _progress(args.export, enabled=True) as progress:

@@ -25,14 +25,7 @@ from typing import Any
 
 import pytest
 
-from khala_stream.broker.clients import (
-    connection_kwargs,
-    make_admin,
-    make_consumer,
-    make_document_producer,
-    make_producer,
-    rdkafka_config,
-)
+from khala_stream.broker.clients import connection_kwargs, make_admin, make_consumer, make_producer
 from khala_stream.config import Secret, settings_from_env
 from khala_stream.errors import UsageError
 
@@ -157,19 +150,6 @@ def test_settings_reach_every_client(
         await admin.close()
         return clients
 
-    # The publisher's librdkafka producer gets the same settings, in librdkafka's names.
-    config = make_document_producer(kafka, deadline_s=30)._config
-    assert config["bootstrap.servers"] == BOOTSTRAP
-    assert config["security.protocol"] == expected["security_protocol"]
-    assert config.get("sasl.mechanism") == expected.get("sasl_mechanism")
-    assert config.get("sasl.username") == expected.get("sasl_plain_username")
-    assert config.get("sasl.password") == expected.get("sasl_plain_password")
-    assert config.get("ssl.ca.location") == (
-        (ca_file if with_ca else "probe") if uses_tls else None
-    )
-    assert config["enable.idempotence"] is True and config["acks"] == "all"
-    assert config["message.timeout.ms"] == 30000
-
     for client in asyncio.run(build()):
         assert client._bootstrap_servers == BOOTSTRAP
         assert client._security_protocol == expected["security_protocol"]
@@ -202,7 +182,6 @@ def test_producers_compress_as_configured(value: str | None, codec: str | None) 
 
     codes = {None: 0, "gzip": 1, "zstd": 4}
     assert asyncio.run(build())._compression_type == codes[codec]
-    assert rdkafka_config(kafka)["compression.type"] == (codec or "none")
 
 
 @pytest.mark.parametrize(
@@ -322,8 +301,6 @@ CLIENT_CLASSES = {
     "App",  # faust.App would open its own clients
 }
 FACTORY_MODULE = REPO / "khala_stream" / "broker" / "clients.py"
-# The librdkafka adapter builds its Producer from a configuration only the factory makes.
-ADAPTER_MODULE = REPO / "khala_stream" / "broker" / "rdkafka_producer.py"
 
 
 def test_every_kafka_client_is_built_by_the_factories() -> None:
@@ -338,7 +315,7 @@ def test_every_kafka_client_is_built_by_the_factories() -> None:
                     continue
                 func = node.func
                 name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-                if name in CLIENT_CLASSES and file not in (FACTORY_MODULE, ADAPTER_MODULE):
+                if name in CLIENT_CLASSES and file != FACTORY_MODULE:
                     found.append(f"{file.relative_to(REPO)}:{node.lineno}: {name}(...)")
     assert found == []
     factories = ast.parse(FACTORY_MODULE.read_text())
@@ -347,24 +324,14 @@ def test_every_kafka_client_is_built_by_the_factories() -> None:
         for node in ast.walk(factories)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
     }
-    assert {"AIOKafkaProducer", "AIOKafkaConsumer", "AIOKafkaAdminClient", "RdKafkaProducer"} <= (
-        built
-    )
-    adapter_calls = [
-        node.func
-        for node in ast.walk(ast.parse(ADAPTER_MODULE.read_text()))
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name)
-    ]
-    assert [ast.unparse(f) for f in adapter_calls if ast.unparse(f).endswith("Producer")] == [
-        "confluent_kafka.Producer"
-    ]
+    assert {"AIOKafkaProducer", "AIOKafkaConsumer", "AIOKafkaAdminClient"} <= built
 
 
 # --------------------------------------------------------------------------- against the broker
 
 RECORDER = """
 import json, os
-import aiokafka, aiokafka.admin, confluent_kafka
+import aiokafka, aiokafka.admin
 
 _LOG = os.environ["KHALA_TEST_CLIENT_LOG"]
 
@@ -390,23 +357,6 @@ def _wrap(cls):
 _wrap(aiokafka.AIOKafkaProducer)
 _wrap(aiokafka.AIOKafkaConsumer)
 _wrap(aiokafka.admin.AIOKafkaAdminClient)
-
-
-class _RecordedProducer(confluent_kafka.Producer):
-    def __init__(self, config):
-        with open(_LOG, "a") as log:
-            log.write(json.dumps({
-                "pid": os.getpid(),
-                "class": "confluent_kafka.Producer",
-                "security_protocol": config.get("security.protocol", "PLAINTEXT"),
-                "sasl_mechanism": config.get("sasl.mechanism"),
-                "sasl_plain_username": config.get("sasl.username"),
-                "has_password": bool(config.get("sasl.password")),
-            }) + "\\n")
-        super().__init__(config)
-
-
-confluent_kafka.Producer = _RecordedProducer
 """
 
 
@@ -445,7 +395,6 @@ def test_sasl_plain_reaches_every_client_of_every_process(
         "AIOKafkaProducer",
         "AIOKafkaConsumer",
         "AIOKafkaAdminClient",
-        "confluent_kafka.Producer",  # the publisher's
     }
     assert len({r["pid"] for r in records}) >= 2  # import-chat (and its stages), dlq, lag
     for record in records:
