@@ -139,7 +139,23 @@ def format_report(run: RunResult) -> list[str]:
             if len(r.processes) > 1:
                 each = ", ".join(f"{p['name']} {p['peak_kb'] / 1024:.0f}" for p in r.processes)
                 lines.append(f"{size_label(s.size)} {r.path}: peak RSS per process (MB): {each}")
+    lines += _cpu(run)
     lines += ["", *_checks(run), "", *_details(run)]
+    return lines
+
+
+def _cpu(run: RunResult) -> list[str]:
+    """Where the machine's CPU went in each step: on two cores, the sum bounds the speed."""
+    lines = []
+    for s in run.sizes:
+        for r in s.paths.values():
+            cpu = r.extra.get("cpu_seconds")
+            if r.ok and cpu:
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+                total = sum(cpu.values())
+                lines.append(
+                    f"{size_label(s.size)} {r.path}: CPU seconds: {parts} (sum {total:.1f})"
+                )
     return lines
 
 

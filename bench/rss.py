@@ -24,9 +24,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Measured", "ProcessPeak", "TreeSampler", "read_status_kb", "run_measured"]
+__all__ = [
+    "Measured",
+    "ProcessPeak",
+    "TreeSampler",
+    "cpu_seconds",
+    "read_status_kb",
+    "run_measured",
+]
 
 _PROC = Path("/proc")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def read_status_kb(pid: int) -> dict[str, int]:
@@ -43,6 +51,24 @@ def read_status_kb(pid: int) -> dict[str, int]:
             if parts:
                 out[key] = int(parts[0])
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a live process, its live descendants, and every descendant
+    it has reaped (PostgreSQL's postmaster reaps its backends); 0 when it is gone."""
+    total = 0.0
+    children = _parents()
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = (_PROC / str(current) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime: fields 14-17 of stat, 12-15 after "pid (comm)".
+        total += sum(int(f) for f in fields[11:15]) / _TICKS
+        pending += children.get(current, [])
+    return total
 
 
 def _name(pid: int) -> str:
@@ -167,6 +193,8 @@ class Measured:
     tree_peak_kb: int
     """The largest sampled sum of the tree's resident memory."""
     processes: list[ProcessPeak]
+    cpu_seconds: float = 0.0
+    """User + system CPU of the child and the descendants it reaped (wait4's rusage)."""
 
     @property
     def ok(self) -> bool:
@@ -199,7 +227,7 @@ def run_measured(
         )
         sampler = TreeSampler(proc.pid, exclude=exclude).start()
         try:
-            status, rusage = _wait(proc, timeout)
+            status, rusage, cpu = _wait(proc, timeout)
         finally:
             sampler.stop()
             if proc.returncode is None:  # timed out or interrupted: end it, and its children
@@ -218,18 +246,20 @@ def run_measured(
         peak_rss_kb=max([rusage, *(p.peak_kb for p in peaks)]),
         tree_peak_kb=max(sampler.tree_peak_kb, rusage),
         processes=peaks,
+        cpu_seconds=cpu,
     )
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float | None) -> tuple[int, int]:
-    """Reap the child with wait4 (for ru_maxrss); raises TimeoutError after `timeout`."""
+def _wait(proc: subprocess.Popen[bytes], timeout: float | None) -> tuple[int, int, float]:
+    """Reap the child with wait4 (for ru_maxrss and its CPU time); raises TimeoutError after
+    `timeout`."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             code = os.waitstatus_to_exitcode(status)
             proc.returncode = code  # Popen must not wait for it again
-            return code, int(usage.ru_maxrss)
+            return code, int(usage.ru_maxrss), usage.ru_utime + usage.ru_stime
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"{proc.args!r} did not finish within {timeout:.0f}s")
         time.sleep(0.02)

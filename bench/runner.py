@@ -44,8 +44,9 @@ from bench.report import (
     SizeResult,
     format_report,
 )
-from bench.rss import Measured, TreeSampler, read_status_kb, run_measured
+from bench.rss import Measured, TreeSampler, cpu_seconds, read_status_kb, run_measured
 from bench.services import PostgresServer, fresh_broker, postgres_server
+from khala_stream.broker.local_broker import LocalBroker
 
 __all__ = ["Options", "run"]
 
@@ -97,6 +98,8 @@ class _Context:
         self.options = options
         self.log_dir = log_dir
         self.databases: list[str] = []
+        self.server_cpu: dict[str, float] = {}
+        """CPU seconds the broker and PostgreSQL spent during the last measured step."""
 
     @contextlib.contextmanager
     def database(self, prefix: str) -> Iterator[str]:
@@ -112,8 +115,12 @@ class _Context:
         self, argv: list[str], env: dict[str, str], label: str, exclude: list[int]
     ) -> Measured:
         self.server.checkpoint()
+        # The broker (passed as the only excluded pid) and PostgreSQL are not in the tree.
+        servers = {"broker": exclude[0]} if exclude else {}
+        servers["postgres"] = self.server.pid
+        before = {k: cpu_seconds(pid) for k, pid in servers.items()}
         try:
-            return run_measured(
+            measured = run_measured(
                 argv,
                 env=env,
                 cwd=REPO_ROOT,
@@ -122,6 +129,8 @@ class _Context:
                 log_dir=self.log_dir,
                 label=label,
             )
+            self.server_cpu = {k: cpu_seconds(servers[k]) - v for k, v in before.items()}
+            return measured
         except TimeoutError as exc:
             return Measured(
                 argv=argv,
@@ -135,7 +144,10 @@ class _Context:
             )
 
 
-def _path_result(name: str, measured: Measured, load: float) -> PathResult:
+def _path_result(ctx: _Context, name: str, measured: Measured, load: float) -> PathResult:
+    cpu = {"ours": round(measured.cpu_seconds, 1)} | {
+        k: round(v, 1) for k, v in ctx.server_cpu.items()
+    }
     return PathResult(
         path=name,
         ok=measured.ok,
@@ -146,7 +158,7 @@ def _path_result(name: str, measured: Measured, load: float) -> PathResult:
         ],
         error=None if measured.ok else measured.stderr_tail(),
         load_before=load,
-        extra={"tree_peak_kb": measured.tree_peak_kb},
+        extra={"tree_peak_kb": measured.tree_peak_kb, "cpu_seconds": cpu},
     )
 
 
@@ -165,17 +177,13 @@ def _kafka(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str] 
     with fresh_broker() as broker, ctx.database("bench_kafka") as db:
         broker_sampler = TreeSampler(broker.pid, interval=0.5).start()
         dsn = ctx.server.dsn(db)
-        env = _base_env() | {
-            "DATABASE_URL": ctx.server.url(db),
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "KHALA_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
-        }
+        env = _import_env(ctx.server.url(db), broker)
         argv = [*_cli(), "import-chat", str(export.path), "--json"]
         try:
             _log(f"{label}: {KAFKA_FIRST} ({export.documents:,} documents)")
             load = os.getloadavg()[0]
             first = ctx.measure(argv, env, f"{label}-kafka-first", [broker.pid])
-            r1 = result.paths[KAFKA_FIRST] = _path_result(KAFKA_FIRST, first, load)
+            r1 = result.paths[KAFKA_FIRST] = _path_result(ctx, KAFKA_FIRST, first, load)
             r1.rows = verify.counts(dsn)
             r1.extra["report"] = _json_out(first).get("rows_written")
             _log(f"{label}: {KAFKA_FIRST}: {_outcome(r1)}")
@@ -186,7 +194,7 @@ def _kafka(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str] 
             _log(f"{label}: {KAFKA_AGAIN}")
             load = os.getloadavg()[0]
             again = ctx.measure(argv, env, f"{label}-kafka-again", [broker.pid])
-            r2 = result.paths[KAFKA_AGAIN] = _path_result(KAFKA_AGAIN, again, load)
+            r2 = result.paths[KAFKA_AGAIN] = _path_result(ctx, KAFKA_AGAIN, again, load)
             r2.rows = verify.counts(dsn)
             written = verify.written_since(dsn, mark)
             deleted = sum(max(0, r1.rows[t] - r2.rows.get(t, 0)) for t in r1.rows)
@@ -205,6 +213,17 @@ def _kafka(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str] 
     return fingerprints
 
 
+def _import_env(database_url: str, broker: LocalBroker) -> dict[str, str]:
+    """import-chat's environment: this size's broker, trimmed as import-chat trims the broker
+    it starts itself (the default way to run it), and a fresh topic prefix."""
+    return _base_env() | {
+        "DATABASE_URL": database_url,
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "KHALA_TRIM_CONSUMED": "1",
+        "KHALA_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
+    }
+
+
 def _outcome(r: PathResult) -> str:
     if not r.ok:
         return "FAILED: " + ((r.error or "").strip().splitlines() or ["?"])[-1]
@@ -219,7 +238,7 @@ def _direct(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str]
         load = os.getloadavg()[0]
         argv = [sys.executable, "-m", "bench.direct", str(export.path), dsn]
         measured = ctx.measure(argv, _base_env(), f"{label}-direct", [])
-        r = result.paths[DIRECT] = _path_result(DIRECT, measured, load)
+        r = result.paths[DIRECT] = _path_result(ctx, DIRECT, measured, load)
         r.rows = verify.counts(dsn)
         _log(f"{label}: {DIRECT}: {_outcome(r)}")
         return verify.fingerprints(dsn) if r.ok else None
@@ -233,7 +252,7 @@ def _ceiling(ctx: _Context, export: Export, result: SizeResult) -> None:
         load = os.getloadavg()[0]
         argv = [sys.executable, "-m", "bench.ceiling", str(export.path), dsn]
         measured = ctx.measure(argv, _base_env(), f"{label}-ceiling", [])
-        r = result.paths[CEILING] = _path_result(CEILING, measured, load)
+        r = result.paths[CEILING] = _path_result(ctx, CEILING, measured, load)
         out = _json_out(measured)
         if r.ok:
             r.extra["process_seconds"] = r.seconds
@@ -248,11 +267,7 @@ def _profile(ctx: _Context, export: Export) -> dict[str, Any]:
     label = size_label(export.size)
     raw = ctx.log_dir / f"{label}-kafka-first.pyspy.raw"
     with fresh_broker() as broker, ctx.database("bench_profile") as db:
-        env = _base_env() | {
-            "DATABASE_URL": ctx.server.url(db),
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "KHALA_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
-        }
+        env = _import_env(ctx.server.url(db), broker)
         _log(f"{label}: profiling {KAFKA_FIRST} under py-spy")
         ctx.server.checkpoint()
         measured = profile_command(

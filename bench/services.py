@@ -37,6 +37,11 @@ class PostgresServer:
     admin_url: str  # postgresql://postgres@127.0.0.1:PORT/postgres
     directory: Path
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's pid (its CPU time includes every backend it has reaped)."""
+        return int((self.directory / "data" / "postmaster.pid").read_text().split()[0])
+
     def url(self, database: str) -> str:
         """A SQLAlchemy asyncpg URL of one database of this server."""
         url = make_url(self.admin_url).set(drivername="postgresql+asyncpg", database=database)
