@@ -202,7 +202,14 @@ def keeps_waiting(proc: subprocess.Popen[str], seconds: float) -> None:
 
 
 def finish(proc: subprocess.Popen[str], timeout: float) -> CliResult:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(
+            f"the import did not end within {timeout}s:\n{out}{err[-8000:]}"
+        ) from None
     return CliResult(proc.returncode, out, err)
 
 
