@@ -1,9 +1,10 @@
-"""The derivation: one export's documents → every destination row change, in reference order.
+"""The derivation: one export's documents → every destination row change, by reference rules.
 
 It runs once per export, when the processors' store holds all of the export's documents, so
 its result cannot depend on the order in which documents arrived (SPEC §4). It reads the
 documents back in file order and applies the reference's phases (§3): identities, autopilots,
-titles, threads, runs, messages, run events. Only rows whose computed value differs from the
+runs, messages (finding the titles on the way), threads, run events; rows of different tables
+are independent, so threads may follow the messages that title them. Only rows whose computed value differs from the
 last computed one, or that are missing from their table, are emitted (SPEC §3.8, §8.7).
 """
 
@@ -245,9 +246,12 @@ class Derivation:
                 )
         users = await self._identities(list(candidates.values()))
         owners = await self._autopilots(threads, users)
-        await self._threads(threads, owners)
+        # Threads after messages: their titles come from the messages, and one pass over the
+        # messages finds them while it emits the message rows (row order across tables does
+        # not matter to the sink; each row is emitted once).
         imported_runs = await self._runs(threads, owners)
-        await self._messages(threads, owners, imported_runs)
+        titles = await self._messages(threads, owners, imported_runs)
+        await self._threads(threads, owners, titles)
         await self._events(threads, owners)
         await self._vanished()
         return self.result
@@ -420,16 +424,12 @@ class Derivation:
                     self._handles_taken.add(handle)
                     return handle
 
-    async def _threads(self, threads: dict[str, _Thread], owners: dict[str, Owner]) -> None:
-        titles: dict[str, tuple[float, str]] = {}
-        async for d in self._docs("messages"):
-            seed = title_candidate(d.doc)
-            if seed is None or seed[0] not in threads:
-                continue
-            thread_id, sort_key, title = seed
-            current = titles.get(thread_id)
-            if current is None or sort_key < current[0]:
-                titles[thread_id] = (sort_key, title)
+    async def _threads(
+        self,
+        threads: dict[str, _Thread],
+        owners: dict[str, Owner],
+        titles: dict[str, tuple[float, str]],
+    ) -> None:
         thread_rows_out = _Pending(self, "threads")
         conversations = _Pending(self, "agent_conversations")
         snapshot = self.options.snapshot_ms
@@ -467,10 +467,18 @@ class Derivation:
 
     async def _messages(
         self, threads: dict[str, _Thread], owners: dict[str, Owner], imported_runs: set[str]
-    ) -> None:
+    ) -> dict[str, tuple[float, str]]:
+        """Emits the message rows; returns each thread's title seed (sort key, text)."""
+        titles: dict[str, tuple[float, str]] = {}
         messages = _Pending(self, "messages")
         conversation_messages = _Pending(self, "agent_conversation_messages")
         async for d in self._docs("messages"):
+            seed = title_candidate(d.doc)
+            if seed is not None and seed[0] in threads:
+                thread_id, sort_key, title = seed
+                current = titles.get(thread_id)
+                if current is None or sort_key < current[0]:
+                    titles[thread_id] = (sort_key, title)
             keys = message_keys(d.doc)
             if keys is None or keys[0] not in threads:
                 continue
@@ -491,6 +499,7 @@ class Derivation:
             self._count("messages_imported")
         await messages.flush()
         await conversation_messages.flush()
+        return titles
 
     async def _events(self, threads: dict[str, _Thread], owners: dict[str, Owner]) -> None:
         batch: list[tuple[str, dict[str, Any], SourceRef]] = []
