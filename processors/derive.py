@@ -4,8 +4,9 @@ It runs once per export, when the processors' store holds all of the export's do
 its result cannot depend on the order in which documents arrived (SPEC §4). It reads the
 documents back in file order and applies the reference's phases (§3): identities, autopilots,
 runs, messages (finding the titles on the way), threads, run events; rows of different tables
-are independent, so threads may follow the messages that title them. Only rows whose computed value differs from the
-last computed one, or that are missing from their table, are emitted (SPEC §3.8, §8.7).
+are independent, so threads may follow the messages that title them. Only rows whose computed
+value differs from the last computed one, or that are missing from their table, are emitted
+(SPEC §3.8, §8.7).
 """
 
 from __future__ import annotations
@@ -107,13 +108,6 @@ class Derived:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_KEYS, 0))
     written: dict[str, int] = field(default_factory=dict)
     documents: dict[str, store.TableChanges] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class _Thread:
-    owner: str
-    doc: dict[str, Any]
-    line: int
 
 
 class _Pending:
@@ -231,12 +225,14 @@ class Derivation:
                 created_ms=first_usable_ms(d.doc, CREATED_CHAIN, snapshot),
                 source=SourceRef(table="users", line=d.line, doc_id=string_field(d.doc, "_id")),
             )
-        threads: dict[str, _Thread] = {}
+        # Thread id → its owner's WorkOS id; only that is kept (memory), the documents are read
+        # again when the thread rows are made.
+        threads: dict[str, str] = {}
         async for d in self._docs("threads"):
             owner = string_field(d.doc, "ownerId")
             if owner is None:
                 continue  # anonymous threads are not imported (reference §3.1)
-            threads[d.key] = _Thread(owner, d.doc, d.line)
+            threads[d.key] = owner
             if owner not in candidates:
                 candidates[owner] = Candidate(
                     workos_id=owner,
@@ -287,18 +283,18 @@ class Derivation:
         return best
 
     async def _autopilots(
-        self, threads: dict[str, _Thread], users: dict[str, ResolvedUser]
+        self, threads: dict[str, str], users: dict[str, ResolvedUser]
     ) -> dict[str, Owner]:
         """One autopilot per owner, with its profile and policy (reference §5). Keyed by owner."""
         per_thread = await self._blueprints()
         chosen: dict[str, Blueprint | None] = {}
-        for thread_id, thread in threads.items():
+        for thread_id, owner in threads.items():
             candidate = per_thread.get(thread_id)
-            current = chosen.get(thread.owner)
+            current = chosen.get(owner)
             if candidate is not None and (current is None or candidate.recency >= current.recency):
-                chosen[thread.owner] = candidate
+                chosen[owner] = candidate
             else:
-                chosen.setdefault(thread.owner, current)
+                chosen.setdefault(owner, current)
         owners: dict[str, Owner] = {}
         order = list(chosen)
         for start in range(0, len(order), _BATCH):
@@ -426,30 +422,28 @@ class Derivation:
 
     async def _threads(
         self,
-        threads: dict[str, _Thread],
+        threads: dict[str, str],
         owners: dict[str, Owner],
         titles: dict[str, tuple[float, str]],
     ) -> None:
         thread_rows_out = _Pending(self, "threads")
         conversations = _Pending(self, "agent_conversations")
         snapshot = self.options.snapshot_ms
-        for thread_id, thread in threads.items():
-            title = (
-                title_from(titles[thread_id][1])
-                if thread_id in titles
-                else default_title(thread_id)
-            )
-            row, conversation = thread_rows(
-                thread_id, thread.doc, owners[thread.owner], title, snapshot
-            )
-            source = SourceRef(table="threads", line=thread.line, doc_id=thread_id)
+        async for d in self._docs("threads"):
+            thread_id = d.key
+            owner = threads.get(thread_id)
+            if owner is None:
+                continue  # anonymous
+            title = titles[thread_id][1] if thread_id in titles else default_title(thread_id)
+            row, conversation = thread_rows(thread_id, d.doc, owners[owner], title, snapshot)
+            source = SourceRef(table="threads", line=d.line, doc_id=thread_id)
             await thread_rows_out.add(thread_id, row, source)
             await conversations.add(thread_id, conversation, source)
             self._count("threads_imported")
         await thread_rows_out.flush()
         await conversations.flush()
 
-    async def _runs(self, threads: dict[str, _Thread], owners: dict[str, Owner]) -> set[str]:
+    async def _runs(self, threads: dict[str, str], owners: dict[str, Owner]) -> set[str]:
         imported: set[str] = set()
         pending = _Pending(self, "runs")
         async for d in self._docs("runs"):
@@ -457,7 +451,7 @@ class Derivation:
             if keys is None or keys[0] not in threads:
                 continue
             thread_id, run_id = keys
-            owner = owners[threads[thread_id].owner]
+            owner = owners[threads[thread_id]]
             row = run_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
             await pending.add(run_id, row, SourceRef(table="runs", line=d.line, doc_id=run_id))
             imported.add(run_id)
@@ -466,9 +460,9 @@ class Derivation:
         return imported
 
     async def _messages(
-        self, threads: dict[str, _Thread], owners: dict[str, Owner], imported_runs: set[str]
+        self, threads: dict[str, str], owners: dict[str, Owner], imported_runs: set[str]
     ) -> dict[str, tuple[float, str]]:
-        """Emits the message rows; returns each thread's title seed (sort key, text)."""
+        """Emits the message rows; returns each thread's title (with its seed's sort key)."""
         titles: dict[str, tuple[float, str]] = {}
         messages = _Pending(self, "messages")
         conversation_messages = _Pending(self, "agent_conversation_messages")
@@ -478,7 +472,7 @@ class Derivation:
                 thread_id, sort_key, title = seed
                 current = titles.get(thread_id)
                 if current is None or sort_key < current[0]:
-                    titles[thread_id] = (sort_key, title)
+                    titles[thread_id] = (sort_key, title_from(title))  # ≤ 120 characters
             keys = message_keys(d.doc)
             if keys is None or keys[0] not in threads:
                 continue
@@ -489,7 +483,7 @@ class Derivation:
                 thread_id,
                 role,
                 d.doc,
-                owners[threads[thread_id].owner],
+                owners[threads[thread_id]],
                 run_id if run_id in imported_runs else None,
                 self.options.snapshot_ms,
             )
@@ -501,7 +495,7 @@ class Derivation:
         await conversation_messages.flush()
         return titles
 
-    async def _events(self, threads: dict[str, _Thread], owners: dict[str, Owner]) -> None:
+    async def _events(self, threads: dict[str, str], owners: dict[str, Owner]) -> None:
         batch: list[tuple[str, dict[str, Any], SourceRef]] = []
         linked: set[int] = set()
         async for d in self._docs("receipts"):
@@ -510,7 +504,7 @@ class Derivation:
                 continue
             thread_id, run_id = keys
             row = event_row(
-                run_id, thread_id, d.doc, owners[threads[thread_id].owner], self.options.snapshot_ms
+                run_id, thread_id, d.doc, owners[threads[thread_id]], self.options.snapshot_ms
             )
             batch.append((d.key, row, SourceRef(table="receipts", line=d.line, doc_id=d.key)))
             self._count("events_imported")
