@@ -24,7 +24,6 @@ from khala_stream.contract.tables import SOURCE_TABLES, DestinationTable
 from processors import store
 from processors.autopilots import (
     PROFILE_COLUMNS,
-    Blueprint,
     autopilot_id_for,
     extract_blueprint,
     policy_payload,
@@ -108,6 +107,15 @@ class Derived:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_KEYS, 0))
     written: dict[str, int] = field(default_factory=dict)
     documents: dict[str, store.TableChanges] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _BlueprintChoice:
+    """A thread's best blueprint without its payload: payloads are large (a few KB each), so
+    only the chosen ones are read again, an owner batch at a time (`_payloads`)."""
+
+    key: str
+    recency: int
 
 
 class _Pending:
@@ -268,8 +276,8 @@ class Derivation:
         self._count("users_email_conflicts", c.users_email_conflicts)
         return users
 
-    async def _blueprints(self) -> dict[str, Blueprint]:
-        best: dict[str, Blueprint] = {}
+    async def _blueprints(self) -> dict[str, _BlueprintChoice]:
+        best: dict[str, _BlueprintChoice] = {}
         if self.options.skip_blueprints:
             return best
         async for d in self._docs("blueprints"):
@@ -279,7 +287,8 @@ class Derivation:
             thread_id, blueprint = found
             current = best.get(thread_id)
             if current is None or blueprint.recency >= current.recency:
-                best[thread_id] = blueprint  # ties: the later row wins (reference §5.1)
+                # ties: the later row wins (reference §5.1)
+                best[thread_id] = _BlueprintChoice(d.key, blueprint.recency)
         return best
 
     async def _autopilots(
@@ -287,7 +296,7 @@ class Derivation:
     ) -> dict[str, Owner]:
         """One autopilot per owner, with its profile and policy (reference §5). Keyed by owner."""
         per_thread = await self._blueprints()
-        chosen: dict[str, Blueprint | None] = {}
+        chosen: dict[str, _BlueprintChoice | None] = {}
         for thread_id, owner in threads.items():
             candidate = per_thread.get(thread_id)
             current = chosen.get(owner)
@@ -306,9 +315,10 @@ class Derivation:
         self,
         workos_ids: list[str],
         users: dict[str, ResolvedUser],
-        chosen: dict[str, Blueprint | None],
+        chosen: dict[str, _BlueprintChoice | None],
     ) -> dict[str, Owner]:
         skip = self.options.skip_blueprints
+        payloads = await self._payloads([c.key for w in workos_ids if (c := chosen[w])])
         existing = await self.view.autopilots_by_owner([users[w].id for w in workos_ids])
         created_here = await self.view.ledger("autopilots", [a.id for a in existing.values()])
         ids = {
@@ -332,7 +342,7 @@ class Derivation:
         self._handles_free.update(b for b in bases if b not in taken)
         for w in workos_ids:
             user, blueprint, autopilot_id = users[w], chosen[w], ids[w]
-            payload = blueprint.payload if blueprint else None
+            payload = payloads[blueprint.key] if blueprint else None
             if blueprint is not None:
                 self._count("blueprints_mapped")
             profile = profile_payload(payload, user.name)
@@ -368,6 +378,15 @@ class Derivation:
             owners[w] = Owner(user_id=user.id, autopilot_id=autopilot_id, config_version=version)
         await self.emit(changes)
         return owners
+
+    async def _payloads(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """The payloads of these blueprint documents (chosen in `_blueprints`)."""
+        payloads: dict[str, dict[str, Any]] = {}
+        for d in await store.documents_by_key(self._documents, "blueprints", keys):
+            found = extract_blueprint(d.doc, d.line)
+            if found is not None:
+                payloads[d.key] = found[1].payload
+        return payloads
 
     async def _new_autopilot(
         self,

@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.db.importer_tables import APPLIED, DOCUMENTS, ROWS
+from khala_stream.db.queries import one_of
 
 _PAGE = 2000
 
@@ -180,6 +181,24 @@ async def iter_documents(
         if len(page) < _PAGE:
             return
         last_line = page[-1][1]
+
+
+async def documents_by_key(
+    engine: AsyncEngine, table: str, keys: Sequence[str]
+) -> list[StoredDocument]:
+    """The stored documents of `table` with these keys (the latest version of each)."""
+    c = DOCUMENTS.c
+    found: list[StoredDocument] = []
+    async with engine.connect() as conn:
+        for start in range(0, len(keys), _PAGE):
+            chunk = keys[start : start + _PAGE]
+            rows = await conn.execute(
+                sa.select(c.doc_key, c.line, c.document).where(
+                    c.source_table == table, one_of(c.doc_key, chunk, conn.dialect.name)
+                )
+            )
+            found += [StoredDocument(k, line, orjson.loads(doc)) for k, line, doc in rows.all()]
+    return found
 
 
 async def refresh_statistics(engine: AsyncEngine) -> None:
