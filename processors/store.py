@@ -104,7 +104,17 @@ async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDoc
     if not documents:
         return
     rows = [
-        (d.table, d.key, d.content_hash, d.doc_id, d.run_id, d.line, d.run_id, d.run_id, d.raw)
+        (
+            d.table,
+            d.key,
+            d.content_hash,
+            d.doc_id,
+            d.run_id,
+            d.line,
+            d.run_id,
+            d.run_id,
+            d.raw.decode(),
+        )
         for d in _latest(documents)
     ]
     if conn.dialect.name == "postgresql":
@@ -112,7 +122,7 @@ async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDoc
     else:
         await conn.execute(
             _upsert(sqlite.insert(DOCUMENTS)),
-            [dict(zip(_COLUMNS, (*r[:-1], r[-1].decode()), strict=True)) for r in rows],
+            [dict(zip(_COLUMNS, r, strict=True)) for r in rows],
         )
     await _count_applied(conn, documents)
 
@@ -129,9 +139,7 @@ async def _copy_upsert(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> No
     )
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    # The document column is text: asyncpg's binary COPY takes its UTF-8 bytes as they came.
-    records = [(*r[:-1], r[-1].decode()) for r in rows]
-    await driver.copy_records_to_table(_STAGE, records=records, columns=list(_COLUMNS))
+    await driver.copy_records_to_table(_STAGE, records=rows, columns=list(_COLUMNS))
     stage = sa.table(_STAGE, *(sa.column(c) for c in _COLUMNS))
     insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), sa.select(stage))
     await conn.execute(_upsert(insert))
