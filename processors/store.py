@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.db.importer_tables import APPLIED, DOCUMENTS, ROWS
-from khala_stream.db.queries import one_of
+from khala_stream.db.queries import one_of, staged
 
 _PAGE = 2000
 
@@ -63,7 +63,6 @@ _COLUMNS: tuple[str, ...] = (
     "changed_seq",
     "document",
 )
-_STAGE = "khala_stage_documents"
 
 
 def _latest(documents: Iterable[IncomingDocument]) -> list[IncomingDocument]:
@@ -118,31 +117,18 @@ async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDoc
         for d in _latest(documents)
     ]
     if conn.dialect.name == "postgresql":
-        await _copy_upsert(conn, rows)
+        # COPY and one INSERT … SELECT: a VALUES statement of a few thousand rows costs more
+        # to build and to parse than to execute.
+        async with staged(conn, DOCUMENTS.name, _COLUMNS, rows) as name:
+            stage = sa.table(name, *(sa.column(c) for c in _COLUMNS))
+            insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), sa.select(stage))
+            await conn.execute(_upsert(insert))
     else:
         await conn.execute(
             _upsert(sqlite.insert(DOCUMENTS)),
             [dict(zip(_COLUMNS, r, strict=True)) for r in rows],
         )
     await _count_applied(conn, documents)
-
-
-async def _copy_upsert(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-    """PostgreSQL: binary COPY into a session staging table, then one INSERT … SELECT with the
-    same rule. A VALUES statement of a few thousand rows costs more to build and to parse than
-    to execute."""
-    await conn.execute(
-        sa.text(
-            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE {DOCUMENTS.name}) "
-            "ON COMMIT DELETE ROWS"
-        )
-    )
-    raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
-    await driver.copy_records_to_table(_STAGE, records=rows, columns=list(_COLUMNS))
-    stage = sa.table(_STAGE, *(sa.column(c) for c in _COLUMNS))
-    insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), sa.select(stage))
-    await conn.execute(_upsert(insert))
 
 
 async def _count_applied(conn: AsyncConnection, documents: Sequence[IncomingDocument]) -> None:

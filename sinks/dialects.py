@@ -8,7 +8,6 @@ UPDATE`. SQLite uses `INSERT ... ON CONFLICT DO UPDATE` with executemany.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -16,6 +15,8 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from khala_stream.db.queries import staged
 
 __all__ = ["PostgresDialect", "SqlDialect", "SqliteDialect", "dialect_for", "parse_timestamp"]
 
@@ -117,24 +118,13 @@ class PostgresDialect(SqlDialect):
             params = [{f"p{i}": v for i, v in enumerate(row)} for row in rows]
             await conn.execute(sa.text(sql), params)
             return
-        # The staging name depends only on (table, columns): asyncpg caches the column types of
-        # a COPY target by the text of its introspection query, i.e. by table name.
-        digest = hashlib.sha1("\0".join(columns).encode()).hexdigest()[:12]
-        stage_name = f"khala_stage_{table}_{digest}"
-        stage = self.quote(stage_name)
-        await conn.execute(
-            sa.text(
-                f"CREATE TEMP TABLE {stage} (LIKE {self.quote(table)} INCLUDING DEFAULTS) "
-                "ON COMMIT DROP"
+        async with staged(conn, table, columns, rows) as stage:
+            await conn.execute(
+                sa.text(
+                    f"INSERT INTO {self.quote(table)} ({cols}) "
+                    f"SELECT {cols} FROM {self.quote(stage)} {tail}"
+                )
             )
-        )
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
-        await driver.copy_records_to_table(stage_name, records=list(rows), columns=list(columns))
-        await conn.execute(
-            sa.text(f"INSERT INTO {self.quote(table)} ({cols}) SELECT {cols} FROM {stage} {tail}")
-        )
-        await conn.execute(sa.text(f"DROP TABLE {stage}"))
 
     async def allocate_ids(self, conn: AsyncConnection, table: str, count: int) -> list[int]:
         if count <= 0:

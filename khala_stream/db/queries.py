@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 
 def one_of(
@@ -17,3 +20,26 @@ def one_of(
     if dialect == "postgresql":
         return column == sa.any_(sa.literal(list(values), type_=postgresql.ARRAY(column.type)))
     return column.in_(values)
+
+
+@contextlib.asynccontextmanager
+async def staged(
+    conn: AsyncConnection, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> AsyncIterator[str]:
+    """PostgreSQL: `rows` binary-COPied into a temporary table shaped like `table`; yields its
+    name for an `INSERT … SELECT`, and drops it after (at the latest when the transaction ends).
+
+    The name depends only on (table, columns): asyncpg caches the column types of a COPY target
+    by the text of its introspection query, i.e. by table name.
+    """
+    digest = hashlib.sha1("\0".join(columns).encode()).hexdigest()[:12]
+    name = f"khala_stage_{table}_{digest}"
+    quoted = f'"{name}"'
+    await conn.execute(
+        sa.text(f'CREATE TEMP TABLE {quoted} (LIKE "{table}" INCLUDING DEFAULTS) ON COMMIT DROP')
+    )
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    await driver.copy_records_to_table(name, records=list(rows), columns=list(columns))
+    yield name
+    await conn.execute(sa.text(f"DROP TABLE {quoted}"))
