@@ -112,12 +112,14 @@ class _Context:
                 self.server.drop_database(name)
 
     def measure(
-        self, argv: list[str], env: dict[str, str], label: str, exclude: list[int]
+        self, argv: list[str], env: dict[str, str], label: str, broker_pid: int | None = None
     ) -> Measured:
+        """Run one step; its own tree is measured, and the CPU the servers spent meanwhile."""
         self.server.checkpoint()
-        # The broker (passed as the only excluded pid) and PostgreSQL are not in the tree.
-        servers = {"broker": exclude[0]} if exclude else {}
-        servers["postgres"] = self.server.pid
+        exclude = [broker_pid] if broker_pid is not None else []
+        servers = ({"broker": broker_pid} if broker_pid is not None else {}) | {
+            "postgres": self.server.pid
+        }
         before = {k: cpu_seconds(pid) for k, pid in servers.items()}
         try:
             measured = run_measured(
@@ -182,7 +184,7 @@ def _kafka(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str] 
         try:
             _log(f"{label}: {KAFKA_FIRST} ({export.documents:,} documents)")
             load = os.getloadavg()[0]
-            first = ctx.measure(argv, env, f"{label}-kafka-first", [broker.pid])
+            first = ctx.measure(argv, env, f"{label}-kafka-first", broker.pid)
             r1 = result.paths[KAFKA_FIRST] = _path_result(ctx, KAFKA_FIRST, first, load)
             r1.rows = verify.counts(dsn)
             r1.extra["report"] = _json_out(first).get("rows_written")
@@ -193,7 +195,7 @@ def _kafka(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str] 
             mark = verify.mark(dsn)
             _log(f"{label}: {KAFKA_AGAIN}")
             load = os.getloadavg()[0]
-            again = ctx.measure(argv, env, f"{label}-kafka-again", [broker.pid])
+            again = ctx.measure(argv, env, f"{label}-kafka-again", broker.pid)
             r2 = result.paths[KAFKA_AGAIN] = _path_result(ctx, KAFKA_AGAIN, again, load)
             r2.rows = verify.counts(dsn)
             written = verify.written_since(dsn, mark)
@@ -237,7 +239,7 @@ def _direct(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str]
         _log(f"{label}: {DIRECT}")
         load = os.getloadavg()[0]
         argv = [sys.executable, "-m", "bench.direct", str(export.path), dsn]
-        measured = ctx.measure(argv, _base_env(), f"{label}-direct", [])
+        measured = ctx.measure(argv, _base_env(), f"{label}-direct")
         r = result.paths[DIRECT] = _path_result(ctx, DIRECT, measured, load)
         r.rows = verify.counts(dsn)
         _log(f"{label}: {DIRECT}: {_outcome(r)}")
@@ -251,7 +253,7 @@ def _ceiling(ctx: _Context, export: Export, result: SizeResult) -> None:
         _log(f"{label}: {CEILING}")
         load = os.getloadavg()[0]
         argv = [sys.executable, "-m", "bench.ceiling", str(export.path), dsn]
-        measured = ctx.measure(argv, _base_env(), f"{label}-ceiling", [])
+        measured = ctx.measure(argv, _base_env(), f"{label}-ceiling")
         r = result.paths[CEILING] = _path_result(ctx, CEILING, measured, load)
         out = _json_out(measured)
         if r.ok:
