@@ -82,8 +82,14 @@ class FakeWorkos:
             self._scripts[path].extend(replies)
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
-        with self._lock:
-            return [r for r in self.requests if r.path == path]
+        # A request is recorded after its reply is sent: the client may have its answer before
+        # the server thread has written the record, so wait until no request is in flight.
+        deadline = time.monotonic() + 5
+        while True:
+            with self._lock:
+                if self._in_flight == 0 or time.monotonic() > deadline:
+                    return [r for r in self.requests if r.path == path]
+            time.sleep(0.01)
 
     @property
     def base_url(self) -> str:
