@@ -99,18 +99,55 @@ async def seek_to_stored(
 
 
 class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Re-positions from the database on every assignment (after a rebalance or a restart)."""
+    """Re-positions from the database on every assignment (after a rebalance or a restart).
 
-    def __init__(self, consumer: AIOKafkaConsumer, engine: AsyncEngine, group: str) -> None:
+    aiokafka hands out an assignment before calling this listener, and its fetcher starts at
+    the broker's idea of the position, so the new partitions are paused until they stand at
+    the stored position (`seek` drops what was fetched from elsewhere). aiokafka also logs and
+    swallows a listener's exception: a database that is down during a rebalance is waited out
+    here, and a failure past the deadline is kept for the stage's loop (`Poller.poll` raises
+    it) instead of being lost in the broker client's log.
+    """
+
+    def __init__(
+        self, consumer: AIOKafkaConsumer, engine: AsyncEngine, group: str, *, deadline_s: float
+    ) -> None:
         self._consumer = consumer
         self._engine = engine
         self._group = group
+        self._deadline_s = deadline_s
+        self._failure: BaseException | None = None
+        self.positioning: set[TopicPartition] = set()
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         return None
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await seek_to_stored(self._consumer, self._engine, self._group, assigned)
+        self.positioning = set(assigned)
+        self._consumer.pause(*assigned)  # before the first await: nothing is read too early
+        try:
+            await self._seek(assigned)
+        except Exception as exc:  # raised in the stage's loop by check()
+            self._failure = exc
+            return  # stay paused: nothing may be read from an unknown position
+        self.positioning = set()
+        self._consumer.resume(*(assigned & self._consumer.assignment()))
+
+    async def reposition(self) -> None:
+        """Seek every assigned partition back to the stored position (another worker won)."""
+        await self._seek(self._consumer.assignment())
+
+    async def _seek(self, partitions: set[TopicPartition]) -> None:
+        await with_retries(
+            lambda: seek_to_stored(self._consumer, self._engine, self._group, partitions),
+            what="the database",
+            deadline_s=self._deadline_s,
+        )
+
+    def check(self) -> None:
+        """Raise what went wrong while positioning the last assignment, if anything did."""
+        if self._failure is not None:
+            raise self._failure
 
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -126,21 +163,32 @@ class Poller:
     end of a partition at once instead of holding it for `fetch.max.wait.ms` (noida-db, the
     embedded default) then spins with the consumer: 30-40% of a core each, for nothing. So a
     partition read to its end is paused until the next poll (no fetch is sent for a paused
-    partition), and an idle consumer sleeps between polls, up to 0.2 s.
+    partition), and an idle consumer sleeps between polls, up to 0.2 s. Partitions that
+    `stored` is still positioning stay paused, and its failure is raised here.
     """
 
-    def __init__(self, consumer: AIOKafkaConsumer, max_records: int) -> None:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        max_records: int,
+        stored: StoredOffsets | None = None,
+    ) -> None:
         self._consumer = consumer
         self._max_records = max_records
+        self._stored = stored
         self._idle_s = _IDLE_S[0]
 
     async def poll(self) -> Batch:
         consumer = self._consumer
-        consumer.resume(*consumer.paused())
+        held = self._stored.positioning if self._stored else set()
+        consumer.resume(*(consumer.paused() - held))
         batch: Batch = await consumer.getmany(
             timeout_ms=_FIRST_WAIT_MS, max_records=self._max_records
         )
-        drained = [tp for tp in consumer.assignment() if await self._drained(tp)]
+        if self._stored:
+            self._stored.check()
+            held = self._stored.positioning
+        drained = [tp for tp in consumer.assignment() - held if await self._drained(tp)]
         consumer.pause(*(set(drained) & consumer.assignment()))  # a rebalance may have run
         if batch:
             self._idle_s = _IDLE_S[0]

@@ -35,7 +35,6 @@ from khala_stream.runtime import (
     caught_up,
     commit_for_lag,
     end_offsets,
-    seek_to_stored,
     with_retries,
 )
 from processors import store, unchanged
@@ -125,12 +124,13 @@ class Processor:
         stop = stop or asyncio.Event()
         topics, group = self._topics, self._topics.processor_group
         consumer = make_consumer(self._settings.kafka, group_id=group)
-        consumer.subscribe(topics.sources, listener=StoredOffsets(consumer, self._engine, group))
+        stored = StoredOffsets(consumer, self._engine, group, deadline_s=self._deadline)
+        consumer.subscribe(topics.sources, listener=stored)
         producer = make_producer(self._settings.kafka)
         self._probe = make_consumer(self._settings.kafka, group_id=None)
         await consumer.start()
         await producer.start()
-        poller = Poller(consumer, self._batch_records)
+        poller = Poller(consumer, self._batch_records, stored)
         trimmer = Trimmer(self._settings.kafka)
         await self._probe.start()
         try:
@@ -145,7 +145,7 @@ class Processor:
                             deadline_s=self._deadline,
                         )
                     except _AlreadyApplied:
-                        await seek_to_stored(consumer, self._engine, group, consumer.assignment())
+                        await stored.reposition()
                         continue
                     await commit_for_lag(consumer, positions)
                     await trimmer.consumed(positions)

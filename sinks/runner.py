@@ -28,7 +28,6 @@ from khala_stream.runtime import (
     StoredOffsets,
     caught_up,
     commit_for_lag,
-    seek_to_stored,
     with_retries,
 )
 from sinks.sql_sink import OffsetAdvance, Refusal, SqlSink
@@ -74,11 +73,12 @@ class SinkService:
         stop = stop or asyncio.Event()
         group, topic = self._topics.sink_group, self._topics.changes
         consumer = make_consumer(self._settings.kafka, group_id=group)
-        consumer.subscribe([topic], listener=StoredOffsets(consumer, self._engine, group))
+        stored = StoredOffsets(consumer, self._engine, group, deadline_s=self._deadline)
+        consumer.subscribe([topic], listener=stored)
         producer = make_producer(self._settings.kafka)
         await consumer.start()
         await producer.start()
-        poller = Poller(consumer, self._batch_records)
+        poller = Poller(consumer, self._batch_records, stored)
         trimmer = Trimmer(self._settings.kafka)
         try:
             while not stop.is_set():
@@ -97,7 +97,7 @@ class SinkService:
                     await commit_for_lag(consumer, positions)
                     await trimmer.consumed(positions)
                 else:
-                    await seek_to_stored(consumer, self._engine, group, consumer.assignment())
+                    await stored.reposition()
             await trimmer.consumed({}, now=True)  # stopping: what is applied, at once
         finally:
             await producer.stop()

@@ -5,8 +5,7 @@ jitter, saying what is waited for; when it comes back the import resumes and end
 an uninterrupted one. After `--retry-deadline` seconds the import stops with exit 1, and a
 rerun completes it.
 
-Each test gets its own PostgreSQL server (`infra/local/postgres.sh`, in a directory right under
-/tmp so that the postgres user can reach it) or its own broker, so that it can stop them.
+Each test gets its own PostgreSQL server (`own_pg`) or its own broker, so that it can stop them.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from khala_stream.broker.clients import make_admin
 from khala_stream.broker.local_broker import LocalBroker, start_local_broker
@@ -36,79 +34,11 @@ from khala_stream.db.engine import create_engine
 from producers.generator import generate_export
 from tests.e2e.harness import CliResult, counts, env_for, khala, ok
 from tests.e2e.snapshot import Snapshot, assert_same_tables, table_snapshot
+from tests.fixtures.own_postgres import LocalPostgres
 
-REPO = Path(__file__).resolve().parents[2]
-POSTGRES_SH = REPO / "infra" / "local" / "postgres.sh"
 WAITING_FOR_DB = re.compile(
     r"WARNING khala_stream\.runtime: waiting for the database \(attempt \d+, retry in [\d.]+s\)"
 )
-
-
-# --------------------------------------------------------------------------- our own PostgreSQL
-
-
-class LocalPostgres:
-    """A PostgreSQL server that a test may stop and start again on the same port."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="khala-outage-pg-", dir="/tmp"))
-        self.port: int | None = None
-
-    def _run(self, *args: str) -> str:
-        done = subprocess.run(
-            [str(POSTGRES_SH), *args],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"postgres.sh {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-        return done.stdout
-
-    def start(self) -> None:
-        out = self._run("start", str(self.dir), *([str(self.port)] if self.port else []))
-        url = next(x.split("=", 1)[1] for x in out.splitlines() if x.startswith("DATABASE_"))
-        port = make_url(url).port
-        assert port is not None and (self.port is None or port == self.port)
-        self.port = port
-
-    def stop(self) -> None:
-        self._run("stop", str(self.dir))
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    @property
-    def admin_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def create_database(self) -> str:
-        import asyncpg  # type: ignore[import-untyped, unused-ignore]
-
-        name = f"khala_outage_{uuid.uuid4().hex[:10]}"
-
-        async def go() -> None:
-            conn = await asyncpg.connect(self.admin_url, timeout=30)
-            try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
-
-        asyncio.run(go())
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{name}"
-
-
-@pytest.fixture
-def own_pg() -> Iterator[LocalPostgres]:
-    server = LocalPostgres()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
