@@ -6,6 +6,7 @@ With `--replace`, the six chat tables read as empty (SPEC §8.9), since they are
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,11 +17,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.contract.tables import REPLACED_TABLES
+from khala_stream.db.errors import sqlstate
 from khala_stream.db.importer_tables import ROWS, USER_IDS
 from khala_stream.db.laravel_tables import TABLES, primary_key
 from khala_stream.db.queries import one_of
 
 _CHUNK = 2000
+_INSUFFICIENT_PRIVILEGE = "42501"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,13 +303,7 @@ async def _max_user_id(conn: AsyncConnection, *, ledger: bool = True) -> int:
 
 async def _allocate(conn: AsyncConnection, count: int) -> list[int]:
     if conn.dialect.name == "postgresql":
-        result = await conn.execute(
-            sa.text(
-                "SELECT nextval(pg_get_serial_sequence('users', 'id')) FROM generate_series(1, :n)"
-            ),
-            {"n": count},
-        )
-        return [int(i) for (i,) in result.all()]
+        return await _allocate_from_sequence(conn, count)
     # SQLite: AUTOINCREMENT never reuses below sqlite_sequence, so moving it reserves the ids.
     seq = await conn.scalar(sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'users'"))
     start = max(await _max_user_id(conn), int(seq or 0)) + 1
@@ -319,3 +317,35 @@ async def _allocate(conn: AsyncConnection, count: int) -> list[int]:
             sa.text("UPDATE sqlite_sequence SET seq = :s WHERE name = 'users'"), {"s": ids[-1]}
         )
     return ids
+
+
+async def _allocate_from_sequence(conn: AsyncConnection, count: int) -> list[int]:
+    """The next `count` ids of the users sequence, taken so that a rollback gives them back.
+
+    `nextval` is not transactional: a reservation interrupted before its commit (a crash, a
+    database outage) would leave a gap, and the rerun would hand out other ids than an
+    uninterrupted run. `ALTER SEQUENCE` is transactional and holds off every other session's
+    `nextval` until the commit, so the Laravel application cannot take a reserved id meanwhile.
+    It needs the sequence's owner; any other role falls back to `nextval` (gaps possible).
+    """
+    seq = str(await conn.scalar(sa.text("SELECT pg_get_serial_sequence('users', 'id')")))
+    cache = await conn.scalar(
+        sa.text("SELECT seqcache FROM pg_sequence WHERE seqrelid = CAST(:seq AS regclass)"),
+        {"seq": seq},
+    )
+    try:
+        async with conn.begin_nested():
+            # Changes nothing; takes the lock that `nextval` waits for, before reading.
+            await conn.execute(sa.text(f"ALTER SEQUENCE {seq} CACHE {int(cache)}"))
+    except sa.exc.DBAPIError as exc:
+        if sqlstate(exc) != _INSUFFICIENT_PRIVILEGE:
+            raise
+        logger.warning("not the owner of %s: user ids come from nextval", seq)
+        result = await conn.execute(
+            sa.text(f"SELECT nextval('{seq}') FROM generate_series(1, :n)"), {"n": count}
+        )
+        return [int(i) for (i,) in result.all()]
+    last, called = (await conn.execute(sa.text(f"SELECT last_value, is_called FROM {seq}"))).one()
+    start = max(int(last) + 1 if called else int(last), await _max_user_id(conn) + 1)
+    await conn.execute(sa.text(f"ALTER SEQUENCE {seq} RESTART WITH {start + count}"))
+    return list(range(start, start + count))
