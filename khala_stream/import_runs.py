@@ -158,6 +158,17 @@ async def mark_derived(
         )
 
 
+async def derive_again(engine: AsyncEngine, run_id: int) -> bool:
+    """Put a derived run back in line for its derivation (the broker lost its changes)."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.status == "derived")
+            .values(status="published", claim=None, claimed_at=None, derived_at=None)
+        )
+        return bool(result.rowcount)
+
+
 async def applied_by_sink(engine: AsyncEngine, run: ImportRun, group: str, topic: str) -> bool:
     """True when the sink's stored positions have passed every change of this run."""
     if run.status != "derived":

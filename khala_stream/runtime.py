@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.db.errors import is_transient
-from khala_stream.db.offsets import load_offsets
+from khala_stream.db.offsets import load_offsets, rewind
 from khala_stream.errors import RuntimeFailure, TransientError
 
 logger = logging.getLogger(__name__)
@@ -86,14 +86,21 @@ async def seek_to_stored(
         if position is None:
             await consumer.seek_to_beginning(tp)
         elif position > ends[tp]:
-            # The topic is younger than the database's memory of it (the broker was reset).
+            # The log is shorter than what this group has read: the topic is younger than the
+            # database's memory of it (a new broker), or the broker lost acknowledged records.
+            # Reading it again from the start is safe (applying is idempotent); the stored
+            # position moves back with it, or the conditional advance would refuse every batch.
+            start = (await consumer.beginning_offsets([tp]))[tp]
             logger.warning(
-                "stored offset %d beyond end %d of %s; reading it from the start",
+                "stored offset %d beyond end %d of %s; reading it again from %d",
                 position,
                 ends[tp],
                 tp,
+                start,
             )
-            await consumer.seek_to_beginning(tp)
+            async with engine.begin() as conn:
+                await rewind(conn, group, tp.topic, tp.partition, position, start)
+            consumer.seek(tp, start)
         else:
             consumer.seek(tp, position)
 

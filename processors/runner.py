@@ -89,6 +89,16 @@ class KafkaChangeOutput:
             end = metadata.offset + 1
             self.ends[metadata.partition] = max(self.ends.get(metadata.partition, 0), end)
 
+    async def pad(self, counts: dict[int, int]) -> None:
+        """Send `counts[p]` empty change messages to each partition p (see
+        `Processor._cover_lost_offsets`)."""
+        for partition, count in counts.items():
+            for _ in range(count):
+                self._pending.append(
+                    await self._producer.send(self._topic, b"[]", partition=partition)
+                )
+        await self._settle()
+
     async def drain(self) -> dict[int, int]:
         """Send what is buffered and wait for every acknowledgement; the end offset reached
         per partition."""
@@ -96,6 +106,9 @@ class KafkaChangeOutput:
             await self._send()
         await self._settle()
         return self.ends
+
+
+_LOSS_CHECK_S = 2.0
 
 
 class _AlreadyApplied(Exception):
@@ -119,6 +132,7 @@ class Processor:
         self._deadline = db_deadline_s
         self._worker = uuid.uuid4().hex
         self.derived: list[int] = []
+        self._next_loss_check = 0.0
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -152,6 +166,9 @@ class Processor:
                     by_table = self._by_table(batch)
                     metrics.record_batch("process", by_table, time.monotonic() - started)
                     logger.debug("stored documents: %s", dict(by_table))
+                await with_retries(
+                    self._derive_lost_again, what="the database", deadline_s=self._deadline
+                )
                 derived = await with_retries(
                     functools.partial(self._derive_ready, producer),
                     what="the database",
@@ -218,6 +235,61 @@ class Processor:
                 derived = True
         return derived
 
+    async def _derive_lost_again(self) -> None:
+        """Derive the latest run again if the broker lost changes it had acknowledged.
+
+        The import waits until the sink has read every change up to the run's acknowledged
+        ends; a broker that loses the tail of the changes topic (noida-db does on a stop that
+        races a write; a new broker in place of the old one) would make that wait endless. Only
+        the latest run can be waiting: a derivation starts after the sink applied everything
+        before it. Checked every few seconds, only while that run waits for the sink.
+        """
+        now = time.monotonic()
+        if now < self._next_loss_check:
+            return
+        self._next_loss_check = now + _LOSS_CHECK_S
+        run = await import_runs.latest(self._engine)
+        topic = self._topics.changes
+        if run is None or run.status != "derived":
+            return
+        if await import_runs.applied_by_sink(self._engine, run, self._topics.sink_group, topic):
+            return
+        ends = await end_offsets(self._probe, topic)
+        lost = {p: (ends.get(p, 0), e) for p, e in run.changes_end.items() if ends.get(p, 0) < e}
+        if lost and await import_runs.derive_again(self._engine, run.id):
+            logger.warning(
+                "run %d: the broker lost changes it had acknowledged (partition: end now,"
+                " acknowledged end: %s); deriving the run again",
+                run.id,
+                lost,
+            )
+
+    async def _cover_lost_offsets(self, run: import_runs.ImportRun, out: KafkaChangeOutput) -> None:
+        """Lengthen a changes topic that is shorter than what was read from it, before sending.
+
+        When the broker lost records (or a new broker took the old one's place), the sink holds
+        positions beyond the end of the log: stored ones, and in memory up to the acknowledged
+        end of the last derivation. New changes written below those positions would be skipped,
+        so the log is first padded with empty change messages up to them.
+        """
+        topic = self._topics.changes
+        floor = await import_runs.sink_positions(self._engine, self._topics.sink_group, topic)
+        async with self._engine.connect() as conn:
+            before = await import_runs.latest_derived_before(conn, run.id)
+        for acknowledged in (run.changes_end, before.changes_end if before else {}):
+            for p, end in acknowledged.items():
+                floor[p] = max(floor.get(p, 0), end)
+        ends = await end_offsets(self._probe, topic)
+        short = {p: floor[p] - end for p, end in ends.items() if floor.get(p, 0) > end}
+        if short:
+            logger.warning(
+                "run %d: the changes topic is shorter than what was read from it (the broker"
+                " lost records); padding partitions %s with empty messages",
+                run.id,
+                sorted(short),
+            )
+            await out.pad(short)
+
     async def _derive(self, run: import_runs.ImportRun, producer: AIOKafkaProducer) -> None:
         flags = run.flags
         logger.info("deriving run %d", run.id)
@@ -238,6 +310,7 @@ class Processor:
             # The derivation reads the database: let every change sent before it land first
             # (after a crash, the changes of the interrupted attempt).
             await self._wait_for_sink(await end_offsets(self._probe, self._topics.changes), run.id)
+            await self._cover_lost_offsets(run, out)
             async with self._engine.connect() as conn:
                 documents = await store.table_changes(conn, run.id, SOURCE_TABLES)
                 reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from khala_stream.db.importer_tables import OFFSETS
 
-__all__ = ["advance", "load_offsets"]
+__all__ = ["advance", "load_offsets", "rewind"]
 
 
 def _where(group: str, topic: str, partition: int) -> sa.ColumnElement[bool]:
@@ -78,3 +78,19 @@ async def advance(
     if result.rowcount == 1:
         return True
     return await _move(conn, group, topic, partition, start, end)
+
+
+async def rewind(
+    conn: AsyncConnection, group: str, topic: str, partition: int, stored: int, to: int
+) -> bool:
+    """Move the position back from `stored` to `to`; False if another worker moved it first.
+
+    Only for a log that no longer holds what the group read (the broker lost or dropped it):
+    the conditional advance would otherwise refuse every batch below the old position.
+    """
+    result = await conn.execute(
+        sa.update(OFFSETS)
+        .where(_where(group, topic, partition), OFFSETS.c.next_offset == stored)
+        .values(next_offset=to)
+    )
+    return result.rowcount == 1
