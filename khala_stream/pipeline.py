@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -20,10 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs
-from khala_stream.broker.clients import broker_session, ensure_topics, make_producer
+from khala_stream.broker.clients import (
+    broker_session,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+)
 from khala_stream.config import Settings
 from khala_stream.contract import SOURCE_TABLES, RowChange, Topics
 from khala_stream.contract.documents import document_hash, document_key
@@ -31,7 +39,7 @@ from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.errors import RuntimeFailure, WorkosKeyError
-from khala_stream.runtime import with_retries
+from khala_stream.runtime import end_offsets, with_retries
 from processors import store
 from processors.autopilots import parse_allowed_hosts
 from processors.derive import COUNTER_KEYS, Derivation, RunOptions
@@ -193,7 +201,11 @@ async def _run_stages(
         "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(options.deadline_s))),
     }
     stages = [await _start_stage(name, env) for name in ("process", "sink")]
-    try:
+    probe = make_consumer(settings.kafka, group_id=None)
+
+    async def publish(applied: dict[str, int] | None = None) -> None:
+        # A producer of its own each time: after the broker lost records, an idempotent
+        # producer's sequence numbers run ahead of the broker's and every send is refused.
         producer = make_producer(settings.kafka)
         await producer.start()
         try:
@@ -203,12 +215,22 @@ async def _run_stages(
                 topics=topics,
                 incremental=True,
                 skip_blueprints=options.skip_blueprints,
-                progress=progress,
+                progress=progress if applied is None else None,
                 deadline_s=options.deadline_s,
             )
-            await publisher.publish(export, run_id)
+            await publisher.publish(export, run_id, applied=applied)
+        except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
+            raise RuntimeFailure(
+                "the broker lost messages it had acknowledged while the export was being"
+                f" published (was it restarted?): {exc}; rerun to publish them again"
+            ) from exc
         finally:
             await producer.stop()
+
+    try:
+        await probe.start()
+        await publish()
+        next_loss_check = time.monotonic() + _LOSS_CHECK_S
         while True:
             for name, child in stages:
                 if child.returncode is not None:
@@ -222,9 +244,52 @@ async def _run_stages(
                 deadline_s=options.deadline_s,
             ):
                 return
+            if time.monotonic() >= next_loss_check:
+                next_loss_check = time.monotonic() + _LOSS_CHECK_S
+                applied = await with_retries(
+                    lambda: _documents_lost(engine, probe, topics, run_id),
+                    what="the database",
+                    deadline_s=options.deadline_s,
+                )
+                if applied is not None:
+                    logger.warning(
+                        "run %d: the broker lost documents it had acknowledged (the store holds"
+                        " %s); publishing the missing ones again",
+                        run_id,
+                        applied,
+                    )
+                    await publish(applied)
             await asyncio.sleep(0.1)
     finally:
+        await probe.stop()
         await asyncio.gather(*(_stop_stage(child) for _, child in stages))
+
+
+_LOSS_CHECK_S = 5.0
+
+
+async def _documents_lost(
+    engine: AsyncEngine, probe: AIOKafkaConsumer, topics: Topics, run_id: int
+) -> dict[str, int] | None:
+    """What the store holds of the run when the broker lost documents it had acknowledged.
+
+    That is the case when the run is published (every document acknowledged), the processor
+    has read every partition of a table's topic to its end, and the store still holds fewer of
+    that table's documents than were announced: they will never arrive. None otherwise.
+    """
+    run = await import_runs.load(engine, run_id)
+    if run is None or run.status != "published":
+        return None
+    announced: dict[str, int] = run.published.get("published", {})
+    async with engine.connect() as conn:
+        applied = await store.applied_counts(conn, run_id)
+    short = [t for t, n in announced.items() if applied.get(t, 0) < n]
+    for table in short:
+        topic = topics.source(table)
+        positions = await import_runs.sink_positions(engine, topics.processor_group, topic)
+        if not import_runs.reached(positions, await end_offsets(probe, topic)):
+            return None
+    return applied if short else None
 
 
 async def _applied(engine: AsyncEngine, run_id: int, topics: Topics) -> bool:

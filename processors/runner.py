@@ -19,6 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
@@ -28,7 +29,7 @@ from khala_stream.contract import REPLACED_TABLES, SOURCE_TABLES, RowChange, Top
 from khala_stream.contract.codec import encode_change
 from khala_stream.contract.documents import read_headers
 from khala_stream.db.offsets import advance
-from khala_stream.errors import WorkosKeyError
+from khala_stream.errors import TransientError, WorkosKeyError
 from khala_stream.runtime import (
     Poller,
     StoredOffsets,
@@ -140,10 +141,10 @@ class Processor:
         consumer = make_consumer(self._settings.kafka, group_id=group)
         stored = StoredOffsets(consumer, self._engine, group, deadline_s=self._deadline)
         consumer.subscribe(topics.sources, listener=stored)
-        producer = make_producer(self._settings.kafka)
+        self._producer = make_producer(self._settings.kafka)
         self._probe = make_consumer(self._settings.kafka, group_id=None)
         await consumer.start()
-        await producer.start()
+        await self._producer.start()
         poller = Poller(consumer, self._batch_records, stored)
         trimmer = Trimmer(self._settings.kafka)
         await self._probe.start()
@@ -170,7 +171,7 @@ class Processor:
                     self._derive_lost_again, what="the database", deadline_s=self._deadline
                 )
                 derived = await with_retries(
-                    functools.partial(self._derive_ready, producer),
+                    self._derive_ready,
                     what="the database",
                     deadline_s=self._deadline,
                 )
@@ -179,7 +180,7 @@ class Processor:
             await trimmer.consumed({}, now=True)  # stopping: what is stored, at once
         finally:
             await self._probe.stop()
-            await producer.stop()
+            await self._producer.stop()
             await consumer.stop()
 
     def _by_table(
@@ -219,7 +220,7 @@ class Processor:
                 positions[tp] = end
         return positions
 
-    async def _derive_ready(self, producer: AIOKafkaProducer) -> bool:
+    async def _derive_ready(self) -> bool:
         """Derive every run whose messages have all been applied to the store."""
         async with self._engine.connect() as conn:
             ready = []
@@ -231,9 +232,21 @@ class Processor:
         derived = False
         for run in ready:
             if await import_runs.claim(self._engine, run.id, self._worker, self._lease_s):
-                await self._derive(run, producer)
+                try:
+                    await self._derive(run, self._producer)
+                except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
+                    await self._renew_producer()
+                    raise TransientError(f"the broker refused the producer: {exc}") from exc
                 derived = True
         return derived
+
+    async def _renew_producer(self) -> None:
+        """A new producer id: after the broker lost records it had acknowledged, an idempotent
+        producer's sequence numbers run ahead of the broker's and every send is refused."""
+        with contextlib.suppress(KafkaError):
+            await self._producer.stop()
+        self._producer = make_producer(self._settings.kafka)
+        await self._producer.start()
 
     async def _derive_lost_again(self) -> None:
         """Derive the latest run again if the broker lost changes it had acknowledged.

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -102,11 +102,26 @@ class Publisher:
         self._progress = progress
         self._max_reported = max_reported_rejections
         self._deadline = deadline_s
+        self._again = False
 
     async def _db(self, action: Callable[[], Awaitable[T]]) -> T:
         return await with_retries(action, what="the database", deadline_s=self._deadline)
 
-    async def publish(self, export: ExportSource, run_id: int) -> PublishReport:
+    async def publish(
+        self,
+        export: ExportSource,
+        run_id: int,
+        *,
+        applied: Mapping[str, int] | None = None,
+    ) -> PublishReport:
+        """Publish `export` as run `run_id`.
+
+        With `applied` (the documents of this run the store already holds, by table), the run
+        is published again because the broker lost documents it had acknowledged: only what
+        the store lacks is sent (the rest is "unchanged"), no dead letter is sent twice, and
+        the run announces `applied` plus what was sent, so the derivation waits for those.
+        """
+        self._again = applied is not None
         report = PublishReport(
             run_id=run_id, sha256=export.sha256(), snapshot_ms=export.snapshot_ms or 0
         )
@@ -116,6 +131,7 @@ class Publisher:
             if table == "blueprints" and self._skip_blueprints:
                 continue  # not read at all (reference §6.4)
             await self._publish_table(export, table, report)
+        report.published.update(applied or {})  # Counter.update adds
         await self._producer.send_and_wait(
             self._topics.manifests,
             orjson.dumps({"run_id": run_id, "export_sha256": report.sha256, **report.to_json()}),
@@ -237,7 +253,7 @@ class Publisher:
                 )
             )
             report.published[table] += 1
-        if letters:
+        if letters and not self._again:
             await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
             for code, n in Counter(letter.reason_code for letter in letters).items():
                 metrics.dead_letters("publish", code, n)

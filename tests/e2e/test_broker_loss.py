@@ -13,16 +13,23 @@ end of the log reads it again from the start instead of refusing every batch
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from khala_stream.broker.clients import ensure_topics, make_admin
 from khala_stream.config import KafkaSettings
 from khala_stream.contract.topics import Topics
 from producers.generator import generate_export
-from tests.e2e.harness import counts, env_for, khala, ok
+from tests.e2e.harness import counts, env_for, khala, ok, run_db
 from tests.e2e.snapshot import assert_same_tables, table_snapshot
 
 LOST = "the broker lost changes it had acknowledged"
@@ -30,11 +37,14 @@ SHORTER = "the changes topic is shorter than what was read from it"
 
 
 def _lose_the_changes(bootstrap: str, prefix: str) -> None:
-    """Delete the changes topic and create it again, empty."""
+    _lose_topic(bootstrap, Topics(prefix).changes)
+
+
+def _lose_topic(bootstrap: str, topic: str) -> None:
+    """Delete `topic` and create it again, empty."""
 
     async def go() -> None:
         kafka = KafkaSettings(bootstrap_servers=bootstrap)
-        topic = Topics(prefix).changes
         admin = make_admin(kafka)
         await admin.start()
         try:
@@ -120,4 +130,57 @@ def test_a_sink_whose_position_lies_beyond_the_end_of_the_log_reads_it_again(
         _baseline(kafka_bootstrap, tmp_path, older, newer),
         table_snapshot(pg_url),
         "sink started on a changes topic shorter than its stored positions",
+    )
+
+
+def _stage_pid(parent: int, name: str, limit_s: float = 30) -> int:
+    """The pid of the `name` stage that `import-chat` (pid `parent`) started."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                if name.encode() in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                    return int(child)
+        time.sleep(0.005)
+    raise AssertionError(f"import-chat started no {name} stage within {limit_s}s")
+
+
+def _published(db_url: str) -> bool:
+    statuses = run_db(db_url, [sa.text("SELECT status FROM khala_import_runs")])[0]
+    return [s for (s,) in statuses] == ["published"]
+
+
+def test_documents_lost_after_they_were_published_are_published_again(
+    exports: tuple[Path, Path], tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> None:
+    older, _ = exports
+    env = env_for(kafka_bootstrap, topic_prefix, pg_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "khala_stream", "import-chat", str(older)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        processor = _stage_pid(proc.pid, "process")
+        os.kill(processor, signal.SIGSTOP)  # frozen before it has read a document
+        deadline = time.monotonic() + 60
+        while not _published(pg_url):
+            assert time.monotonic() < deadline, "the export was not published within 60s"
+            time.sleep(0.1)
+        _lose_topic(kafka_bootstrap, Topics(topic_prefix).source("messages"))
+        os.kill(processor, signal.SIGCONT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+
+    assert proc.returncode == 0, out + err
+    assert "the broker lost documents it had acknowledged" in err, err
+    assert "Import completed successfully." in out
+    assert_same_tables(
+        _baseline(kafka_bootstrap, tmp_path, older), table_snapshot(pg_url), "documents lost"
     )
