@@ -173,7 +173,7 @@ async def applied_by_sink(engine: AsyncEngine, run: ImportRun, group: str, topic
     """True when the sink's stored positions have passed every change of this run."""
     if run.status != "derived":
         return False
-    return reached(await sink_positions(engine, group, topic), run.changes_end)
+    return reached(await stored_positions(engine, group, topic), run.changes_end)
 
 
 def reached(positions: dict[int, int], ends: dict[int, int]) -> bool:
@@ -208,7 +208,7 @@ async def heartbeat(engine: AsyncEngine, run_id: int, worker: str) -> None:
         )
 
 
-async def sink_positions(engine: AsyncEngine, group: str, topic: str) -> dict[int, int]:
+async def stored_positions(engine: AsyncEngine, group: str, topic: str) -> dict[int, int]:
     async with engine.connect() as conn:
         rows = await conn.execute(
             sa.select(OFFSETS.c.partition, OFFSETS.c.next_offset).where(

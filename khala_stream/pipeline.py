@@ -26,6 +26,7 @@ from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs
+from khala_stream.backpressure import Backpressure
 from khala_stream.broker.clients import (
     broker_session,
     ensure_topics,
@@ -217,6 +218,7 @@ async def _run_stages(
                 skip_blueprints=options.skip_blueprints,
                 progress=progress if applied is None else None,
                 deadline_s=options.deadline_s,
+                backpressure=Backpressure(engine, topics.processor_group, limit=_PROCESSOR_BEHIND),
             )
             await publisher.publish(export, run_id, applied=applied)
         except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
@@ -266,6 +268,7 @@ async def _run_stages(
 
 
 _LOSS_CHECK_S = 5.0
+_PROCESSOR_BEHIND = 20_000  # documents the processor may be behind the publisher, per table
 
 
 async def _documents_lost(
@@ -286,7 +289,7 @@ async def _documents_lost(
     short = [t for t, n in announced.items() if applied.get(t, 0) < n]
     for table in short:
         topic = topics.source(table)
-        positions = await import_runs.sink_positions(engine, topics.processor_group, topic)
+        positions = await import_runs.stored_positions(engine, topics.processor_group, topic)
         if not import_runs.reached(positions, await end_offsets(probe, topic)):
             return None
     return applied if short else None

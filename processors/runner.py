@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProduce
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
+from khala_stream.backpressure import Backpressure
 from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import REPLACED_TABLES, SOURCE_TABLES, RowChange, Topics
@@ -49,6 +50,11 @@ from processors.workos_cache import SqlWorkosCache, resolve_with_cache
 logger = logging.getLogger(__name__)
 
 
+_LOSS_CHECK_S = 2.0
+_IN_FLIGHT = 16  # change messages sent before their acknowledgements are awaited
+_SINK_BEHIND = 32  # change messages (of up to 512 KB) the sink may be behind the derivation
+
+
 class KafkaChangeOutput:
     """Sends changes to the changes topic in chunks, spread over its partitions.
 
@@ -57,11 +63,16 @@ class KafkaChangeOutput:
     """
 
     def __init__(
-        self, producer: AIOKafkaProducer, topic: str, chunk_bytes: int = 512 * 1024
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        chunk_bytes: int = 512 * 1024,
+        backpressure: Backpressure | None = None,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._chunk_bytes = chunk_bytes
+        self._backpressure = backpressure
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._pending: list[asyncio.Future[Any]] = []
@@ -81,8 +92,10 @@ class KafkaChangeOutput:
         value = b"[" + b",".join(self._buffer) + b"]"
         self._buffer, self._buffered = [], 0
         self._pending.append(await self._producer.send(self._topic, value))
-        if len(self._pending) >= 64:
+        if len(self._pending) >= _IN_FLIGHT:
             await self._settle()
+            if self._backpressure:
+                await self._backpressure.wait(self._topic, self.ends)
 
     async def _settle(self) -> None:
         pending, self._pending = self._pending, []
@@ -109,9 +122,6 @@ class KafkaChangeOutput:
         return self.ends
 
 
-_LOSS_CHECK_S = 2.0
-
-
 class _AlreadyApplied(Exception):
     """Another worker applied this batch first; the transaction is rolled back."""
 
@@ -134,6 +144,7 @@ class Processor:
         self._worker = uuid.uuid4().hex
         self.derived: list[int] = []
         self._next_loss_check = 0.0
+        self._backpressure = Backpressure(engine, self._topics.sink_group, limit=_SINK_BEHIND)
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -286,7 +297,7 @@ class Processor:
         so the log is first padded with empty change messages up to them.
         """
         topic = self._topics.changes
-        floor = await import_runs.sink_positions(self._engine, self._topics.sink_group, topic)
+        floor = await import_runs.stored_positions(self._engine, self._topics.sink_group, topic)
         async with self._engine.connect() as conn:
             before = await import_runs.latest_derived_before(conn, run.id)
         for acknowledged in (run.changes_end, before.changes_end if before else {}):
@@ -306,7 +317,7 @@ class Processor:
     async def _derive(self, run: import_runs.ImportRun, producer: AIOKafkaProducer) -> None:
         flags = run.flags
         logger.info("deriving run %d", run.id)
-        out = KafkaChangeOutput(producer, self._topics.changes)
+        out = KafkaChangeOutput(producer, self._topics.changes, backpressure=self._backpressure)
         options = RunOptions(
             run_id=run.id,
             snapshot_ms=run.snapshot_ms or 0,
@@ -378,7 +389,7 @@ class Processor:
         group, topic = self._topics.sink_group, self._topics.changes
         polls = 0
         while not import_runs.reached(
-            await import_runs.sink_positions(self._engine, group, topic), ends
+            await import_runs.stored_positions(self._engine, group, topic), ends
         ):
             if polls % 50 == 0:
                 logger.info("run %d waits for the sink to apply earlier changes", run_id)

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
+from khala_stream.backpressure import Backpressure
 from khala_stream.contract import SOURCE_TABLES, Topics
 from khala_stream.contract.dead_letters import DeadLetter, ReasonCode
 from khala_stream.contract.documents import (
@@ -93,6 +94,7 @@ class Publisher:
         progress: Progress | None = None,
         max_reported_rejections: int = 1000,
         deadline_s: float = 120.0,
+        backpressure: Backpressure | None = None,
     ) -> None:
         self._producer = producer
         self._engine = engine
@@ -103,6 +105,7 @@ class Publisher:
         self._max_reported = max_reported_rejections
         self._deadline = deadline_s
         self._again = False
+        self._backpressure = backpressure
 
     async def _db(self, action: Callable[[], Awaitable[T]]) -> T:
         return await with_retries(action, what="the database", deadline_s=self._deadline)
@@ -257,7 +260,12 @@ class Publisher:
             await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
             for code, n in Counter(letter.reason_code for letter in letters).items():
                 metrics.dead_letters("publish", code, n)
-        await asyncio.gather(*futures)
+        acknowledged = await asyncio.gather(*futures)
         metrics.record_output("publish", {table: len(futures)})
+        if self._backpressure and acknowledged:
+            ends: dict[int, int] = {}
+            for metadata in acknowledged:
+                ends[metadata.partition] = max(ends.get(metadata.partition, 0), metadata.offset + 1)
+            await self._backpressure.wait(topic, ends)
         elapsed = time.monotonic() - started
         metrics.record_batch("publish", {table: len(batch) + len(letters)}, elapsed)
