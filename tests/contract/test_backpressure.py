@@ -14,22 +14,15 @@ from typing import TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.backpressure import Backpressure
-from khala_stream.db import advance, create_engine, init_db
+from khala_stream.db import advance
+from tests.contract.engine import run_on
 
 GROUP, TOPIC = "khala.process", "khala.messages"
 T = TypeVar("T")
 
 
 def run(db_url: str, body: Callable[[AsyncEngine], Awaitable[T]]) -> T:
-    async def main() -> T:
-        engine = create_engine(db_url)
-        try:
-            await init_db(engine, laravel=False)
-            return await body(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+    return run_on(db_url, body, laravel=False)
 
 
 async def _consume(engine: AsyncEngine, partition: int, start: int, end: int) -> None:

@@ -9,21 +9,14 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.db import advance, create_engine, init_db, load_offsets
+from khala_stream.db import advance, load_offsets
+from tests.contract.engine import run_on
 
 GROUP, TOPIC = "khala.sink", "khala.changes"
 
 
 def run(db_url: str, body: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        engine = create_engine(db_url)
-        try:
-            await init_db(engine, laravel=False)
-            return await body(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+    return run_on(db_url, body, laravel=False)
 
 
 def test_advance_is_conditional(db_url: str) -> None:

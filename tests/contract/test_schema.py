@@ -11,20 +11,14 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.db import IMPORTER, LARAVEL, create_engine, dialect_name, init_db
+from tests.contract.engine import run_on
 
 LARAVEL_NAMES = set(LARAVEL.tables)
 IMPORTER_NAMES = set(IMPORTER.tables)
 
 
 def run(db_url: str, body: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        engine = create_engine(db_url)
-        try:
-            return await body(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+    return run_on(db_url, body, schema=False)
 
 
 async def reflect(engine: AsyncEngine, fn: Callable[[sa.Inspector], Any]) -> Any:

@@ -17,28 +17,20 @@ from khala_stream.contract.changes import RowChange, SourceRef
 from khala_stream.db import (
     create_engine,
     dialect_name,
-    init_db,
     is_refusal,
     is_transient,
     load_offsets,
     refusal_reason,
 )
 from sinks import ApplyResult, OffsetAdvance, Refusal, SqlSink
+from tests.contract.engine import run_on
 
 TS = "2024-01-02 03:04:05"
 GROUP, TOPIC = "khala.sink", "khala.changes"
 
 
 def run(db_url: str, body: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        engine = create_engine(db_url)
-        try:
-            await init_db(engine)
-            return await body(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+    return run_on(db_url, body)
 
 
 def change(table: Any, key: str, op: Any = "upsert", **values: Any) -> RowChange:

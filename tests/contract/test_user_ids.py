@@ -19,22 +19,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from khala_stream.db import create_engine, init_db
+from khala_stream.db import create_engine
 from processors.lookups import SqlUserIds
+from tests.contract.engine import run_on
 
 NEXTVAL = sa.text("SELECT nextval(pg_get_serial_sequence('users', 'id'))")
 
 
 def run(db_url: str, body: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        engine = create_engine(db_url)
-        try:
-            await init_db(engine)
-            return await body(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+    return run_on(db_url, body)
 
 
 async def _backend_waiting_on(conn: AsyncConnection, table: str) -> int:

@@ -12,9 +12,6 @@ CI runs a few seeds; `tests/stress/test_stress.py` runs many (STRESS_SEEDS).
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +30,6 @@ from tests.e2e.stages import (
     StageError,
     Stages,
     baseline,
-    create_database,
     describe,
     generated_export,
     latest_run,
@@ -41,6 +37,7 @@ from tests.e2e.stages import (
     run_phase,
     stage_env,
 )
+from tests.fixtures.own_postgres import LocalPostgres
 
 CI_SEEDS = (11, 12)
 USERS = 40  # enough for each stage to work a second or more, so that a kill lands inside
@@ -54,7 +51,6 @@ KILL_POINTS: dict[str, tuple[tuple[Phase, float], ...]] = {
     "process": (("publishing", 0.5), ("deriving", 0.15)),  # storing documents; deriving
     "sink": (("deriving", 1.0), ("derived", 3.0)),  # (--replace: truncating;) writing rows
 }
-POSTGRES_SH = Path(__file__).resolve().parents[2] / "infra" / "local" / "postgres.sh"
 
 # Each case starts processes and waits on them with its own deadlines (TIMEOUT_S per wait).
 # The cases below are the CI subset; tests/stress/test_stress.py runs them all, many seeds.
@@ -239,61 +235,12 @@ def run_broker_restart_case(
     check(pg_url, expected, stages, f"{context} publish exit {code}", counters=code == 0)
 
 
-class _Postgres:
-    """A PostgreSQL server of this test's own, so that it can be stopped and started again."""
-
-    def __init__(self) -> None:
-        # Right under /tmp: pytest's tmp dirs are not reachable by the postgres user.
-        self.dir = Path(tempfile.mkdtemp(prefix="khala-crash-pg-", dir="/tmp"))
-        self.port: str | None = None
-
-    def _sh(self, *args: str) -> str:
-        done = subprocess.run(
-            [str(POSTGRES_SH), *args],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"postgres.sh {' '.join(args)}: {done.stdout}{done.stderr}")
-        return done.stdout
-
-    def start(self) -> str:
-        out = self._sh("start", str(self.dir), *([self.port] if self.port else []))
-        url = next(
-            line.split("=", 1)[1]
-            for line in out.splitlines()
-            if line.startswith("DATABASE_ADMIN_URL=")
-        )
-        self.port = url.rsplit(":", 1)[1].split("/", 1)[0]
-        return url
-
-    def stop(self) -> None:
-        self._sh("stop", str(self.dir))
-
-    def remove(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[_Postgres]:
-    server = _Postgres()
-    try:
-        yield server
-    finally:
-        server.remove()
-
-
 def run_postgres_restart_case(
     *,
     seed: int,
     revive: bool,
     users: int,
-    server: _Postgres,
+    server: LocalPostgres,
     kafka_bootstrap: str,
     topic_prefix: str,
     pg_admin_url: str,
@@ -310,8 +257,7 @@ def run_postgres_restart_case(
     rng = random.Random(seed)
     export = generated_export(export_dir, seed=seed, users=users)
     expected = baseline(export, kafka_bootstrap=kafka_bootstrap, pg_admin_url=pg_admin_url)
-    admin = server.start()
-    db_url = create_database(admin)
+    db_url = server.create_database()
     env = stage_env(kafka_bootstrap, topic_prefix, db_url, partitions=PARTITIONS, lease_s=LEASE_S)
     stages = make_stages(env)
     stages.context = describe(seed, case="postgres restart", users=users, revive=revive)
@@ -457,7 +403,7 @@ def test_clean_broker_restart_mid_import(
 
 
 def test_postgres_restart_mid_import(
-    own_postgres: _Postgres,
+    own_pg: LocalPostgres,
     kafka_bootstrap: str,
     topic_prefix: str,
     pg_admin_url: str,
@@ -468,7 +414,7 @@ def test_postgres_restart_mid_import(
         seed=CI_SEEDS[0],
         revive=False,
         users=USERS,
-        server=own_postgres,
+        server=own_pg,
         kafka_bootstrap=kafka_bootstrap,
         topic_prefix=topic_prefix,
         pg_admin_url=pg_admin_url,

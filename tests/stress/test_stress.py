@@ -24,6 +24,7 @@ import pytest
 from tests.e2e import test_crash_safety as crash
 from tests.e2e import test_order_independence as order
 from tests.e2e.stages import MakeStages, Stage
+from tests.fixtures.own_postgres import LocalPostgres
 
 pytestmark = [pytest.mark.stress, pytest.mark.timeout(1800)]
 
@@ -33,7 +34,6 @@ GRID = [(p, w) for p in (1, 3, 12) for w in (1, 2, 3)]
 
 
 own_broker = crash.own_broker
-own_postgres = crash.own_postgres
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -191,7 +191,7 @@ def test_broker_restart(
 @pytest.mark.parametrize("seed", SEEDS)
 def test_postgres_restart(
     seed: int,
-    own_postgres: crash._Postgres,
+    own_pg: LocalPostgres,
     kafka_bootstrap: str,
     topic_prefix: str,
     pg_admin_url: str,
@@ -202,7 +202,7 @@ def test_postgres_restart(
         seed=seed,
         revive=False,
         users=crash.STRESS_USERS,
-        server=own_postgres,
+        server=own_pg,
         kafka_bootstrap=kafka_bootstrap,
         topic_prefix=topic_prefix,
         pg_admin_url=pg_admin_url,
