@@ -10,12 +10,17 @@ busy timeout instead.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
+from contextlib import closing
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 from khala_stream.db.importer_tables import IMPORTER
 from khala_stream.db.laravel_tables import LARAVEL
@@ -55,17 +60,27 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     raise ValueError(f"unsupported database {backend!r}: use PostgreSQL or SQLite")
 
 
+_BUSY_TIMEOUT_S = 30
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
     sync_engine = engine.sync_engine
+    database = engine.url.database or ""
+    in_memory = database in ("", ":memory:") or "mode=memory" in database
+    wal_set = in_memory  # WAL is a property of the file: once per engine is enough
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        nonlocal wal_set
+        if not wal_set:
+            # In a thread of its own, off the event loop: see `_switch_to_wal`.
+            await_only(asyncio.to_thread(_switch_to_wal, database))
+            wal_set = True
         # Autocommit at the sqlite3 level: SQLAlchemy's "begin" hook below emits BEGIN itself.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA busy_timeout = 30000")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_S * 1000}")
             cursor.execute("PRAGMA foreign_keys = OFF")
         finally:
             cursor.close()
@@ -73,6 +88,29 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _switch_to_wal(database: str) -> None:
+    """Put the file in WAL mode (it stays so), retrying while another connection holds a lock.
+
+    Switching a fresh file needs an exclusive lock, and SQLite answers "database is locked" at
+    once, without waiting on its busy timeout, when other connections are opening or switching
+    the same file (workers started together). This runs on a plain sqlite3 connection of its
+    own: a statement that failed through aiosqlite leaves its cursor to the garbage collector,
+    which may reset it on the event loop's thread while that connection waits on a lock held
+    by another connection of this process, and the two then wait on each other.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    uri = database.startswith("file:")
+    with closing(sqlite3.connect(database, timeout=_BUSY_TIMEOUT_S, uri=uri)) as conn:
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL").close()
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
 
 def dialect_name(
