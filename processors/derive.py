@@ -12,7 +12,7 @@ value differs from the last computed one, or that are missing from their table, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,7 +30,13 @@ from processors.autopilots import (
     profile_payload,
 )
 from processors.fields import CREATED_CHAIN, first_usable_ms, now_timestamp, string_field
-from processors.identity import Candidate, IdentityResolver, ResolvedUser, WorkosLookup
+from processors.identity import (
+    Candidate,
+    IdentityCounters,
+    IdentityResolver,
+    ResolvedUser,
+    WorkosLookup,
+)
 from processors.linkage import (
     Owner,
     default_title,
@@ -44,7 +50,9 @@ from processors.linkage import (
     title_from,
 )
 from processors.lookups import LedgerEntry, LegacyEvent, TargetView, UserIds
+from processors.store import StoredDocument
 from processors.text import gravatar_url, handle_candidates, is_valid_email, limit, normalise_handle
+from processors.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +117,6 @@ class Derived:
     documents: dict[str, store.TableChanges] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class _BlueprintChoice:
-    """A thread's best blueprint without its payload: payloads are large (a few KB each), so
-    only the chosen ones are read again, an owner batch at a time (`_payloads`)."""
-
-    key: str
-    recency: int
-
-
 class _Pending:
     """Computed rows of one table, emitted in batches when new, changed or missing."""
 
@@ -172,8 +171,7 @@ class Derivation:
         self._workos = workos
         self._out = out
         self.result = Derived()
-        self._handles_taken: set[str] = set()
-        self._handles_free: set[str] = set()  # known free in the table (prefetched)
+        self._work: Workspace  # the per-export maps, open while `run` runs
         self.untouched: set[str] = set()  # row tables empty when the derivation began
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -214,8 +212,8 @@ class Derivation:
             entry is not None and entry.row_hash == digest and entry.run_id != self.options.run_id
         )
 
-    def _docs(self, table: str) -> Any:
-        return store.iter_documents(self._documents, table, self.options.run_id)
+    def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
+        return store.iter_pages(self._documents, table, self.options.run_id)
 
     def _count(self, key: str, n: int = 1) -> None:
         self.result.counters[key] += n
@@ -223,102 +221,105 @@ class Derivation:
     # -- the phases -------------------------------------------------------------------------
 
     async def run(self) -> Derived:
-        snapshot = self.options.snapshot_ms
         self.untouched = await self.view.untouched(_ROW_TABLES)
-        candidates: dict[str, Candidate] = {}
-        async for d in self._docs("users"):
-            candidates[d.key] = Candidate(
-                workos_id=d.key,
-                email=string_field(d.doc, "email"),
-                created_ms=first_usable_ms(d.doc, CREATED_CHAIN, snapshot),
-                source=SourceRef(table="users", line=d.line, doc_id=string_field(d.doc, "_id")),
+        with Workspace() as self._work:
+            resolver = IdentityResolver(
+                run_id=self.options.run_id,
+                view=self.view,
+                user_ids=self._user_ids,
+                workos=self._workos,
+                workspace=self._work,
             )
-        # Thread id → its owner's WorkOS id; only that is kept (memory), the documents are read
-        # again when the thread rows are made.
-        threads: dict[str, str] = {}
-        async for d in self._docs("threads"):
-            owner = string_field(d.doc, "ownerId")
-            if owner is None:
-                continue  # anonymous threads are not imported (reference §3.1)
-            threads[d.key] = owner
-            if owner not in candidates:
-                candidates[owner] = Candidate(
-                    workos_id=owner,
-                    email=None,
-                    created_ms=first_usable_ms(d.doc, CREATED_CHAIN, snapshot),
-                    source=SourceRef(table="threads", line=d.line, doc_id=d.key),
-                )
-        users = await self._identities(list(candidates.values()))
-        owners = await self._autopilots(threads, users)
-        # Threads after messages: their titles come from the messages, and one pass over the
-        # messages finds them while it emits the message rows (row order across tables does
-        # not matter to the sink; each row is emitted once).
-        imported_runs = await self._runs(threads, owners)
-        titles = await self._messages(threads, owners, imported_runs)
-        await self._threads(threads, owners, titles)
-        await self._events(threads, owners)
+            await self._users(resolver)
+            await self._blueprints()
+            await self._thread_owners(resolver)
+            self._identity_counters(resolver.counters)
+            await self._autopilots()
+            # Threads after messages: their titles come from the messages, and one pass over
+            # the messages finds them while it emits the message rows (row order across
+            # tables does not matter to the sink; each row is emitted once).
+            await self._runs()
+            await self._messages()
+            await self._threads()
+            await self._events()
         await self._vanished()
         return self.result
 
-    async def _identities(self, candidates: list[Candidate]) -> dict[str, ResolvedUser]:
-        resolver = IdentityResolver(
-            run_id=self.options.run_id,
-            view=self.view,
-            user_ids=self._user_ids,
-            workos=self._workos,
-        )
+    # Identities (reference §4): the users in file order, then owners of threads who are not
+    # among them, in the order of their first thread.
+
+    async def _users(self, resolver: IdentityResolver) -> None:
+        snapshot = self.options.snapshot_ms
+        async for page in self._pages("users"):
+            candidates = [
+                Candidate(
+                    workos_id=d.key,
+                    email=string_field(d.doc, "email"),
+                    created_ms=first_usable_ms(d.doc, CREATED_CHAIN, snapshot),
+                    source=SourceRef(table="users", line=d.line, doc_id=string_field(d.doc, "_id")),
+                )
+                for d in page
+            ]
+            await self._resolve(resolver, candidates)
+
+    async def _thread_owners(self, resolver: IdentityResolver) -> None:
+        snapshot = self.options.snapshot_ms
+        async for page in self._pages("threads"):
+            # anonymous threads are not imported (reference §3.1)
+            owned = [(d, o) for d in page if (o := string_field(d.doc, "ownerId")) is not None]
+            first_seen = self._work.add_threads([(d.key, owner) for d, owner in owned])
+            unknown = set(first_seen) - self._work.has_user(first_seen)
+            candidates: list[Candidate] = []
+            for d, owner in owned:
+                if owner in unknown:
+                    unknown.discard(owner)
+                    candidates.append(
+                        Candidate(
+                            workos_id=owner,
+                            email=None,
+                            created_ms=first_usable_ms(d.doc, CREATED_CHAIN, snapshot),
+                            source=SourceRef(table="threads", line=d.line, doc_id=d.key),
+                        )
+                    )
+            await self._resolve(resolver, candidates)
+
+    async def _resolve(self, resolver: IdentityResolver, candidates: list[Candidate]) -> None:
         users, changes = await resolver.resolve(candidates)
+        self._work.add_users((w, u.id, u.name, u.email, u.handle) for w, u in users.items())
         await self.emit(changes)
-        c = resolver.counters
+
+    def _identity_counters(self, c: IdentityCounters) -> None:
         self._count("users_imported", c.users_imported)
         self._count("users_resolved_via_workos", c.users_resolved_via_workos)
         self._count("users_unresolved_placeholder", c.users_unresolved_placeholder)
         self._count("users_email_conflicts", c.users_email_conflicts)
-        return users
 
-    async def _blueprints(self) -> dict[str, _BlueprintChoice]:
-        best: dict[str, _BlueprintChoice] = {}
+    # Autopilots (reference §5): one per owner, with its profile and policy.
+
+    async def _blueprints(self) -> None:
+        """Each thread's best blueprint, as key and recency: payloads are large (a few KB
+        each), so only the chosen ones are read again, an owner batch at a time."""
         if self.options.skip_blueprints:
-            return best
-        async for d in self._docs("blueprints"):
-            found = extract_blueprint(d.doc, d.line)
-            if found is None:
-                continue
-            thread_id, blueprint = found
-            current = best.get(thread_id)
-            if current is None or blueprint.recency >= current.recency:
-                # ties: the later row wins (reference §5.1)
-                best[thread_id] = _BlueprintChoice(d.key, blueprint.recency)
-        return best
+            return
+        async for page in self._pages("blueprints"):
+            found: list[tuple[str, str, int]] = []
+            for d in page:
+                if (extracted := extract_blueprint(d.doc, d.line)) is not None:
+                    thread_id, blueprint = extracted
+                    found.append((thread_id, d.key, blueprint.recency))
+            self._work.best_blueprints(found)
 
-    async def _autopilots(
-        self, threads: dict[str, str], users: dict[str, ResolvedUser]
-    ) -> dict[str, Owner]:
-        """One autopilot per owner, with its profile and policy (reference §5). Keyed by owner."""
-        per_thread = await self._blueprints()
-        chosen: dict[str, _BlueprintChoice | None] = {}
-        for thread_id, owner in threads.items():
-            candidate = per_thread.get(thread_id)
-            current = chosen.get(owner)
-            if candidate is not None and (current is None or candidate.recency >= current.recency):
-                chosen[owner] = candidate
-            else:
-                chosen.setdefault(owner, current)
-        owners: dict[str, Owner] = {}
-        order = list(chosen)
-        for start in range(0, len(order), _BATCH):
-            batch = order[start : start + _BATCH]
-            owners.update(await self._autopilot_batch(batch, users, chosen))
-        return owners
+    async def _autopilots(self) -> None:
+        for page in self._work.owner_pages(_BATCH):
+            self._work.set_owners(await self._autopilot_batch(page))
 
-    async def _autopilot_batch(
-        self,
-        workos_ids: list[str],
-        users: dict[str, ResolvedUser],
-        chosen: dict[str, _BlueprintChoice | None],
-    ) -> dict[str, Owner]:
+    async def _autopilot_batch(self, page: list[tuple[str, str | None]]) -> dict[str, Owner]:
+        """Owners (WorkOS id, key of the chosen blueprint) → their autopilots' rows."""
         skip = self.options.skip_blueprints
-        payloads = await self._payloads([c.key for w in workos_ids if (c := chosen[w])])
+        workos_ids = [w for w, _ in page]
+        chosen = dict(page)
+        users = {w: ResolvedUser(*u) for w, u in self._work.users(workos_ids).items()}
+        payloads = await self._payloads([key for _, key in page if key])
         existing = await self.view.autopilots_by_owner([users[w].id for w in workos_ids])
         created_here = await self.view.ledger("autopilots", [a.id for a in existing.values()])
         ids = {
@@ -339,10 +340,10 @@ class Derivation:
             if users[w].id not in existing
         ]
         taken = await self.view.taken_handles(bases)
-        self._handles_free.update(b for b in bases if b not in taken)
+        free = {b for b in bases if b not in taken}  # in the table, when the batch began
         for w in workos_ids:
             user, blueprint, autopilot_id = users[w], chosen[w], ids[w]
-            payload = payloads[blueprint.key] if blueprint else None
+            payload = payloads[blueprint] if blueprint else None
             if blueprint is not None:
                 self._count("blueprints_mapped")
             profile = profile_payload(payload, user.name)
@@ -369,7 +370,9 @@ class Derivation:
             if current is None or redo:
                 handle = current.handle if current is not None else None
                 changes.append(
-                    await self._new_autopilot(autopilot_id, user, profile, version, now, handle)
+                    await self._new_autopilot(
+                        autopilot_id, user, profile, version, now, handle, free
+                    )
                 )
                 self._count("autopilots_created")
             elif wrote:
@@ -396,9 +399,10 @@ class Derivation:
         version: int,
         now: str,
         handle: str | None,
+        free: set[str],
     ) -> RowChange:
         if handle is None:
-            handle = await self._free_handle(normalise_handle(_handle_seed(user)))
+            handle = await self._free_handle(normalise_handle(_handle_seed(user)), free)
         summary = profile["persona_summary"]
         tagline = (
             limit(summary, 255)
@@ -425,112 +429,109 @@ class Derivation:
         """An autopilot this run created before it crashed: it is derived as new again."""
         return entry is not None and entry.run_id == self.options.run_id
 
-    async def _free_handle(self, base: str) -> str:
+    async def _free_handle(self, base: str, free: set[str]) -> str:
         """The first free handle, against the table and this run's own (reference §5.3)."""
-        if base in self._handles_free and base not in self._handles_taken:
-            self._handles_taken.add(base)
+        if base in free and self._work.take_handle(base):
             return base
         candidates = handle_candidates(base)
         while True:
             batch = [next(candidates) for _ in range(8)]
             taken = await self.view.taken_handles(batch)
             for handle in batch:
-                if handle not in taken and handle not in self._handles_taken:
-                    self._handles_taken.add(handle)
+                if handle not in taken and self._work.take_handle(handle):
                     return handle
 
-    async def _threads(
-        self,
-        threads: dict[str, str],
-        owners: dict[str, Owner],
-        titles: dict[str, tuple[float, str]],
-    ) -> None:
+    # Rows that follow their thread's owner: runs, messages (and titles), threads, events.
+
+    async def _runs(self) -> None:
+        pending = _Pending(self, "runs")
+        async for page in self._pages("runs"):
+            keyed = [(d, keys) for d in page if (keys := run_keys(d.doc)) is not None]
+            owners = self._work.owners_of(thread_id for _, (thread_id, _) in keyed)
+            imported: list[str] = []
+            for d, (thread_id, run_id) in keyed:
+                if (owner := owners.get(thread_id)) is None:
+                    continue
+                row = run_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
+                await pending.add(run_id, row, SourceRef(table="runs", line=d.line, doc_id=run_id))
+                imported.append(run_id)
+                self._count("runs_imported")
+            self._work.add_runs(imported)
+        await pending.flush()
+
+    async def _messages(self) -> None:
+        """Emits the message rows, and offers each thread's title (with its sort key)."""
+        messages = _Pending(self, "messages")
+        conversation_messages = _Pending(self, "agent_conversation_messages")
+        async for page in self._pages("messages"):
+            parsed = [(d, title_candidate(d.doc), message_keys(d.doc)) for d in page]
+            owners = self._work.owners_of(
+                {seed[0] for _, seed, _ in parsed if seed} | {k[0] for _, _, k in parsed if k}
+            )
+            runs = self._work.imported_runs(
+                run_id for d in page if (run_id := string_field(d.doc, "runId"))
+            )
+            titles: dict[str, tuple[float, str]] = {}
+            for d, seed, keys in parsed:
+                if seed is not None and seed[0] in owners:
+                    thread_id, sort_key, title = seed
+                    current = titles.get(thread_id)
+                    if current is None or sort_key < current[0]:
+                        titles[thread_id] = (sort_key, title_from(title))  # ≤ 120 characters
+                if keys is None or keys[0] not in owners:
+                    continue
+                thread_id, message_id, role = keys
+                run_id = string_field(d.doc, "runId")
+                message, conversation_message = message_rows(
+                    message_id,
+                    thread_id,
+                    role,
+                    d.doc,
+                    owners[thread_id],
+                    run_id if run_id in runs else None,
+                    self.options.snapshot_ms,
+                )
+                source = SourceRef(table="messages", line=d.line, doc_id=message_id)
+                await messages.add(message_id, message, source)
+                await conversation_messages.add(message_id, conversation_message, source)
+                self._count("messages_imported")
+            self._work.offer_titles(titles)
+        await messages.flush()
+        await conversation_messages.flush()
+
+    async def _threads(self) -> None:
         thread_rows_out = _Pending(self, "threads")
         conversations = _Pending(self, "agent_conversations")
         snapshot = self.options.snapshot_ms
-        async for d in self._docs("threads"):
-            thread_id = d.key
-            owner = threads.get(thread_id)
-            if owner is None:
-                continue  # anonymous
-            title = titles[thread_id][1] if thread_id in titles else default_title(thread_id)
-            row, conversation = thread_rows(thread_id, d.doc, owners[owner], title, snapshot)
-            source = SourceRef(table="threads", line=d.line, doc_id=thread_id)
-            await thread_rows_out.add(thread_id, row, source)
-            await conversations.add(thread_id, conversation, source)
-            self._count("threads_imported")
+        async for page in self._pages("threads"):
+            owners = self._work.owners_of(d.key for d in page)  # anonymous ones are not there
+            titles = self._work.titles(owners)
+            for d in page:
+                thread_id = d.key
+                if (owner := owners.get(thread_id)) is None:
+                    continue
+                title = titles[thread_id] if thread_id in titles else default_title(thread_id)
+                row, conversation = thread_rows(thread_id, d.doc, owner, title, snapshot)
+                source = SourceRef(table="threads", line=d.line, doc_id=thread_id)
+                await thread_rows_out.add(thread_id, row, source)
+                await conversations.add(thread_id, conversation, source)
+                self._count("threads_imported")
         await thread_rows_out.flush()
         await conversations.flush()
 
-    async def _runs(self, threads: dict[str, str], owners: dict[str, Owner]) -> set[str]:
-        imported: set[str] = set()
-        pending = _Pending(self, "runs")
-        async for d in self._docs("runs"):
-            keys = run_keys(d.doc)
-            if keys is None or keys[0] not in threads:
-                continue
-            thread_id, run_id = keys
-            owner = owners[threads[thread_id]]
-            row = run_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
-            await pending.add(run_id, row, SourceRef(table="runs", line=d.line, doc_id=run_id))
-            imported.add(run_id)
-            self._count("runs_imported")
-        await pending.flush()
-        return imported
-
-    async def _messages(
-        self, threads: dict[str, str], owners: dict[str, Owner], imported_runs: set[str]
-    ) -> dict[str, tuple[float, str]]:
-        """Emits the message rows; returns each thread's title (with its seed's sort key)."""
-        titles: dict[str, tuple[float, str]] = {}
-        messages = _Pending(self, "messages")
-        conversation_messages = _Pending(self, "agent_conversation_messages")
-        async for d in self._docs("messages"):
-            seed = title_candidate(d.doc)
-            if seed is not None and seed[0] in threads:
-                thread_id, sort_key, title = seed
-                current = titles.get(thread_id)
-                if current is None or sort_key < current[0]:
-                    titles[thread_id] = (sort_key, title_from(title))  # ≤ 120 characters
-            keys = message_keys(d.doc)
-            if keys is None or keys[0] not in threads:
-                continue
-            thread_id, message_id, role = keys
-            run_id = string_field(d.doc, "runId")
-            message, conversation_message = message_rows(
-                message_id,
-                thread_id,
-                role,
-                d.doc,
-                owners[threads[thread_id]],
-                run_id if run_id in imported_runs else None,
-                self.options.snapshot_ms,
-            )
-            source = SourceRef(table="messages", line=d.line, doc_id=message_id)
-            await messages.add(message_id, message, source)
-            await conversation_messages.add(message_id, conversation_message, source)
-            self._count("messages_imported")
-        await messages.flush()
-        await conversation_messages.flush()
-        return titles
-
-    async def _events(self, threads: dict[str, str], owners: dict[str, Owner]) -> None:
-        batch: list[tuple[str, dict[str, Any], SourceRef]] = []
+    async def _events(self) -> None:
         linked: set[int] = set()
-        async for d in self._docs("receipts"):
-            keys = run_keys(d.doc)
-            if keys is None or keys[0] not in threads:
-                continue
-            thread_id, run_id = keys
-            row = event_row(
-                run_id, thread_id, d.doc, owners[threads[thread_id]], self.options.snapshot_ms
-            )
-            batch.append((d.key, row, SourceRef(table="receipts", line=d.line, doc_id=d.key)))
-            self._count("events_imported")
-            if len(batch) >= _BATCH:
-                await self._event_batch(batch, linked)
-                batch = []
-        await self._event_batch(batch, linked)
+        async for page in self._pages("receipts"):
+            keyed = [(d, keys) for d in page if (keys := run_keys(d.doc)) is not None]
+            owners = self._work.owners_of(thread_id for _, (thread_id, _) in keyed)
+            batch: list[tuple[str, dict[str, Any], SourceRef]] = []
+            for d, (thread_id, run_id) in keyed:
+                if (owner := owners.get(thread_id)) is None:
+                    continue
+                row = event_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
+                batch.append((d.key, row, SourceRef(table="receipts", line=d.line, doc_id=d.key)))
+                self._count("events_imported")
+            await self._event_batch(batch, linked)
 
     async def _event_batch(
         self, batch: list[tuple[str, dict[str, Any], SourceRef]], linked: set[int]

@@ -7,7 +7,7 @@ are decided the same way whatever order the documents arrived in (SPEC §3.10).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from khala_stream.contract.changes import RowChange, SourceRef
 from khala_stream.contract.codec import content_hash
@@ -22,6 +22,7 @@ from processors.text import (
     placeholder_email,
 )
 from processors.workos import WorkosUser
+from processors.workspace import Workspace
 
 WorkosLookup = Callable[[Sequence[str]], Awaitable[dict[str, WorkosUser | None]]]
 _CHUNK = 500
@@ -55,17 +56,45 @@ class IdentityCounters:
     users_email_conflicts: int = 0
 
 
-@dataclass(slots=True)
 class _Emails:
-    """Who holds which email: the database as it was, overlaid with this run's decisions."""
+    """Who holds which email: the database as it was, overlaid with this run's decisions.
 
-    db: dict[str, str | None] = field(default_factory=dict)
-    reserved: dict[str, str] = field(default_factory=dict)
+    The database's answers are cached for one chunk of candidates; the emails this run gave
+    out are kept in the derivation's workspace (they would grow with the export), and the
+    few it took back from existing users (`_upgrade`) here.
+    """
+
+    def __init__(self, workspace: Workspace) -> None:
+        self._workspace = workspace
+        self.db: dict[str, str | None] = {}
+        self.released: set[str] = set()
+        self._reserved: dict[str, str] = {}
+        self._new: dict[str, str] = {}
+
+    def start_chunk(self) -> None:
+        self.db.clear()
+        self._reserved.clear()
+
+    def known(self, email: str) -> bool:
+        return email in self.db
+
+    def learn(self, holders: dict[str, str | None]) -> None:
+        """The database's holders of these emails, and this run's from earlier chunks."""
+        self.db.update(holders)
+        self._reserved.update(self._workspace.email_holders(holders))
+
+    def reserve(self, email: str, workos_id: str) -> None:
+        self._reserved[email] = workos_id
+        self._new[email] = workos_id
+
+    def end_chunk(self) -> None:
+        self._workspace.reserve_emails(self._new.items())
+        self._new.clear()
 
     def conflicts(self, email: str, workos_id: str) -> bool:
-        in_batch = self.reserved.get(email, workos_id) != workos_id
-        holder = self.db.get(email)
-        return in_batch or (holder is not None and holder != workos_id)
+        in_run = self._reserved.get(email, workos_id) != workos_id
+        holder = None if email in self.released else self.db.get(email)
+        return in_run or (holder is not None and holder != workos_id)
 
 
 class IdentityResolver:
@@ -78,21 +107,24 @@ class IdentityResolver:
         view: TargetView,
         user_ids: UserIds,
         workos: WorkosLookup | None,
+        workspace: Workspace,
     ) -> None:
         self._run_id = run_id
         self._view = view
         self._user_ids = user_ids
         self._workos = workos
-        self._emails = _Emails()
+        self._emails = _Emails(workspace)
         self.counters = IdentityCounters()
 
     async def resolve(
         self, candidates: Sequence[Candidate]
     ) -> tuple[dict[str, ResolvedUser], list[RowChange]]:
+        """Resolves the next candidates in order (call again with the ones that follow)."""
         resolved: dict[str, ResolvedUser] = {}
         changes: list[RowChange] = []
         for start in range(0, len(candidates), _CHUNK):
             chunk = candidates[start : start + _CHUNK]
+            self._emails.start_chunk()
             existing = await self._view.users_by_workos([c.workos_id for c in chunk])
             answers = await self._lookup_workos(chunk)
             await self._prefetch_emails(chunk, answers)
@@ -109,7 +141,8 @@ class IdentityResolver:
                 resolved[candidate.workos_id] = user
                 if change is not None:
                     changes.append(change)
-        self.counters.users_imported = len(candidates)
+            self._emails.end_chunk()
+        self.counters.users_imported += len(candidates)
         return resolved, changes
 
     async def _lookup_workos(self, chunk: Sequence[Candidate]) -> dict[str, WorkosUser | None]:
@@ -134,28 +167,27 @@ class IdentityResolver:
                 if email:
                     wanted.add(normalise_email(email))
             wanted.update(placeholder_email(c.workos_id, n) for n in range(3))
-        unknown = [e for e in wanted if e not in self._emails.db]
-        owners = await self._view.email_owners(unknown)
-        for email in unknown:
-            self._emails.db[email] = owners.get(email)
+        await self._learn_holders(list(wanted))
 
-    async def _holder_known(self, email: str) -> None:
-        if email not in self._emails.db:
-            owners = await self._view.email_owners([email])
-            self._emails.db[email] = owners.get(email)
+    async def _learn_holders(self, emails: list[str]) -> None:
+        unknown = [e for e in emails if not self._emails.known(e)]
+        if not unknown:
+            return
+        owners = await self._view.email_owners(unknown)
+        self._emails.learn({e: owners.get(e) for e in unknown})
 
     async def _unique(self, email: str, workos_id: str) -> str:
         """The reference's uniqueness loop (§4.4): fall back to numbered placeholders."""
         candidate, attempt = email, 0
         while True:
-            await self._holder_known(candidate)
+            await self._learn_holders([candidate])
             if not self._emails.conflicts(candidate, workos_id):
                 break
             attempt += 1
             candidate = placeholder_email(workos_id, attempt)
         if attempt:
             self.counters.users_email_conflicts += 1
-        self._emails.reserved[candidate] = workos_id
+        self._emails.reserve(candidate, workos_id)
         return candidate
 
     async def _resolve_one(
@@ -182,7 +214,6 @@ class IdentityResolver:
         if existing is not None:
             return await self._upgrade(existing, email, name, workos_name, answer)
         assert new_id is not None
-        self._emails.db[email] = c.workos_id
         created = to_timestamp(c.created_ms)
         values = {
             "id": new_id,
@@ -225,8 +256,7 @@ class IdentityResolver:
         ):
             new_email = await self._unique(email, stored.workos_id)
             updates["email"] = new_email
-            self._emails.db[current] = None
-            self._emails.db[new_email] = stored.workos_id
+            self._emails.released.add(current)
         local_part = new_email.split("@", 1)[0]
         if stored.name != name and (
             not stored.name

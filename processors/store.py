@@ -153,10 +153,10 @@ async def applied_counts(conn: AsyncConnection, run_id: int) -> dict[str, int]:
     return {table: int(n) for table, n in result.all()}
 
 
-async def iter_documents(
+async def iter_pages(
     engine: AsyncEngine, table: str, run_id: int
-) -> AsyncIterator[StoredDocument]:
-    """One export's documents of a table in file order, page by page (memory stays flat)."""
+) -> AsyncIterator[list[StoredDocument]]:
+    """One export's documents of a table in file order, a page at a time (memory stays flat)."""
     c = DOCUMENTS.c
     last_line = -1
     while True:
@@ -169,9 +169,9 @@ async def iter_documents(
                     .limit(_PAGE)
                 )
             ).all()
-        for key, line, document in page:
-            if document:
-                yield StoredDocument(key, line, orjson.loads(document))
+        documents = [StoredDocument(key, line, orjson.loads(doc)) for key, line, doc in page if doc]
+        if documents:
+            yield documents
         if len(page) < _PAGE:
             return
         last_line = page[-1][1]
