@@ -27,12 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs
 from khala_stream.backpressure import Backpressure
-from khala_stream.broker.clients import (
-    broker_session,
-    ensure_topics,
-    make_consumer,
-    make_producer,
-)
+from khala_stream.broker.clients import broker_session, make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import SOURCE_TABLES, RowChange, Topics
 from khala_stream.contract.documents import document_hash, document_key
@@ -41,6 +36,7 @@ from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.errors import RuntimeFailure, WorkosKeyError
 from khala_stream.runtime import end_offsets, with_retries
+from khala_stream.topic_owner import prepare_topics
 from processors import store
 from processors.autopilots import parse_allowed_hosts
 from processors.derive import COUNTER_KEYS, Derivation, RunOptions
@@ -156,7 +152,7 @@ async def _write_run(
         async with broker_session(settings) as live:
             topics = Topics(live.topic_prefix)
             await with_retries(
-                lambda: ensure_topics(live.kafka, topics.all),
+                lambda: prepare_topics(live.kafka, topics, engine),
                 what="the broker",
                 deadline_s=deadline,
             )

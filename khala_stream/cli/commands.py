@@ -165,11 +165,12 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[Progress | None]:
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from khala_stream import import_runs
-    from khala_stream.broker.clients import broker_session, ensure_topics, make_producer
+    from khala_stream.broker.clients import broker_session, make_producer
     from khala_stream.cli import operations
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
     from khala_stream.pipeline import read_tables
+    from khala_stream.topic_owner import prepare_topics
     from producers.export_reader import open_export
     from producers.publisher import Publisher
 
@@ -185,7 +186,7 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
                 operations.stage_metrics(args, live, "publish"),
             ):
                 topics = Topics(live.topic_prefix)
-                await ensure_topics(live.kafka, topics.all)
+                await prepare_topics(live.kafka, topics, engine)
                 flags = import_runs.RunFlags(
                     replace=args.replace,
                     skip_blueprints=args.skip_blueprints,
@@ -230,11 +231,12 @@ async def _stage(
 ) -> None:
     import signal
 
-    from khala_stream.broker.clients import broker_session, ensure_topics
+    from khala_stream.broker.clients import broker_session
     from khala_stream.cli import operations
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
     from khala_stream.runtime import with_retries
+    from khala_stream.topic_owner import prepare_topics
     from processors.runner import Processor
     from sinks.runner import SinkService
 
@@ -248,7 +250,7 @@ async def _stage(
         await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
         async with broker_session(settings) as live, operations.stage_metrics(args, live, kind):
             await with_retries(
-                lambda: ensure_topics(live.kafka, Topics(live.topic_prefix).all),
+                lambda: prepare_topics(live.kafka, Topics(live.topic_prefix), engine),
                 what="the broker",
                 deadline_s=deadline,
             )

@@ -39,5 +39,10 @@ class Topics:
         return f"{self.prefix}.sink"
 
     @property
+    def owner(self) -> str:
+        """Names the database these topics feed (`khala_stream/topic_owner.py`)."""
+        return f"{self.prefix}.owner"
+
+    @property
     def all(self) -> list[str]:
-        return [*self.sources, self.manifests, self.changes, self.dead_letters]
+        return [*self.sources, self.manifests, self.changes, self.dead_letters, self.owner]

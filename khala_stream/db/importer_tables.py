@@ -13,6 +13,7 @@ import sqlalchemy as sa
 __all__ = [
     "APPLIED",
     "DOCUMENTS",
+    "IDENTITY",
     "IMPORTER",
     "IMPORTER_TABLES",
     "OFFSETS",
@@ -90,6 +91,14 @@ ROWS: Final = sa.Table(
 )
 
 # Consumer positions, moved in the same transaction as the data they cover.
+# This database's id, which the topics it is fed from remember (khala_stream/topic_owner.py).
+IDENTITY: Final = sa.Table(
+    "khala_import_identity",
+    IMPORTER,
+    sa.Column("singleton", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("database_id", sa.String(36), nullable=False),
+)
+
 OFFSETS: Final = sa.Table(
     "khala_import_offsets",
     IMPORTER,
