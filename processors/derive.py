@@ -231,7 +231,7 @@ class Derivation:
                 workspace=self._work,
             )
             await self._users(resolver)
-            await self._blueprints()
+            await self._blueprints()  # before the threads: each owner's pick is made as they come
             await self._thread_owners(resolver)
             self._identity_counters(resolver.counters)
             await self._autopilots()
