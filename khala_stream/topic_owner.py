@@ -33,7 +33,9 @@ class TopicsOfAnotherDatabase(UsageError):
         super().__init__(
             f"the topics with prefix {prefix!r} feed another database, and the stages keep "
             "their positions in the database they write: use one prefix per database "
-            "(KHALA_TOPIC_PREFIX), or on the embedded broker one KHALA_BROKER_HOME per database"
+            "(KHALA_TOPIC_PREFIX), or on the embedded broker one KHALA_BROKER_HOME per database "
+            "(to start over with a new database there, delete the broker's folder, `.khala/` "
+            "by default, with it)"
         )
 
 
