@@ -15,13 +15,13 @@ import uuid
 
 import sqlalchemy as sa
 from aiokafka import TopicPartition
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.broker.clients import ensure_topics, make_consumer, make_producer
 from khala_stream.config import KafkaSettings
 from khala_stream.contract import Topics
 from khala_stream.db.importer_tables import IDENTITY
+from khala_stream.db.queries import insert_for
 from khala_stream.errors import UsageError
 
 
@@ -59,9 +59,8 @@ async def prepare_topics(kafka: KafkaSettings, topics: Topics, engine: AsyncEngi
 async def database_id(engine: AsyncEngine) -> str:
     """This database's id, made on first use."""
     async with engine.begin() as conn:
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         await conn.execute(
-            dialect.insert(IDENTITY)
+            insert_for(conn, IDENTITY)
             .values(singleton=1, database_id=str(uuid.uuid4()))
             .on_conflict_do_nothing()
         )

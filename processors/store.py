@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.db.importer_tables import APPLIED, DOCUMENTS, ROWS
-from khala_stream.db.queries import one_of, staged
+from khala_stream.db.queries import insert_for, one_of, staged
 
 _PAGE = 2000
 
@@ -135,7 +135,7 @@ async def _count_applied(conn: AsyncConnection, documents: Sequence[IncomingDocu
     counts: dict[tuple[int, str], int] = {}
     for d in documents:
         counts[(d.run_id, d.table)] = counts.get((d.run_id, d.table), 0) + 1
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(APPLIED)
+    insert = insert_for(conn, APPLIED)
     insert = insert.on_conflict_do_update(
         index_elements=[APPLIED.c.run_id, APPLIED.c.source_table],
         set_={"applied": APPLIED.c.applied + insert.excluded.applied},

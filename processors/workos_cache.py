@@ -16,11 +16,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.expression import TableClause
 
 from khala_stream import metrics
+from khala_stream.db.queries import insert_for
 from processors.workos import WorkosClient, WorkosUser
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class SqlWorkosCache:
         t = self._table
         dialect = conn.dialect.name
         if dialect in ("postgresql", "sqlite"):
-            insert = postgresql.insert(t) if dialect == "postgresql" else sqlite.insert(t)
+            insert = insert_for(conn, t)
             statement = insert.on_conflict_do_update(
                 index_elements=[t.c.workos_id],
                 set_={

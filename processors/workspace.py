@@ -100,9 +100,6 @@ class Workspace:
             )
         }
 
-    def owned(self, thread_ids: Iterable[str]) -> set[str]:
-        return self._present("threads", "thread_id", thread_ids)
-
     # -- blueprints: each thread's best, then each owner's ------------------------------------
 
     def best_blueprints(self, found: Sequence[tuple[str, str, int]]) -> None:

@@ -9,10 +9,10 @@ sees `False` and rolls back: the data of each offset takes effect exactly once.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from khala_stream.db.importer_tables import OFFSETS
+from khala_stream.db.queries import insert_for
 
 __all__ = ["advance", "load_offsets", "rewind"]
 
@@ -69,12 +69,7 @@ async def advance(
         "partition": partition,
         "next_offset": end,
     }
-    insert = (
-        postgresql.insert(OFFSETS).values(**values).on_conflict_do_nothing()
-        if conn.dialect.name == "postgresql"
-        else sqlite.insert(OFFSETS).values(**values).on_conflict_do_nothing()
-    )
-    result = await conn.execute(insert)
+    result = await conn.execute(insert_for(conn, OFFSETS).values(**values).on_conflict_do_nothing())
     if result.rowcount == 1:
         return True
     return await _move(conn, group, topic, partition, start, end)

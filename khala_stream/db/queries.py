@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
@@ -20,6 +20,12 @@ def one_of(
     if dialect == "postgresql":
         return column == sa.any_(sa.literal(list(values), type_=postgresql.ARRAY(column.type)))
     return column.in_(values)
+
+
+def insert_for(conn: AsyncConnection, table: sa.TableClause) -> Any:
+    """An INSERT with the dialect's ON CONFLICT clauses (PostgreSQL or SQLite)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
 
 
 @contextlib.asynccontextmanager

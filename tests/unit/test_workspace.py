@@ -38,7 +38,7 @@ def test_threads_are_linked_to_their_owners_autopilot() -> None:
             "t2": Owner(8, "ap-bob", 1),
             "t3": Owner(7, "ap-ann", 2),
         }
-        assert work.owned(["t2", "anonymous"]) == {"t2"}
+        assert set(work.owners_of(["t2", "anonymous"])) == {"t2"}
 
 
 def test_lookups_of_more_keys_than_one_statement_binds() -> None:
@@ -46,7 +46,7 @@ def test_lookups_of_more_keys_than_one_statement_binds() -> None:
         threads = [(f"t{n}", f"o{n % 7}") for n in range(1234)]
         work.add_threads(threads)
         work.add_runs(f"r{n}" for n in range(0, 1500, 2))
-        assert work.owned(t for t, _ in threads) == {t for t, _ in threads}
+        assert set(work.owners_of(t for t, _ in threads)) == {t for t, _ in threads}
         assert len(work.imported_runs(f"r{n}" for n in range(1500))) == 750
 
 
