@@ -32,6 +32,7 @@ from khala_stream.contract.documents import (
 from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.runtime import with_retries
+from producers.batches import PartitionedBatches
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument
 from producers.ledger import mark_unchanged
 
@@ -235,7 +236,8 @@ class Publisher:
         if unchanged:
             report.unchanged[table] += len(unchanged)
         topic = self._topics.source(table)
-        futures = []
+        batches = await PartitionedBatches.for_topic(self._producer, topic)
+        sent = 0
         for key, digest, item in keyed:
             if (key, item.line) in unchanged:
                 continue
@@ -247,25 +249,17 @@ class Publisher:
                 doc_id=item.doc.get("_id") if isinstance(item.doc.get("_id"), str) else None,
                 content_hash=digest,
             )
-            futures.append(
-                await self._producer.send(
-                    topic,
-                    item.raw,
-                    key=key.encode(),
-                    headers=document_headers(provenance),
-                )
-            )
-            report.published[table] += 1
+            await batches.add(key.encode(), item.raw, document_headers(provenance))
+            sent += 1
+        if sent:
+            report.published[table] += sent
         if letters and not self._again:
             await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
             for code, n in Counter(letter.reason_code for letter in letters).items():
                 metrics.dead_letters("publish", code, n)
-        acknowledged = await asyncio.gather(*futures)
-        metrics.record_output("publish", {table: len(futures)})
-        if self._backpressure and acknowledged:
-            ends: dict[int, int] = {}
-            for metadata in acknowledged:
-                ends[metadata.partition] = max(ends.get(metadata.partition, 0), metadata.offset + 1)
+        ends = await batches.flush()
+        metrics.record_output("publish", {table: sent})
+        if self._backpressure and ends:
             await self._backpressure.wait(topic, ends)
         elapsed = time.monotonic() - started
         metrics.record_batch("publish", {table: len(batch) + len(letters)}, elapsed)
