@@ -145,6 +145,7 @@ class Processor:
         self.derived: list[int] = []
         self._next_loss_check = 0.0
         self._backpressure = Backpressure(engine, self._topics.sink_group, limit=_SINK_BEHIND)
+        self._store = store.GrowingStore(engine)
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -176,6 +177,10 @@ class Processor:
                     await commit_for_lag(consumer, positions)
                     await trimmer.consumed(positions)
                     by_table = self._by_table(batch)
+                    self._store.applied(by_table)
+                    await with_retries(
+                        self._store.refresh_if_due, what="the database", deadline_s=self._deadline
+                    )
                     metrics.record_batch("process", by_table, time.monotonic() - started)
                     logger.debug("stored documents: %s", dict(by_table))
                 await with_retries(
