@@ -80,10 +80,12 @@ class Trimmer:
     """Deletes the records before positions the database holds (`KafkaSettings.trim_consumed`).
 
     Called with a stage's stored positions after each batch; sends a DeleteRecords at most
-    every `every_s` seconds, for the highest positions seen since the last one.
+    every `every_s` seconds, for the highest positions seen since the last one. Every second:
+    the embedded broker's periodic snapshots cost CPU in proportion to what it still holds (at
+    1M documents its CPU went from 42 s with a trim every 10 s to 9 s).
     """
 
-    def __init__(self, kafka: KafkaSettings, every_s: float = 10.0) -> None:
+    def __init__(self, kafka: KafkaSettings, every_s: float = 1.0) -> None:
         self._kafka = kafka
         self._every_s = every_s
         self._pending: dict[TopicPartition, int] = {}
