@@ -8,7 +8,7 @@ ledger that incremental publishing compares content hashes against (SPEC §5).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from khala_stream.db.importer_tables import APPLIED, DOCUMENTS, ROWS
 from khala_stream.db.queries import insert_for, one_of, staged
 
 _PAGE = 2000
+_PAGE_TEXT = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,7 +104,8 @@ async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDoc
     """Upsert a batch into the store and count it as applied, inside the caller's transaction."""
     if not documents:
         return
-    rows = [
+    # A generator: each document's text is decoded as COPY sends it, not all at once.
+    rows = (
         (
             d.table,
             d.key,
@@ -116,7 +118,7 @@ async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDoc
             d.raw.decode(),
         )
         for d in _latest(documents)
-    ]
+    )
     if conn.dialect.name == "postgresql":
         # COPY and one INSERT … SELECT: a VALUES statement of a few thousand rows costs more
         # to build and to parse than to execute.
@@ -157,12 +159,13 @@ async def applied_counts(conn: AsyncConnection, run_id: int) -> dict[str, int]:
 async def iter_pages(
     engine: AsyncEngine, table: str, run_id: int
 ) -> AsyncIterator[list[StoredDocument]]:
-    """One export's documents of a table in file order, a page at a time (memory stays flat)."""
+    """One export's documents of a table in file order, a page at a time (memory stays flat:
+    a page holds at most 2,000 documents and about 512 KB of their text)."""
     c = DOCUMENTS.c
     last_line = -1
     while True:
         async with engine.connect() as conn:
-            page = (
+            rows = (
                 await conn.execute(
                     sa.select(c.doc_key, c.line, c.document)
                     .where(c.source_table == table, c.export_seq == run_id, c.line > last_line)
@@ -170,12 +173,26 @@ async def iter_pages(
                     .limit(_PAGE)
                 )
             ).all()
-        documents = [StoredDocument(key, line, orjson.loads(doc)) for key, line, doc in page if doc]
-        if documents:
-            yield documents
-        if len(page) < _PAGE:
+        for part in _by_text_size(rows):
+            documents = [StoredDocument(key, line, orjson.loads(doc)) for key, line, doc in part]
+            if documents:
+                yield documents
+        if len(rows) < _PAGE:
             return
-        last_line = page[-1][1]
+        last_line = rows[-1][1]
+
+
+def _by_text_size(rows: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """`rows` (key, line, document text) in slices of about `_PAGE_TEXT` characters: parsed,
+    a document takes several times its text, and blueprints run to kilobytes each."""
+    start, size = 0, 0
+    for i, (_, _, doc) in enumerate(rows):
+        size += len(doc)
+        if size >= _PAGE_TEXT:
+            yield rows[start : i + 1]
+            start, size = i + 1, 0
+    if start < len(rows):
+        yield rows[start:]
 
 
 async def documents_by_key(

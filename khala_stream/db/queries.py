@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,10 +30,11 @@ def insert_for(conn: AsyncConnection, table: sa.TableClause) -> Any:
 
 @contextlib.asynccontextmanager
 async def staged(
-    conn: AsyncConnection, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    conn: AsyncConnection, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
 ) -> AsyncIterator[str]:
     """PostgreSQL: `rows` binary-COPied into a temporary table shaped like `table`; yields its
     name for an `INSERT … SELECT`, and drops it after (at the latest when the transaction ends).
+    `rows` is streamed: a generator keeps only asyncpg's send buffer in memory.
 
     The name depends only on (table, columns): asyncpg caches the column types of a COPY target
     by the text of its introspection query, i.e. by table name.
@@ -46,6 +47,6 @@ async def staged(
     )
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    await driver.copy_records_to_table(name, records=list(rows), columns=list(columns))
+    await driver.copy_records_to_table(name, records=rows, columns=list(columns))
     yield name
     await conn.execute(sa.text(f"DROP TABLE {quoted}"))

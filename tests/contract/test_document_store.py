@@ -1,0 +1,93 @@
+"""The document store (processors/store.py) on both databases: what the derivation reads back,
+page by page, and the statistics PostgreSQL plans the publisher's marking with."""
+
+from __future__ import annotations
+
+import hashlib
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from processors import store
+from producers.ledger import _MARK_PG
+from tests.contract.engine import run_on
+
+
+def _documents(
+    table: str, count: int, text: int, *, run_id: int = 1
+) -> list[store.IncomingDocument]:
+    documents = []
+    for line in range(count):
+        raw = orjson.dumps({"_id": f"{table}-{line}", "body": "x" * text})
+        documents.append(
+            store.IncomingDocument(
+                run_id=run_id,
+                table=table,
+                key=f"{table}-{line}",
+                line=line,
+                content_hash=hashlib.sha256(raw).hexdigest(),
+                doc_id=f"{table}-{line}",
+                raw=raw,
+            )
+        )
+    return documents
+
+
+async def _apply(engine: AsyncEngine, documents: list[store.IncomingDocument]) -> None:
+    for start in range(0, len(documents), 2000):
+        async with engine.begin() as conn:
+            await store.apply_documents(conn, documents[start : start + 2000])
+
+
+def test_pages_come_back_in_file_order_and_hold_a_bounded_amount_of_text(db_url: str) -> None:
+    async def body(engine: AsyncEngine) -> None:
+        # Small documents: pages of 2,000. Large ones (3 KB): pages cut at about 512 KB.
+        await _apply(engine, _documents("messages", 4500, 10))
+        await _apply(engine, _documents("blueprints", 700, 3000))
+        small = [page async for page in store.iter_pages(engine, "messages", 1)]
+        large = [page async for page in store.iter_pages(engine, "blueprints", 1)]
+        assert [len(p) for p in small] == [2000, 2000, 500]
+        assert [d.line for p in small for d in p] == list(range(4500))
+        assert [d.line for p in large for d in p] == list(range(700))
+        assert len(large) > 2
+        for page in large:
+            assert sum(len(orjson.dumps(d.doc)) for d in page[:-1]) < store._PAGE_TEXT
+        assert large[0][0].doc == {"_id": "blueprints-0", "body": "x" * 3000}
+
+    run_on(db_url, body)
+
+
+def test_a_growing_store_keeps_the_marking_on_the_primary_key(pg_url: str) -> None:
+    """Without fresh statistics the planner takes the run's documents for a few rows and
+    answers the publisher's marking by reading all of them (quadratic over an import)."""
+
+    async def plan(engine: AsyncEngine) -> str:
+        keys = [f"messages-{n}" for n in range(0, 40_000, 800)]  # 50 of 40,000
+        params = {
+            "run": 1,
+            "table": "messages",
+            "keys": keys,
+            "hashes": ["0" * 64] * len(keys),
+            "lines": list(range(len(keys))),
+        }
+        async with engine.connect() as conn:
+            explain = sa.text("EXPLAIN " + str(_MARK_PG.text))
+            return "\n".join(r[0] for r in await conn.execute(explain, params))
+
+    async def body(engine: AsyncEngine) -> tuple[str, str]:
+        growing = store.GrowingStore(engine)
+        documents = _documents("messages", 40_000, 10)
+        await _apply(engine, documents[:20_000])
+        before = await plan(engine)
+        await _apply(engine, documents[20_000:])
+        growing.applied({"messages": 40_000})
+        await growing.refresh_if_due()
+        return before, await plan(engine)
+
+    before, after = run_on(pg_url, body)
+    # The planner's choice without statistics (what the ANALYZE is there for) ...
+    assert "khala_import_documents_source_table_export_seq_line_index" in before
+    # ... and with them: one probe of the primary key per marked document.
+    assert "khala_import_documents_pkey" in after
+    assert "export_seq_line_index" not in after
