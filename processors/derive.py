@@ -81,6 +81,7 @@ COUNTER_KEYS: tuple[str, ...] = (
     "run_events_linked_backfilled",
 )
 _BATCH = 2000
+_OWNER_PAGE = 500  # owners whose blueprints and autopilot rows are held at once
 # The tables whose rows are compared in batches with what is there (see `_Pending`).
 _ROW_TABLES: tuple[DestinationTable, ...] = (
     "threads",
@@ -310,7 +311,7 @@ class Derivation:
             self._work.best_blueprints(found)
 
     async def _autopilots(self) -> None:
-        for page in self._work.owner_pages(_BATCH):
+        for page in self._work.owner_pages(_OWNER_PAGE):
             self._work.set_owners(await self._autopilot_batch(page))
 
     async def _autopilot_batch(self, page: list[tuple[str, str | None]]) -> dict[str, Owner]:

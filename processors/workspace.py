@@ -53,7 +53,7 @@ class Workspace:
         # Scratch: nothing to recover after a crash, so no journal and no syncing; a small
         # page cache, since bounding memory is the point.
         self._db.executescript(
-            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -8192;"
+            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -2048;"
             + _SCHEMA
         )
 
