@@ -57,7 +57,7 @@ class SinkService:
         settings: Settings,
         engine: AsyncEngine,
         *,
-        batch_records: int = 20,
+        batch_records: int = 8,
         db_deadline_s: float = 300.0,
     ) -> None:
         self._settings = settings
