@@ -174,7 +174,9 @@ async def iter_pages(
                 )
             ).all()
         for part in _by_text_size(rows):
-            documents = [StoredDocument(key, line, orjson.loads(doc)) for key, line, doc in part]
+            documents = [
+                StoredDocument(key, line, orjson.loads(doc)) for key, line, doc in part if doc
+            ]
             if documents:
                 yield documents
         if len(rows) < _PAGE:
