@@ -6,7 +6,8 @@ and handles it gave out). At a million documents they held about a hundred thous
 each and made the `process` stage's memory follow the export's size (issue #5). They live
 here instead, in a temporary SQLite file of this process, read and written a page of
 documents at a time. The file is scratch: it is rebuilt by every derivation (a redo after a
-crash starts from an empty one), so it needs no durability and is deleted when done.
+crash starts from an empty one), so it needs no durability and is deleted when done, or by
+the next derivation on the machine when its process was killed.
 
 The calls are synchronous: each is one statement over at most a page of keys on a local
 file, shorter than the database round trips the derivation awaits around it.
@@ -14,6 +15,8 @@ file, shorter than the database round trips the derivation awaits around it.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,13 +45,16 @@ CREATE TABLE runs (run_id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE titles (thread_id TEXT PRIMARY KEY, sort_key REAL, title TEXT) WITHOUT ROWID;
 """
 _CHUNK = 500  # keys per IN list: well under SQLite's limit on bound parameters
+_PREFIX = "khala-derivation-"  # then the owning process's pid
 
 
 class Workspace:
     """One derivation's maps. Use as a context manager; the file goes when it closes."""
 
-    def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="khala-derivation-")
+    def __init__(self, parent: Path | None = None) -> None:
+        parent = parent or Path(tempfile.gettempdir())
+        _remove_abandoned(parent)
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent)
         self._db = sqlite3.connect(Path(self._dir.name) / "maps.sqlite", isolation_level=None)
         # Scratch: nothing to recover after a crash, so no journal and no syncing; a small
         # page cache, since bounding memory is the point.
@@ -211,3 +217,22 @@ class Workspace:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Delete the workspaces of processes that are gone: one killed while deriving (kill -9,
+    OOM) cannot, and its file can run to tens of MB. Those of live processes are left alone."""
+    for path in parent.glob(f"{_PREFIX}*-*"):
+        pid = path.name.removeprefix(_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 from processors.linkage import Owner
@@ -76,3 +78,20 @@ def test_the_file_is_gone_when_the_workspace_closes() -> None:
         folder = Path(work._dir.name)
         assert folder.exists()
     assert not folder.exists()
+
+
+def test_workspaces_of_gone_processes_are_deleted_and_live_ones_kept(tmp_path: Path) -> None:
+    exited = subprocess.Popen(["true"])  # its pid is then free (and not reused at once)
+    exited.wait()
+    abandoned = tmp_path / f"khala-derivation-{exited.pid}-abc"
+    live = tmp_path / f"khala-derivation-{os.getpid()}-xyz"
+    other = tmp_path / "khala-derivation-notes"
+    for path in (abandoned, live, other):
+        path.mkdir()
+        (path / "maps.sqlite").write_bytes(b"x" * 1024)
+    with Workspace(parent=tmp_path):
+        mine = [p for p in tmp_path.iterdir() if p not in (live, other)]
+        assert len(mine) == 1 and mine[0].name.startswith(f"khala-derivation-{os.getpid()}-")
+        assert not abandoned.exists()
+        assert live.exists() and other.exists()
+    assert not mine[0].exists()
