@@ -39,6 +39,7 @@ from producers.ledger import mark_unchanged
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _BATCH = 2000
+_BATCH_BYTES = 1 << 20  # of raw lines: parsed, a batch takes several times that (two are alive)
 _YIELD_EVERY = 100
 Progress = Callable[[str, int], None]
 """Called with (table, lines read so far) as publishing goes."""
@@ -151,6 +152,7 @@ class Publisher:
     async def _publish_table(self, export: ExportSource, table: str, report: PublishReport) -> None:
         batch: list[SourceDocument] = []
         letters: list[DeadLetter] = []
+        batch_bytes = 0
         read = 0
         # One batch is marked and sent while the next is read and parsed: the ledger's round
         # trips overlap with the CPU work (reading yields now and then so that they proceed).
@@ -168,11 +170,12 @@ class Publisher:
             else:
                 report.source[table] += 1
                 batch.append(item)
-            if len(batch) >= _BATCH or len(letters) >= _BATCH:
+                batch_bytes += len(item.raw)
+            if len(batch) >= _BATCH or batch_bytes >= _BATCH_BYTES or len(letters) >= _BATCH:
                 if sending is not None:
                     await sending
                 sending = asyncio.create_task(self._send(table, batch, letters, report))
-                batch, letters = [], []
+                batch, letters, batch_bytes = [], [], 0
                 if self._progress:
                     self._progress(table, read)
         if sending is not None:
