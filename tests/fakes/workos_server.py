@@ -82,13 +82,17 @@ class FakeWorkos:
             self._scripts[path].extend(replies)
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
-        # A request is recorded after its reply is sent: the client may have its answer before
-        # the server thread has written the record, so wait until no request is in flight.
-        deadline = time.monotonic() + 5
+        return [r for r in self.settled_requests() if r.path == path]
+
+    def settled_requests(self, wait_s: float = 20.0) -> list[RecordedRequest]:
+        """Every request, once none is in flight (for at most `wait_s`). A request is recorded
+        after its reply is sent: the client may have its answer before the server thread has
+        written the record, or have given up on a reply that is still being delayed."""
+        deadline = time.monotonic() + wait_s
         while True:
             with self._lock:
                 if self._in_flight == 0 or time.monotonic() > deadline:
-                    return [r for r in self.requests if r.path == path]
+                    return list(self.requests)
             time.sleep(0.01)
 
     @property
