@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from khala_stream.processes import pid_alive
+
 __all__ = ["LocalBroker", "find_broker_binary", "start_local_broker", "stop_pid"]
 
 HOST = "127.0.0.1"  # loopback only: the broker has no authentication
@@ -110,22 +112,6 @@ def _log_tail(log_path: Path) -> str:
     return "\n".join(lines[-_LOG_TAIL_LINES:])
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); it has exited, it just waits for its parent to reap it.
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    state = stat_line.rsplit(")", 1)[-1].split()[:1]
-    return state != ["Z"]
-
-
 def _looks_like_broker(pid: int) -> bool:
     # Guards `stop --pid` against a stale pid file whose pid now belongs to something else.
     try:
@@ -138,7 +124,7 @@ def _looks_like_broker(pid: int) -> bool:
 
 def _wait_pid(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(_POLL_INTERVAL)
@@ -151,10 +137,10 @@ def stop_pid(pid: int, timeout: float = 30.0) -> bool:
     SIGTERM lets noida-db write its snapshot; a clean stop keeps all data.
     Returns False if no such process was running.
     """
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     if not _looks_like_broker(pid):
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return False  # exited between the two checks
         raise RuntimeError(f"pid {pid} is not a noida-db broker; refusing to signal it")
     with contextlib.suppress(ProcessLookupError):
@@ -363,6 +349,6 @@ def running_broker(pid_file: Path) -> str | None:
         pid, port = int(pid_text), int(port_text)
     except (OSError, ValueError):
         return None
-    if _pid_alive(pid) and _looks_like_broker(pid) and _metadata_answered(port, 5.0):
+    if pid_alive(pid) and _looks_like_broker(pid) and _metadata_answered(port, 5.0):
         return f"{HOST}:{port}"
     return None
