@@ -34,7 +34,7 @@ from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.runtime import with_retries
 from producers.batches import PartitionedBatches
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument
-from producers.ledger import mark_unchanged
+from producers.ledger import holds_table, mark_unchanged
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,6 +158,11 @@ class Publisher:
         # trips overlap with the CPU work (reading yields now and then so that they proceed).
         # Batches still go out in file order.
         sending: asyncio.Task[None] | None = None
+        # A table the ledger holds nothing of has nothing unchanged: its first import sends
+        # every document without asking (a re-publish of this run still marks what it sent).
+        marking = self._incremental and (
+            self._again or await self._db(lambda: holds_table(self._engine, table))
+        )
         for item in export.iter_table(table):
             read += 1
             if read % _YIELD_EVERY == 0:
@@ -174,13 +179,13 @@ class Publisher:
             if len(batch) >= _BATCH or batch_bytes >= _BATCH_BYTES or len(letters) >= _BATCH:
                 if sending is not None:
                     await sending
-                sending = asyncio.create_task(self._send(table, batch, letters, report))
+                sending = asyncio.create_task(self._send(table, batch, letters, report, marking))
                 batch, letters, batch_bytes = [], [], 0
                 if self._progress:
                     self._progress(table, read)
         if sending is not None:
             await sending
-        await self._send(table, batch, letters, report)
+        await self._send(table, batch, letters, report, marking)
         if self._progress:
             self._progress(table, read)
         logger.debug(
@@ -217,6 +222,7 @@ class Publisher:
         batch: list[SourceDocument],
         letters: list[DeadLetter],
         report: PublishReport,
+        marking: bool,
     ) -> None:
         started = time.monotonic()
         keyed: list[tuple[str, str, SourceDocument]] = []
@@ -231,7 +237,7 @@ class Publisher:
             else:
                 keyed.append((key, digest, item))
         unchanged: set[tuple[str, int]] = set()
-        if self._incremental and keyed:
+        if marking and keyed:
             documents = [(k, d, i.line) for k, d, i in keyed]
             unchanged = await self._db(
                 lambda: mark_unchanged(self._engine, table, report.run_id, documents)

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from processors import store
-from producers.ledger import _MARK_PG
+from producers.ledger import _MARK_PG, holds_table
 from tests.contract.engine import run_on
 
 
@@ -38,6 +38,16 @@ async def _apply(engine: AsyncEngine, documents: list[store.IncomingDocument]) -
     for start in range(0, len(documents), 2000):
         async with engine.begin() as conn:
             await store.apply_documents(conn, documents[start : start + 2000])
+
+
+def test_the_ledger_holds_a_table_once_one_of_its_documents_is_stored(db_url: str) -> None:
+    async def body(engine: AsyncEngine) -> None:
+        assert not await holds_table(engine, "threads")  # first import: nothing to mark
+        await _apply(engine, _documents("threads", 1, 10))
+        assert await holds_table(engine, "threads")
+        assert not await holds_table(engine, "messages")
+
+    run_on(db_url, body)
 
 
 def test_pages_come_back_in_file_order_and_hold_a_bounded_amount_of_text(db_url: str) -> None:
