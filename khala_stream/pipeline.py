@@ -29,7 +29,7 @@ from khala_stream import import_runs
 from khala_stream.backpressure import Backpressure
 from khala_stream.broker.clients import broker_session, make_consumer, make_producer
 from khala_stream.config import Settings
-from khala_stream.contract import SOURCE_TABLES, RowChange, Topics
+from khala_stream.contract import SOURCE_TABLES, DestinationTable, RowChange, RowUpsert, Topics
 from khala_stream.contract.documents import document_hash, document_key
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
@@ -361,6 +361,9 @@ class _Discard:
 
     async def emit(self, changes: Sequence[RowChange]) -> None:
         self.count += len(changes)
+
+    async def emit_rows(self, table: DestinationTable, rows: Sequence[RowUpsert]) -> None:
+        self.count += len(rows)
 
 
 async def _dry_run(

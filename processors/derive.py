@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.contract.changes import RowChange, SourceRef
+from khala_stream.contract.changes import RowChange, RowUpsert, SourceRef
 from khala_stream.contract.codec import content_hash
 from khala_stream.contract.tables import SOURCE_TABLES, DestinationTable
 from processors import store
@@ -98,6 +98,9 @@ class ChangeOutput(Protocol):
 
     async def emit(self, changes: Sequence[RowChange]) -> None: ...
 
+    async def emit_rows(self, table: DestinationTable, rows: Sequence[RowUpsert]) -> None:
+        """Upserts of one table, sent as `RowBatch`es; the output takes over their values."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunOptions:
@@ -136,22 +139,21 @@ class _Pending:
         if not rows:
             return
         if self.table in self._d.untouched:  # nothing there to compare with
-            changes = [
-                self._d.change(self.table, "upsert", key, values, content_hash(values), source)
-                for key, values, source in rows
+            upserts = [
+                RowUpsert(key, values, content_hash(values), source) for key, values, source in rows
             ]
-            await self._d.emit(changes)
+            await self._d.emit_rows(self.table, upserts)
             return
         keys = [k for k, _, _ in rows]
         ledger = await self._d.view.ledger(self.table, keys)
         present = await self._d.view.existing(self.table, keys)
-        changes = []
+        upserts = []
         for key, values, source in rows:
             digest = content_hash(values)
             if key in present and self._d.settled(ledger.get(key), digest):
                 continue
-            changes.append(self._d.change(self.table, "upsert", key, values, digest, source))
-        await self._d.emit(changes)
+            upserts.append(RowUpsert(key, values, digest, source))
+        await self._d.emit_rows(self.table, upserts)
 
 
 class Derivation:
@@ -202,6 +204,12 @@ class Derivation:
         for c in changes:
             self.result.written[c.table] = self.result.written.get(c.table, 0) + 1
         await self._out.emit(changes)
+
+    async def emit_rows(self, table: DestinationTable, rows: Sequence[RowUpsert]) -> None:
+        if not rows:
+            return
+        self.result.written[table] = self.result.written.get(table, 0) + len(rows)
+        await self._out.emit_rows(table, rows)
 
     def settled(self, entry: LedgerEntry | None, digest: str) -> bool:
         """The row holds this value from an earlier run, so writing it again changes nothing.

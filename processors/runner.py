@@ -26,8 +26,15 @@ from khala_stream import import_runs, metrics
 from khala_stream.backpressure import Backpressure
 from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
-from khala_stream.contract import REPLACED_TABLES, SOURCE_TABLES, RowChange, Topics
-from khala_stream.contract.codec import encode_change
+from khala_stream.contract import (
+    REPLACED_TABLES,
+    SOURCE_TABLES,
+    DestinationTable,
+    RowChange,
+    RowUpsert,
+    Topics,
+)
+from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
 from khala_stream.contract.documents import read_headers
 from khala_stream.db.offsets import advance
 from khala_stream.errors import TransientError, WorkosKeyError
@@ -66,11 +73,13 @@ class KafkaChangeOutput:
         self,
         producer: AIOKafkaProducer,
         topic: str,
+        run_id: int,
         chunk_bytes: int = 512 * 1024,
         backpressure: Backpressure | None = None,
     ) -> None:
         self._producer = producer
         self._topic = topic
+        self._run_id = run_id
         self._chunk_bytes = chunk_bytes
         self._backpressure = backpressure
         self._buffer: list[bytes] = []
@@ -83,15 +92,23 @@ class KafkaChangeOutput:
         for change in changes:
             encoded = encode_change(change)
             if self._buffer and self._buffered + len(encoded) > self._chunk_bytes:
-                await self._send()
+                await self._send_changes()
             self._buffer.append(encoded)
             self._buffered += len(encoded) + 1
 
-    async def _send(self) -> None:
+    async def emit_rows(self, table: DestinationTable, rows: Sequence[RowUpsert]) -> None:
+        metrics.record_output("process", {table: len(rows)})
+        for batch in row_batches(self._run_id, table, rows, self._chunk_bytes):
+            await self._send(batch.rows, row_batch_headers(batch))
+
+    async def _send_changes(self) -> None:
         # A JSON array of the encoded changes, joined without encoding them again.
         value = b"[" + b",".join(self._buffer) + b"]"
         self._buffer, self._buffered = [], 0
-        self._pending.append(await self._producer.send(self._topic, value))
+        await self._send(value)
+
+    async def _send(self, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+        self._pending.append(await self._producer.send(self._topic, value, headers=headers))
         if len(self._pending) >= _IN_FLIGHT:
             await self._settle()
             if self._backpressure:
@@ -117,7 +134,7 @@ class KafkaChangeOutput:
         """Send what is buffered and wait for every acknowledgement; the end offset reached
         per partition."""
         if self._buffer:
-            await self._send()
+            await self._send_changes()
         await self._settle()
         return self.ends
 
@@ -322,7 +339,9 @@ class Processor:
     async def _derive(self, run: import_runs.ImportRun, producer: AIOKafkaProducer) -> None:
         flags = run.flags
         logger.info("deriving run %d", run.id)
-        out = KafkaChangeOutput(producer, self._topics.changes, backpressure=self._backpressure)
+        out = KafkaChangeOutput(
+            producer, self._topics.changes, run.id, backpressure=self._backpressure
+        )
         options = RunOptions(
             run_id=run.id,
             snapshot_ms=run.snapshot_ms or 0,

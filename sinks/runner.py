@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from khala_stream import import_runs, metrics
 from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
-from khala_stream.contract import Topics
-from khala_stream.contract.codec import decode_changes, encode_change
+from khala_stream.contract import RowBatch, RowChange, Topics
+from khala_stream.contract.codec import decode_changes, encode_change, read_row_batch
 from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.runtime import (
@@ -105,13 +105,16 @@ class SinkService:
 
     async def _apply(self, batch: Batch, producer: AIOKafkaProducer) -> bool:
         group = self._topics.sink_group
-        changes = [
-            c
-            for records in batch.values()
-            for r in records
-            if r.value
-            for c in decode_changes(r.value)
-        ]
+        changes: list[RowChange] = []
+        row_batches: list[RowBatch] = []
+        for records in batch.values():
+            for r in records:
+                if not r.value:
+                    continue
+                if (row_batch := read_row_batch(r.headers, r.value)) is not None:
+                    row_batches.append(row_batch)
+                else:
+                    changes += decode_changes(r.value)
         offsets = [
             OffsetAdvance(group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1)
             for tp, records in batch.items()
@@ -126,15 +129,14 @@ class SinkService:
                 logger.warning("row refused: %s %s: %s", r.change.table, r.change.key, r.reason)
 
         started = time.monotonic()
-        result = await self._sink.apply(changes, offsets=offsets, on_refused=set_aside)
+        result = await self._sink.apply(
+            changes, batches=row_batches, offsets=offsets, on_refused=set_aside
+        )
         if result.applied:
-            metrics.record_batch(
-                "sink", Counter(c.table for c in changes), time.monotonic() - started
-            )
-            written = Counter[str](c.table for c in changes)
-            written.subtract(r.change.table for r in result.refused)
-            metrics.record_output("sink", written)
-            logger.debug("applied changes: %s", dict(written))
+            handled = Counter(result.rows) + Counter(r.change.table for r in result.refused)
+            metrics.record_batch("sink", handled, time.monotonic() - started)
+            metrics.record_output("sink", result.rows)
+            logger.debug("applied changes: %s", result.rows)
         return result.applied
 
     async def _export_of(self, run_id: int) -> str | None:

@@ -27,8 +27,8 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from khala_stream.contract.changes import RowChange
-from khala_stream.contract.codec import dumps_text
+from khala_stream.contract.changes import RowBatch, RowChange
+from khala_stream.contract.codec import dumps_text, row_batch_changes
 from khala_stream.db.errors import is_refusal, is_transient, refusal_reason
 from khala_stream.db.importer_tables import OFFSETS, REFUSALS, ROWS
 from khala_stream.db.laravel_tables import (
@@ -39,6 +39,7 @@ from khala_stream.db.laravel_tables import (
     timestamp_columns,
 )
 from khala_stream.db.offsets import advance
+from khala_stream.db.queries import staged_json
 from sinks.dialects import SqlDialect, dialect_for
 
 __all__ = ["ApplyResult", "OffsetAdvance", "Refusal", "SqlSink"]
@@ -77,8 +78,20 @@ OnRefused = Callable[[list[Refusal]], Awaitable[None]]
 
 @dataclass(slots=True)
 class _Plan:
-    truncates: list[RowChange]
-    tables: dict[str, list[RowChange]]
+    """What a batch writes: the last change per (table, key); a truncate voids its table's
+    earlier changes and is applied first."""
+
+    truncates: dict[str, RowChange] = field(default_factory=dict)
+    tables: dict[str, dict[str, RowChange]] = field(default_factory=dict)
+
+    def add(self, changes: Iterable[RowChange]) -> None:
+        for change in changes:
+            if change.op == "truncate":
+                self.tables.pop(change.table, None)
+                self.truncates[change.table] = change
+                continue
+            bucket = self.tables.setdefault(change.table, {})
+            bucket[change.key] = _merge(bucket.pop(change.key, None), change)
 
 
 @dataclass(slots=True)
@@ -102,22 +115,6 @@ def _merge(previous: RowChange | None, change: RowChange) -> RowChange:
     return replace(previous, values={**previous.values, **change.values}, run_id=change.run_id)
 
 
-def _plan(changes: Iterable[RowChange]) -> _Plan:
-    truncates: dict[str, RowChange] = {}
-    tables: dict[str, dict[str, RowChange]] = {}
-    for change in changes:
-        if change.op == "truncate":
-            tables.pop(change.table, None)  # earlier changes of the table are void
-            truncates[change.table] = change
-            continue
-        bucket = tables.setdefault(change.table, {})
-        bucket[change.key] = _merge(bucket.pop(change.key, None), change)
-    return _Plan(
-        truncates=list(truncates.values()),
-        tables={name: list(bucket.values()) for name, bucket in tables.items() if bucket},
-    )
-
-
 class SqlSink:
     """Writes batches of `RowChange`s; replaying a batch is safe (see module docstring)."""
 
@@ -128,12 +125,14 @@ class SqlSink:
         self,
         changes: Sequence[RowChange],
         *,
+        batches: Sequence[RowBatch] = (),
         offsets: Sequence[OffsetAdvance] = (),
         on_refused: OnRefused | None = None,
     ) -> ApplyResult:
         # (1) De-duplicate: the last change per (table, key) wins; a truncate voids its table's
         #     earlier changes and is applied first.
-        plan = _plan(changes)
+        plan = _Plan()
+        plan.add(changes)
         async with self._engine.connect() as conn:
             tx = await conn.begin()
             try:
@@ -143,7 +142,7 @@ class SqlSink:
                     return ApplyResult(applied=False)
                 dialect = dialect_for(conn)
                 # (2) + (3) Write table by table; refused rows are set aside.
-                rows, refused = await _write_all(conn, dialect, plan)
+                rows, refused = await _write_all(conn, dialect, plan, batches)
                 if refused:
                     await _record_refusals(conn, refused)
                     # (4) Dead letters are published (and acknowledged) before offsets move.
@@ -182,15 +181,22 @@ async def _already_applied(conn: AsyncConnection, offsets: Sequence[OffsetAdvanc
 
 
 async def _write_all(
-    conn: AsyncConnection, dialect: SqlDialect, plan: _Plan
+    conn: AsyncConnection, dialect: SqlDialect, plan: _Plan, batches: Sequence[RowBatch]
 ) -> tuple[dict[str, int], list[Refusal]]:
     rows: Counter[str] = Counter()
     refused: list[Refusal] = []
-    for change in plan.truncates:
+    for change in plan.truncates.values():
         await dialect.truncate(conn, change.table)
         await conn.execute(sa.delete(ROWS).where(ROWS.c.dest_table == change.table))
         rows[change.table] += 1
-    for table, changes in plan.tables.items():
+    for batch in batches:
+        written = await _write_batch(conn, dialect, batch)
+        if written is None:
+            plan.add(row_batch_changes(batch))  # row by row, with the other changes
+        else:
+            rows[batch.table] += written
+    for table, bucket in plan.tables.items():
+        changes = list(bucket.values())
         prepared, bad = await _prepare(conn, dialect, table, changes)
         refused += bad
         if not prepared:
@@ -219,6 +225,39 @@ async def _write_all(
                     raise
                 refused.append(Refusal(item.change, refusal_reason(exc)))
     return dict(rows), refused
+
+
+async def _write_batch(conn: AsyncConnection, dialect: SqlDialect, batch: RowBatch) -> int | None:
+    """PostgreSQL: a `RowBatch` parsed by the server and upserted with its ledger rows in
+    three statements, without an object per row here; its row count. None: it goes row by
+    row instead (another database, a table whose ids the sink allocates, an unknown column,
+    or a statement that failed: a refused row, a key twice)."""
+    table, columns = batch.table, list(batch.columns)
+    pk = primary_key(table)
+    if (
+        dialect.name != "postgresql"
+        or table in _ID_TABLES
+        or pk not in columns
+        or not set(columns) <= _column_kinds(table).keys()
+    ):
+        return None
+    try:
+        async with (
+            conn.begin_nested(),
+            staged_json(conn, table, columns, ("_k", "_h"), batch.rows) as (stage, n),
+        ):
+            await dialect.upsert_from(conn, table, columns, (pk,), stage)
+            ledger = (
+                f"INSERT INTO {ROWS.name} ({dialect.column_list(_LEDGER_COLUMNS)}) "
+                f"SELECT :t, _k, _h, NULL, :run FROM {dialect.quote(stage)} "
+                + dialect.on_conflict(_LEDGER_COLUMNS, _LEDGER_KEY)
+            )
+            await conn.execute(sa.text(ledger), {"t": table, "run": batch.run_id})
+        return n
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return None
 
 
 @functools.cache

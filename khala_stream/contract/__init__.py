@@ -1,6 +1,6 @@
 """The event contract shared by the three stages."""
 
-from khala_stream.contract.changes import ChangeOp, RowChange, SourceRef
+from khala_stream.contract.changes import ChangeOp, RowBatch, RowChange, RowUpsert, SourceRef
 from khala_stream.contract.tables import (
     CHAT_TABLES,
     DESTINATION_TABLES,
@@ -20,7 +20,9 @@ __all__ = [
     "SOURCE_TABLES",
     "ChangeOp",
     "DestinationTable",
+    "RowBatch",
     "RowChange",
+    "RowUpsert",
     "SourceRef",
     "SourceTable",
     "Topics",

@@ -49,3 +49,30 @@ class RowChange:
     row_hash: str | None = None
     source: SourceRef | None = None
     schema_version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RowUpsert:
+    """One computed row to upsert, before encoding: its ledger key, value and hash."""
+
+    key: str
+    values: dict[str, Any]
+    row_hash: str
+    source: SourceRef
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowBatch:
+    """A message of upserts to one table from one run, every row with the same `columns`.
+
+    The derivation's bulk output (threads, runs, messages and their conversation rows): the
+    sink hands `rows` to PostgreSQL as they are, without an object per row. `rows` is a JSON
+    array of objects holding the columns, plus `_k` (ledger key), `_h` (row hash) and `_s`
+    (the source document: table, line, `_id`). Each row is the upsert `RowChange` that
+    `codec.row_batch_changes` gives back.
+    """
+
+    run_id: int
+    table: DestinationTable
+    columns: tuple[str, ...]
+    rows: bytes

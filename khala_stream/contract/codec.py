@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Final
 
 import orjson
 
-from khala_stream.contract.changes import RowChange, SourceRef
+from khala_stream.contract.changes import RowBatch, RowChange, RowUpsert, SourceRef
+from khala_stream.contract.tables import DestinationTable
 
 _SORTED = orjson.OPT_SORT_KEYS
 
@@ -75,3 +77,83 @@ def decode_change(data: bytes) -> RowChange:
 def decode_changes(data: bytes) -> list[RowChange]:
     """A message of the changes topic: a JSON array of encoded changes (README)."""
     return [_change_from(raw) for raw in orjson.loads(data)]
+
+
+# The headers that mark a changes message as a `RowBatch` (any other message is a JSON array
+# of encoded changes).
+_BATCH_TABLE: Final = "khala-rows"
+_BATCH_RUN: Final = "khala-run"
+_BATCH_COLUMNS: Final = "khala-columns"
+Headers = Sequence[tuple[str, bytes]]
+
+
+def row_batches(
+    run_id: int, table: DestinationTable, rows: Iterable[RowUpsert], max_bytes: int
+) -> Iterator[RowBatch]:
+    """`rows` as `RowBatch`es of at most `max_bytes` (or one row), one per column set. Takes
+    over each row's values: the ledger members are added to them."""
+    open_: dict[tuple[str, ...], tuple[list[bytes], int]] = {}
+    for row in rows:
+        columns = tuple(row.values)
+        values, source = row.values, row.source
+        values["_k"], values["_h"] = row.key, row.row_hash
+        values["_s"] = (source.table, source.line, source.doc_id)
+        encoded = orjson.dumps(values)
+        items, size = open_.get(columns, ([], 0))
+        if items and size + len(encoded) > max_bytes:
+            yield _row_batch(run_id, table, columns, items)
+            items, size = [], 0
+        items.append(encoded)
+        open_[columns] = (items, size + len(encoded) + 1)
+    for columns, (items, _) in open_.items():
+        yield _row_batch(run_id, table, columns, items)
+
+
+def _row_batch(
+    run_id: int, table: DestinationTable, columns: tuple[str, ...], items: list[bytes]
+) -> RowBatch:
+    # A JSON array of the encoded rows, joined without encoding them again.
+    return RowBatch(
+        run_id=run_id, table=table, columns=columns, rows=b"[" + b",".join(items) + b"]"
+    )
+
+
+def row_batch_headers(batch: RowBatch) -> list[tuple[str, bytes]]:
+    return [
+        (_BATCH_TABLE, batch.table.encode()),
+        (_BATCH_RUN, str(batch.run_id).encode()),
+        (_BATCH_COLUMNS, ",".join(batch.columns).encode()),
+    ]
+
+
+def read_row_batch(headers: Headers, value: bytes) -> RowBatch | None:
+    """The `RowBatch` a changes message holds, or None for an array of encoded changes."""
+    found = dict(headers)
+    table = found.get(_BATCH_TABLE)
+    if table is None:
+        return None
+    return RowBatch(
+        run_id=int(found[_BATCH_RUN]),
+        table=table.decode(),  # type: ignore[arg-type]
+        columns=tuple(found[_BATCH_COLUMNS].decode().split(",")),
+        rows=value,
+    )
+
+
+def row_batch_changes(batch: RowBatch) -> list[RowChange]:
+    """A `RowBatch` as the upsert changes it stands for."""
+    changes = []
+    for values in orjson.loads(batch.rows):
+        key, digest, (table, line, doc_id) = values.pop("_k"), values.pop("_h"), values.pop("_s")
+        changes.append(
+            RowChange(
+                run_id=batch.run_id,
+                table=batch.table,
+                op="upsert",
+                key=key,
+                values=values,
+                row_hash=digest,
+                source=SourceRef(table=table, line=line, doc_id=doc_id),
+            )
+        )
+    return changes

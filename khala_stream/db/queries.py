@@ -50,3 +50,34 @@ async def staged(
     await driver.copy_records_to_table(name, records=rows, columns=list(columns))
     yield name
     await conn.execute(sa.text(f"DROP TABLE {quoted}"))
+
+
+@contextlib.asynccontextmanager
+async def staged_json(
+    conn: AsyncConnection,
+    table: str,
+    columns: Sequence[str],
+    extra: Sequence[str],
+    rows: bytes,
+) -> AsyncIterator[tuple[str, int]]:
+    """PostgreSQL: `rows`, a JSON array of objects, parsed by the server into a temporary table
+    of `columns` (typed as in `table`) and the text columns `extra`; yields its name and row
+    count, and drops it after. Members of an object that are not columns are ignored; a JSON
+    value lands in a `json` column as its exact text.
+    """
+    name = f"khala_rows_{table}"
+    quoted = f'"{name}"'
+    selected = ", ".join([*(f'"{c}"' for c in columns), *(f'NULL::text AS "{c}"' for c in extra)])
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    await driver.execute(
+        f"CREATE TEMP TABLE {quoted} ON COMMIT DROP AS "
+        f'SELECT {selected} FROM "{table}" WITH NO DATA'
+    )
+    status = await driver.execute(
+        f"INSERT INTO {quoted} "
+        f"SELECT * FROM json_populate_recordset(NULL::{quoted}, $1::text::json)",
+        rows.decode(),
+    )
+    yield name, int(status.rsplit(" ", 1)[1])
+    await driver.execute(f"DROP TABLE {quoted}")

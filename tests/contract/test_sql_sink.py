@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.contract.changes import RowChange, SourceRef
+from khala_stream.contract.changes import RowBatch, RowChange, RowUpsert, SourceRef
+from khala_stream.contract.codec import row_batches
 from khala_stream.db import (
     create_engine,
     dialect_name,
@@ -433,6 +434,89 @@ def test_stored_forms_of_timestamps_json_and_booleans(db_url: str) -> None:
             ("ap1", False, "[]", '["sats4ai.com"]'),
             ("ap2", True, None, None),  # server default
         ]
+
+    run(db_url, body)
+
+
+def batch_of(*changes: RowChange) -> RowBatch:
+    """The upserts as the derivation sends them: one `RowBatch` (they share their columns)."""
+    upserts = [RowUpsert(c.key, dict(c.values), c.row_hash or "", c.source) for c in changes]  # type: ignore[arg-type]
+    [batch] = row_batches(1, changes[0].table, upserts, 1 << 20)
+    return batch
+
+
+def run_row(rid: str, **extra: Any) -> RowChange:
+    values: dict[str, Any] = {
+        "id": rid, "thread_id": "t1", "user_id": 1, "autopilot_id": None,
+        "autopilot_config_version": 1, "status": "completed", "model_provider": None,
+        "model": "m", "usage": {}, "meta": {"note": "café / naïve ☃", "list": [1, {"a": None}]},
+        "error": None, "started_at": TS, "completed_at": None, "created_at": TS, "updated_at": TS,
+    }  # fmt: skip
+    values.update(extra)
+    return change("runs", rid, **values)
+
+
+async def runs_and_ledger(engine: AsyncEngine) -> tuple[list[Any], dict[str, Any]]:
+    cast = "::text" if dialect_name(engine) == "postgresql" else ""
+    table = await rows(
+        engine,
+        "SELECT id, thread_id, user_id, autopilot_id, autopilot_config_version, status, "
+        f"model_provider, model, usage{cast}, meta{cast}, error, started_at, completed_at, "
+        "created_at, updated_at FROM runs ORDER BY id",
+    )
+    return table, await ledger(engine, "runs")
+
+
+def test_a_row_batch_writes_what_its_changes_write(db_url: str) -> None:
+    """PostgreSQL parses a batch itself; the rows, their stored forms and the ledger are those
+    the same upserts give one change at a time, for new rows and for overwritten ones."""
+
+    async def body(engine: AsyncEngine) -> None:
+        first = [run_row("r1"), run_row("r2", meta=None, usage={"tokens": 3}), run_row("r3")]
+        second = [run_row("r2", status="failed", error='boom\ttab "quoted"'), run_row("r4")]
+        written = []
+        for as_batch in (False, True):
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("DELETE FROM runs"))
+                await conn.execute(sa.text("DELETE FROM khala_import_rows"))
+            for changes in (first, second):
+                if as_batch:
+                    result = await SqlSink(engine).apply([], batches=[batch_of(*changes)])
+                else:
+                    result = await apply(engine, *changes)
+                assert result == ApplyResult(applied=True, rows={"runs": len(changes)})
+            written.append(await runs_and_ledger(engine))
+        by_change, by_batch = written
+        assert by_batch == by_change
+        table, book = by_batch
+        assert [r[0] for r in table] == ["r1", "r2", "r3", "r4"]
+        assert (table[1][5], table[1][10]) == ("failed", 'boom\ttab "quoted"')
+        assert table[0][9] == '{"note":"café / naïve ☃","list":[1,{"a":null}]}'
+        assert book["r2"] == (second[0].row_hash, None, 1)
+
+    run(db_url, body)
+
+
+def test_a_row_batch_with_a_refused_row_writes_the_rest(db_url: str) -> None:
+    """A row the database refuses fails the batch's statement; the batch then goes row by row:
+    the refusal names the source document, a key twice keeps its last value."""
+
+    async def body(engine: AsyncEngine) -> None:
+        bad = thread("t2", user_id=None)
+        batch = batch_of(thread("t1", "Old"), bad, thread("t3"), thread("t1", "New"))
+        result = await SqlSink(engine).apply([], batches=[batch])
+        assert result.rows == {"threads": 2}
+        assert [(r.change.key, r.change.source) for r in result.refused] == [
+            ("t2", SourceRef(table="threads", line=1, doc_id="t2"))
+        ]
+        assert await rows(engine, "SELECT id, title FROM threads ORDER BY id") == [
+            ("t1", "New"),
+            ("t3", "Hello"),
+        ]
+        assert set(await ledger(engine, "threads")) == {"t1", "t3"}
+
+        unknown = await SqlSink(engine).apply([], batches=[batch_of(thread("t4", colour="red"))])
+        assert [r.reason for r in unknown.refused] == ["unknown column threads.colour"]
 
     run(db_url, body)
 
