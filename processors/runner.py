@@ -36,7 +36,9 @@ from khala_stream.contract import (
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
 from khala_stream.contract.documents import read_headers
+from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
+from khala_stream.db.statistics import Growth, analyze
 from khala_stream.errors import TransientError, WorkosKeyError
 from khala_stream.runtime import (
     Poller,
@@ -162,7 +164,8 @@ class Processor:
         self.derived: list[int] = []
         self._next_loss_check = 0.0
         self._backpressure = Backpressure(engine, self._topics.sink_group, limit=_SINK_BEHIND)
-        self._store = store.GrowingStore(engine)
+        # The marking of unchanged documents looks the store up by key (producers/ledger.py).
+        self._stored = Growth(engine, lambda _table: [DOCUMENTS.name])
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -194,9 +197,9 @@ class Processor:
                     await commit_for_lag(consumer, positions)
                     await trimmer.consumed(positions)
                     by_table = self._by_table(batch)
-                    self._store.applied(by_table)
+                    self._stored.added(by_table)
                     await with_retries(
-                        self._store.refresh_if_due, what="the database", deadline_s=self._deadline
+                        self._stored.refresh_if_due, what="the database", deadline_s=self._deadline
                     )
                     metrics.record_batch("process", by_table, time.monotonic() - started)
                     logger.debug("stored documents: %s", dict(by_table))
@@ -367,7 +370,7 @@ class Processor:
                 result = Derived(counters=dict.fromkeys(COUNTER_KEYS, 0) | reused)
                 result.documents = documents
             else:
-                await store.refresh_statistics(self._engine)
+                await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
                 result = await self._derive_all(run, options, out)
             ends = await out.drain()
         finally:

@@ -7,8 +7,7 @@ ledger that incremental publishing compares content hashes against (SPEC §5).
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from khala_stream.db.importer_tables import APPLIED, DOCUMENTS, ROWS
+from khala_stream.db.importer_tables import APPLIED, DOCUMENTS
 from khala_stream.db.queries import insert_for, one_of, staged
 
 _PAGE = 2000
@@ -213,45 +212,6 @@ async def documents_by_key(
             )
             found += [StoredDocument(k, line, orjson.loads(doc)) for k, line, doc in rows.all()]
     return found
-
-
-async def refresh_statistics(
-    engine: AsyncEngine, tables: Sequence[sa.Table] = (DOCUMENTS, ROWS)
-) -> None:
-    """ANALYZE the store and the row ledger (PostgreSQL): they grow from nothing within a run,
-    faster than autovacuum notices, and the planner would go on treating them as empty."""
-    if engine.dialect.name != "postgresql":
-        return
-    async with engine.connect() as conn:
-        await conn.execute(sa.text(f"ANALYZE {', '.join(t.name for t in tables)}"))
-        await conn.commit()
-
-
-class GrowingStore:
-    """Keeps the store's statistics in step with a run that fills it (PostgreSQL).
-
-    Without them the planner takes "this run's documents of this table" for a handful of rows:
-    the publisher's incremental marking (producers/ledger.py) then scans every one stored so far
-    for each batch it marks, instead of probing the primary key (a 1M export spent most of its
-    publishing time there). An ANALYZE each time this worker's applied documents of a source
-    table double keeps those estimates within a factor of two, for a few ANALYZEs a table.
-    """
-
-    def __init__(self, engine: AsyncEngine, first_after: int = 10_000) -> None:
-        self._engine = engine
-        self._first_after = first_after
-        self._applied: Counter[str] = Counter()
-        self._next: dict[str, int] = {}
-
-    def applied(self, by_table: Mapping[str, int]) -> None:
-        self._applied.update(by_table)
-
-    async def refresh_if_due(self) -> None:
-        due = [t for t, n in self._applied.items() if n >= self._next.get(t, self._first_after)]
-        if due:
-            await refresh_statistics(self._engine, (DOCUMENTS,))
-            for table in due:
-                self._next[table] = 2 * self._applied[table]
 
 
 async def table_changes(

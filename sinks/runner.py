@@ -21,6 +21,8 @@ from khala_stream.config import Settings
 from khala_stream.contract import RowBatch, RowChange, Topics
 from khala_stream.contract.codec import decode_changes, encode_change, read_row_batch
 from khala_stream.contract.dead_letters import DeadLetter
+from khala_stream.db.importer_tables import ROWS
+from khala_stream.db.statistics import Growth
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.runtime import (
     Batch,
@@ -68,6 +70,9 @@ class SinkService:
         self._deadline = db_deadline_s
         self.refused = 0
         self._exports: dict[int, str | None] = {}
+        # Run events are written by looking their ids up in the ledger, which the same import
+        # fills (khala_stream/db/statistics.py).
+        self._written = Growth(engine, lambda table: [ROWS.name, table])
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -93,6 +98,9 @@ class SinkService:
                     deadline_s=self._deadline,
                 )
                 if applied:
+                    await with_retries(
+                        self._written.refresh_if_due, what="the database", deadline_s=self._deadline
+                    )
                     positions = {tp: records[-1].offset + 1 for tp, records in batch.items()}
                     await commit_for_lag(consumer, positions)
                     await trimmer.consumed(positions)
@@ -133,6 +141,7 @@ class SinkService:
             changes, batches=row_batches, offsets=offsets, on_refused=set_aside
         )
         if result.applied:
+            self._written.added(result.rows)
             handled = Counter(result.rows) + Counter(r.change.table for r in result.refused)
             metrics.record_batch("sink", handled, time.monotonic() - started)
             metrics.record_output("sink", result.rows)

@@ -39,7 +39,7 @@ from khala_stream.db.laravel_tables import (
     timestamp_columns,
 )
 from khala_stream.db.offsets import advance
-from khala_stream.db.queries import staged_json
+from khala_stream.db.queries import one_of, staged_json
 from sinks.dialects import SqlDialect, dialect_for
 
 __all__ = ["ApplyResult", "OffsetAdvance", "Refusal", "SqlSink"]
@@ -189,12 +189,16 @@ async def _write_all(
         await dialect.truncate(conn, change.table)
         await conn.execute(sa.delete(ROWS).where(ROWS.c.dest_table == change.table))
         rows[change.table] += 1
+    alike: defaultdict[tuple[int, str, tuple[str, ...]], list[RowBatch]] = defaultdict(list)
     for batch in batches:
-        written = await _write_batch(conn, dialect, batch)
+        alike[(batch.run_id, batch.table, batch.columns)].append(batch)
+    for group in alike.values():
+        written = await _write_batches(conn, dialect, group)
         if written is None:
-            plan.add(row_batch_changes(batch))  # row by row, with the other changes
+            for batch in group:  # row by row, with the other changes
+                plan.add(row_batch_changes(batch))
         else:
-            rows[batch.table] += written
+            rows[group[0].table] += written
     for table, bucket in plan.tables.items():
         changes = list(bucket.values())
         prepared, bad = await _prepare(conn, dialect, table, changes)
@@ -227,12 +231,16 @@ async def _write_all(
     return dict(rows), refused
 
 
-async def _write_batch(conn: AsyncConnection, dialect: SqlDialect, batch: RowBatch) -> int | None:
-    """PostgreSQL: a `RowBatch` parsed by the server and upserted with its ledger rows in
-    three statements, without an object per row here; its row count. None: it goes row by
-    row instead (another database, a table whose ids the sink allocates, an unknown column,
-    or a statement that failed: a refused row, a key twice)."""
-    table, columns = batch.table, list(batch.columns)
+async def _write_batches(
+    conn: AsyncConnection, dialect: SqlDialect, batches: list[RowBatch]
+) -> int | None:
+    """PostgreSQL: `RowBatch`es of one run, table and column set, parsed by the server into
+    one temporary table and upserted with their ledger rows in two statements, without an
+    object per row here; their row count. None: they go row by row instead (another database,
+    a table whose ids the sink allocates, an unknown column, or a statement that failed: a
+    refused row, a key twice)."""
+    first = batches[0]
+    table, columns = first.table, list(first.columns)
     pk = primary_key(table)
     if (
         dialect.name != "postgresql"
@@ -241,10 +249,11 @@ async def _write_batch(conn: AsyncConnection, dialect: SqlDialect, batch: RowBat
         or not set(columns) <= _column_kinds(table).keys()
     ):
         return None
+    arrays = [b.rows for b in batches]
     try:
         async with (
             conn.begin_nested(),
-            staged_json(conn, table, columns, ("_k", "_h"), batch.rows) as (stage, n),
+            staged_json(conn, table, columns, ("_k", "_h"), arrays) as (stage, n),
         ):
             await dialect.upsert_from(conn, table, columns, (pk,), stage)
             ledger = (
@@ -252,7 +261,7 @@ async def _write_batch(conn: AsyncConnection, dialect: SqlDialect, batch: RowBat
                 f"SELECT :t, _k, _h, NULL, :run FROM {dialect.quote(stage)} "
                 + dialect.on_conflict(_LEDGER_COLUMNS, _LEDGER_KEY)
             )
-            await conn.execute(sa.text(ledger), {"t": table, "run": batch.run_id})
+            await conn.execute(sa.text(ledger), {"t": table, "run": first.run_id})
         return n
     except Exception as exc:
         if is_transient(exc):
@@ -309,17 +318,21 @@ def _locate(table: str, pk: str, key: str) -> tuple[str, Any] | None:
     return (pk, key)
 
 
+def ledger_lookup(
+    table: str, keys: Sequence[str], dialect: str = "postgresql"
+) -> sa.Select[tuple[str, int]]:
+    """The row ids the ledger holds for these keys of `table`."""
+    c = ROWS.c
+    return sa.select(c.row_key, c.row_id).where(
+        c.dest_table == table, one_of(c.row_key, keys, dialect), c.row_id.is_not(None)
+    )
+
+
 async def _ledger_ids(conn: AsyncConnection, table: str, keys: list[str]) -> dict[str, int]:
     found: dict[str, int] = {}
     for i in range(0, len(keys), _CHUNK):
-        result = await conn.execute(
-            sa.select(ROWS.c.row_key, ROWS.c.row_id).where(
-                ROWS.c.dest_table == table,
-                ROWS.c.row_key.in_(keys[i : i + _CHUNK]),
-                ROWS.c.row_id.is_not(None),
-            )
-        )
-        found.update({str(k): int(v) for k, v in result.all()})
+        query = ledger_lookup(table, keys[i : i + _CHUNK], conn.dialect.name)
+        found.update({str(k): int(v) for k, v in (await conn.execute(query)).all()})
     return found
 
 
@@ -327,7 +340,10 @@ async def _existing_ids(conn: AsyncConnection, table: str, ids: list[int]) -> se
     found: set[int] = set()
     id_col = TABLES[table].c.id
     for i in range(0, len(ids), _CHUNK):
-        result = await conn.execute(sa.select(id_col).where(id_col.in_(ids[i : i + _CHUNK])))
+        chunk = ids[i : i + _CHUNK]
+        result = await conn.execute(
+            sa.select(id_col).where(one_of(id_col, chunk, conn.dialect.name))
+        )
         found.update(int(v) for v in result.scalars())
     return found
 

@@ -58,9 +58,9 @@ async def staged_json(
     table: str,
     columns: Sequence[str],
     extra: Sequence[str],
-    rows: bytes,
+    arrays: Sequence[bytes],
 ) -> AsyncIterator[tuple[str, int]]:
-    """PostgreSQL: `rows`, a JSON array of objects, parsed by the server into a temporary table
+    """PostgreSQL: `arrays`, JSON arrays of objects, parsed by the server into a temporary table
     of `columns` (typed as in `table`) and the text columns `extra`; yields its name and row
     count, and drops it after. Members of an object that are not columns are ignored; a JSON
     value lands in a `json` column as its exact text.
@@ -74,10 +74,13 @@ async def staged_json(
         f"CREATE TEMP TABLE {quoted} ON COMMIT DROP AS "
         f'SELECT {selected} FROM "{table}" WITH NO DATA'
     )
-    status = await driver.execute(
-        f"INSERT INTO {quoted} "
-        f"SELECT * FROM json_populate_recordset(NULL::{quoted}, $1::text::json)",
-        rows.decode(),
-    )
-    yield name, int(status.rsplit(" ", 1)[1])
+    count = 0
+    for rows in arrays:
+        status = await driver.execute(
+            f"INSERT INTO {quoted} "
+            f"SELECT * FROM json_populate_recordset(NULL::{quoted}, $1::text::json)",
+            rows.decode(),
+        )
+        count += int(status.rsplit(" ", 1)[1])
+    yield name, count
     await driver.execute(f"DROP TABLE {quoted}")

@@ -9,6 +9,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_stream.db.statistics import Growth
 from processors import store
 from producers.ledger import _MARK_PG, holds_table
 from tests.contract.engine import run_on
@@ -86,12 +87,12 @@ def test_a_growing_store_keeps_the_marking_on_the_primary_key(pg_url: str) -> No
             return "\n".join(r[0] for r in await conn.execute(explain, params))
 
     async def body(engine: AsyncEngine) -> tuple[str, str]:
-        growing = store.GrowingStore(engine)
+        growing = Growth(engine, lambda _table: ["khala_import_documents"])
         documents = _documents("messages", 40_000, 10)
         await _apply(engine, documents[:20_000])
         before = await plan(engine)
         await _apply(engine, documents[20_000:])
-        growing.applied({"messages": 40_000})
+        growing.added({"messages": 40_000})
         await growing.refresh_if_due()
         return before, await plan(engine)
 

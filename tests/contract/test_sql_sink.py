@@ -23,7 +23,9 @@ from khala_stream.db import (
     load_offsets,
     refusal_reason,
 )
+from khala_stream.db.statistics import Growth, analyze
 from sinks import ApplyResult, OffsetAdvance, Refusal, SqlSink
+from sinks.sql_sink import ledger_lookup
 from tests.contract.engine import run_on
 
 TS = "2024-01-02 03:04:05"
@@ -498,13 +500,14 @@ def test_a_row_batch_writes_what_its_changes_write(db_url: str) -> None:
 
 
 def test_a_row_batch_with_a_refused_row_writes_the_rest(db_url: str) -> None:
-    """A row the database refuses fails the batch's statement; the batch then goes row by row:
+    """A row the database refuses fails the statement of its batches; they then go row by row:
     the refusal names the source document, a key twice keeps its last value."""
 
     async def body(engine: AsyncEngine) -> None:
         bad = thread("t2", user_id=None)
-        batch = batch_of(thread("t1", "Old"), bad, thread("t3"), thread("t1", "New"))
-        result = await SqlSink(engine).apply([], batches=[batch])
+        # Two messages of the same table and columns: written together, and again row by row.
+        batches = [batch_of(thread("t1", "Old"), bad), batch_of(thread("t3"), thread("t1", "New"))]
+        result = await SqlSink(engine).apply([], batches=batches)
         assert result.rows == {"threads": 2}
         assert [(r.change.key, r.change.source) for r in result.refused] == [
             ("t2", SourceRef(table="threads", line=1, doc_id="t2"))
@@ -519,6 +522,41 @@ def test_a_row_batch_with_a_refused_row_writes_the_rest(db_url: str) -> None:
         assert [r.reason for r in unknown.refused] == ["unknown column threads.colour"]
 
     run(db_url, body)
+
+
+@pytest.mark.postgres
+def test_the_sinks_ledger_lookups_probe_the_key_once_its_growth_is_analyzed(pg_url: str) -> None:
+    """The ledger fills within the run that looks it up (run events by receipt key): analyzed
+    while empty, the planner reads all of a table's entries per lookup (32 ms a lookup at 1M
+    documents), until a `Growth` like the sink's refreshes the statistics."""
+
+    async def plan(engine: AsyncEngine) -> str:
+        query = ledger_lookup("run_events", [f"k{n}" for n in range(0, 40_000, 800)])
+        compiled = query.compile(engine.sync_engine, compile_kwargs={"literal_binds": True})
+        async with engine.connect() as conn:
+            explained = await conn.exec_driver_sql(f"EXPLAIN {compiled}")
+            return "\n".join(r[0] for r in explained)
+
+    async def body(engine: AsyncEngine) -> tuple[str, str]:
+        await analyze(engine, ["khala_import_rows"])  # as the derivation starts: empty
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO khala_import_rows SELECT 'run_events', 'k' || n, 'h', n, 1"
+                    " FROM generate_series(1, 40000) AS n"
+                )
+            )
+        before = await plan(engine)
+        growth = Growth(engine, lambda table: ["khala_import_rows", table])
+        growth.added({"run_events": 40_000})
+        await growth.refresh_if_due()
+        return before, await plan(engine)
+
+    before, after = run_on(pg_url, body)
+    # Without statistics: every ledger row of the table is read and filtered by key ...
+    assert "Filter: ((row_id IS NOT NULL) AND (row_key = ANY" in before
+    # ... with them: the keys are probed in the primary key.
+    assert "Index Cond: (((dest_table)::text = 'run_events'::text) AND (row_key = ANY" in after
 
 
 def test_offsets_only_batch_and_empty_batch(db_url: str) -> None:
