@@ -39,7 +39,7 @@ from khala_stream.db.laravel_tables import (
     timestamp_columns,
 )
 from khala_stream.db.offsets import advance
-from khala_stream.db.queries import one_of, staged_json
+from khala_stream.db.queries import execute_counted, json_row_type, one_of
 from sinks.dialects import SqlDialect, dialect_for
 
 __all__ = ["ApplyResult", "OffsetAdvance", "Refusal", "SqlSink"]
@@ -234,9 +234,9 @@ async def _write_all(
 async def _write_batches(
     conn: AsyncConnection, dialect: SqlDialect, batches: list[RowBatch]
 ) -> int | None:
-    """PostgreSQL: `RowBatch`es of one run, table and column set, parsed by the server into
-    one temporary table and upserted with their ledger rows in two statements, without an
-    object per row here; their row count. None: they go row by row instead (another database,
+    """PostgreSQL: `RowBatch`es of one run, table and column set, parsed by the server and
+    upserted with their ledger rows in one statement, without an object per row here; their
+    row count. None: they go row by row instead (another database,
     a table whose ids the sink allocates, an unknown column, or a statement that failed: a
     refused row, a key twice)."""
     first = batches[0]
@@ -249,20 +249,23 @@ async def _write_batches(
         or not set(columns) <= _column_kinds(table).keys()
     ):
         return None
-    arrays = [b.rows for b in batches]
+    # One JSON array of every batch's rows, joined without parsing them.
+    rows = b"[" + b",".join(b.rows[1:-1] for b in batches if b.rows != b"[]") + b"]"
+    cols = dialect.column_list(columns)
     try:
-        async with (
-            conn.begin_nested(),
-            staged_json(conn, table, columns, ("_k", "_h"), arrays) as (stage, n),
-        ):
-            await dialect.upsert_from(conn, table, columns, (pk,), stage)
-            ledger = (
+        async with conn.begin_nested():
+            row_type = await json_row_type(conn, table, columns, ("_k", "_h"))
+            # The parsed rows feed the table's upsert and the ledger's, in one statement.
+            sql = (
+                "WITH r AS MATERIALIZED (SELECT * FROM json_populate_recordset("
+                f"NULL::{row_type}, $1::text::json)), w AS ("
+                f"INSERT INTO {dialect.quote(table)} ({cols}) SELECT {cols} FROM r "
+                f"{dialect.on_conflict(columns, (pk,))}) "
                 f"INSERT INTO {ROWS.name} ({dialect.column_list(_LEDGER_COLUMNS)}) "
-                f"SELECT :t, _k, _h, NULL, :run FROM {dialect.quote(stage)} "
+                "SELECT $2::text, _k, _h, NULL, $3::integer FROM r "
                 + dialect.on_conflict(_LEDGER_COLUMNS, _LEDGER_KEY)
             )
-            await conn.execute(sa.text(ledger), {"t": table, "run": first.run_id})
-        return n
+            return await execute_counted(conn, sql, rows.decode(), table, first.run_id)
     except Exception as exc:
         if is_transient(exc):
             raise

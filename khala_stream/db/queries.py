@@ -52,35 +52,30 @@ async def staged(
     await conn.execute(sa.text(f"DROP TABLE {quoted}"))
 
 
-@contextlib.asynccontextmanager
-async def staged_json(
-    conn: AsyncConnection,
-    table: str,
-    columns: Sequence[str],
-    extra: Sequence[str],
-    arrays: Sequence[bytes],
-) -> AsyncIterator[tuple[str, int]]:
-    """PostgreSQL: `arrays`, JSON arrays of objects, parsed by the server into a temporary table
-    of `columns` (typed as in `table`) and the text columns `extra`; yields its name and row
-    count, and drops it after. Members of an object that are not columns are ignored; a JSON
-    value lands in a `json` column as its exact text.
-    """
-    name = f"khala_rows_{table}"
-    quoted = f'"{name}"'
+async def json_row_type(
+    conn: AsyncConnection, table: str, columns: Sequence[str], extra: Sequence[str]
+) -> str:
+    """PostgreSQL: a row type for `json_populate_recordset`: `columns` typed as in `table`, and
+    the text columns `extra`. It is an empty temporary table, made once per session (a type
+    would have to live in the application's schema); returns its quoted name. Members of a
+    JSON object that are not columns are ignored; a JSON value lands in a `json` column as
+    its exact text."""
+    digest = hashlib.sha1("\0".join([*columns, "", *extra]).encode()).hexdigest()[:12]
+    quoted = f'"khala_row_{table}_{digest}"'
     selected = ", ".join([*(f'"{c}"' for c in columns), *(f'NULL::text AS "{c}"' for c in extra)])
+    await execute_counted(
+        conn,
+        f"CREATE TEMP TABLE IF NOT EXISTS {quoted} AS "
+        f'SELECT {selected} FROM "{table}" WITH NO DATA',
+    )
+    return quoted
+
+
+async def execute_counted(conn: AsyncConnection, sql: str, *args: Any) -> int:
+    """PostgreSQL: `sql` with positional `$n` arguments, straight through the driver (no
+    statement compilation, no result objects); the number of rows it wrote or returned."""
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    await driver.execute(
-        f"CREATE TEMP TABLE {quoted} ON COMMIT DROP AS "
-        f'SELECT {selected} FROM "{table}" WITH NO DATA'
-    )
-    count = 0
-    for rows in arrays:
-        status = await driver.execute(
-            f"INSERT INTO {quoted} "
-            f"SELECT * FROM json_populate_recordset(NULL::{quoted}, $1::text::json)",
-            rows.decode(),
-        )
-        count += int(status.rsplit(" ", 1)[1])
-    yield name, count
-    await driver.execute(f"DROP TABLE {quoted}")
+    status = str(await driver.execute(sql, *args))
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
