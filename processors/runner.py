@@ -20,7 +20,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream import import_runs, metrics
 from khala_stream.backpressure import Backpressure
@@ -38,6 +38,7 @@ from khala_stream.contract.codec import encode_change, row_batch_headers, row_ba
 from khala_stream.contract.documents import read_headers
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
+from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
 from khala_stream.errors import TransientError, WorkosKeyError
 from khala_stream.runtime import (
@@ -166,6 +167,7 @@ class Processor:
         self._backpressure = Backpressure(engine, self._topics.sink_group, limit=_SINK_BEHIND)
         # The marking of unchanged documents looks the store up by key (producers/ledger.py).
         self._stored = Growth(engine, lambda _table: [DOCUMENTS.name])
+        self._first_import: dict[tuple[int, str], bool] = {}
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -248,13 +250,22 @@ class Processor:
         group = self._topics.processor_group
         positions: dict[TopicPartition, int] = {}
         async with self._engine.begin() as conn:
-            await store.apply_documents(conn, documents)
+            tables = {(d.run_id, d.table) for d in documents}
+            fresh = all([await self._fresh(conn, run_id, table) for run_id, table in tables])
+            await store.apply_documents(conn, documents, fresh=fresh)
             for tp, records in batch.items():
                 end = records[-1].offset + 1
                 if not await advance(conn, group, tp.topic, tp.partition, records[0].offset, end):
                     raise _AlreadyApplied
                 positions[tp] = end
         return positions
+
+    async def _fresh(self, conn: AsyncConnection, run_id: int, table: str) -> bool:
+        """No document of `table` from before run `run_id` in the store (asked once a run)."""
+        if (run_id, table) not in self._first_import:
+            before = await stored_before(conn, [table], run_id)
+            self._first_import[(run_id, table)] = not before
+        return self._first_import[(run_id, table)]
 
     async def _derive_ready(self) -> bool:
         """Derive every run whose messages have all been applied to the store."""

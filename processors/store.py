@@ -16,10 +16,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from khala_stream.db.errors import sqlstate
 from khala_stream.db.importer_tables import APPLIED, DOCUMENTS
 from khala_stream.db.queries import insert_for, one_of, staged
 
 _PAGE = 2000
+_UNIQUE_VIOLATION = "23505"
 _PAGE_TEXT = 512 * 1024
 
 
@@ -99,38 +101,58 @@ def _upsert(insert: Any) -> Any:
     )
 
 
-async def apply_documents(conn: AsyncConnection, documents: Sequence[IncomingDocument]) -> None:
-    """Upsert a batch into the store and count it as applied, inside the caller's transaction."""
+async def apply_documents(
+    conn: AsyncConnection, documents: Sequence[IncomingDocument], *, fresh: bool = False
+) -> None:
+    """Upsert a batch into the store and count it as applied, inside the caller's transaction.
+
+    `fresh`: the store held none of these tables' documents before this run (a first import),
+    so the batch is most likely all new keys and is COPied straight into the store; a key it
+    already holds (a document twice in the export) makes it take the upsert instead.
+    """
     if not documents:
         return
-    # A generator: each document's text is decoded as COPY sends it, not all at once.
-    rows = (
-        (
-            d.table,
-            d.key,
-            d.content_hash,
-            d.doc_id,
-            d.run_id,
-            d.line,
-            d.run_id,
-            d.run_id,
-            d.raw.decode(),
-        )
-        for d in _latest(documents)
-    )
+    latest = _latest(documents)
     if conn.dialect.name == "postgresql":
-        # COPY and one INSERT … SELECT: a VALUES statement of a few thousand rows costs more
-        # to build and to parse than to execute.
-        async with staged(conn, DOCUMENTS.name, _COLUMNS, rows) as name:
-            stage = sa.table(name, *(sa.column(c) for c in _COLUMNS))
-            insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), sa.select(stage))
-            await conn.execute(_upsert(insert))
+        if not (fresh and await _copy_new(conn, latest)):
+            # COPY and one INSERT … SELECT: a VALUES statement of a few thousand rows costs
+            # more to build and to parse than to execute.
+            async with staged(conn, DOCUMENTS.name, _COLUMNS, _rows(latest)) as name:
+                stage = sa.table(name, *(sa.column(c) for c in _COLUMNS))
+                insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), sa.select(stage))
+                await conn.execute(_upsert(insert))
     else:
         await conn.execute(
             _upsert(sqlite.insert(DOCUMENTS)),
-            [dict(zip(_COLUMNS, r, strict=True)) for r in rows],
+            [dict(zip(_COLUMNS, r, strict=True)) for r in _rows(latest)],
         )
     await _count_applied(conn, documents)
+
+
+def _rows(documents: list[IncomingDocument]) -> Iterator[tuple[Any, ...]]:
+    # A generator: each document's text is decoded as COPY sends it, not all at once.
+    return (
+        (d.table, d.key, d.content_hash, d.doc_id, d.run_id, d.line, d.run_id, d.run_id,
+         d.raw.decode())
+        for d in documents
+    )  # fmt: skip
+
+
+async def _copy_new(conn: AsyncConnection, documents: list[IncomingDocument]) -> bool:
+    """COPY `documents` into the store as new ones; False (and nothing written) if one of
+    their keys is already there."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    try:
+        async with conn.begin_nested():
+            await driver.copy_records_to_table(
+                DOCUMENTS.name, records=_rows(documents), columns=list(_COLUMNS)
+            )
+    except Exception as exc:
+        if sqlstate(exc) == _UNIQUE_VIOLATION:
+            return False
+        raise
+    return True
 
 
 async def _count_applied(conn: AsyncConnection, documents: Sequence[IncomingDocument]) -> None:

@@ -30,15 +30,6 @@ async def stored_hashes(engine: AsyncEngine, table: str, keys: Sequence[str]) ->
         return dict(result.tuples().all())
 
 
-async def holds_table(engine: AsyncEngine, table: str) -> bool:
-    """Whether the ledger holds any document of `table`: when it holds none, no document of
-    the table can be unchanged, and marking is skipped (a first import of it)."""
-    c = DOCUMENTS.c
-    async with engine.connect() as conn:
-        query = sa.select(sa.exists().where(c.source_table == table))
-        return bool(await conn.scalar(query))
-
-
 _MARK_PG: Final = sa.text(
     """
     UPDATE khala_import_documents AS d SET export_seq = :run, line = v.n

@@ -30,11 +30,12 @@ from khala_stream.contract.documents import (
     document_key,
 )
 from khala_stream.contract.tables import DOCUMENT_KEYS
+from khala_stream.db.queries import stored_before
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.runtime import with_retries
 from producers.batches import PartitionedBatches
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument
-from producers.ledger import holds_table, mark_unchanged
+from producers.ledger import mark_unchanged
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,6 +110,10 @@ class Publisher:
         self._again = False
         self._backpressure = backpressure
 
+    async def _stored(self, table: str, run_id: int) -> bool:
+        async with self._engine.connect() as conn:
+            return await stored_before(conn, [table], run_id)
+
     async def _db(self, action: Callable[[], Awaitable[T]]) -> T:
         return await with_retries(action, what="the database", deadline_s=self._deadline)
 
@@ -161,7 +166,7 @@ class Publisher:
         # A table the ledger holds nothing of has nothing unchanged: its first import sends
         # every document without asking (a re-publish of this run still marks what it sent).
         marking = self._incremental and (
-            self._again or await self._db(lambda: holds_table(self._engine, table))
+            self._again or await self._db(lambda: self._stored(table, report.run_id))
         )
         for item in export.iter_table(table):
             read += 1

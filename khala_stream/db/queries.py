@@ -11,6 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from khala_stream.db.importer_tables import DOCUMENTS
+
 
 def one_of(
     column: sa.ColumnElement[Any], values: Sequence[Any], dialect: str
@@ -20,6 +22,17 @@ def one_of(
     if dialect == "postgresql":
         return column == sa.any_(sa.literal(list(values), type_=postgresql.ARRAY(column.type)))
     return column.in_(values)
+
+
+async def stored_before(conn: AsyncConnection, tables: Sequence[str], run_id: int) -> bool:
+    """Whether the document store holds documents of any of `tables` from runs before
+    `run_id`. When it holds none, this run's documents of them are all new: nothing to mark
+    as unchanged (the publisher), nothing to upsert over (the processor's first COPY)."""
+    c = DOCUMENTS.c
+    found = sa.exists().where(
+        one_of(c.source_table, tables, conn.dialect.name), c.export_seq < run_id
+    )
+    return bool(await conn.scalar(sa.select(found)))
 
 
 def insert_for(conn: AsyncConnection, table: sa.TableClause) -> Any:

@@ -9,9 +9,10 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth
 from processors import store
-from producers.ledger import _MARK_PG, holds_table
+from producers.ledger import _MARK_PG
 from tests.contract.engine import run_on
 
 
@@ -41,12 +42,53 @@ async def _apply(engine: AsyncEngine, documents: list[store.IncomingDocument]) -
             await store.apply_documents(conn, documents[start : start + 2000])
 
 
-def test_the_ledger_holds_a_table_once_one_of_its_documents_is_stored(db_url: str) -> None:
+def test_documents_stored_before_a_run_are_those_of_earlier_runs(db_url: str) -> None:
+    async def stored(engine: AsyncEngine, tables: list[str], run_id: int) -> bool:
+        async with engine.connect() as conn:
+            return await stored_before(conn, tables, run_id)
+
     async def body(engine: AsyncEngine) -> None:
-        assert not await holds_table(engine, "threads")  # first import: nothing to mark
-        await _apply(engine, _documents("threads", 1, 10))
-        assert await holds_table(engine, "threads")
-        assert not await holds_table(engine, "messages")
+        assert not await stored(engine, ["threads"], 1)  # a first import: all new
+        await _apply(engine, _documents("threads", 3, 10, run_id=1))
+        assert not await stored(engine, ["threads"], 1)  # this run's own
+        assert await stored(engine, ["threads"], 2)
+        assert await stored(engine, ["messages", "threads"], 2)
+        assert not await stored(engine, ["messages"], 2)
+
+    run_on(db_url, body)
+
+
+def test_a_first_import_is_copied_and_a_key_stored_twice_still_upserts(db_url: str) -> None:
+    """`fresh` batches go straight in by COPY on PostgreSQL; a key the store already holds
+    (a document twice in one export) sends the batch through the upsert instead, on either
+    database: the later line wins and nothing is stored twice."""
+
+    async def stored(engine: AsyncEngine) -> list[tuple[str, int, str]]:
+        async with engine.connect() as conn:
+            query = sa.text(
+                "SELECT doc_key, line, document FROM khala_import_documents ORDER BY doc_key"
+            )
+            return [(k, n, doc) for k, n, doc in (await conn.execute(query)).all()]
+
+    async def body(engine: AsyncEngine) -> None:
+        first = _documents("threads", 3, 10)
+        async with engine.begin() as conn:
+            await store.apply_documents(conn, first, fresh=True)
+        again = store.IncomingDocument(
+            run_id=1, table="threads", key="threads-1", line=7, content_hash="0" * 64,
+            doc_id="threads-1", raw=b'{"_id":"threads-1","body":"later"}',
+        )  # fmt: skip
+        new = _documents("threads", 5, 10)[4]
+        async with engine.begin() as conn:
+            await store.apply_documents(conn, [again, new], fresh=True)
+        assert await stored(engine) == [
+            ("threads-0", 0, first[0].raw.decode()),
+            ("threads-1", 7, '{"_id":"threads-1","body":"later"}'),
+            ("threads-2", 2, first[2].raw.decode()),
+            ("threads-4", 4, new.raw.decode()),
+        ]
+        async with engine.connect() as conn:
+            assert await store.applied_counts(conn, 1) == {"threads": 5}
 
     run_on(db_url, body)
 
