@@ -40,8 +40,9 @@ from producers.ledger import mark_unchanged
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _BATCH = 2000
-_BATCH_BYTES = 1 << 20  # of raw lines: parsed, a batch takes several times that (two are alive)
+_BATCH_BYTES = 1 << 20  # of raw lines: parsed, a batch takes several times that (3 are alive)
 _YIELD_EVERY = 100
+_AHEAD = 2  # batches marked and sent while the next is read
 Progress = Callable[[str, int], None]
 """Called with (table, lines read so far) as publishing goes."""
 
@@ -159,38 +160,39 @@ class Publisher:
         letters: list[DeadLetter] = []
         batch_bytes = 0
         read = 0
-        # One batch is marked and sent while the next is read and parsed: the ledger's round
-        # trips overlap with the CPU work (reading yields now and then so that they proceed).
-        # Batches still go out in file order.
-        sending: asyncio.Task[None] | None = None
+        # Batches are marked (a round trip and a commit each) while the next ones are read and
+        # parsed, up to `_AHEAD` at once; they still go out to the broker in file order.
+        pipeline: list[asyncio.Task[None]] = []
         # A table the ledger holds nothing of has nothing unchanged: its first import sends
         # every document without asking (a re-publish of this run still marks what it sent).
         marking = self._incremental and (
             self._again or await self._db(lambda: self._stored(table, report.run_id))
         )
-        for item in export.iter_table(table):
-            read += 1
-            if read % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            if isinstance(item, RejectedLine):
-                report.rejected[table] += 1
-                if len(report.rejected_lines) < self._max_reported:
-                    report.rejected_lines.append((item.entry, item.line, item.reason))
-                letters.append(self._letter(item, reason_code(item), item.reason, report))
-            else:
-                report.source[table] += 1
-                batch.append(item)
-                batch_bytes += len(item.raw)
-            if len(batch) >= _BATCH or batch_bytes >= _BATCH_BYTES or len(letters) >= _BATCH:
-                if sending is not None:
-                    await sending
-                sending = asyncio.create_task(self._send(table, batch, letters, report, marking))
-                batch, letters, batch_bytes = [], [], 0
-                if self._progress:
-                    self._progress(table, read)
-        if sending is not None:
-            await sending
-        await self._send(table, batch, letters, report, marking)
+        try:
+            for item in export.iter_table(table):
+                read += 1
+                if read % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                if isinstance(item, RejectedLine):
+                    report.rejected[table] += 1
+                    if len(report.rejected_lines) < self._max_reported:
+                        report.rejected_lines.append((item.entry, item.line, item.reason))
+                    letters.append(self._letter(item, reason_code(item), item.reason, report))
+                else:
+                    report.source[table] += 1
+                    batch.append(item)
+                    batch_bytes += len(item.raw)
+                if len(batch) >= _BATCH or batch_bytes >= _BATCH_BYTES or len(letters) >= _BATCH:
+                    await self._queue(pipeline, table, batch, letters, report, marking)
+                    batch, letters, batch_bytes = [], [], 0
+                    if self._progress:
+                        self._progress(table, read)
+            await self._queue(pipeline, table, batch, letters, report, marking)
+            for task in pipeline:
+                await task
+        finally:
+            for task in pipeline:
+                task.cancel()  # after a failure: the batches behind it
         if self._progress:
             self._progress(table, read)
         logger.debug(
@@ -221,6 +223,24 @@ class Publisher:
             run_id=report.run_id,
         )
 
+    async def _queue(
+        self,
+        pipeline: list[asyncio.Task[None]],
+        table: str,
+        batch: list[SourceDocument],
+        letters: list[DeadLetter],
+        report: PublishReport,
+        marking: bool,
+    ) -> None:
+        """Start marking and sending a batch after those in `pipeline`; wait for the oldest
+        while more than `_AHEAD` are under way."""
+        after = pipeline[-1] if pipeline else None
+        pipeline.append(
+            asyncio.create_task(self._send(table, batch, letters, report, marking, after))
+        )
+        if len(pipeline) > _AHEAD:
+            await pipeline.pop(0)
+
     async def _send(
         self,
         table: str,
@@ -228,7 +248,9 @@ class Publisher:
         letters: list[DeadLetter],
         report: PublishReport,
         marking: bool,
+        after: asyncio.Task[None] | None = None,
     ) -> None:
+        """Mark what is unchanged, then, once the batch `after` is sent, send the rest."""
         started = time.monotonic()
         keyed: list[tuple[str, str, SourceDocument]] = []
         for item in batch:
@@ -247,6 +269,8 @@ class Publisher:
             unchanged = await self._db(
                 lambda: mark_unchanged(self._engine, table, report.run_id, documents)
             )
+        if after is not None:
+            await after
         if unchanged:
             report.unchanged[table] += len(unchanged)
         topic = self._topics.source(table)
