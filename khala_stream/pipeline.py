@@ -35,6 +35,7 @@ from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.errors import RuntimeFailure, WorkosKeyError
+from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import end_offsets, with_retries
 from khala_stream.topic_owner import prepare_topics
 from processors import store
@@ -46,7 +47,7 @@ from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import MemoryWorkosCache, SqlWorkosCache, resolve_with_cache
 from producers.export_reader import ExportSource, RejectedLine, open_export
 from producers.ledger import stored_hashes
-from producers.publisher import Progress, Publisher
+from producers.publisher import Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ async def import_chat(
     source: Path,
     options: ImportOptions,
     *,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ImportReport:
     """Import one export; raises KhalaError subclasses with their exit codes."""
     # An invalid source fails here, before any write.
@@ -144,7 +145,10 @@ async def _engine(url: str) -> AsyncIterator[AsyncEngine]:
 
 
 async def _write_run(
-    settings: Settings, export: ExportSource, options: ImportOptions, progress: Progress | None
+    settings: Settings,
+    export: ExportSource,
+    options: ImportOptions,
+    progress: ProgressCallback | None,
 ) -> ImportReport:
     deadline = options.deadline_s
     async with _engine(settings.database_url) as engine:
@@ -183,7 +187,7 @@ async def _run_stages(
     export: ExportSource,
     run_id: int,
     options: ImportOptions,
-    progress: Progress | None,
+    progress: ProgressCallback | None,
 ) -> None:
     """Publish here while `process` and `sink` run as child processes (one core each), until
     the sink has applied the run."""

@@ -16,7 +16,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -33,7 +33,13 @@ from rich.text import Text
 
 __all__ = ["ProgressCallback", "estimate_lines", "table_progress"]
 
-ProgressCallback = Callable[[str, int], None]
+
+class ProgressCallback(Protocol):
+    """`(table, lines read so far)`; `done=True` once the table is read to its end."""
+
+    def __call__(self, table: str, lines: int, done: bool = False) -> None: ...
+
+
 """Structurally the publisher's `producers.publisher.Progress`."""
 
 _SAMPLE_BYTES: Final = 256 << 10
@@ -144,7 +150,7 @@ class _Bars:
         self._tasks: dict[str, TaskID] = {}
         self._current: str | None = None
 
-    def update(self, table: str, lines: int) -> None:
+    def update(self, table: str, lines: int, done: bool = False) -> None:
         if table != self._current:
             self._close_current()
             self._current = table
@@ -157,6 +163,8 @@ class _Bars:
         if current.total is not None and lines > current.total:
             self.progress.update(task, total=None)  # the estimate was short: no ETA
         self.progress.update(task, completed=lines)
+        if done:
+            self.finish()
 
     def _close_current(self) -> None:
         if self._current is None:
@@ -201,7 +209,7 @@ class _Lines:
         self._states: dict[str, _TableState] = {}
         self._current: str | None = None
 
-    def update(self, table: str, lines: int) -> None:
+    def update(self, table: str, lines: int, done: bool = False) -> None:
         now = self._clock()
         if table != self._current:
             self._close_current(now)
@@ -210,7 +218,9 @@ class _Lines:
         if state is None:
             state = self._states[table] = _TableState(started=now, logged_at=now)
         state.lines = lines
-        if now - state.logged_at >= self._every:
+        if done:
+            self.finish()
+        elif now - state.logged_at >= self._every:
             state.logged_at = now
             self._write(table, state, now, done=False)
 

@@ -32,6 +32,7 @@ from khala_stream.contract.documents import (
 from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.db.queries import stored_before
 from khala_stream.dead_letters import publish_dead_letters
+from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import with_retries
 from producers.batches import PartitionedBatches
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument
@@ -43,7 +44,6 @@ _BATCH = 2000
 _BATCH_BYTES = 1 << 20  # of raw lines: parsed, a batch takes several times that (3 are alive)
 _YIELD_EVERY = 100
 _AHEAD = 2  # batches marked and sent while the next is read
-Progress = Callable[[str, int], None]
 """Called with (table, lines read so far) as publishing goes."""
 
 
@@ -95,7 +95,7 @@ class Publisher:
         topics: Topics,
         incremental: bool,
         skip_blueprints: bool,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
         max_reported_rejections: int = 1000,
         deadline_s: float = 120.0,
         backpressure: Backpressure | None = None,
@@ -194,7 +194,7 @@ class Publisher:
             for task in pipeline:
                 task.cancel()  # after a failure: the batches behind it
         if self._progress:
-            self._progress(table, read)
+            self._progress(table, read, done=True)
         logger.debug(
             "published %s: %d lines, %d sent, %d unchanged, %d set aside",
             table,

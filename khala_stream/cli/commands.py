@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from khala_stream.config import Settings
 
 if TYPE_CHECKING:
-    from producers.publisher import Progress
+    from khala_stream.progress import ProgressCallback
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -149,7 +149,7 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
 
 
 @contextlib.contextmanager
-def _progress(source: Path, *, enabled: bool) -> Iterator[Progress | None]:
+def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | None]:
     """Progress bars per table on a terminal, log lines otherwise (on stderr)."""
     from khala_stream.progress import estimate_lines, table_progress
     from producers.export_reader import open_export

@@ -33,7 +33,8 @@ def test_plain_lines_when_not_a_terminal() -> None:
         progress("users", 1000)
         progress("threads", 10)  # the next table starts: users is done
         clock.now += 1
-        progress("threads", 40)
+        progress("threads", 40, done=True)  # the last table: done when it says so
+        clock.now += 60  # (the import goes on)
     lines = out.getvalue().splitlines()
     assert lines == [
         "progress: publish table=users lines=500 rate=100/s eta=5s",
