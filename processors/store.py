@@ -21,8 +21,8 @@ from khala_stream.db.importer_tables import APPLIED, DOCUMENTS
 from khala_stream.db.queries import insert_for, one_of, staged
 
 _PAGE = 2000
-_UNIQUE_VIOLATION = "23505"
 _PAGE_TEXT = 512 * 1024
+_UNIQUE_VIOLATION = "23505"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

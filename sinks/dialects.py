@@ -84,23 +84,6 @@ class SqlDialect(ABC):
     ) -> None:
         """Insert-or-overwrite `rows` (values in `columns` order) keyed by `conflict`."""
 
-    async def upsert_from(
-        self,
-        conn: AsyncConnection,
-        table: str,
-        columns: Sequence[str],
-        conflict: Sequence[str],
-        stage: str,
-    ) -> None:
-        """Insert-or-overwrite `table` with `columns` of every row of the table `stage`."""
-        cols = self.column_list(columns)
-        await conn.execute(
-            sa.text(
-                f"INSERT INTO {self.quote(table)} ({cols}) "
-                f"SELECT {cols} FROM {self.quote(stage)} {self.on_conflict(columns, conflict)}"
-            )
-        )
-
     @abstractmethod
     async def allocate_ids(self, conn: AsyncConnection, table: str, count: int) -> list[int]:
         """Reserve `count` fresh ids of `table`'s auto-increment `id`."""
@@ -136,7 +119,12 @@ class PostgresDialect(SqlDialect):
             await conn.execute(sa.text(sql), params)
             return
         async with staged(conn, table, columns, rows) as stage:
-            await self.upsert_from(conn, table, columns, conflict, stage)
+            await conn.execute(
+                sa.text(
+                    f"INSERT INTO {self.quote(table)} ({cols}) "
+                    f"SELECT {cols} FROM {self.quote(stage)} {tail}"
+                )
+            )
 
     async def allocate_ids(self, conn: AsyncConnection, table: str, count: int) -> list[int]:
         if count <= 0:

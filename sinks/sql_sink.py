@@ -236,9 +236,9 @@ async def _write_batches(
 ) -> int | None:
     """PostgreSQL: `RowBatch`es of one run, table and column set, parsed by the server and
     upserted with their ledger rows in one statement, without an object per row here; their
-    row count. None: they go row by row instead (another database,
-    a table whose ids the sink allocates, an unknown column, or a statement that failed: a
-    refused row, a key twice)."""
+    row count. None: they go row by row instead (another database, a table whose ids the
+    sink allocates, an unknown column, or a statement that failed: a refused row, a key
+    twice)."""
     first = batches[0]
     table, columns = first.table, list(first.columns)
     pk = primary_key(table)
