@@ -366,7 +366,9 @@ class _Discard:
     async def emit(self, changes: Sequence[RowChange]) -> None:
         self.count += len(changes)
 
-    async def emit_rows(self, table: DestinationTable, rows: Sequence[RowUpsert]) -> None:
+    async def emit_rows(
+        self, table: DestinationTable, rows: Sequence[RowUpsert], *, new: bool = False
+    ) -> None:
         self.count += len(rows)
 
 

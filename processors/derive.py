@@ -98,8 +98,11 @@ class ChangeOutput(Protocol):
 
     async def emit(self, changes: Sequence[RowChange]) -> None: ...
 
-    async def emit_rows(self, table: DestinationTable, rows: Sequence[RowUpsert]) -> None:
-        """Upserts of one table, sent as `RowBatch`es; the output takes over their values."""
+    async def emit_rows(
+        self, table: DestinationTable, rows: Sequence[RowUpsert], *, new: bool = False
+    ) -> None:
+        """Upserts of one table, sent as `RowBatch`es (`new`: to a table that was empty);
+        the output takes over their values."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,7 +145,7 @@ class _Pending:
             upserts = [
                 RowUpsert(key, values, content_hash(values), source) for key, values, source in rows
             ]
-            await self._d.emit_rows(self.table, upserts)
+            await self._d.emit_rows(self.table, upserts, new=True)
             return
         keys = [k for k, _, _ in rows]
         ledger = await self._d.view.ledger(self.table, keys)
@@ -205,11 +208,13 @@ class Derivation:
             self.result.written[c.table] = self.result.written.get(c.table, 0) + 1
         await self._out.emit(changes)
 
-    async def emit_rows(self, table: DestinationTable, rows: Sequence[RowUpsert]) -> None:
+    async def emit_rows(
+        self, table: DestinationTable, rows: Sequence[RowUpsert], *, new: bool = False
+    ) -> None:
         if not rows:
             return
         self.result.written[table] = self.result.written.get(table, 0) + len(rows)
-        await self._out.emit_rows(table, rows)
+        await self._out.emit_rows(table, rows, new=new)
 
     def settled(self, entry: LedgerEntry | None, digest: str) -> bool:
         """The row holds this value from an earlier run, so writing it again changes nothing.

@@ -99,9 +99,11 @@ class KafkaChangeOutput:
             self._buffer.append(encoded)
             self._buffered += len(encoded) + 1
 
-    async def emit_rows(self, table: DestinationTable, rows: Sequence[RowUpsert]) -> None:
+    async def emit_rows(
+        self, table: DestinationTable, rows: Sequence[RowUpsert], *, new: bool = False
+    ) -> None:
         metrics.record_output("process", {table: len(rows)})
-        for batch in row_batches(self._run_id, table, rows, self._chunk_bytes):
+        for batch in row_batches(self._run_id, table, rows, self._chunk_bytes, new=new):
             await self._send(batch.rows, row_batch_headers(batch))
 
     async def _send_changes(self) -> None:

@@ -70,9 +70,13 @@ class RowBatch:
     array of objects holding the columns, plus `_k` (ledger key), `_h` (row hash) and `_s`
     (the source document: table, line, `_id`). Each row is the upsert `RowChange` that
     `codec.row_batch_changes` gives back.
+
+    `new`: the table was empty when the derivation began, so the rows are most likely not
+    there yet (and neither are their ledger entries): the sink tries plain INSERTs first.
     """
 
     run_id: int
     table: DestinationTable
     columns: tuple[str, ...]
     rows: bytes
+    new: bool = False

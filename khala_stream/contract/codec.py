@@ -84,11 +84,17 @@ def decode_changes(data: bytes) -> list[RowChange]:
 _BATCH_TABLE: Final = "khala-rows"
 _BATCH_RUN: Final = "khala-run"
 _BATCH_COLUMNS: Final = "khala-columns"
+_BATCH_NEW: Final = "khala-new"
 Headers = Sequence[tuple[str, bytes]]
 
 
 def row_batches(
-    run_id: int, table: DestinationTable, rows: Iterable[RowUpsert], max_bytes: int
+    run_id: int,
+    table: DestinationTable,
+    rows: Iterable[RowUpsert],
+    max_bytes: int,
+    *,
+    new: bool = False,
 ) -> Iterator[RowBatch]:
     """`rows` as `RowBatch`es of at most `max_bytes` (or one row), one per column set. Takes
     over each row's values: the ledger members are added to them."""
@@ -101,21 +107,20 @@ def row_batches(
         encoded = orjson.dumps(values)
         items, size = open_.get(columns, ([], 0))
         if items and size + len(encoded) > max_bytes:
-            yield _row_batch(run_id, table, columns, items)
+            yield _row_batch(run_id, table, columns, items, new)
             items, size = [], 0
         items.append(encoded)
         open_[columns] = (items, size + len(encoded) + 1)
     for columns, (items, _) in open_.items():
-        yield _row_batch(run_id, table, columns, items)
+        yield _row_batch(run_id, table, columns, items, new)
 
 
 def _row_batch(
-    run_id: int, table: DestinationTable, columns: tuple[str, ...], items: list[bytes]
+    run_id: int, table: DestinationTable, columns: tuple[str, ...], items: list[bytes], new: bool
 ) -> RowBatch:
     # A JSON array of the encoded rows, joined without encoding them again.
-    return RowBatch(
-        run_id=run_id, table=table, columns=columns, rows=b"[" + b",".join(items) + b"]"
-    )
+    rows = b"[" + b",".join(items) + b"]"
+    return RowBatch(run_id=run_id, table=table, columns=columns, rows=rows, new=new)
 
 
 def row_batch_headers(batch: RowBatch) -> list[tuple[str, bytes]]:
@@ -123,6 +128,7 @@ def row_batch_headers(batch: RowBatch) -> list[tuple[str, bytes]]:
         (_BATCH_TABLE, batch.table.encode()),
         (_BATCH_RUN, str(batch.run_id).encode()),
         (_BATCH_COLUMNS, ",".join(batch.columns).encode()),
+        (_BATCH_NEW, b"1" if batch.new else b"0"),
     ]
 
 
@@ -137,6 +143,7 @@ def read_row_batch(headers: Headers, value: bytes) -> RowBatch | None:
         table=table.decode(),  # type: ignore[arg-type]
         columns=tuple(found[_BATCH_COLUMNS].decode().split(",")),
         rows=value,
+        new=found.get(_BATCH_NEW) == b"1",
     )
 
 

@@ -440,10 +440,10 @@ def test_stored_forms_of_timestamps_json_and_booleans(db_url: str) -> None:
     run(db_url, body)
 
 
-def batch_of(*changes: RowChange) -> RowBatch:
+def batch_of(*changes: RowChange, new: bool = False) -> RowBatch:
     """The upserts as the derivation sends them: one `RowBatch` (they share their columns)."""
     upserts = [RowUpsert(c.key, dict(c.values), c.row_hash or "", c.source) for c in changes]  # type: ignore[arg-type]
-    [batch] = row_batches(1, changes[0].table, upserts, 1 << 20)
+    [batch] = row_batches(1, changes[0].table, upserts, 1 << 20, new=new)
     return batch
 
 
@@ -471,25 +471,29 @@ async def runs_and_ledger(engine: AsyncEngine) -> tuple[list[Any], dict[str, Any
 
 def test_a_row_batch_writes_what_its_changes_write(db_url: str) -> None:
     """PostgreSQL parses a batch itself; the rows, their stored forms and the ledger are those
-    the same upserts give one change at a time, for new rows and for overwritten ones."""
+    the same upserts give one change at a time, for new rows and for overwritten ones, also
+    when a batch said to be new holds a row that is there already."""
 
     async def body(engine: AsyncEngine) -> None:
         first = [run_row("r1"), run_row("r2", meta=None, usage={"tokens": 3}), run_row("r3")]
         second = [run_row("r2", status="failed", error='boom\ttab "quoted"'), run_row("r4")]
         written = []
-        for as_batch in (False, True):
+        # As changes; as batches; as batches marked new (the second one is not: r2 is there).
+        for as_batch, new in ((False, False), (True, False), (True, True)):
             async with engine.begin() as conn:
                 await conn.execute(sa.text("DELETE FROM runs"))
                 await conn.execute(sa.text("DELETE FROM khala_import_rows"))
             for changes in (first, second):
                 if as_batch:
-                    result = await SqlSink(engine).apply([], batches=[batch_of(*changes)])
+                    batch = batch_of(*changes, new=new)
+                    result = await SqlSink(engine).apply([], batches=[batch])
                 else:
                     result = await apply(engine, *changes)
                 assert result == ApplyResult(applied=True, rows={"runs": len(changes)})
             written.append(await runs_and_ledger(engine))
-        by_change, by_batch = written
+        by_change, by_batch, by_new_batch = written
         assert by_batch == by_change
+        assert by_new_batch == by_change
         table, book = by_batch
         assert [r[0] for r in table] == ["r1", "r2", "r3", "r4"]
         assert (table[1][5], table[1][10]) == ("failed", 'boom\ttab "quoted"')

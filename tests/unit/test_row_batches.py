@@ -42,7 +42,9 @@ def test_a_row_larger_than_a_batch_goes_alone() -> None:
 def test_the_sink_reads_back_the_changes_that_went_in() -> None:
     [batch] = row_batches(3, "runs", [_upsert("r1", meta={"a": [1, None]}, n=2)], 1 << 20)
     read = read_row_batch(row_batch_headers(batch), batch.rows)
-    assert read == batch
+    assert read == batch and not read.new
+    [new] = row_batches(3, "runs", [_upsert("r2")], 1 << 20, new=True)
+    assert read_row_batch(row_batch_headers(new), new.rows) == new
     assert row_batch_changes(batch) == [
         RowChange(
             run_id=3,
