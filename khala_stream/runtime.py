@@ -7,6 +7,7 @@ the data); Kafka's committed offsets are written afterwards only so that lag can
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -170,8 +171,9 @@ class Poller:
     end of a partition at once instead of holding it for `fetch.max.wait.ms` (noida-db, the
     embedded default) then spins with the consumer: 30-40% of a core each, for nothing. So a
     partition read to its end is paused until the next poll (no fetch is sent for a paused
-    partition), and an idle consumer sleeps between polls, up to 0.2 s. Partitions that
-    `stored` is still positioning stay paused, and its failure is raised here.
+    partition), and an idle consumer sleeps between polls, up to 0.2 s, or until `stop` is
+    set. Partitions that `stored` is still positioning stay paused, and its failure is raised
+    here.
     """
 
     def __init__(
@@ -179,10 +181,12 @@ class Poller:
         consumer: AIOKafkaConsumer,
         max_records: int,
         stored: StoredOffsets | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self._consumer = consumer
         self._max_records = max_records
         self._stored = stored
+        self._stop = stop or asyncio.Event()
         self._idle_s = _IDLE_S[0]
 
     async def poll(self) -> Batch:
@@ -200,7 +204,8 @@ class Poller:
         if batch:
             self._idle_s = _IDLE_S[0]
         else:
-            await asyncio.sleep(self._idle_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._idle_s)
             self._idle_s = min(self._idle_s * 2, _IDLE_S[1])
         return batch
 

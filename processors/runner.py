@@ -181,7 +181,7 @@ class Processor:
         self._probe = make_consumer(self._settings.kafka, group_id=None)
         await consumer.start()
         await self._producer.start()
-        poller = Poller(consumer, self._batch_records, stored)
+        poller = Poller(consumer, self._batch_records, stored, stop)
         trimmer = Trimmer(self._settings.kafka)
         await self._probe.start()
         try:

@@ -83,7 +83,7 @@ class SinkService:
         producer = make_producer(self._settings.kafka)
         await consumer.start()
         await producer.start()
-        poller = Poller(consumer, self._batch_records, stored)
+        poller = Poller(consumer, self._batch_records, stored, stop)
         trimmer = Trimmer(self._settings.kafka)
         try:
             while not stop.is_set():
