@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 
 _LOSS_CHECK_S = 2.0
-_IN_FLIGHT = 16  # change messages sent before their acknowledgements are awaited
+_IN_FLIGHT = 6  # change messages sent before their acknowledgements are awaited
 _SINK_BEHIND = 32  # change messages (of up to 512 KB) the sink may be behind the derivation
 
 
