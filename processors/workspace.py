@@ -200,7 +200,7 @@ class Workspace:
     def _select(self, sql: str, keys: Iterable[str]) -> Iterator[Any]:
         wanted = list(dict.fromkeys(keys))
         for start in range(0, len(wanted), _CHUNK):
-            chunk = wanted[start : start + _CHUNK]
+            chunk = _padded(wanted[start : start + _CHUNK])
             with closing(self._db.execute(sql.format(",".join("?" * len(chunk))), chunk)) as rows:
                 yield from rows.fetchall()
 
@@ -218,6 +218,14 @@ class Workspace:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def _padded(keys: list[str]) -> list[str]:
+    """`keys` lengthened to a power of two by repeating the last one (the IN list means the
+    same): sqlite3 keeps the last 128 statements prepared, and one per list length held
+    about 10 MB more at 1M documents than at 100k."""
+    size = 1 << max(0, len(keys) - 1).bit_length()
+    return keys + keys[-1:] * (size - len(keys))
 
 
 def _remove_abandoned(parent: Path) -> None:
