@@ -95,3 +95,17 @@ def test_workspaces_of_gone_processes_are_deleted_and_live_ones_kept(tmp_path: P
         assert not abandoned.exists()
         assert live.exists() and other.exists()
     assert not mine[0].exists()
+
+
+def test_lookups_of_every_size_share_a_few_statement_texts() -> None:
+    """IN lists are padded to powers of two: sqlite3 keeps one prepared statement per SQL
+    text (128 at most), and one per list length made the process grow with the export."""
+    users = [f"u{i}" for i in range(500)]
+    with Workspace() as work:
+        lengths: set[int] = set()
+        # The trace shows each statement with its values bound: count the values.
+        work._db.set_trace_callback(lambda sql: lengths.add(sql.count(",") + 1))
+        for n in range(1, 501):  # every page size
+            assert work.has_user(users[:n]) == set()
+        work._db.set_trace_callback(None)
+    assert len(lengths) == 10  # 1, 2, 4, ... 512
