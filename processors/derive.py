@@ -553,12 +553,8 @@ class Derivation:
         if not batch:
             return
         if "run_events" in self.untouched:  # no ledger, no events of older importers
-            await self.emit(
-                [
-                    self.change("run_events", "upsert", key, row, content_hash(row), source)
-                    for key, row, source in batch
-                ]
-            )
+            upserts = [RowUpsert(key, row, content_hash(row), source) for key, row, source in batch]
+            await self.emit_rows("run_events", upserts, new=True)
             return
         ledger = await self.view.ledger("run_events", [k for k, _, _ in batch])
         ids = [e.row_id for e in ledger.values() if e.row_id is not None]

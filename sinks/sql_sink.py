@@ -236,28 +236,31 @@ async def _write_batches(
 ) -> int | None:
     """PostgreSQL: `RowBatch`es of one run, table, column set and newness, parsed by the server
     and upserted with their ledger rows in one statement, without an object per row here;
-    their row count. None: they go row by row instead (another database, a table whose ids the
-    sink allocates, an unknown column, or a statement that failed: a refused row, a key
-    twice)."""
+    their row count. None: they go row by row instead (another database, ids the sink must
+    look up, an unknown column, or a statement that failed: a refused row, a key twice)."""
     first = batches[0]
     table, columns = first.table, list(first.columns)
-    pk = primary_key(table)
+    # Run events carry no id: new ones take the next ids of the table's sequence here; the
+    # ids of rows written before are in the ledger, and looked up row by row.
+    allocate = table == "run_events" and first.new and "id" not in columns
     if (
         dialect.name != "postgresql"
-        or table in _ID_TABLES
-        or pk not in columns
+        or (table in _ID_TABLES and not allocate)
+        or (primary_key(table) not in columns and not allocate)
         or not set(columns) <= _column_kinds(table).keys()
     ):
         return None
     # One JSON array of every batch's rows, joined without parsing them.
     rows = b"[" + b",".join(b.rows[1:-1] for b in batches if b.rows != b"[]") + b"]"
     # Rows of a table that was empty: plain INSERTs first (an upsert costs PostgreSQL a
-    # quarter more, the ledger's half more); a row already there makes it upsert after all.
-    for upsert in (False, True) if first.new else (True,):
+    # quarter more, the ledger's half more); a row already there makes it upsert after all,
+    # or, for run events, go row by row (their ids are in the ledger).
+    attempts = (False,) if allocate else (False, True) if first.new else (True,)
+    for upsert in attempts:
         try:
             async with conn.begin_nested():
                 row_type = await json_row_type(conn, table, columns, ("_k", "_h"))
-                sql = _batch_sql(dialect, table, columns, row_type, upsert=upsert)
+                sql = _batch_sql(dialect, table, columns, row_type, upsert, allocate)
                 return await execute_counted(conn, sql, rows, table, first.run_id)
         except Exception as exc:
             if is_transient(exc):
@@ -266,21 +269,31 @@ async def _write_batches(
 
 
 def _batch_sql(
-    dialect: SqlDialect, table: str, columns: Sequence[str], row_type: str, *, upsert: bool
+    dialect: SqlDialect,
+    table: str,
+    columns: Sequence[str],
+    row_type: str,
+    upsert: bool,
+    allocate: bool,
 ) -> str:
     """One statement: the rows parsed into `row_type`, inserted into the table and their
-    ledger entries into the ledger (overwriting what is there when `upsert`)."""
+    ledger entries into the ledger (overwriting what is there when `upsert`; with ids from
+    the table's sequence when `allocate`)."""
     cols = dialect.column_list(columns)
     on_table = dialect.on_conflict(columns, (primary_key(table),)) if upsert else ""
     on_ledger = dialect.on_conflict(_LEDGER_COLUMNS, _LEDGER_KEY) if upsert else ""
+    ids, row_id = "", "NULL"
+    if allocate:
+        ids, row_id = f"nextval(pg_get_serial_sequence('{table}', 'id')) AS id, ", "id"
+        cols = f"id, {cols}"
     # The rows travel as bytea: as text they would be decoded into a Python str first,
     # up to four times their size.
     return (
-        "WITH r AS MATERIALIZED (SELECT * FROM json_populate_recordset("
+        f"WITH r AS MATERIALIZED (SELECT {ids}* FROM json_populate_recordset("
         f"NULL::{row_type}, convert_from($1::bytea, 'UTF8')::json)), w AS ("
         f"INSERT INTO {dialect.quote(table)} ({cols}) SELECT {cols} FROM r {on_table}) "
         f"INSERT INTO {ROWS.name} ({dialect.column_list(_LEDGER_COLUMNS)}) "
-        f"SELECT $2::text, _k, _h, NULL, $3::integer FROM r {on_ledger}"
+        f"SELECT $2::text, _k, _h, {row_id}, $3::integer FROM r {on_ledger}"
     )
 
 

@@ -65,14 +65,15 @@ class RowUpsert:
 class RowBatch:
     """A message of upserts to one table from one run, every row with the same `columns`.
 
-    The derivation's bulk output (threads, runs, messages and their conversation rows): the
-    sink hands `rows` to PostgreSQL as they are, without an object per row. `rows` is a JSON
-    array of objects holding the columns, plus `_k` (ledger key), `_h` (row hash) and `_s`
-    (the source document: table, line, `_id`). Each row is the upsert `RowChange` that
-    `codec.row_batch_changes` gives back.
+    The derivation's bulk output (threads, runs, messages, their conversation rows, and the
+    run events of a first import): the sink hands `rows` to PostgreSQL as they are, without
+    an object per row. `rows` is a JSON array of objects holding the columns, plus `_k`
+    (ledger key), `_h` (row hash) and `_s` (the source document: table, line, `_id`). Each
+    row is the upsert `RowChange` that `codec.row_batch_changes` gives back.
 
-    `new`: the table was empty when the derivation began, so the rows are most likely not
-    there yet (and neither are their ledger entries): the sink tries plain INSERTs first.
+    `new`: the table held no row and no ledger entry when the derivation began, so these
+    rows are most likely not there yet: the sink tries plain INSERTs first (and gives new
+    run events the next ids itself).
     """
 
     run_id: int

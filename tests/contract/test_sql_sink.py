@@ -528,6 +528,34 @@ def test_a_row_batch_with_a_refused_row_writes_the_rest(db_url: str) -> None:
     run(db_url, body)
 
 
+def test_new_run_events_in_a_row_batch_get_the_next_ids(db_url: str) -> None:
+    """Run events of a first import come as a `RowBatch` without ids: PostgreSQL gives them
+    the next ids of the table itself, and the ledger records them; the same batch again
+    finds its rows there and goes row by row, reusing those ids."""
+
+    async def body(engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:  # a row of Laravel's own: ids go on after it
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO run_events (thread_id, run_id, user_id, type) "
+                    "VALUES ('t', 'r', 1, 'native')"
+                )
+            )
+        cast = "::text" if dialect_name(engine) == "postgresql" else ""
+        batch = batch_of(event("r1"), event("r2", payload={"n": 2}), new=True)
+        for _ in range(2):
+            result = await SqlSink(engine).apply([], batches=[batch])
+            assert result.rows == {"run_events": 2}
+            assert await rows(
+                engine,
+                f"SELECT id, payload{cast} FROM run_events WHERE type = 'receipt' ORDER BY id",
+            ) == [(2, '{"receipt":"r1"}'), (3, '{"n":2}')]
+            book = await ledger(engine, "run_events")
+            assert {k: v[1] for k, v in book.items()} == {"r1": 2, "r2": 3}
+
+    run(db_url, body)
+
+
 @pytest.mark.postgres
 def test_the_sinks_ledger_lookups_probe_the_key_once_its_growth_is_analyzed(pg_url: str) -> None:
     """The ledger fills within the run that looks it up (run events by receipt key): analyzed
