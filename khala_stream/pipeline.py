@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,12 +173,15 @@ async def _write_run(
                 what="the database",
                 deadline_s=deadline,
             )
-            await _run_stages(live, engine, export, run_id, options, progress)
-        return await with_retries(
-            lambda: _report(engine, export, options, run_id),
-            what="the database",
-            deadline_s=deadline,
-        )
+
+            def report() -> Awaitable[ImportReport]:
+                return with_retries(
+                    lambda: _report(engine, export, options, run_id),
+                    what="the database",
+                    deadline_s=deadline,
+                )
+
+            return await _run_stages(live, engine, export, run_id, options, progress, report)
 
 
 async def _run_stages(
@@ -188,9 +191,10 @@ async def _run_stages(
     run_id: int,
     options: ImportOptions,
     progress: ProgressCallback | None,
-) -> None:
+    then: Callable[[], Awaitable[ImportReport]],
+) -> ImportReport:
     """Publish here while `process` and `sink` run as child processes (one core each), until
-    the sink has applied the run."""
+    the sink has applied the run; then `then()`, while the stages stop."""
     topics = Topics(settings.topic_prefix)
     env = {
         **os.environ,
@@ -245,7 +249,9 @@ async def _run_stages(
                 what="the database",
                 deadline_s=options.deadline_s,
             ):
-                return
+                for _, child in stages:
+                    child.terminate()  # they stop (waited for below) while `then` runs
+                return await then()
             if time.monotonic() >= next_loss_check:
                 next_loss_check = time.monotonic() + _LOSS_CHECK_S
                 applied = await with_retries(

@@ -168,6 +168,8 @@ class Publisher:
         marking = self._incremental and (
             self._again or await self._db(lambda: self._stored(table, report.run_id))
         )
+        if self._progress:
+            self._progress(table, 0)  # the table's clock starts
         try:
             for item in export.iter_table(table):
                 read += 1
@@ -298,6 +300,7 @@ class Publisher:
         ends = await batches.flush()
         metrics.record_output("publish", {table: sent})
         if self._backpressure and ends:
-            await self._backpressure.wait(topic, ends)
+            backpressure = self._backpressure  # its reads of the positions wait out outages too
+            await self._db(lambda: backpressure.wait(topic, ends))
         elapsed = time.monotonic() - started
         metrics.record_batch("publish", {table: len(batch) + len(letters)}, elapsed)
