@@ -206,6 +206,7 @@ async def _run_stages(
         "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(options.deadline_s))),
     }
     stages = [await _start_stage(name, env) for name in ("process", "sink")]
+    terminated = False
     probe = make_consumer(settings.kafka, group_id=None)
 
     async def publish(applied: dict[str, int] | None = None) -> None:
@@ -251,6 +252,7 @@ async def _run_stages(
             ):
                 for _, child in stages:
                     child.terminate()  # they stop (waited for below) while `then` runs
+                terminated = True
                 return await then()
             if time.monotonic() >= next_loss_check:
                 next_loss_check = time.monotonic() + _LOSS_CHECK_S
@@ -270,7 +272,7 @@ async def _run_stages(
             await asyncio.sleep(0.1)
     finally:
         await probe.stop()
-        await asyncio.gather(*(_stop_stage(child) for _, child in stages))
+        await asyncio.gather(*(_stop_stage(child, terminated) for _, child in stages))
 
 
 _LOSS_CHECK_S = 5.0
@@ -315,10 +317,15 @@ async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.sub
     return name, child
 
 
-async def _stop_stage(child: asyncio.subprocess.Process) -> None:
-    """SIGTERM asks for a stop at the next batch boundary; SIGKILL if it does not come."""
-    if child.returncode is None:
+async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = False) -> None:
+    """SIGTERM asks for a stop at the next batch boundary; SIGKILL if it does not come.
+
+    One SIGTERM only: a second one can reach the stage while its event loop closes, between
+    closing the signal wake-up pipe and removing the handler, and Python prints a traceback.
+    """
+    if child.returncode is None and not terminated:
         child.terminate()
+    if child.returncode is None:
         try:
             await asyncio.wait_for(child.wait(), timeout=30)
         except TimeoutError:
