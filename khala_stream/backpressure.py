@@ -8,7 +8,8 @@ than `limit` messages behind what was acknowledged to it.
 
 A consumer that makes no progress for `patience_s` is taken to be absent (`publish` before
 `process`, or `process --until-idle` before `sink`, are supported orders): from then on this
-producer no longer waits.
+producer no longer waits. Its reads of the positions wait out database outages like every other
+database call of the stage (`deadline_s`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.import_runs import stored_positions
+from khala_stream.runtime import with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +36,14 @@ class Backpressure:
         limit: int,
         patience_s: float = 5.0,
         poll_s: float = 0.05,
+        deadline_s: float = 300.0,
     ) -> None:
         self._engine = engine
         self._group = group
         self._limit = limit
         self._patience_s = patience_s
         self._poll_s = poll_s
+        self._deadline_s = deadline_s
         self.gave_up = False
 
     async def wait(self, topic: str, acknowledged: Mapping[int, int]) -> None:
@@ -48,7 +52,11 @@ class Backpressure:
         last: dict[int, int] | None = None
         since = time.monotonic()
         while not self.gave_up:
-            positions = await stored_positions(self._engine, self._group, topic)
+            positions = await with_retries(
+                lambda: stored_positions(self._engine, self._group, topic),
+                what="the database",
+                deadline_s=self._deadline_s,
+            )
             behind = sum(max(0, end - positions.get(p, 0)) for p, end in acknowledged.items())
             if behind <= self._limit:
                 return

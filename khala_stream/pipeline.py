@@ -223,7 +223,12 @@ async def _run_stages(
                 skip_blueprints=options.skip_blueprints,
                 progress=progress if applied is None else None,
                 deadline_s=options.deadline_s,
-                backpressure=Backpressure(engine, topics.processor_group, limit=_PROCESSOR_BEHIND),
+                backpressure=Backpressure(
+                    engine,
+                    topics.processor_group,
+                    limit=_PROCESSOR_BEHIND,
+                    deadline_s=options.deadline_s,
+                ),
             )
             await publisher.publish(export, run_id, applied=applied)
         except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:

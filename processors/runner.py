@@ -166,7 +166,9 @@ class Processor:
         self._worker = uuid.uuid4().hex
         self.derived: list[int] = []
         self._next_loss_check = 0.0
-        self._backpressure = Backpressure(engine, self._topics.sink_group, limit=_SINK_BEHIND)
+        self._backpressure = Backpressure(
+            engine, self._topics.sink_group, limit=_SINK_BEHIND, deadline_s=db_deadline_s
+        )
         # The marking of unchanged documents looks the store up by key (producers/ledger.py).
         self._stored = Growth(engine, lambda _table: [DOCUMENTS.name])
         self._first_import: dict[tuple[int, str], bool] = {}

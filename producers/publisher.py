@@ -300,7 +300,6 @@ class Publisher:
         ends = await batches.flush()
         metrics.record_output("publish", {table: sent})
         if self._backpressure and ends:
-            backpressure = self._backpressure  # its reads of the positions wait out outages too
-            await self._db(lambda: backpressure.wait(topic, ends))
+            await self._backpressure.wait(topic, ends)
         elapsed = time.monotonic() - started
         metrics.record_batch("publish", {table: len(batch) + len(letters)}, elapsed)

@@ -72,7 +72,8 @@ async def json_row_type(
     the text columns `extra`. It is an empty temporary table, made once per session (a type
     would have to live in the application's schema); returns its quoted name. Members of a
     JSON object that are not columns are ignored; a JSON value lands in a `json` column as
-    its exact text."""
+    its exact text. It is asked for at each use rather than remembered: creating it is
+    transactional, so a batch that rolls back takes it away again."""
     digest = hashlib.sha1("\0".join([*columns, "", *extra]).encode()).hexdigest()[:12]
     quoted = f'"khala_row_{table}_{digest}"'
     selected = ", ".join([*(f'"{c}"' for c in columns), *(f'NULL::text AS "{c}"' for c in extra)])

@@ -1,11 +1,13 @@
-"""One way for the contract tests to run a body against a fresh engine on a test database."""
+"""How the contract tests run a body against a fresh engine on a test database, and read the
+plans PostgreSQL chooses."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.db import create_engine, init_db
@@ -33,3 +35,13 @@ def run_on(
             await engine.dispose()
 
     return asyncio.run(main())
+
+
+async def explained(
+    engine: AsyncEngine, query: str | sa.TextClause, params: Mapping[str, Any] | None = None
+) -> str:
+    """PostgreSQL's plan for `query` (with `params`), as EXPLAIN prints it."""
+    text = query if isinstance(query, str) else str(query.text)
+    async with engine.connect() as conn:
+        plan = await conn.execute(sa.text(f"EXPLAIN {text}"), dict(params or {}))
+        return "\n".join(row[0] for row in plan)

@@ -13,7 +13,7 @@ from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth
 from processors import store
 from producers.ledger import _MARK_PG
-from tests.contract.engine import run_on
+from tests.contract.engine import explained, run_on
 
 
 def _documents(
@@ -124,9 +124,7 @@ def test_a_growing_store_keeps_the_marking_on_the_primary_key(pg_url: str) -> No
             "hashes": ["0" * 64] * len(keys),
             "lines": list(range(len(keys))),
         }
-        async with engine.connect() as conn:
-            explain = sa.text("EXPLAIN " + str(_MARK_PG.text))
-            return "\n".join(r[0] for r in await conn.execute(explain, params))
+        return await explained(engine, _MARK_PG, params)
 
     async def body(engine: AsyncEngine) -> tuple[str, str]:
         growing = Growth(engine, lambda _table: ["khala_import_documents"])

@@ -26,7 +26,7 @@ from khala_stream.db import (
 from khala_stream.db.statistics import Growth, analyze
 from sinks import ApplyResult, OffsetAdvance, Refusal, SqlSink
 from sinks.sql_sink import ledger_lookup
-from tests.contract.engine import run_on
+from tests.contract.engine import explained, run_on
 
 TS = "2024-01-02 03:04:05"
 GROUP, TOPIC = "khala.sink", "khala.changes"
@@ -565,9 +565,7 @@ def test_the_sinks_ledger_lookups_probe_the_key_once_its_growth_is_analyzed(pg_u
     async def plan(engine: AsyncEngine) -> str:
         query = ledger_lookup("run_events", [f"k{n}" for n in range(0, 40_000, 800)])
         compiled = query.compile(engine.sync_engine, compile_kwargs={"literal_binds": True})
-        async with engine.connect() as conn:
-            explained = await conn.exec_driver_sql(f"EXPLAIN {compiled}")
-            return "\n".join(r[0] for r in explained)
+        return await explained(engine, str(compiled))
 
     async def body(engine: AsyncEngine) -> tuple[str, str]:
         await analyze(engine, ["khala_import_rows"])  # as the derivation starts: empty
