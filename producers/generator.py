@@ -47,6 +47,7 @@ _CONVEX_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
 _TO_CONVEX: Final = _CONVEX_ALPHABET.encode("ascii") * 8
 _TO_CROCKFORD: Final = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ" * 8
 _ENV_SHARED: Final = "KHALA_SHARED_DIR"
+_BUNDLED_REFERENCE: Final = Path(__file__).resolve().with_name("sample")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1154,11 +1155,13 @@ def write_fixture_zip(
 
 
 def shared_dir() -> Path:
-    """The shared reference folder: `$KHALA_SHARED_DIR`, else `<repo>/../shared`."""
+    """The reference folder: `$KHALA_SHARED_DIR`, else the copy of the reference's fixtures
+    bundled in `producers/sample/reference/` (so a lone clone runs its tests; a unit test keeps
+    it equal to `../shared` wherever that is beside the checkout)."""
     override = os.environ.get(_ENV_SHARED)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared"
+    return _BUNDLED_REFERENCE
 
 
 def load_reference_fixture(name: str) -> dict[str, list[dict[str, Any]]]:

@@ -20,6 +20,7 @@ from producers.generator import (
     EPOCH_MS,
     generate_export,
     load_reference_fixture,
+    shared_dir,
     write_fixture_zip,
 )
 from producers.sample import SAMPLE_EXPORT, SAMPLE_PARAMETERS
@@ -284,6 +285,19 @@ def test_load_reference_fixture_by_short_name_and_env(
     (fixtures / "broken.json").write_bytes(b"[1, 2]")
     with pytest.raises(ValueError):
         load_reference_fixture("broken")
+
+
+def test_bundled_reference_fixtures_are_the_shared_ones() -> None:
+    """The fixtures bundled for a lone clone are byte for byte those of `../shared`."""
+    repo = Path(__file__).resolve().parents[3]
+    shared = repo.parent / "shared" / "reference" / "fixtures"
+    if not shared.is_dir():
+        pytest.skip("no ../shared beside this checkout to compare with")
+    bundled = shared_dir() / "reference" / "fixtures"
+    names = sorted(p.name for p in bundled.glob("*.json"))
+    assert names == ["fixture-a.json", "fixture-b.json"]
+    for name in names:
+        assert (bundled / name).read_bytes() == (shared / name).read_bytes(), name
 
 
 def test_bundled_sample_is_current(tmp_path: Path) -> None:
