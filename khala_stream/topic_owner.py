@@ -6,7 +6,7 @@ consumed records (the embedded one) it would wait forever for changes its sink n
 one that keeps them it would apply the first database's changes as its own. The first stage
 to start writes its database's id to `<prefix>.owner`; every stage reads the first record
 there before it reads or writes anything else, and refuses (exit 2) topics of another
-database.
+database. The owner topic is compacted: its record must outlive any retention period.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class TopicsOfAnotherDatabase(UsageError):
 
 async def prepare_topics(kafka: KafkaSettings, topics: Topics, engine: AsyncEngine) -> None:
     """Creates the missing topics and binds them to this database (or refuses them)."""
-    await ensure_topics(kafka, topics.all)
+    # Compacted: after a retention period without it, another database could claim them.
+    await ensure_topics(kafka, topics.all, compacted=[topics.owner])
     mine = await database_id(engine)
     owner = await _owner(kafka, topics.owner)
     if owner is None:

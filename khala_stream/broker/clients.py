@@ -12,6 +12,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
@@ -115,21 +116,78 @@ class Trimmer:
             await admin.close()
 
 
-async def ensure_topics(kafka: KafkaSettings, names: Sequence[str]) -> None:
-    """Create the topics that are missing, with the configured partition count."""
+async def ensure_topics(
+    kafka: KafkaSettings, names: Sequence[str], *, compacted: Sequence[str] = ()
+) -> None:
+    """Create the topics that are missing, with the configured partition count.
+
+    `compacted` topics keep the last record of each key for good instead of for the retention
+    period; one that already exists with another cleanup policy (made by an older version,
+    or by hand) is switched, or a warning says why it could not be.
+    """
     admin = make_admin(kafka)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
-            # Room for a multi-MB export line (and its dead letter): Kafka's default is 1 MB.
-            config = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
-            topics = [NewTopic(n, kafka.partitions, 1, topic_configs=config) for n in missing]
+            topics = [
+                NewTopic(n, kafka.partitions, 1, topic_configs=_topic_config(n in compacted))
+                for n in missing
+            ]
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(topics)
+        for name in compacted:
+            if name in existing:
+                await _ensure_compacted(admin, name)
     finally:
         await admin.close()
+
+
+def _topic_config(compacted: bool) -> dict[str, str]:
+    # Room for a multi-MB export line (and its dead letter): Kafka's default is 1 MB.
+    config = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    if compacted:
+        config["cleanup.policy"] = "compact"
+    return config
+
+
+def _topic(name: str, configs: dict[str, Any] | None) -> ConfigResource:
+    return ConfigResource(ConfigResourceType.TOPIC, name, configs)
+
+
+async def _ensure_compacted(admin: AIOKafkaAdminClient, name: str) -> None:
+    try:
+        described = await admin.describe_configs([_topic(name, {"cleanup.policy": None})])
+        policies = [
+            str(entry[1])
+            for response in described
+            for error, *_, entries in response.resources
+            if error == 0
+            for entry in entries
+            if entry[0] == "cleanup.policy"
+        ]
+        if policies == ["compact"]:
+            return
+        # AlterConfigs replaces the topic's whole configuration: what this product sets, all.
+        altered = await admin.alter_configs([_topic(name, _topic_config(True))])
+        refused = [
+            message or f"error {error}"
+            for response in altered
+            for error, message, *_ in response.resources
+            if error != 0
+        ]
+    except KafkaError as exc:
+        refused = [str(exc)]
+    if refused:
+        logger.warning(
+            "topic %s keeps its records only for its retention period: switching it to"
+            " cleanup.policy=compact failed (%s); set that policy on it by hand",
+            name,
+            "; ".join(refused),
+        )
+    else:
+        logger.info("topic %s switched to cleanup.policy=compact", name)
 
 
 @contextlib.asynccontextmanager
