@@ -29,7 +29,14 @@ from khala_stream import import_runs
 from khala_stream.backpressure import Backpressure
 from khala_stream.broker.clients import broker_session, make_consumer, make_producer
 from khala_stream.config import Settings
-from khala_stream.contract import SOURCE_TABLES, DestinationTable, RowChange, RowUpsert, Topics
+from khala_stream.contract import (
+    SOURCE_TABLES,
+    DestinationTable,
+    RowChange,
+    RowUpsert,
+    Topics,
+    read_tables,
+)
 from khala_stream.contract.documents import document_hash, document_key
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
@@ -119,11 +126,6 @@ async def import_chat(
         if options.dry_run:
             return await _dry_run(settings, export, options, workos)
         return await _write_run(settings, export, options, progress)
-
-
-def read_tables(skip_blueprints: bool) -> list[str]:
-    """The source tables an import reads (blueprints not at all with --skip-blueprints)."""
-    return [t for t in SOURCE_TABLES if not (skip_blueprints and t == "blueprints")]
 
 
 async def _check_workos(settings: Settings) -> WorkosClient:
@@ -389,6 +391,9 @@ class _Discard:
     ) -> None:
         self.count += len(rows)
 
+    async def drain(self) -> dict[int, int]:
+        return {}
+
 
 async def _dry_run(
     settings: Settings, export: ExportSource, options: ImportOptions, workos: WorkosClient | None
@@ -408,7 +413,9 @@ async def _dry_run(
                 run_id = 0  # no real run has id 0: everything in the ledger is settled
                 published = await _load_scratch(export, scratch, run_id, options)
                 _fill_from_published(report, published)
-                report.documents = await _document_stats(scratch, ledger, run_id)
+                report.documents = await _document_stats(
+                    scratch, ledger, run_id, read_tables(options.skip_blueprints)
+                )
                 async with contextlib.AsyncExitStack() as stack:
                     lookup = None
                     if workos is not None:
@@ -511,12 +518,13 @@ async def _load_scratch(
 
 
 async def _document_stats(
-    scratch: AsyncEngine, ledger: AsyncEngine | None, run_id: int
+    scratch: AsyncEngine, ledger: AsyncEngine | None, run_id: int, tables: Sequence[str]
 ) -> dict[str, dict[str, int]]:
-    """Inserted / updated / unchanged / vanished documents, against the real ledger."""
+    """Inserted / updated / unchanged / vanished documents of `tables`, against the real
+    ledger."""
     c = DOCUMENTS.c
     stats: dict[str, dict[str, int]] = {}
-    for table in SOURCE_TABLES:
+    for table in tables:
         counts = {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0}
         last = ""
         while True:

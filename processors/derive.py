@@ -12,7 +12,7 @@ value differs from the last computed one, or that are missing from their table, 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.contract.changes import RowChange, RowUpsert, SourceRef
 from khala_stream.contract.codec import content_hash
-from khala_stream.contract.tables import SOURCE_TABLES, DestinationTable
+from khala_stream.contract.tables import DestinationTable, read_tables
 from processors import store
 from processors.autopilots import (
     PROFILE_COLUMNS,
@@ -103,6 +103,10 @@ class ChangeOutput(Protocol):
     ) -> None:
         """Upserts of one table, sent as `RowBatch`es (`new`: to a table that was empty);
         the output takes over their values."""
+
+    async def drain(self) -> Mapping[int, int]:
+        """Until everything emitted so far is durable (acknowledged by the broker); the end
+        offset reached per partition."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -596,8 +600,9 @@ class Derivation:
     async def _vanished(self) -> None:
         """Documents of earlier exports missing from this one: reported; deleted on request."""
         run_id = self.options.run_id
+        read = read_tables(self.options.skip_blueprints)  # the others are not "vanished"
         async with self._documents.connect() as conn:
-            self.result.documents = await store.table_changes(conn, run_id, SOURCE_TABLES)
+            self.result.documents = await store.table_changes(conn, run_id, read)
         if not self.options.propagate_deletes:
             return
         targets: dict[str, tuple[DestinationTable, ...]] = {
@@ -607,12 +612,15 @@ class Derivation:
             "receipts": ("run_events",),
         }
         async with self._documents.begin() as conn:
-            for table in SOURCE_TABLES:
-                keys = await store.vanished_keys(conn, table, run_id)
-                changes = [
-                    self.change(t, "delete", k, {}) for t in targets.get(table, ()) for k in keys
-                ]
-                await self.emit(changes)
+            vanished = {t: await store.vanished_keys(conn, t, run_id) for t in read}
+            for table, keys in vanished.items():
+                await self.emit(
+                    [self.change(t, "delete", k, {}) for t in targets.get(table, ()) for k in keys]
+                )
+            # The deletes are durable before the store forgets what they delete: after a crash
+            # in between, no later derivation would know these rows were to go.
+            await self._out.drain()
+            for table, keys in vanished.items():
                 await store.forget(conn, table, keys)
 
 

@@ -28,11 +28,11 @@ from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import (
     REPLACED_TABLES,
-    SOURCE_TABLES,
     DestinationTable,
     RowChange,
     RowUpsert,
     Topics,
+    read_tables,
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
 from khala_stream.contract.documents import read_headers
@@ -378,7 +378,8 @@ class Processor:
             await self._wait_for_sink(await end_offsets(self._probe, self._topics.changes), run.id)
             await self._cover_lost_offsets(run, out)
             async with self._engine.connect() as conn:
-                documents = await store.table_changes(conn, run.id, SOURCE_TABLES)
+                tables = read_tables(flags.skip_blueprints)
+                documents = await store.table_changes(conn, run.id, tables)
                 reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
             if reused is not None:
                 logger.info("run %d: the last derived run's documents; nothing to derive", run.id)

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
 from khala_stream.backpressure import Backpressure
-from khala_stream.contract import SOURCE_TABLES, Topics
+from khala_stream.contract import SOURCE_TABLES, Topics, read_tables
 from khala_stream.contract.dead_letters import DeadLetter, ReasonCode
 from khala_stream.contract.documents import (
     Provenance,
@@ -138,9 +138,7 @@ class Publisher:
         )
         report.tables = sorted(t for t in export.tables if t in SOURCE_TABLES)
         report.ignored_tables = sorted(t for t in export.tables if t not in SOURCE_TABLES)
-        for table in SOURCE_TABLES:
-            if table == "blueprints" and self._skip_blueprints:
-                continue  # not read at all (reference §6.4)
+        for table in read_tables(self._skip_blueprints):  # reference §6.4
             await self._publish_table(export, table, report)
         report.published.update(applied or {})  # Counter.update adds
         await self._producer.send_and_wait(

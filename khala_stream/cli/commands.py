@@ -167,9 +167,8 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
     from khala_stream import import_runs
     from khala_stream.broker.clients import broker_session, make_producer
     from khala_stream.cli import operations
-    from khala_stream.contract import Topics
+    from khala_stream.contract import Topics, read_tables
     from khala_stream.db.engine import create_engine, init_db
-    from khala_stream.pipeline import read_tables
     from khala_stream.topic_owner import prepare_topics
     from producers.export_reader import open_export
     from producers.publisher import Publisher

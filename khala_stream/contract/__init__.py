@@ -9,6 +9,7 @@ from khala_stream.contract.tables import (
     SOURCE_TABLES,
     DestinationTable,
     SourceTable,
+    read_tables,
 )
 from khala_stream.contract.topics import Topics
 
@@ -26,4 +27,5 @@ __all__ = [
     "SourceRef",
     "SourceTable",
     "Topics",
+    "read_tables",
 ]

@@ -27,6 +27,14 @@ SOURCE_TABLES: Final[tuple[SourceTable, ...]] = (
     "receipts",
     "blueprints",
 )
+
+
+def read_tables(skip_blueprints: bool) -> tuple[SourceTable, ...]:
+    """The source tables an import reads (blueprints not at all with --skip-blueprints): the
+    ones whose documents it can find changed, unchanged or vanished."""
+    return tuple(t for t in SOURCE_TABLES if not (skip_blueprints and t == "blueprints"))
+
+
 # An export is importable when it holds at least one of these (SPEC §8.6).
 CHAT_TABLES: Final[frozenset[str]] = frozenset({"users", "threads", "runs", "messages", "receipts"})
 DESTINATION_TABLES: Final[tuple[DestinationTable, ...]] = (

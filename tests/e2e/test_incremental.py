@@ -193,3 +193,23 @@ def test_reimport_after_refused_rows_derives_in_full(
 def _refusals(db_url: str) -> int:
     (found,) = run_db(db_url, [sa.select(sa.func.count()).select_from(REFUSALS)])
     return int(found[0][0])
+
+
+def test_skip_blueprints_neither_reports_nor_forgets_the_blueprints_it_did_not_read(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, db_url: str
+) -> None:
+    export = _export(tmp_path / "a.zip", load_reference_fixture("fixture-a"))
+    env = env_for(kafka_bootstrap, topic_prefix, db_url)
+    first = ok(khala(["import-chat", str(export)], env))
+    assert _doc_stats(first.stdout)["blueprints"]["inserted"] == 1
+
+    for flags in ([], ["--propagate-deletes"], ["--dry-run", "--propagate-deletes"]):
+        skipped = ok(khala(["import-chat", str(export), "--skip-blueprints", *flags], env))
+        assert "blueprints" not in _doc_stats(skipped.stdout), flags  # not read: not "deleted"
+    again = ok(khala(["import-chat", str(export)], env))
+    assert _doc_stats(again.stdout)["blueprints"] == {
+        "inserted": 0,
+        "updated": 0,
+        "unchanged": 1,
+        "deleted": 0,
+    }
