@@ -128,8 +128,13 @@ class SinkService:
             for tp, records in batch.items()
         ]
 
+        # Read before the batch's transaction: on SQLite that transaction holds the one write
+        # lock, and a read on another connection (which begins IMMEDIATE) would wait on it.
+        for run_id in {c.run_id for c in changes} | {b.run_id for b in row_batches}:
+            await self._export_of(run_id)
+
         async def set_aside(refused: list[Refusal]) -> None:
-            letters = [refusal_letter(r, await self._export_of(r.change.run_id)) for r in refused]
+            letters = [refusal_letter(r, self._exports.get(r.change.run_id)) for r in refused]
             metrics.dead_letters("sink", "db_refused", len(refused))
             await publish_dead_letters(producer, self._topics.dead_letters, letters)
             self.refused += len(refused)

@@ -3,11 +3,16 @@ the rest of its batch is written, and `dlq replay` applies it once the cause is 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
 import sqlalchemy as sa
 
+from khala_stream.broker.clients import make_producer
+from khala_stream.config import KafkaSettings
+from khala_stream.contract import RowChange, Topics
+from khala_stream.contract.codec import encode_change
 from producers.generator import load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import counts, env_for, khala, ok, run_db
 
@@ -62,3 +67,33 @@ def test_refused_row_is_set_aside_then_replayed_after_the_fix(
     assert found[0][0] == "too long an id"
     assert counts(pg_url)["agent_conversation_messages"] == 3
     assert orjson.loads(ok(khala(["dlq", "list", "--json"], env)).stdout)["total"] == 0
+
+
+def test_a_refused_row_on_sqlite_is_set_aside_without_stalling_the_sink(
+    kafka_bootstrap: str, topic_prefix: str, sqlite_url: str
+) -> None:
+    """On SQLite the sink's transaction holds the database's one write lock while it sets a
+    refused row aside: what the dead letter needs from the database is read before it."""
+    env = env_for(kafka_bootstrap, topic_prefix, sqlite_url, KHALA_RETRY_DEADLINE_SECONDS="20")
+    ok(khala(["sink", "--until-idle"], env))  # binds the topics to this database
+    row = {"user_id": 1, "title": "Kept", "created_at": "2024-01-02 03:04:05"}
+    good = RowChange(run_id=1, table="threads", op="upsert", key="t1", values=row, row_hash="h")
+    bad = RowChange(
+        run_id=1, table="threads", op="upsert", key="t2", values={**row, "colour": "red"}
+    )
+
+    async def send() -> None:
+        producer = make_producer(KafkaSettings(bootstrap_servers=kafka_bootstrap))
+        await producer.start()
+        try:
+            value = b"[" + b",".join(encode_change(c) for c in (good, bad)) + b"]"
+            await producer.send_and_wait(Topics(topic_prefix).changes, value, partition=0)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    ok(khala(["sink", "--until-idle"], env, timeout=60))
+    listed = orjson.loads(ok(khala(["dlq", "list", "--json"], env)).stdout)
+    assert listed["by_reason"] == {"db_refused": 1}
+    assert "unknown column threads.colour" in listed["letters"][0]["reason"]
+    assert run_db(sqlite_url, [sa.text("SELECT id, title FROM threads")])[0] == [("t1", "Kept")]
