@@ -143,12 +143,19 @@ async def claim(engine: AsyncEngine, run_id: int, worker: str, lease_s: float) -
 
 
 async def mark_derived(
-    engine: AsyncEngine, run_id: int, *, counters: dict[str, Any], changes_end: dict[int, int]
-) -> None:
+    engine: AsyncEngine,
+    run_id: int,
+    worker: str,
+    *,
+    counters: dict[str, Any],
+    changes_end: dict[int, int],
+) -> bool:
+    """Record the derivation of a run by the worker that holds its claim; False (nothing
+    recorded) when another worker took the claim over."""
     async with engine.begin() as conn:
-        await conn.execute(
+        result = await conn.execute(
             sa.update(RUNS)
-            .where(RUNS.c.id == run_id)
+            .where(RUNS.c.id == run_id, RUNS.c.status == "published", RUNS.c.claim == worker)
             .values(
                 status="derived",
                 counters=orjson.dumps(counters).decode(),
@@ -156,6 +163,7 @@ async def mark_derived(
                 derived_at=_now(),
             )
         )
+        return bool(result.rowcount)
 
 
 async def derive_again(engine: AsyncEngine, run_id: int) -> bool:
@@ -198,14 +206,16 @@ async def latest(engine: AsyncEngine) -> ImportRun | None:
     return _from_row(row) if row is not None else None
 
 
-async def heartbeat(engine: AsyncEngine, run_id: int, worker: str) -> None:
-    """Renew a derivation claim, so that a long derivation is not taken over."""
+async def heartbeat(engine: AsyncEngine, run_id: int, worker: str) -> bool:
+    """Renew a derivation claim, so that a long derivation is not taken over; False when the
+    claim is no longer this worker's."""
     async with engine.begin() as conn:
-        await conn.execute(
+        result = await conn.execute(
             sa.update(RUNS)
             .where(RUNS.c.id == run_id, RUNS.c.claim == worker)
             .values(claimed_at=_now())
         )
+        return bool(result.rowcount)
 
 
 async def stored_positions(engine: AsyncEngine, group: str, topic: str) -> dict[int, int]:

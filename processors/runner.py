@@ -371,34 +371,59 @@ class Processor:
         fingerprint = unchanged.fingerprint(
             options, resolve_workos_users=flags.resolve_workos_users
         )
-        beat = asyncio.create_task(self._heartbeat(run.id))
+        work = asyncio.ensure_future(self._derive_claimed(run, options, fingerprint, out))
+        beat = asyncio.ensure_future(self._heartbeat(run.id))
         try:
-            # The derivation reads the database: let every change sent before it land first
-            # (after a crash, the changes of the interrupted attempt).
-            await self._wait_for_sink(await end_offsets(self._probe, self._topics.changes), run.id)
-            await self._cover_lost_offsets(run, out)
-            async with self._engine.connect() as conn:
-                tables = read_tables(flags.skip_blueprints)
-                documents = await store.table_changes(conn, run.id, tables)
-                reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
-            if reused is not None:
-                logger.info("run %d: the last derived run's documents; nothing to derive", run.id)
-                result = Derived(counters=dict.fromkeys(COUNTER_KEYS, 0) | reused)
-                result.documents = documents
-            else:
-                await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
-                result = await self._derive_all(run, options, out)
-            ends = await out.drain()
+            await asyncio.wait({work, beat}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             beat.cancel()
+            work.cancel()  # no-op when it is done
+            await asyncio.gather(work, beat, return_exceptions=True)
+        if work.cancelled():  # the heartbeat ended first
+            if (error := beat.exception()) is not None:
+                raise error  # the database stayed out of reach past the deadline
+            logger.warning("run %d: another worker took the derivation over; stopped", run.id)
+            return
+        result, reused, ends = work.result()
         counters: dict[str, Any] = dict(result.counters)
         counters["written"] = result.written
         counters["documents"] = {t: asdict(c) for t, c in result.documents.items()}
         counters[unchanged.OPTIONS_KEY] = fingerprint
-        counters[unchanged.SKIPPED_KEY] = reused is not None
-        await import_runs.mark_derived(self._engine, run.id, counters=counters, changes_end=ends)
+        counters[unchanged.SKIPPED_KEY] = reused
+        if not await import_runs.mark_derived(
+            self._engine, run.id, self._worker, counters=counters, changes_end=ends
+        ):
+            logger.warning("run %d: another worker took the derivation over first", run.id)
+            return
         self.derived.append(run.id)
         logger.info("run %d derived: %d changes", run.id, sum(result.written.values()))
+
+    async def _derive_claimed(
+        self,
+        run: import_runs.ImportRun,
+        options: RunOptions,
+        fingerprint: dict[str, Any],
+        out: KafkaChangeOutput,
+    ) -> tuple[Derived, bool, dict[int, int]]:
+        """The derivation proper, while the claim is held: what it derived, whether it was
+        skipped as unchanged, and the end offsets its changes reached."""
+        # The derivation reads the database: let every change sent before it land first
+        # (after a crash, the changes of the interrupted attempt).
+        await self._wait_for_sink(await end_offsets(self._probe, self._topics.changes), run.id)
+        await self._cover_lost_offsets(run, out)
+        async with self._engine.connect() as conn:
+            documents = await store.table_changes(
+                conn, run.id, read_tables(run.flags.skip_blueprints)
+            )
+            reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
+        if reused is not None:
+            logger.info("run %d: the last derived run's documents; nothing to derive", run.id)
+            result = Derived(counters=dict.fromkeys(COUNTER_KEYS, 0) | reused)
+            result.documents = documents
+        else:
+            await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
+            result = await self._derive_all(run, options, out)
+        return result, reused is not None, await out.drain()
 
     async def _derive_all(
         self, run: import_runs.ImportRun, options: RunOptions, out: KafkaChangeOutput
@@ -455,6 +480,14 @@ class Processor:
         return lookup
 
     async def _heartbeat(self, run_id: int) -> None:
+        """Renews the claim on a run until cancelled; returns when the claim is lost (the
+        database was out of reach for longer than the lease and another worker took over)."""
         while True:
             await asyncio.sleep(self._lease_s / 3)
-            await import_runs.heartbeat(self._engine, run_id, self._worker)
+            renewed = await with_retries(
+                lambda: import_runs.heartbeat(self._engine, run_id, self._worker),
+                what="the database",
+                deadline_s=self._deadline,
+            )
+            if not renewed:
+                return
