@@ -181,12 +181,14 @@ class Processor:
         consumer.subscribe(topics.sources, listener=stored)
         self._producer = make_producer(self._settings.kafka)
         self._probe = make_consumer(self._settings.kafka, group_id=None)
-        await consumer.start()
-        await self._producer.start()
         poller = Poller(consumer, self._batch_records, stored, stop)
         trimmer = Trimmer(self._settings.kafka)
-        await self._probe.start()
         try:
+            # Inside the try: a client that started is stopped (and leaves its group) when the
+            # next one fails to start; stopping one that never started is harmless.
+            await consumer.start()
+            await self._producer.start()
+            await self._probe.start()
             while not stop.is_set():
                 batch = await poller.poll()
                 if batch:

@@ -81,11 +81,13 @@ class SinkService:
         stored = StoredOffsets(consumer, self._engine, group, deadline_s=self._deadline)
         consumer.subscribe([topic], listener=stored)
         producer = make_producer(self._settings.kafka)
-        await consumer.start()
-        await producer.start()
         poller = Poller(consumer, self._batch_records, stored, stop)
         trimmer = Trimmer(self._settings.kafka)
         try:
+            # Inside the try: a client that started is stopped (and leaves its group) when the
+            # next one fails to start; stopping one that never started is harmless.
+            await consumer.start()
+            await producer.start()
             while not stop.is_set():
                 batch = await poller.poll()
                 if not batch:
