@@ -47,7 +47,7 @@ from khala_stream.runtime import end_offsets, with_retries
 from khala_stream.topic_owner import prepare_topics
 from processors import store
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, Derivation, RunOptions
+from processors.derive import COUNTER_KEYS, DELETED_WITH, Derivation, RunOptions
 from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
@@ -433,6 +433,7 @@ async def _dry_run(
                             allowed_hosts=parse_allowed_hosts(settings.l402_allowlist_hosts),
                             replace=options.replace,
                             skip_blueprints=options.skip_blueprints,
+                            propagate_deletes=options.propagate_deletes,
                         ),
                         documents=scratch,
                         view=TargetView(view, replace=options.replace, ledger=with_ledger),
@@ -445,6 +446,13 @@ async def _dry_run(
         if not name.startswith("source_"):
             report.counters[name] = result.counters[name]
     report.written = result.written
+    if options.propagate_deletes:
+        # The scratch store holds this export only: what vanished is counted in the real
+        # ledger, and a real run sends one delete per vanished document and row table.
+        for table, stats in report.documents.items():
+            for target in DELETED_WITH[table]:
+                if stats["deleted"]:
+                    report.written[target] = report.written.get(target, 0) + stats["deleted"]
     return report
 
 

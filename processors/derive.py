@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -107,6 +107,17 @@ class ChangeOutput(Protocol):
     async def drain(self) -> Mapping[int, int]:
         """Until everything emitted so far is durable (acknowledged by the broker); the end
         offset reached per partition."""
+
+
+# The rows a vanished document's delete removes (--propagate-deletes), by source table.
+DELETED_WITH: Final[dict[str, tuple[DestinationTable, ...]]] = {
+    "users": (),
+    "threads": ("threads", "agent_conversations"),
+    "runs": ("runs",),
+    "messages": ("messages", "agent_conversation_messages"),
+    "receipts": ("run_events",),
+    "blueprints": (),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -605,17 +616,11 @@ class Derivation:
             self.result.documents = await store.table_changes(conn, run_id, read)
         if not self.options.propagate_deletes:
             return
-        targets: dict[str, tuple[DestinationTable, ...]] = {
-            "threads": ("threads", "agent_conversations"),
-            "runs": ("runs",),
-            "messages": ("messages", "agent_conversation_messages"),
-            "receipts": ("run_events",),
-        }
         async with self._documents.begin() as conn:
             vanished = {t: await store.vanished_keys(conn, t, run_id) for t in read}
             for table, keys in vanished.items():
                 await self.emit(
-                    [self.change(t, "delete", k, {}) for t in targets.get(table, ()) for k in keys]
+                    [self.change(t, "delete", k, {}) for t in DELETED_WITH[table] for k in keys]
                 )
             # The deletes are durable before the store forgets what they delete: after a crash
             # in between, no later derivation would know these rows were to go.
@@ -636,4 +641,12 @@ def _row_event_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return (row["thread_id"], row["run_id"], row["user_id"], row["type"], row["created_at"])
 
 
-__all__ = ["COUNTER_KEYS", "PROFILE_COLUMNS", "ChangeOutput", "Derivation", "Derived", "RunOptions"]
+__all__ = [
+    "COUNTER_KEYS",
+    "DELETED_WITH",
+    "PROFILE_COLUMNS",
+    "ChangeOutput",
+    "Derivation",
+    "Derived",
+    "RunOptions",
+]

@@ -97,8 +97,11 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     assert versions(pg_url)["runs"] != run_before
     assert len(rows(pg_url, "run_events")) == 1  # the vanished receipt's event stays
 
+    dry = ok(khala(["import-chat", str(v2), "--propagate-deletes", "--dry-run"], env))
+    assert "rows written: run_events=1" in dry.stdout  # what the real run below writes
     deleted = ok(khala(["import-chat", str(v2), "--propagate-deletes"], env))
     assert _doc_stats(deleted.stdout)["receipts"]["deleted"] == 1
+    assert "rows written: run_events=1" in deleted.stdout
     assert rows(pg_url, "run_events") == []
     again = ok(khala(["import-chat", str(v2)], env))
     assert "receipts" not in _doc_stats(again.stdout)  # nothing left to report
