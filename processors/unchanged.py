@@ -1,9 +1,10 @@
 """Re-imports of an unchanged export: when a derivation can be skipped, and what it reports.
 
-A derivation is a function of the export's documents, the run's options and the rows it wrote
-before (the row ledger and their presence in Laravel's tables). When every document of this run
-is the one the previous derivation used, nothing vanished, the options are the same and every
-row recorded in the ledger is still there, a full derivation would find every row settled and
+A derivation is a function of the export's documents in their file order, the run's options
+and the rows it wrote before (the row ledger and their presence in Laravel's tables). When every
+document of this run is the one the previous derivation used, in the same order (ties go to the
+later line), nothing vanished, the options are the same and every row recorded in the ledger is
+still there, a full derivation would find every row settled and
 emit nothing (SPEC §5, §8.7). So it is skipped: a re-import of an unchanged export costs the
 publisher's hashing and no pass over the documents. Otherwise, and whenever in doubt (WorkOS
 lookups, which may answer differently now; rows the database refused last time, which a
@@ -81,6 +82,9 @@ async def reusable_counters(
         return None
     if previous.counters.get(OPTIONS_KEY) != options:
         return None
+    order = run.published.get("order")
+    if not order or previous.published.get("order") != order:
+        return None  # reordered (or published before the order was recorded)
     if any(int(c.get("deleted", 0)) for c in previous.counters.get("documents", {}).values()):
         return None  # the previous derivation did not see every document of the ledger
     if await _refused(conn, previous.id) or await _rows_missing(conn):

@@ -8,6 +8,7 @@ hash in the ledger) is marked as part of this export in the ledger instead (SPEC
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -62,6 +63,9 @@ class PublishReport:
     rejected_lines: list[tuple[str, int, str]] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     ignored_tables: list[str] = field(default_factory=list)
+    # Per table, the sha256 of the document keys in file order: an export of the same
+    # documents in another order may derive other rows (ties go to the later line).
+    order: dict[str, hashlib._Hash] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +77,7 @@ class PublishReport:
             "rejected_lines": [list(r) for r in self.rejected_lines],
             "tables": self.tables,
             "ignored_tables": self.ignored_tables,
+            "order": {table: digest.hexdigest() for table, digest in self.order.items()},
         }
 
 
@@ -234,24 +239,7 @@ class Publisher:
     ) -> None:
         """Start marking and sending a batch after those in `pipeline`; wait for the oldest
         while more than `_AHEAD` are under way."""
-        after = pipeline[-1] if pipeline else None
-        pipeline.append(
-            asyncio.create_task(self._send(table, batch, letters, report, marking, after))
-        )
-        if len(pipeline) > _AHEAD:
-            await pipeline.pop(0)
-
-    async def _send(
-        self,
-        table: str,
-        batch: list[SourceDocument],
-        letters: list[DeadLetter],
-        report: PublishReport,
-        marking: bool,
-        after: asyncio.Task[None] | None = None,
-    ) -> None:
-        """Mark what is unchanged, then, once the batch `after` is sent, send the rest."""
-        started = time.monotonic()
+        order = report.order.setdefault(table, hashlib.sha256())
         keyed: list[tuple[str, str, SourceDocument]] = []
         for item in batch:
             digest = document_hash(item.doc)
@@ -263,6 +251,29 @@ class Publisher:
                 letters.append(self._letter(item, "missing_key", reason, report))
             else:
                 keyed.append((key, digest, item))
+                order.update(orjson.dumps(key))  # JSON strings: concatenated, still unambiguous
+        after = pipeline[-1] if pipeline else None
+        pipeline.append(
+            asyncio.create_task(
+                self._send(table, keyed, len(batch), letters, report, marking, after)
+            )
+        )
+        if len(pipeline) > _AHEAD:
+            await pipeline.pop(0)
+
+    async def _send(
+        self,
+        table: str,
+        keyed: list[tuple[str, str, SourceDocument]],
+        read: int,
+        letters: list[DeadLetter],
+        report: PublishReport,
+        marking: bool,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
+        """Mark what is unchanged of the (key, content hash, document)s of `read` documents,
+        then, once the batch `after` is sent, send the rest."""
+        started = time.monotonic()
         unchanged: set[tuple[str, int]] = set()
         if marking and keyed:
             documents = [(k, d, i.line) for k, d, i in keyed]
@@ -300,4 +311,4 @@ class Publisher:
         if self._backpressure and ends:
             await self._backpressure.wait(topic, ends)
         elapsed = time.monotonic() - started
-        metrics.record_batch("publish", {table: len(batch) + len(letters)}, elapsed)
+        metrics.record_batch("publish", {table: read + len(letters)}, elapsed)

@@ -216,3 +216,36 @@ def test_skip_blueprints_neither_reports_nor_forgets_the_blueprints_it_did_not_r
         "unchanged": 1,
         "deleted": 0,
     }
+
+
+def test_the_same_documents_in_another_order_are_derived_again(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, db_url: str
+) -> None:
+    """Two blueprints of a thread with the same recency: the later line wins (reference
+    §5.1). Swapping their lines changes no document, but changes the pick."""
+    tables = load_reference_fixture("fixture-a")
+    (first,) = tables["blueprints"]
+    second = copy.deepcopy(first)
+    second["_id"] = "blueprints:2"
+    second["blueprint"]["docs"]["identity"]["vibe"] = "calm and exact"
+    env = env_for(kafka_bootstrap, topic_prefix, db_url)
+
+    ok(
+        khala(
+            [
+                "import-chat",
+                str(_export(tmp_path / "a.zip", tables | {"blueprints": [first, second]})),
+            ],
+            env,
+        )
+    )
+    (profile,) = rows(db_url, "autopilot_profiles", "autopilot_id")
+    assert profile["autopilot_voice"] == "calm and exact"  # the later line
+
+    swapped = _export(tmp_path / "b.zip", tables | {"blueprints": [second, first]})
+    result = ok(khala(["import-chat", str(swapped)], env))
+    assert _doc_stats(result.stdout)["blueprints"]["unchanged"] == 2
+    _, raw = _latest_counters(db_url)
+    assert raw[SKIPPED_KEY] is False
+    (profile,) = rows(db_url, "autopilot_profiles", "autopilot_id")
+    assert profile["autopilot_voice"] == "direct and practical"
