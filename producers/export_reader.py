@@ -42,6 +42,10 @@ DEFAULT_MAX_RATIO: Final = 200.0
 
 TABLE_FILE: Final = "documents.jsonl"
 _CHUNK: Final = 1 << 20
+MAX_LINE_BYTES: Final = 32 << 20
+"""The longest line read as a document. A Convex document takes at most 1 MiB; a line's dead
+letter (base64 and provenance) must still fit one broker message (64 MiB)."""
+_OVERLONG_KEPT: Final = 1 << 20  # of a longer line, what its dead letter shows
 # Small entries may legitimately compress far beyond any sane ratio (a run of blank lines,
 # a repeated row); the ratio guard only matters once an entry inflates to something large.
 _RATIO_GRACE_BYTES: Final = 1 << 20
@@ -136,33 +140,67 @@ def _describe(value: object) -> str:
     return "null"
 
 
-def _split_lines(stream: _Readable, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+@dataclass(frozen=True, slots=True)
+class _Overlong:
+    """A line longer than `max_line`: its first bytes, and its length."""
+
+    head: bytes
+    size: int
+
+
+def _split_lines(
+    stream: _Readable, chunk_size: int = _CHUNK, max_line: int = MAX_LINE_BYTES
+) -> Iterator[bytes | _Overlong]:
     """Yield physical lines (LF removed), reading fixed-size chunks.
 
     A line longer than a chunk is collected as pieces and joined once, so a multi-MB line
-    costs linear time.
+    costs linear time. Past `max_line` bytes only its length is counted (memory stays bounded
+    whatever the input): it comes out as an `_Overlong`.
     """
     pending: list[bytes] = []
+    size = 0
+
+    def take(piece: bytes) -> None:
+        nonlocal size
+        if size <= max_line:
+            pending.append(piece)
+        size += len(piece)
+
+    def line() -> bytes | _Overlong:
+        nonlocal pending, size
+        whole = b"".join(pending)
+        done = whole if size <= max_line else _Overlong(whole[:_OVERLONG_KEPT], size)
+        pending, size = [], 0
+        return done
+
     while chunk := stream.read(chunk_size):
         start = 0
         while (end := chunk.find(b"\n", start)) >= 0:
-            if pending:
-                pending.append(chunk[start:end])
-                yield b"".join(pending)
-                pending = []
+            if pending or end - start > max_line:
+                take(chunk[start:end])
+                yield line()
             else:
                 yield chunk[start:end]
             start = end + 1
         if start < len(chunk):
-            pending.append(chunk[start:])
+            take(chunk[start:])
     if pending:
-        yield b"".join(pending)
+        yield line()
 
 
 def _parse_lines(
     table: str, entry: str, stream: _Readable
 ) -> Iterator[SourceDocument | RejectedLine]:
     for number, line in enumerate(_split_lines(stream), start=1):
+        if isinstance(line, _Overlong):
+            too_long = (
+                f"line too long: {line.size:,} bytes, more than the {MAX_LINE_BYTES >> 20} MiB"
+                f" a document may take (its first {len(line.head):,} bytes are kept here)"
+            )
+            yield RejectedLine(
+                table=table, entry=entry, line=number, raw=line.head, reason=too_long
+            )
+            continue
         if number == 1 and line.startswith(_BOM):
             line = line[len(_BOM) :]
         if line.endswith(b"\r"):

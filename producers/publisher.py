@@ -86,6 +86,8 @@ def reason_code(rejected: RejectedLine) -> ReasonCode:
         return "invalid_utf8"
     if rejected.reason.startswith("not a JSON object"):
         return "not_object"
+    if rejected.reason.startswith("line too long"):
+        return "too_long"
     return "invalid_json"
 
 

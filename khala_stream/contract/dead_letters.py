@@ -12,6 +12,7 @@ ReasonCode = Literal[
     "invalid_utf8",  # a line that is not UTF-8
     "invalid_json",  # a line that is not JSON
     "not_object",  # JSON, but not an object
+    "too_long",  # a line longer than a document may be (its first bytes are kept)
     "missing_key",  # an object without the key field of its table
     "db_refused",  # a row the database refused (too long, out of range, ...)
 ]

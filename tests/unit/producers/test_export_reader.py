@@ -16,6 +16,7 @@ import pytest
 import producers.export_reader as reader
 from khala_stream.errors import InvalidExportError
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument, open_export
+from producers.publisher import reason_code
 
 WHEN = (2025, 1, 2, 3, 4, 6)
 
@@ -184,6 +185,42 @@ def test_split_lines_across_chunk_boundaries(chunk: int) -> None:
     content = b'{"a":1}\r\n\n\nxy\r\n' + b"z" * 17 + b"\n\n"
     got = list(reader._split_lines(io.BytesIO(content), chunk))
     assert got == content.split(b"\n")[:-1]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 64])
+def test_a_line_past_the_limit_comes_out_cut_with_its_length(chunk: int) -> None:
+    content = b"abcd\n" + b"x" * 9 + b"\nefgh\n" + b"y" * 6
+    got = list(reader._split_lines(io.BytesIO(content), chunk, max_line=5))
+    assert got[0] == b"abcd" and got[2] == b"efgh"
+    for cut, size, start in ((got[1], 9, b"x"), (got[3], 6, b"y")):
+        assert isinstance(cut, reader._Overlong) and cut.size == size
+        assert cut.head.startswith(start) and 5 <= len(cut.head) < size + chunk
+
+
+def test_an_overlong_line_is_rejected_with_its_place_and_the_rest_read(tmp_path: Path) -> None:
+    huge = b'{"userId":"' + b"u" * reader.MAX_LINE_BYTES + b'"}'
+    folder = tmp_path / "export" / "users"  # a folder: as a ZIP, the line is a bomb's ratio
+    folder.mkdir(parents=True)
+    (folder / "documents.jsonl").write_bytes(b'{"userId":"a"}\n' + huge + b'\n{"userId":"b"}\n')
+    with open_export(tmp_path / "export") as source:
+        items = list(source.iter_table("users"))
+    assert [d.doc["userId"] for d in docs(items)] == ["a", "b"]
+    (cut,) = rejected(items)
+    assert (cut.entry, cut.line) == ("users/documents.jsonl", 2)
+    assert cut.reason.startswith(f"line too long: {len(huge):,} bytes, more than the 32 MiB")
+    assert cut.raw == huge[: len(cut.raw)] and len(cut.raw) == 2**20
+    assert reason_code(cut) == "too_long"  # its dead letter's code
+
+
+def test_each_kind_of_rejected_line_has_its_dead_letter_code() -> None:
+    content = b'\xff\n{"a":\n[1]\n' + b"z" * 9 + b"\n"
+    lines = list(reader._parse_lines("users", "users/documents.jsonl", io.BytesIO(content)))
+    assert [reason_code(r) for r in lines if isinstance(r, RejectedLine)] == [
+        "invalid_utf8",
+        "invalid_json",
+        "not_object",
+        "invalid_json",
+    ]
 
 
 def test_memory_does_not_grow_with_table_size(tmp_path: Path) -> None:
