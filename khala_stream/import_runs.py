@@ -2,19 +2,33 @@
 
 The publisher registers a run and records what it published; the processors derive a run once
 all of its messages are in their store; the sink's positions tell when its changes are applied.
+A new run supersedes the earlier ones not yet derived: the publisher moves the documents they
+share to the new run, so an earlier derivation would see only part of its export.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.db.importer_tables import OFFSETS, RUNS
+from khala_stream.errors import RuntimeFailure
+
+
+class Superseded(RuntimeFailure):
+    """A newer import of this database registered its run before this one was derived."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(
+            f"run {run_id} was superseded by a newer import into this database before it was"
+            " derived (two imports at once, or an import started again after one was stopped):"
+            " the newer import brings this export's documents in; wait for it to finish"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,7 +90,11 @@ def _from_row(row: sa.Row[Any]) -> ImportRun:
     )
 
 
+_PENDING: Final = ("publishing", "published")  # runs not derived yet
+
+
 async def register(engine: AsyncEngine, *, source: str, sha256: str, flags: RunFlags) -> int:
+    """A new run, publishing; earlier runs not derived yet are superseded (module docstring)."""
     async with engine.begin() as conn:
         result = await conn.execute(
             sa.insert(RUNS)
@@ -89,16 +107,22 @@ async def register(engine: AsyncEngine, *, source: str, sha256: str, flags: RunF
             )
             .returning(RUNS.c.id)
         )
-        return int(result.scalar_one())
+        run_id = int(result.scalar_one())
+        await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id < run_id, RUNS.c.status.in_(_PENDING))
+            .values(status="superseded", claim=None, claimed_at=None)
+        )
+        return run_id
 
 
 async def mark_published(
     engine: AsyncEngine, run_id: int, *, published: dict[str, Any], snapshot_ms: int
 ) -> None:
     async with engine.begin() as conn:
-        await conn.execute(
+        result = await conn.execute(
             sa.update(RUNS)
-            .where(RUNS.c.id == run_id)
+            .where(RUNS.c.id == run_id, RUNS.c.status.in_(_PENDING))
             .values(
                 status="published",
                 expected=orjson.dumps(published).decode(),
@@ -106,6 +130,8 @@ async def mark_published(
                 published_at=_now(),
             )
         )
+    if not result.rowcount:
+        raise Superseded(run_id)
 
 
 async def load(engine: AsyncEngine, run_id: int) -> ImportRun | None:
@@ -208,11 +234,11 @@ async def latest(engine: AsyncEngine) -> ImportRun | None:
 
 async def heartbeat(engine: AsyncEngine, run_id: int, worker: str) -> bool:
     """Renew a derivation claim, so that a long derivation is not taken over; False when the
-    claim is no longer this worker's."""
+    claim is no longer this worker's, or the run was superseded."""
     async with engine.begin() as conn:
         result = await conn.execute(
             sa.update(RUNS)
-            .where(RUNS.c.id == run_id, RUNS.c.claim == worker)
+            .where(RUNS.c.id == run_id, RUNS.c.claim == worker, RUNS.c.status == "published")
             .values(claimed_at=_now())
         )
         return bool(result.rowcount)

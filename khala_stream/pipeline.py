@@ -312,6 +312,8 @@ async def _documents_lost(
 
 async def _applied(engine: AsyncEngine, run_id: int, topics: Topics) -> bool:
     run = await import_runs.load(engine, run_id)
+    if run is not None and run.status == "superseded":
+        raise import_runs.Superseded(run_id)
     return run is not None and await import_runs.applied_by_sink(
         engine, run, topics.sink_group, topics.changes
     )

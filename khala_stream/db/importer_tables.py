@@ -37,7 +37,7 @@ RUNS: Final = sa.Table(
     sa.Column("export_sha256", sa.String(64), nullable=False),
     sa.Column("source", sa.Text(), nullable=False),
     sa.Column("options", sa.Text(), nullable=False),  # JSON
-    # 'publishing' | 'published' | 'derived' | 'failed'
+    # 'publishing' | 'published' | 'derived' | 'superseded' | 'failed'
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("expected", sa.Text(), nullable=True),  # JSON: table -> published message count
     sa.Column("counters", sa.Text(), nullable=True),  # JSON

@@ -11,12 +11,12 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from khala_stream.db.importer_tables import REFUSALS
+from khala_stream.db.importer_tables import REFUSALS, RUNS
 from khala_stream.db.laravel_tables import TABLES
 from processors.unchanged import SKIPPED_KEY
 from producers.generator import generate_export, load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import env_for, json_value, khala, ok, rows, run_db, versions
-from tests.e2e.snapshot import table_snapshot
+from tests.e2e.snapshot import assert_same_tables, table_snapshot
 from tests.e2e.stages import latest_run, run_counters
 
 THREAD = "11111111-1111-1111-1111-111111111111"
@@ -249,3 +249,22 @@ def test_the_same_documents_in_another_order_are_derived_again(
     assert raw[SKIPPED_KEY] is False
     (profile,) = rows(db_url, "autopilot_profiles", "autopilot_id")
     assert profile["autopilot_voice"] == "direct and practical"
+
+
+def test_a_run_left_underived_is_superseded_by_the_next_import(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> None:
+    """An import stopped after publishing leaves a run no one derived. The next import takes
+    over its documents (it marks the unchanged ones as its own), so the earlier run must not
+    be derived from what is left of it: it is superseded, and the new run derives it all."""
+    export = tmp_path / "plain.zip"
+    generate_export(export, users=6, seed=21, edge_cases=False)
+    env = env_for(kafka_bootstrap, topic_prefix, pg_url)
+    ok(khala(["publish", str(export)], env))  # run 1, published; no processor runs
+    ok(khala(["import-chat", str(export)], env))  # run 2
+    (statuses,) = run_db(pg_url, [sa.select(RUNS.c.id, RUNS.c.status).order_by(RUNS.c.id)])
+    assert [tuple(r) for r in statuses] == [(1, "superseded"), (2, "derived")]
+
+    fresh = f"sqlite+aiosqlite:///{tmp_path}/fresh.sqlite"
+    ok(khala(["import-chat", str(export)], env_for(kafka_bootstrap, f"{topic_prefix}_f", fresh)))
+    assert_same_tables(table_snapshot(fresh), table_snapshot(pg_url), "after a superseded run")
