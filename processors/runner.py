@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 
 _LOSS_CHECK_S = 2.0
+_CLAIM_GONE = (
+    "another worker took it over after the database was out of reach for longer than the"
+    " lease, or a newer import superseded the run"
+)
 _IN_FLIGHT = 6  # change messages sent before their acknowledgements are awaited
 _SINK_BEHIND = 32  # change messages (of up to 512 KB) the sink may be behind the derivation
 
@@ -384,7 +388,7 @@ class Processor:
         if work.cancelled():  # the heartbeat ended first
             if (error := beat.exception()) is not None:
                 raise error  # the database stayed out of reach past the deadline
-            logger.warning("run %d: another worker took the derivation over; stopped", run.id)
+            logger.warning("run %d: the claim on it is gone (%s); stopped", run.id, _CLAIM_GONE)
             return
         result, reused, ends = work.result()
         counters: dict[str, Any] = dict(result.counters)
@@ -395,7 +399,7 @@ class Processor:
         if not await import_runs.mark_derived(
             self._engine, run.id, self._worker, counters=counters, changes_end=ends
         ):
-            logger.warning("run %d: another worker took the derivation over first", run.id)
+            logger.warning("run %d: the claim on it is gone (%s)", run.id, _CLAIM_GONE)
             return
         self.derived.append(run.id)
         logger.info("run %d derived: %d changes", run.id, sum(result.written.values()))
@@ -482,8 +486,8 @@ class Processor:
         return lookup
 
     async def _heartbeat(self, run_id: int) -> None:
-        """Renews the claim on a run until cancelled; returns when the claim is lost (the
-        database was out of reach for longer than the lease and another worker took over)."""
+        """Renews the claim on a run until cancelled; returns when the claim is gone
+        (`_CLAIM_GONE`)."""
         while True:
             await asyncio.sleep(self._lease_s / 3)
             renewed = await with_retries(
