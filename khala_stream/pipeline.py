@@ -452,9 +452,8 @@ async def _dry_run(
         # The scratch store holds this export only: what vanished is counted in the real
         # ledger, and a real run sends one delete per vanished document and row table.
         for table, stats in report.documents.items():
-            for target in DELETED_WITH[table]:
-                if stats["deleted"]:
-                    report.written[target] = report.written.get(target, 0) + stats["deleted"]
+            for target in DELETED_WITH[table] if stats["deleted"] else ():
+                report.written[target] = report.written.get(target, 0) + stats["deleted"]
     return report
 
 

@@ -4,9 +4,9 @@ A derivation is a function of the export's documents in their file order, the ru
 and the rows it wrote before (the row ledger and their presence in Laravel's tables). When every
 document of this run is the one the previous derivation used, in the same order (ties go to the
 later line), nothing vanished, the options are the same and every row recorded in the ledger is
-still there, a full derivation would find every row settled and
-emit nothing (SPEC §5, §8.7). So it is skipped: a re-import of an unchanged export costs the
-publisher's hashing and no pass over the documents. Otherwise, and whenever in doubt (WorkOS
+still there, a full derivation would find every row settled and emit nothing (SPEC §5, §8.7).
+So it is skipped: a re-import of an unchanged export costs the publisher's hashing and no pass
+over the documents. Otherwise, and whenever in doubt (WorkOS
 lookups, which may answer differently now; rows the database refused last time, which a
 derivation offers again), the full derivation runs.
 

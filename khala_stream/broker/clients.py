@@ -156,18 +156,18 @@ def _topic(name: str, configs: dict[str, Any] | None) -> ConfigResource:
     return ConfigResource(ConfigResourceType.TOPIC, name, configs)
 
 
+async def _cleanup_policy(admin: AIOKafkaAdminClient, name: str) -> str | None:
+    """The topic's `cleanup.policy` as the broker describes it; None if it does not say."""
+    for response in await admin.describe_configs([_topic(name, {"cleanup.policy": None})]):
+        for error, *_, entries in response.resources:
+            if error == 0:
+                return next((str(e[1]) for e in entries if e[0] == "cleanup.policy"), None)
+    return None
+
+
 async def _ensure_compacted(admin: AIOKafkaAdminClient, name: str) -> None:
     try:
-        described = await admin.describe_configs([_topic(name, {"cleanup.policy": None})])
-        policies = [
-            str(entry[1])
-            for response in described
-            for error, *_, entries in response.resources
-            if error == 0
-            for entry in entries
-            if entry[0] == "cleanup.policy"
-        ]
-        if policies == ["compact"]:
+        if await _cleanup_policy(admin, name) == "compact":
             return
         # AlterConfigs replaces the topic's whole configuration: what this product sets, all.
         altered = await admin.alter_configs([_topic(name, _topic_config(True))])
