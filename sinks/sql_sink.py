@@ -284,7 +284,9 @@ def _batch_sql(
     on_ledger = dialect.on_conflict(_LEDGER_COLUMNS, _LEDGER_KEY) if upsert else ""
     ids, row_id = "", "NULL"
     if allocate:
-        ids, row_id = f"nextval(pg_get_serial_sequence('{table}', 'id')) AS id, ", "id"
+        # The sequence is looked up once per statement (an init plan), not once per row.
+        sequence = f"(SELECT pg_get_serial_sequence('{table}', 'id')::regclass)"
+        ids, row_id = f"nextval({sequence}) AS id, ", "id"
         cols = f"id, {cols}"
     # The rows travel as bytea: as text they would be decoded into a Python str first,
     # up to four times their size.
