@@ -11,7 +11,7 @@ Row keys (`RowChange.key`):
 
 Every upsert also records the row in the row ledger (`khala_import_rows`). A row the database
 refuses (over-long value, constraint violation) is set aside as a `Refusal` and recorded in
-`khala_import_refusals`; the rest of the batch is still written.
+`khala_import_refusals` (once per run and row); the rest of the batch is still written.
 """
 
 from __future__ import annotations
@@ -143,11 +143,11 @@ class SqlSink:
                 dialect = dialect_for(conn)
                 # (2) + (3) Write table by table; refused rows are set aside.
                 rows, refused = await _write_all(conn, dialect, plan, batches)
-                if refused:
-                    await _record_refusals(conn, refused)
+                if fresh := await _unrecorded(conn, refused):
+                    await _record_refusals(conn, fresh)
                     # (4) Dead letters are published (and acknowledged) before offsets move.
                     if on_refused is not None:
-                        await on_refused(refused)
+                        await on_refused(fresh)
                 # (5) Move every offset, conditionally: another worker may have been first.
                 for adv in offsets:
                     moved = await advance(
@@ -480,6 +480,21 @@ async def _write_table(
         sets = ", ".join(f"{dialect.quote(c)} = :p{i}" for i, c in enumerate(columns))
         sql = f"UPDATE {quoted} SET {sets} WHERE {dialect.quote(column)} = :k"
         await conn.execute(sa.text(sql), params_list)
+
+
+async def _unrecorded(conn: AsyncConnection, refused: list[Refusal]) -> list[Refusal]:
+    """The refusals not recorded yet. A run derived again after a crash emits the rows it
+    emitted before, and a row refused then is refused again: it is set aside once."""
+    if not refused:
+        return []
+    c = REFUSALS.c
+    result = await conn.execute(
+        sa.select(c.run_id, c.dest_table, c.row_key).where(
+            c.run_id.in_(sorted({r.change.run_id for r in refused}))
+        )
+    )
+    recorded = {(int(run), table, key) for run, table, key in result.all()}
+    return [r for r in refused if (r.change.run_id, r.change.table, r.change.key) not in recorded]
 
 
 async def _record_refusals(conn: AsyncConnection, refused: list[Refusal]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -249,6 +250,38 @@ def test_refused_rows_are_set_aside_and_the_rest_written(db_url: str) -> None:
 
 
 @pytest.mark.postgres
+def test_a_row_refused_again_by_its_run_is_set_aside_once(db_url: str) -> None:
+    """A run derived again after a crash sends its changes again, at later offsets: a row
+    refused the first time is refused again, but recorded and sent to the dead letters once.
+    Another run refusing the same row is a refusal of its own."""
+
+    async def body(engine: AsyncEngine) -> None:
+        seen: list[list[RowChange]] = []
+
+        async def on_refused(refused: list[Refusal]) -> None:
+            seen.append([r.change for r in refused])
+
+        bad = thread("t9", created_at="yesterday")
+        for start in (0, 2):
+            result = await apply(
+                engine,
+                thread("t1"),
+                bad,
+                offsets=[OffsetAdvance(GROUP, TOPIC, 0, start, start + 2)],
+                on_refused=on_refused,
+            )
+            assert result.applied and [r.change for r in result.refused] == [bad]
+        assert seen == [[bad]]
+        count = "SELECT count(*) FROM khala_import_refusals"
+        assert await rows(engine, count) == [(1,)]
+        newer = replace(bad, run_id=2)
+        await apply(engine, newer, on_refused=on_refused)
+        assert seen == [[bad], [newer]]
+        assert await rows(engine, count) == [(2,)]
+
+    run(db_url, body)
+
+
 def test_over_long_id_is_refused_with_the_database_reason(pg_url: str) -> None:
     async def body(engine: AsyncEngine) -> None:
         long_id = "x" * 40
