@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.config import KafkaSettings
 from khala_stream.contract.codec import decode_change
+from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.db.importer_tables import REPLAYED
 from khala_stream.dead_letters import StoredDeadLetter, read_dead_letters
 from sinks.sql_sink import SqlSink
@@ -49,10 +50,24 @@ async def _replayed(engine: AsyncEngine, topic: str) -> set[tuple[int, int]]:
 async def pending_letters(
     kafka: KafkaSettings, engine: AsyncEngine | None, topic: str
 ) -> list[StoredDeadLetter]:
-    """The dead letters not replayed yet (all of them when there is no database to ask)."""
+    """The dead letters not replayed yet (all of them when there is no database to ask), each
+    once: the first copy stands for later copies of the same letter (see `_pending_copies`)."""
+    return [copies[0] for copies in await _pending_copies(kafka, engine, topic)]
+
+
+async def _pending_copies(
+    kafka: KafkaSettings, engine: AsyncEngine | None, topic: str
+) -> list[list[StoredDeadLetter]]:
+    """The letters not replayed yet, grouped by equal content. A sink batch that rolls back
+    after publishing its letters (another worker applied it first, or the database failed
+    before the commit) publishes them again when it is applied: the same letter twice."""
     letters = await read_dead_letters(kafka, topic)
     done = await _replayed(engine, topic) if engine is not None else set()
-    return [s for s in letters if (s.partition, s.offset) not in done]
+    copies: dict[DeadLetter, list[StoredDeadLetter]] = {}
+    for s in letters:
+        if (s.partition, s.offset) not in done:
+            copies.setdefault(s.letter, []).append(s)
+    return list(copies.values())
 
 
 def summarise(letters: list[StoredDeadLetter]) -> dict[str, Any]:
@@ -78,16 +93,17 @@ def summarise(letters: list[StoredDeadLetter]) -> dict[str, Any]:
 
 
 async def replay(kafka: KafkaSettings, engine: AsyncEngine, topic: str) -> ReplayResult:
-    letters = await pending_letters(kafka, engine, topic)
-    result = ReplayResult(not_retryable=sum(1 for s in letters if s.letter.stage != "sink"))
-    rows = [(s, decode_change(s.letter.raw)) for s in letters if s.letter.stage == "sink"]
+    pending = await _pending_copies(kafka, engine, topic)
+    result = ReplayResult(not_retryable=sum(1 for c in pending if c[0].letter.stage != "sink"))
+    rows = [(c, decode_change(c[0].letter.raw)) for c in pending if c[0].letter.stage == "sink"]
     result.retried = len(rows)
     if not rows:
         return result
     outcome = await SqlSink(engine).apply([change for _, change in rows])
     refused = {(r.change.table, r.change.key): r.reason for r in outcome.refused}
-    done = [s for s, c in rows if (c.table, c.key) not in refused]
-    result.applied = len(done)
+    applied = [copies for copies, c in rows if (c.table, c.key) not in refused]
+    result.applied = len(applied)
+    done = [s for copies in applied for s in copies]  # every copy is replayed with the first
     result.still_refused = [
         {"table": table, "key": key, "reason": reason} for (table, key), reason in refused.items()
     ]

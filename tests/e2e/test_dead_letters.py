@@ -13,6 +13,7 @@ from khala_stream.broker.clients import make_producer
 from khala_stream.config import KafkaSettings
 from khala_stream.contract import RowChange, Topics
 from khala_stream.contract.codec import encode_change
+from khala_stream.dead_letters import publish_dead_letters, read_dead_letters
 from producers.generator import load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import counts, env_for, khala, ok, run_db
 
@@ -42,6 +43,9 @@ def test_refused_row_is_set_aside_then_replayed_after_the_fix(
     assert result.counters["messages_imported"] == 3  # refused rows still count (SPEC §8.12)
     assert counts(pg_url)["messages"] == 2  # the rest of the batch was written
 
+    # A sink batch that rolls back after publishing its letters publishes them again when it
+    # is applied: a second copy of a letter is listed and replayed as one.
+    asyncio.run(_publish_a_copy(kafka_bootstrap, topic_prefix))
     listed = orjson.loads(ok(khala(["dlq", "list", "--json"], env)).stdout)
     assert listed["by_reason"] == {"db_refused": 2}
     letter = listed["letters"][0]
@@ -67,6 +71,19 @@ def test_refused_row_is_set_aside_then_replayed_after_the_fix(
     assert found[0][0] == "too long an id"
     assert counts(pg_url)["agent_conversation_messages"] == 3
     assert orjson.loads(ok(khala(["dlq", "list", "--json"], env)).stdout)["total"] == 0
+
+
+async def _publish_a_copy(bootstrap: str, prefix: str) -> None:
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    topic = Topics(prefix).dead_letters
+    first = (await read_dead_letters(kafka, topic))[0]
+    producer = make_producer(kafka)
+    await producer.start()
+    try:
+        await publish_dead_letters(producer, topic, [first.letter])
+    finally:
+        await producer.stop()
+    assert len(await read_dead_letters(kafka, topic)) == 3
 
 
 def test_a_refused_row_on_sqlite_is_set_aside_without_stalling_the_sink(
