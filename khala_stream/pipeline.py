@@ -452,7 +452,9 @@ async def _dry_run(
         # The scratch store holds this export only: what vanished is counted in the real
         # ledger, and a real run sends one delete per vanished document and row table.
         for table, stats in report.documents.items():
-            for target in DELETED_WITH[table] if stats["deleted"] else ():
+            if not stats["deleted"]:
+                continue
+            for target in DELETED_WITH[table]:
                 report.written[target] = report.written.get(target, 0) + stats["deleted"]
     return report
 

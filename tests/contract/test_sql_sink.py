@@ -249,7 +249,6 @@ def test_refused_rows_are_set_aside_and_the_rest_written(db_url: str) -> None:
     run(db_url, body)
 
 
-@pytest.mark.postgres
 def test_a_row_refused_again_by_its_run_is_set_aside_once(db_url: str) -> None:
     """A run derived again after a crash sends its changes again, at later offsets: a row
     refused the first time is refused again, but recorded and sent to the dead letters once.
@@ -282,6 +281,7 @@ def test_a_row_refused_again_by_its_run_is_set_aside_once(db_url: str) -> None:
     run(db_url, body)
 
 
+@pytest.mark.postgres
 def test_over_long_id_is_refused_with_the_database_reason(pg_url: str) -> None:
     async def body(engine: AsyncEngine) -> None:
         long_id = "x" * 40
