@@ -184,13 +184,16 @@ class Derivation:
         user_ids: UserIds,
         workos: WorkosLookup | None,
         out: ChangeOutput,
+        statistics: Mapping[str, store.TableChanges] | None = None,
     ) -> None:
+        """`statistics`: the run's `store.table_changes`, when the caller has them already."""
         self.options = options
         self.view = view
         self._documents = documents
         self._user_ids = user_ids
         self._workos = workos
         self._out = out
+        self._statistics = statistics
         self.result = Derived()
         self._work: Workspace  # the per-export maps, open while `run` runs
         self.untouched: set[str] = set()  # row tables empty when the derivation began
@@ -612,8 +615,11 @@ class Derivation:
         """Documents of earlier exports missing from this one: reported; deleted on request."""
         run_id = self.options.run_id
         read = read_tables(self.options.skip_blueprints)  # the others are not "vanished"
-        async with self._documents.connect() as conn:
-            self.result.documents = await store.table_changes(conn, run_id, read)
+        if self._statistics is not None:
+            self.result.documents = dict(self._statistics)
+        else:
+            async with self._documents.connect() as conn:
+                self.result.documents = await store.table_changes(conn, run_id, read)
         if not self.options.propagate_deletes:
             return
         async with self._documents.begin() as conn:

@@ -428,11 +428,15 @@ class Processor:
             result.documents = documents
         else:
             await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
-            result = await self._derive_all(run, options, out)
+            result = await self._derive_all(run, options, out, documents)
         return result, reused is not None, await out.drain()
 
     async def _derive_all(
-        self, run: import_runs.ImportRun, options: RunOptions, out: KafkaChangeOutput
+        self,
+        run: import_runs.ImportRun,
+        options: RunOptions,
+        out: KafkaChangeOutput,
+        statistics: dict[str, store.TableChanges],
     ) -> Derived:
         flags = run.flags
         if flags.replace:
@@ -446,6 +450,7 @@ class Processor:
                 user_ids=SqlUserIds(self._engine),
                 workos=workos,
                 out=out,
+                statistics=statistics,
             )
             result = await derivation.run()
         return result
