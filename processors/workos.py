@@ -34,14 +34,18 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
-import httpx
 from email_validator import EmailNotValidError, validate_email
 
 from khala_stream import metrics
 from khala_stream.errors import WorkosAuthError, WorkosKeyError
+
+if TYPE_CHECKING:
+    # Imported where a client opens: every stage imports this module, few call WorkOS, and
+    # httpx takes about a tenth of a second to import.
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +239,8 @@ class WorkosClient:
     async def __aenter__(self) -> Self:
         if self._state is not _State.NEW:
             raise RuntimeError(f"WorkosClient cannot be opened when it is {self._state.value}")
+        import httpx
+
         self._http = httpx.AsyncClient(
             base_url=self._base_url,
             headers={"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"},
@@ -386,6 +392,8 @@ class WorkosClient:
         raise AssertionError("unreachable: the loop returns or raises")
 
     async def _attempt(self, path: str, *, parse_json: bool) -> httpx.Response:
+        import httpx  # already loaded by __aenter__
+
         http = self._http
         if http is None or self._state is not _State.OPEN:
             raise RuntimeError(f"WorkosClient is {self._state.value}; use it inside `async with`")
