@@ -66,7 +66,10 @@ _CLAIM_GONE = (
     " lease, or a newer import superseded the run"
 )
 _IN_FLIGHT = 6  # change messages sent before their acknowledgements are awaited
-_SINK_BEHIND = 32  # change messages (of up to 512 KB) the sink may be behind the derivation
+_SINK_BEHIND = 16  # change messages (of up to 512 KB) the sink may be behind the derivation
+# Encoded changes (not row batches) become Python objects in the sink, several times their
+# size, up to a poll's worth at once: smaller messages keep its peak the same at any size.
+_CHANGES_CHUNK = 128 * 1024
 
 
 class KafkaChangeOutput:
@@ -98,7 +101,7 @@ class KafkaChangeOutput:
         metrics.record_output("process", Counter(c.table for c in changes))
         for change in changes:
             encoded = encode_change(change)
-            if self._buffer and self._buffered + len(encoded) > self._chunk_bytes:
+            if self._buffer and self._buffered + len(encoded) > _CHANGES_CHUNK:
                 await self._send_changes()
             self._buffer.append(encoded)
             self._buffered += len(encoded) + 1
