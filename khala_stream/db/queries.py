@@ -43,46 +43,36 @@ def insert_for(conn: AsyncConnection, table: sa.TableClause) -> Any:
 
 @contextlib.asynccontextmanager
 async def staged(
-    conn: AsyncConnection, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
+    conn: AsyncConnection,
+    table: str,
+    columns: Sequence[str],
+    rows: Iterable[tuple[Any, ...]],
+    extra: Sequence[str] = (),
 ) -> AsyncIterator[str]:
-    """PostgreSQL: `rows` binary-COPied into a temporary table shaped like `table`; yields its
-    name for an `INSERT … SELECT`, and drops it after (at the latest when the transaction ends).
-    `rows` is streamed: a generator keeps only asyncpg's send buffer in memory.
+    """PostgreSQL: `rows` binary-COPied into a temporary table of `columns`, typed as in
+    `table`, followed by the text columns `extra`; yields its name for an `INSERT … SELECT`,
+    and drops it after (at the latest when the transaction ends). `rows` is streamed: a
+    generator keeps only asyncpg's send buffer in memory.
 
-    The name depends only on (table, columns): asyncpg caches the column types of a COPY target
-    by the text of its introspection query, i.e. by table name.
+    The name depends only on (table, columns, extra): asyncpg caches the column types of a
+    COPY target by the text of its introspection query, i.e. by table name.
     """
-    digest = hashlib.sha1("\0".join(columns).encode()).hexdigest()[:12]
+    digest = hashlib.sha1("\0".join([*columns, "", *extra]).encode()).hexdigest()[:12]
     name = f"khala_stage_{table}_{digest}"
     quoted = f'"{name}"'
+    selected = ", ".join([*(f'"{c}"' for c in columns), *(f'NULL::text AS "{c}"' for c in extra)])
+    # Through SQLAlchemy, not the driver: that begins the connection's transaction if needed.
     await conn.execute(
-        sa.text(f'CREATE TEMP TABLE {quoted} (LIKE "{table}" INCLUDING DEFAULTS) ON COMMIT DROP')
+        sa.text(
+            f'CREATE TEMP TABLE {quoted} ON COMMIT DROP AS SELECT {selected} FROM "{table}" '
+            "WITH NO DATA"
+        )
     )
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    await driver.copy_records_to_table(name, records=rows, columns=list(columns))
+    await driver.copy_records_to_table(name, records=rows, columns=[*columns, *extra])
     yield name
     await conn.execute(sa.text(f"DROP TABLE {quoted}"))
-
-
-async def json_row_type(
-    conn: AsyncConnection, table: str, columns: Sequence[str], extra: Sequence[str]
-) -> str:
-    """PostgreSQL: a row type for `json_populate_recordset`: `columns` typed as in `table`, and
-    the text columns `extra`. It is an empty temporary table, made once per session (a type
-    would have to live in the application's schema); returns its quoted name. Members of a
-    JSON object that are not columns are ignored; a JSON value lands in a `json` column as
-    its exact text. It is asked for at each use rather than remembered: creating it is
-    transactional, so a batch that rolls back takes it away again."""
-    digest = hashlib.sha1("\0".join([*columns, "", *extra]).encode()).hexdigest()[:12]
-    quoted = f'"khala_row_{table}_{digest}"'
-    selected = ", ".join([*(f'"{c}"' for c in columns), *(f'NULL::text AS "{c}"' for c in extra)])
-    await execute_counted(
-        conn,
-        f"CREATE TEMP TABLE IF NOT EXISTS {quoted} AS "
-        f'SELECT {selected} FROM "{table}" WITH NO DATA',
-    )
-    return quoted
 
 
 async def execute_counted(conn: AsyncConnection, sql: str, *args: Any) -> int:

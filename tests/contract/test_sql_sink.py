@@ -561,6 +561,30 @@ def test_a_row_batch_with_a_refused_row_writes_the_rest(db_url: str) -> None:
     run(db_url, body)
 
 
+def test_a_row_batch_with_values_refused_before_the_statement_writes_the_rest(
+    db_url: str,
+) -> None:
+    """A value that cannot be converted for the driver, or that its column refuses while the
+    batch is staged (a status over 32 characters), refuses its row only; the connection
+    goes on with the batches after it."""
+
+    async def body(engine: AsyncEngine) -> None:
+        refused = ["r2", "r4"] if dialect_name(engine) == "postgresql" else ["r2"]  # no length
+        batches = [
+            batch_of(run_row("r1"), run_row("r2", created_at="not a time"), new=True),
+            batch_of(run_row("r3"), run_row("r4", status="s" * 33), new=True),
+            batch_of(run_row("r5")),
+        ]
+        results = [await SqlSink(engine).apply([], batches=[batch]) for batch in batches]
+        assert [r.change.key for result in results for r in result.refused] == refused
+        assert "invalid value for runs.created_at" in results[0].refused[0].reason
+        written = [k for k in ("r1", "r2", "r3", "r4", "r5") if k not in refused]
+        assert [r[0] for r in (await runs_and_ledger(engine))[0]] == written
+        assert sorted(await ledger(engine, "runs")) == written
+
+    run(db_url, body)
+
+
 def test_new_run_events_in_a_row_batch_get_the_next_ids(db_url: str) -> None:
     """Run events of a first import come as a `RowBatch` without ids: PostgreSQL gives them
     the next ids of the table itself, and the ledger records them; the same batch again
