@@ -503,9 +503,9 @@ async def runs_and_ledger(engine: AsyncEngine) -> tuple[list[Any], dict[str, Any
 
 
 def test_a_row_batch_writes_what_its_changes_write(db_url: str) -> None:
-    """PostgreSQL parses a batch itself; the rows, their stored forms and the ledger are those
-    the same upserts give one change at a time, for new rows and for overwritten ones, also
-    when a batch said to be new holds a row that is there already."""
+    """A batch is staged and written in one statement; the rows, their stored forms and the
+    ledger are those the same upserts give one change at a time, for new rows and for
+    overwritten ones, also when a batch said to be new holds a row that is there already."""
 
     async def body(engine: AsyncEngine) -> None:
         first = [run_row("r1"), run_row("r2", meta=None, usage={"tokens": 3}), run_row("r3")]
