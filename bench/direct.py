@@ -31,7 +31,7 @@ import asyncio
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -90,7 +90,7 @@ _YIELD_EVERY: Final = 256  # rows between two chances for the writer task to run
 # --------------------------------------------------------------------------- reading
 
 
-def _entries(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+def table_entries(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     """`<…>/<table>/documents.jsonl` entries by table; a later entry wins (reference §1.1)."""
     found: dict[str, zipfile.ZipInfo] = {}
     for info in archive.infolist():
@@ -102,6 +102,17 @@ def _entries(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
 
 def read_table(archive: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> Iterator[dict[str, Any]]:
     """The JSON objects of one entry, in file order; other lines are skipped."""
+    for line in table_lines(archive, info):
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            yield value
+
+
+def table_lines(archive: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> Iterator[bytes]:
+    """The non-blank lines of one entry, in file order, as they are."""
     if info is None:
         return
     with archive.open(info) as stream:
@@ -109,20 +120,9 @@ def read_table(archive: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> Iterat
         while chunk := stream.read(_CHUNK):
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
-            yield from _objects(lines)
-        yield from _objects([rest])
-
-
-def _objects(lines: list[bytes]) -> Iterator[dict[str, Any]]:
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            value = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            yield value
+            yield from (line for line in lines if line.strip())
+        if rest.strip():
+            yield rest
 
 
 def _snapshot_ms(entries: dict[str, zipfile.ZipInfo]) -> int:
@@ -143,200 +143,210 @@ def derive_rows(path: Path, *, allowed_hosts: list[str]) -> Iterator[tuple[Desti
     """Every destination row of the export, phase by phase (reference §3), as plain values
     (timestamps as `YYYY-MM-DD HH:MM:SS` text, JSON columns as Python values)."""
     with zipfile.ZipFile(path) as archive:
-        entries = _entries(archive)
-        snapshot = _snapshot_ms(entries)
+        entries = table_entries(archive)
 
         def docs(table: str) -> Iterator[dict[str, Any]]:
             return read_table(archive, entries.get(table))
 
-        # Candidates: the users table, then thread owners it does not mention (§4.1).
-        candidates: dict[str, tuple[str | None, int]] = {}
-        for doc in docs("users"):
-            workos_id = string_field(doc, "userId")
-            if workos_id is not None:
-                candidates[workos_id] = (
-                    string_field(doc, "email"),
-                    first_usable_ms(doc, CREATED_CHAIN, snapshot),
-                )
-        threads: dict[str, tuple[str, dict[str, Any]]] = {}
-        for doc in docs("threads"):
-            thread_id, owner = string_field(doc, "threadId"), string_field(doc, "ownerId")
-            if thread_id is None or owner is None:
-                continue  # anonymous threads are not imported (§3.1)
-            threads[thread_id] = (owner, doc)
-            if owner not in candidates:
-                candidates[owner] = (None, first_usable_ms(doc, CREATED_CHAIN, snapshot))
+        yield from map_documents(docs, _snapshot_ms(entries), allowed_hosts=allowed_hosts)
 
-        # Identities (§4, simplified: see the module docstring).
-        users: dict[str, tuple[int, str, str]] = {}  # workos id → (id, name, email)
-        reserved: dict[str, str] = {}
-        for user_id, (workos_id, (email, created_ms)) in enumerate(candidates.items(), start=1):
-            export_email = normalise_email(email) if email else None
-            chosen = (
-                export_email
-                if export_email and is_valid_email(export_email)
-                else placeholder_email(workos_id)
-            )
-            attempt = 0
-            while reserved.get(chosen, workos_id) != workos_id:
-                attempt += 1
-                chosen = placeholder_email(workos_id, attempt)
-            reserved[chosen] = workos_id
-            name = limit(chosen.split("@", 1)[0] or workos_id, 80)
-            users[workos_id] = (user_id, name, chosen)
-            created = to_timestamp(created_ms)
-            yield (
-                "users",
-                {
-                    "id": user_id,
-                    "name": name,
-                    "email": chosen,
-                    "handle": None,
-                    "email_verified_at": None,
-                    "workos_id": workos_id,
-                    "remember_token": None,
-                    "avatar": gravatar_url(chosen),
-                    "created_at": created,
-                    "updated_at": created,
-                },
-            )
-        del reserved
 
-        # Blueprints: the most recent per thread, then per owner (§5.1–5.2).
-        per_thread: dict[str, Blueprint] = {}
-        for line, doc in enumerate(docs("blueprints"), start=1):
-            found = extract_blueprint(doc, line)
-            if found is not None:
-                thread_id, blueprint = found
-                current = per_thread.get(thread_id)
-                if current is None or blueprint.recency >= current.recency:
-                    per_thread[thread_id] = blueprint
-        chosen_blueprint: dict[str, Blueprint | None] = {}
-        for thread_id, (owner, _) in threads.items():
-            candidate = per_thread.get(thread_id)
-            current = chosen_blueprint.get(owner)
-            if candidate is not None and (current is None or candidate.recency >= current.recency):
-                chosen_blueprint[owner] = candidate
-            else:
-                chosen_blueprint.setdefault(owner, current)
-        del per_thread
+def snapshot_ms(path: Path) -> int:
+    with zipfile.ZipFile(path) as archive:
+        return _snapshot_ms(table_entries(archive))
 
-        # One autopilot per owner, with its profile and policy (§5.3–5.4).
-        owners: dict[str, Owner] = {}
-        now = now_timestamp()
-        for workos_id, picked in chosen_blueprint.items():
-            user_id, name, email = users[workos_id]
-            payload = picked.payload if picked else None
-            profile = profile_payload(payload, name)
-            policy = policy_payload(payload, allowed_hosts)
-            autopilot_id = autopilot_id_for(workos_id)
-            yield (
-                "autopilot_profiles",
-                {
-                    "autopilot_id": autopilot_id,
-                    **profile,
-                    "updated_at": now,
-                    "created_at": now,
-                },
-            )
-            yield (
-                "autopilot_policies",
-                {
-                    "autopilot_id": autopilot_id,
-                    **policy,
-                    "updated_at": now,
-                    "created_at": now,
-                },
-            )
-            summary = profile["persona_summary"]
-            yield (
-                "autopilots",
-                {
-                    "id": autopilot_id,
-                    "owner_user_id": user_id,
-                    "handle": normalise_handle(f"autopilot-{user_id}"),
-                    "display_name": limit(profile["owner_display_name"], 120),
-                    "avatar": gravatar_url(email) if is_valid_email(email) else None,
-                    "status": "active",
-                    "visibility": "private",
-                    "tagline": limit(summary, 255) if summary is not None else None,
-                    "config_version": 2,
-                    "deleted_at": None,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            owners[workos_id] = Owner(user_id=user_id, autopilot_id=autopilot_id, config_version=2)
-        del chosen_blueprint, users
 
-        # Titles: the earliest eligible user message of each thread (§3.2).
-        seeds: dict[str, tuple[float, str]] = {}
-        for doc in docs("messages"):
-            seed = title_candidate(doc)
-            if seed is None or seed[0] not in threads:
-                continue
-            thread_id, sort_key, text = seed
-            current_seed = seeds.get(thread_id)
-            if current_seed is None or sort_key < current_seed[0]:
-                seeds[thread_id] = (sort_key, text)
-
-        # Threads and conversations (§3.3).
-        for thread_id, (owner, doc) in threads.items():
-            title = (
-                title_from(seeds[thread_id][1]) if thread_id in seeds else default_title(thread_id)
+def map_documents(
+    docs: Callable[[str], Iterable[dict[str, Any]]], snapshot: int, *, allowed_hosts: list[str]
+) -> Iterator[tuple[DestinationTable, Row]]:
+    """`derive_rows` over any source of documents: `docs(table)` yields a table's documents in
+    file order, and may be asked for one table twice (messages)."""
+    # Candidates: the users table, then thread owners it does not mention (§4.1).
+    candidates: dict[str, tuple[str | None, int]] = {}
+    for doc in docs("users"):
+        workos_id = string_field(doc, "userId")
+        if workos_id is not None:
+            candidates[workos_id] = (
+                string_field(doc, "email"),
+                first_usable_ms(doc, CREATED_CHAIN, snapshot),
             )
-            thread, conversation = thread_rows(thread_id, doc, owners[owner], title, snapshot)
-            yield "threads", thread
-            yield "agent_conversations", conversation
-        del seeds
-        owner_of = {thread_id: owners[owner] for thread_id, (owner, _) in threads.items()}
-        del threads
+    threads: dict[str, tuple[str, dict[str, Any]]] = {}
+    for doc in docs("threads"):
+        thread_id, owner = string_field(doc, "threadId"), string_field(doc, "ownerId")
+        if thread_id is None or owner is None:
+            continue  # anonymous threads are not imported (§3.1)
+        threads[thread_id] = (owner, doc)
+        if owner not in candidates:
+            candidates[owner] = (None, first_usable_ms(doc, CREATED_CHAIN, snapshot))
 
-        # Runs (§3.4).
-        imported_runs: set[str] = set()
-        for doc in docs("runs"):
-            keys = run_keys(doc)
-            if keys is None or keys[0] not in owner_of:
-                continue
-            thread_id, run_id = keys
-            yield "runs", run_row(run_id, thread_id, doc, owner_of[thread_id], snapshot)
-            imported_runs.add(run_id)
+    # Identities (§4, simplified: see the module docstring).
+    users: dict[str, tuple[int, str, str]] = {}  # workos id → (id, name, email)
+    reserved: dict[str, str] = {}
+    for user_id, (workos_id, (email, created_ms)) in enumerate(candidates.items(), start=1):
+        export_email = normalise_email(email) if email else None
+        chosen = (
+            export_email
+            if export_email and is_valid_email(export_email)
+            else placeholder_email(workos_id)
+        )
+        attempt = 0
+        while reserved.get(chosen, workos_id) != workos_id:
+            attempt += 1
+            chosen = placeholder_email(workos_id, attempt)
+        reserved[chosen] = workos_id
+        name = limit(chosen.split("@", 1)[0] or workos_id, 80)
+        users[workos_id] = (user_id, name, chosen)
+        created = to_timestamp(created_ms)
+        yield (
+            "users",
+            {
+                "id": user_id,
+                "name": name,
+                "email": chosen,
+                "handle": None,
+                "email_verified_at": None,
+                "workos_id": workos_id,
+                "remember_token": None,
+                "avatar": gravatar_url(chosen),
+                "created_at": created,
+                "updated_at": created,
+            },
+        )
+    del reserved
 
-        # Messages (§3.5).
-        for doc in docs("messages"):
-            message_key = message_keys(doc)
-            if message_key is None or message_key[0] not in owner_of:
-                continue
-            thread_id, message_id, role = message_key
-            source_run = string_field(doc, "runId")
-            message, conversation_message = message_rows(
-                message_id,
-                thread_id,
-                role,
-                doc,
-                owner_of[thread_id],
-                source_run if source_run in imported_runs else None,
-                snapshot,
-            )
-            yield "messages", message
-            yield "agent_conversation_messages", conversation_message
-        del imported_runs
+    # Blueprints: the most recent per thread, then per owner (§5.1–5.2).
+    per_thread: dict[str, Blueprint] = {}
+    for line, doc in enumerate(docs("blueprints"), start=1):
+        found = extract_blueprint(doc, line)
+        if found is not None:
+            thread_id, blueprint = found
+            current = per_thread.get(thread_id)
+            if current is None or blueprint.recency >= current.recency:
+                per_thread[thread_id] = blueprint
+    chosen_blueprint: dict[str, Blueprint | None] = {}
+    for thread_id, (owner, _) in threads.items():
+        candidate = per_thread.get(thread_id)
+        current = chosen_blueprint.get(owner)
+        if candidate is not None and (current is None or candidate.recency >= current.recency):
+            chosen_blueprint[owner] = candidate
+        else:
+            chosen_blueprint.setdefault(owner, current)
+    del per_thread
 
-        # Run events from receipts (§3.6); ids 1, 2, … in file order.
-        event_id = 0
-        for doc in docs("receipts"):
-            keys = run_keys(doc)
-            if keys is None or keys[0] not in owner_of:
-                continue
-            thread_id, run_id = keys
-            event_id += 1
-            yield (
-                "run_events",
-                {
-                    "id": event_id,
-                    **event_row(run_id, thread_id, doc, owner_of[thread_id], snapshot),
-                },
-            )
+    # One autopilot per owner, with its profile and policy (§5.3–5.4).
+    owners: dict[str, Owner] = {}
+    now = now_timestamp()
+    for workos_id, picked in chosen_blueprint.items():
+        user_id, name, email = users[workos_id]
+        payload = picked.payload if picked else None
+        profile = profile_payload(payload, name)
+        policy = policy_payload(payload, allowed_hosts)
+        autopilot_id = autopilot_id_for(workos_id)
+        yield (
+            "autopilot_profiles",
+            {
+                "autopilot_id": autopilot_id,
+                **profile,
+                "updated_at": now,
+                "created_at": now,
+            },
+        )
+        yield (
+            "autopilot_policies",
+            {
+                "autopilot_id": autopilot_id,
+                **policy,
+                "updated_at": now,
+                "created_at": now,
+            },
+        )
+        summary = profile["persona_summary"]
+        yield (
+            "autopilots",
+            {
+                "id": autopilot_id,
+                "owner_user_id": user_id,
+                "handle": normalise_handle(f"autopilot-{user_id}"),
+                "display_name": limit(profile["owner_display_name"], 120),
+                "avatar": gravatar_url(email) if is_valid_email(email) else None,
+                "status": "active",
+                "visibility": "private",
+                "tagline": limit(summary, 255) if summary is not None else None,
+                "config_version": 2,
+                "deleted_at": None,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        owners[workos_id] = Owner(user_id=user_id, autopilot_id=autopilot_id, config_version=2)
+    del chosen_blueprint, users
+
+    # Titles: the earliest eligible user message of each thread (§3.2).
+    seeds: dict[str, tuple[float, str]] = {}
+    for doc in docs("messages"):
+        seed = title_candidate(doc)
+        if seed is None or seed[0] not in threads:
+            continue
+        thread_id, sort_key, text = seed
+        current_seed = seeds.get(thread_id)
+        if current_seed is None or sort_key < current_seed[0]:
+            seeds[thread_id] = (sort_key, text)
+
+    # Threads and conversations (§3.3).
+    for thread_id, (owner, doc) in threads.items():
+        title = title_from(seeds[thread_id][1]) if thread_id in seeds else default_title(thread_id)
+        thread, conversation = thread_rows(thread_id, doc, owners[owner], title, snapshot)
+        yield "threads", thread
+        yield "agent_conversations", conversation
+    del seeds
+    owner_of = {thread_id: owners[owner] for thread_id, (owner, _) in threads.items()}
+    del threads
+
+    # Runs (§3.4).
+    imported_runs: set[str] = set()
+    for doc in docs("runs"):
+        keys = run_keys(doc)
+        if keys is None or keys[0] not in owner_of:
+            continue
+        thread_id, run_id = keys
+        yield "runs", run_row(run_id, thread_id, doc, owner_of[thread_id], snapshot)
+        imported_runs.add(run_id)
+
+    # Messages (§3.5).
+    for doc in docs("messages"):
+        message_key = message_keys(doc)
+        if message_key is None or message_key[0] not in owner_of:
+            continue
+        thread_id, message_id, role = message_key
+        source_run = string_field(doc, "runId")
+        message, conversation_message = message_rows(
+            message_id,
+            thread_id,
+            role,
+            doc,
+            owner_of[thread_id],
+            source_run if source_run in imported_runs else None,
+            snapshot,
+        )
+        yield "messages", message
+        yield "agent_conversation_messages", conversation_message
+    del imported_runs
+
+    # Run events from receipts (§3.6); ids 1, 2, … in file order.
+    event_id = 0
+    for doc in docs("receipts"):
+        keys = run_keys(doc)
+        if keys is None or keys[0] not in owner_of:
+            continue
+        thread_id, run_id = keys
+        event_id += 1
+        yield (
+            "run_events",
+            {
+                "id": event_id,
+                **event_row(run_id, thread_id, doc, owner_of[thread_id], snapshot),
+            },
+        )
 
 
 def row_columns(table: str, row: Row) -> tuple[str, ...]:
@@ -422,6 +432,14 @@ class _Writer:
 
 
 async def run(path: Path, dsn: str, *, batch: int, allowed_hosts: list[str]) -> dict[str, Any]:
+    return await write_rows(derive_rows(path, allowed_hosts=allowed_hosts), dsn, batch=batch)
+
+
+async def write_rows(
+    rows: Iterator[tuple[DestinationTable, Row]], dsn: str, *, batch: int
+) -> dict[str, Any]:
+    """`rows` upserted in batches of `batch` rows of a table, one batch in flight while the
+    next is mapped; the seconds it took and the rows per table."""
     import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
     began = time.perf_counter()
@@ -433,7 +451,7 @@ async def run(path: Path, dsn: str, *, batch: int, allowed_hosts: list[str]) -> 
         convert = _Converter()
         pending: dict[tuple[str, tuple[str, ...]], list[tuple[Any, ...]]] = {}
         try:
-            for n, (table, row) in enumerate(derive_rows(path, allowed_hosts=allowed_hosts)):
+            for n, (table, row) in enumerate(rows):
                 columns = row_columns(table, row)
                 bucket = pending.setdefault((table, columns), [])
                 bucket.append(convert.record(table, columns, row))
@@ -476,13 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     hosts = parse_allowed_hosts(DEFAULT_L402_HOSTS)
     result = asyncio.run(
-        run(args.export, _plain_dsn(args.dsn), batch=args.batch, allowed_hosts=hosts)
+        run(args.export, plain_dsn(args.dsn), batch=args.batch, allowed_hosts=hosts)
     )
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 0
 
 
-def _plain_dsn(url: str) -> str:
+def plain_dsn(url: str) -> str:
     """asyncpg wants `postgresql://`, not SQLAlchemy's `postgresql+asyncpg://`."""
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 

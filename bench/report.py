@@ -16,9 +16,11 @@ __all__ = ["PathResult", "RunResult", "SizeResult", "format_report"]
 
 KAFKA_FIRST: Final = "kafka: first import"
 KAFKA_AGAIN: Final = "kafka: re-import"
+FLOOR_ONE: Final = "kafka floor: one trip"
+FLOOR_TWO: Final = "kafka floor: two trips"
 DIRECT: Final = "direct (baseline)"
 CEILING: Final = "COPY (ceiling)"
-PATHS: Final = (KAFKA_FIRST, KAFKA_AGAIN, DIRECT, CEILING)
+PATHS: Final = (KAFKA_FIRST, KAFKA_AGAIN, FLOOR_ONE, FLOOR_TWO, DIRECT, CEILING)
 
 RSS_LIMIT_MB: Final = 400.0
 RSS_GROWTH: Final = 0.10
@@ -47,6 +49,8 @@ class SizeResult:
     broker_peak_rss_kb: int | None = None
     same_rows: dict[str, bool] = field(default_factory=dict)
     """Per table: the Kafka path's rows equal the direct path's (see bench/verify.py)."""
+    floor_same: dict[str, bool] = field(default_factory=dict)
+    """Per floor path: all its rows equal the direct path's."""
 
     def rate(self, path: str) -> float | None:
         result = self.paths.get(path)
@@ -272,6 +276,14 @@ def _details(run: RunResult) -> list[str]:
                     "identical in all ten tables"
                     if not differ
                     else f"differ in {', '.join(differ)}"
+                )
+            )
+        if s.floor_same:
+            lines.append(
+                "  kafka floor rows: "
+                + ", ".join(
+                    f"{path.split(': ')[1]} {'identical to' if same else 'DIFFER from'} direct"
+                    for path, same in s.floor_same.items()
                 )
             )
         again = s.paths.get(KAFKA_AGAIN)

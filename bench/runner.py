@@ -38,6 +38,8 @@ from bench.profile import PRODUCT_DIRS, format_summary, profile_command, summari
 from bench.report import (
     CEILING,
     DIRECT,
+    FLOOR_ONE,
+    FLOOR_TWO,
     KAFKA_AGAIN,
     KAFKA_FIRST,
     PathResult,
@@ -247,6 +249,29 @@ def _direct(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str]
         return verify.fingerprints(dsn) if r.ok else None
 
 
+def _floor(
+    ctx: _Context, export: Export, result: SizeResult, trips: int, direct: dict[str, str] | None
+) -> None:
+    """The Kafka floor (`bench/floor.py`): what one or two trips through the broker cost
+    without the product's guarantees; its rows are checked against the direct path's."""
+    label, name = size_label(export.size), FLOOR_ONE if trips == 1 else FLOOR_TWO
+    with fresh_broker() as broker, ctx.database("bench_floor") as db:
+        dsn = ctx.server.dsn(db)
+        _log(f"{label}: {name}")
+        load = os.getloadavg()[0]
+        argv = [
+            sys.executable,
+            *("-m", "bench.floor", str(export.path), dsn, broker.bootstrap),
+            *("--trips", str(trips)),
+        ]
+        measured = ctx.measure(argv, _base_env(), f"{label}-floor{trips}", broker.pid)
+        r = result.paths[name] = _path_result(ctx, name, measured, load)
+        r.rows = verify.counts(dsn)
+        if r.ok and direct is not None:
+            result.floor_same[name] = verify.fingerprints(dsn) == direct
+        _log(f"{label}: {name}: {_outcome(r)}")
+
+
 def _ceiling(ctx: _Context, export: Export, result: SizeResult) -> None:
     label = size_label(export.size)
     with ctx.database("bench_ceiling") as db:
@@ -322,6 +347,8 @@ def run(options: Options) -> RunResult:
                 size_result.same_rows = {
                     t: kafka_prints[t] == direct_prints.get(t) for t in kafka_prints
                 }
+            for trips in (1, 2):
+                _floor(ctx, export, size_result, trips, direct_prints)
             _ceiling(ctx, export, size_result)
         if options.profile and exports:
             result.profile = _profile(ctx, min(exports, key=lambda e: e.size))
