@@ -51,6 +51,7 @@ from bench.direct import (
 )
 from khala_stream.broker.clients import Trimmer, ensure_topics, make_consumer, make_producer
 from khala_stream.config import DEFAULT_L402_HOSTS, KafkaSettings
+from khala_stream.contract.codec import chunks
 from khala_stream.contract.tables import DestinationTable
 from processors.autopilots import parse_allowed_hosts
 
@@ -73,11 +74,10 @@ def _settings(bootstrap: str) -> KafkaSettings:
 # --------------------------------------------------------------------------- publisher
 
 
-async def publish(path: Path, bootstrap: str, prefix: str) -> int:
+async def publish(path: Path, bootstrap: str, prefix: str) -> None:
     """Every non-blank line of the six tables, in file order, then an end message each."""
     producer = make_producer(_settings(bootstrap))
     await producer.start()
-    sent = 0
     try:
         with zipfile.ZipFile(path) as archive:
             entries = table_entries(archive)
@@ -85,7 +85,6 @@ async def publish(path: Path, bootstrap: str, prefix: str) -> int:
                 pending: list[asyncio.Future[Any]] = []
                 for line in table_lines(archive, entries.get(table)):
                     pending.append(await producer.send(f"{prefix}.{table}", line))
-                    sent += 1
                     if len(pending) >= _IN_FLIGHT:
                         await asyncio.gather(*pending)
                         pending = []
@@ -93,7 +92,6 @@ async def publish(path: Path, bootstrap: str, prefix: str) -> int:
                 await asyncio.gather(*pending)
     finally:
         await producer.stop()
-    return sent
 
 
 # --------------------------------------------------------------------------- reader
@@ -173,27 +171,14 @@ async def send_rows(
     await producer.start()
     topic = f"{prefix}.{_ROWS}"
     pending: list[asyncio.Future[Any]] = []
-
-    async def send(table: str, items: list[bytes]) -> None:
-        value = b'["' + table.encode() + b'",[' + b",".join(items) + b"]]"
-        pending.append(await producer.send(topic, value))
-        if len(pending) > _ROWS_IN_FLIGHT:
-            await pending.pop(0)
-
     try:
-        open_: dict[DestinationTable, tuple[list[bytes], int]] = {}
-        for n, (table, row) in enumerate(rows):
-            encoded = orjson.dumps(row)
-            items, size = open_.get(table, ([], 0))
-            if items and size + len(encoded) > _ROWS_BYTES:
-                await send(table, items)
-                items, size = [], 0
-            items.append(encoded)
-            open_[table] = (items, size + len(encoded) + 1)
-            if n % 1000 == 0:
-                await asyncio.sleep(0)  # let the producer send
-        for table, (items, _) in open_.items():
-            await send(table, items)
+        encoded = ((table, orjson.dumps(row)) for table, row in rows)
+        for table, items in chunks(encoded, _ROWS_BYTES):
+            value = b'["' + table.encode() + b'",[' + b",".join(items) + b"]]"
+            pending.append(await producer.send(topic, value))
+            if len(pending) > _ROWS_IN_FLIGHT:
+                await pending.pop(0)
+            await asyncio.sleep(0)  # let the producer send while the mapping goes on
         pending.append(await producer.send(topic, _END))
         await asyncio.gather(*pending)
     finally:

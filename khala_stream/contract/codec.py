@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 
@@ -12,6 +12,7 @@ from khala_stream.contract.changes import RowBatch, RowChange, RowUpsert, Source
 from khala_stream.contract.tables import DestinationTable
 
 _SORTED = orjson.OPT_SORT_KEYS
+K = TypeVar("K")
 
 
 def dumps(value: Any) -> bytes:
@@ -98,21 +99,33 @@ def row_batches(
 ) -> Iterator[RowBatch]:
     """`rows` as `RowBatch`es of at most `max_bytes` (or one row), one per column set. Takes
     over each row's values: the ledger members are added to them."""
-    open_: dict[tuple[str, ...], tuple[list[bytes], int]] = {}
-    for row in rows:
-        columns = tuple(row.values)
-        values, source = row.values, row.source
-        values["_k"], values["_h"] = row.key, row.row_hash
-        values["_s"] = (source.table, source.line, source.doc_id)
-        encoded = orjson.dumps(values)
-        items, size = open_.get(columns, ([], 0))
-        if items and size + len(encoded) > max_bytes:
-            yield _row_batch(run_id, table, columns, items, new)
-            items, size = [], 0
-        items.append(encoded)
-        open_[columns] = (items, size + len(encoded) + 1)
-    for columns, (items, _) in open_.items():
+
+    def encoded() -> Iterator[tuple[tuple[str, ...], bytes]]:
+        for row in rows:
+            columns = tuple(row.values)
+            values, source = row.values, row.source
+            values["_k"], values["_h"] = row.key, row.row_hash
+            values["_s"] = (source.table, source.line, source.doc_id)
+            yield columns, orjson.dumps(values)
+
+    for columns, items in chunks(encoded(), max_bytes):
         yield _row_batch(run_id, table, columns, items, new)
+
+
+def chunks(items: Iterable[tuple[K, bytes]], max_bytes: int) -> Iterator[tuple[K, list[bytes]]]:
+    """Encoded items grouped by their key, in lists of at most `max_bytes` (counting a
+    separator after each; or one item): a full list as soon as the next item would not fit,
+    the rest at the end, in the order their keys first came."""
+    open_: dict[K, tuple[list[bytes], int]] = {}
+    for key, encoded in items:
+        chunk, size = open_.get(key, ([], 0))
+        if chunk and size + len(encoded) > max_bytes:
+            yield key, chunk
+            chunk, size = [], 0
+        chunk.append(encoded)
+        open_[key] = (chunk, size + len(encoded) + 1)
+    for key, (chunk, _) in open_.items():
+        yield key, chunk
 
 
 def _row_batch(
