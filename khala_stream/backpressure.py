@@ -35,7 +35,7 @@ class Backpressure:
         *,
         limit: int,
         patience_s: float = 5.0,
-        poll_s: float = 0.05,
+        poll_s: float = 0.01,
         deadline_s: float = 300.0,
     ) -> None:
         self._engine = engine

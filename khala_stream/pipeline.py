@@ -283,7 +283,7 @@ async def _run_stages(
 
 
 _LOSS_CHECK_S = 5.0
-_PROCESSOR_BEHIND = 5_000  # documents the processor may be behind the publisher, per table
+_PROCESSOR_BEHIND = 15_000  # documents the processor may be behind the publisher, per table
 
 
 async def _documents_lost(
