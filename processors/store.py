@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.db.errors import sqlstate
 from khala_stream.db.importer_tables import APPLIED, DOCUMENTS
-from khala_stream.db.queries import insert_for, one_of, staged
+from khala_stream.db.queries import copy_rows, insert_for, one_of, staged
 
 _PAGE = 2000
 _PAGE_TEXT = 512 * 1024
@@ -141,13 +141,9 @@ def _rows(documents: list[IncomingDocument]) -> Iterator[tuple[Any, ...]]:
 async def _copy_new(conn: AsyncConnection, documents: list[IncomingDocument]) -> bool:
     """COPY `documents` into the store as new ones; False (and nothing written) if one of
     their keys is already there."""
-    raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
     try:
         async with conn.begin_nested():
-            await driver.copy_records_to_table(
-                DOCUMENTS.name, records=_rows(documents), columns=list(_COLUMNS)
-            )
+            await copy_rows(conn, DOCUMENTS.name, _COLUMNS, _rows(documents))
     except Exception as exc:
         if sqlstate(exc) == _UNIQUE_VIOLATION:
             return False

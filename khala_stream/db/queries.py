@@ -68,11 +68,20 @@ async def staged(
             "WITH NO DATA"
         )
     )
-    raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
-    await driver.copy_records_to_table(name, records=rows, columns=[*columns, *extra])
+    await copy_rows(conn, name, [*columns, *extra], rows)
     yield name
     await conn.execute(sa.text(f"DROP TABLE {quoted}"))
+
+
+async def copy_rows(
+    conn: AsyncConnection, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
+) -> None:
+    """PostgreSQL: `rows` binary-COPied into `table` (streamed, when `rows` is a generator).
+    Straight through the driver, which does not begin SQLAlchemy's transaction: the caller
+    has begun it with a statement or a savepoint before, or the COPY commits on its own."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    await driver.copy_records_to_table(table, records=rows, columns=list(columns))
 
 
 async def execute_counted(conn: AsyncConnection, sql: str, *args: Any) -> int:

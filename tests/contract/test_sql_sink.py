@@ -536,6 +536,27 @@ def test_a_row_batch_writes_what_its_changes_write(db_url: str) -> None:
     run(db_url, body)
 
 
+def test_a_new_row_batch_overwrites_a_ledger_entry_left_behind(db_url: str) -> None:
+    """A batch said to be new whose row was deleted in Laravel while its ledger entry stayed:
+    the rows are written all the same, and the ledger holds their new values."""
+
+    async def body(engine: AsyncEngine) -> None:
+        await apply(engine, run_row("r1"))
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("DELETE FROM runs"))
+        newer = run_row("r1", status="failed")
+        batch = batch_of(newer, run_row("r2"), new=True)
+        offsets = [OffsetAdvance(GROUP, TOPIC, 0, 0, 1)]  # as the sink always moves them
+        result = await SqlSink(engine).apply([], batches=[batch], offsets=offsets)
+        assert result == ApplyResult(applied=True, rows={"runs": 2})
+        table, book = await runs_and_ledger(engine)
+        assert [(r[0], r[5]) for r in table] == [("r1", "failed"), ("r2", "completed")]
+        assert book["r1"] == (newer.row_hash, None, 1)
+        assert set(book) == {"r1", "r2"}
+
+    run(db_url, body)
+
+
 def test_a_row_batch_with_a_refused_row_writes_the_rest(db_url: str) -> None:
     """A row the database refuses fails the statement of its batches; they then go row by row:
     the refusal names the source document, a key twice keeps its last value."""
