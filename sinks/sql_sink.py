@@ -236,8 +236,9 @@ async def _write_batches(
 ) -> int | None:
     """PostgreSQL: `RowBatch`es of one run, table, column set and newness, binary-COPied
     straight into a table that was empty (`_copy_new`), or else into a staging table and
-    upserted from there with their ledger rows in one statement; their row count. None: they go row by row instead (another database, ids the sink must look
-    up, an unknown column, or a statement that failed: a refused row, a key twice)."""
+    upserted from there with their ledger rows in one statement; their row count. None:
+    they go row by row instead (another database, ids the sink must look up, an unknown
+    column, or a statement that failed: a refused row, a key twice)."""
     first = batches[0]
     table, columns = first.table, list(first.columns)
     # Run events carry no id: new ones take the next ids of the table's sequence here; the
