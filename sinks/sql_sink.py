@@ -314,13 +314,13 @@ def _batch_records(
     at a time, so the sink holds at most one batch's objects."""
     kinds = _column_kinds(table)
     plan = [(name, kinds[name]) for name in columns]
+    entries, run_id = ledger if ledger is not None else (None, None)
     for batch in batches:
         for values in loads(batch.rows):
             row = [_value(dialect, kind, values.get(name)) for name, kind in plan]
-            if ledger is None:
+            if entries is None:
                 row += (values["_k"], values["_h"])
             else:
-                entries, run_id = ledger
                 entries.append((table, values["_k"], values["_h"], None, run_id))
             yield tuple(row)
 
