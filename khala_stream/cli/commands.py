@@ -236,8 +236,6 @@ async def _stage(
     from khala_stream.db.engine import create_engine, init_db
     from khala_stream.runtime import with_retries
     from khala_stream.topic_owner import prepare_topics
-    from processors.runner import Processor
-    from sinks.runner import SinkService
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -253,12 +251,20 @@ async def _stage(
                 what="the broker",
                 deadline_s=deadline,
             )
-            service = (
-                Processor(live, engine, db_deadline_s=deadline)
-                if kind == "process"
-                else SinkService(live, engine, db_deadline_s=deadline)
-            )
-            await service.run(until_idle=args.until_idle, stop=stop)
+            # Each stage imports only its own side: `import-chat` starts both while it
+            # publishes, on the same cores.
+            if kind == "process":
+                from processors.runner import Processor
+
+                await Processor(live, engine, db_deadline_s=deadline).run(
+                    until_idle=args.until_idle, stop=stop
+                )
+            else:
+                from sinks.runner import SinkService
+
+                await SinkService(live, engine, db_deadline_s=deadline).run(
+                    until_idle=args.until_idle, stop=stop
+                )
     finally:
         await engine.dispose()
 
