@@ -14,6 +14,8 @@ from khala_stream.config import Settings
 
 if TYPE_CHECKING:
     from khala_stream.progress import ProgressCallback
+    from processors.runner import Processor
+    from sinks.runner import SinkService
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -253,18 +255,16 @@ async def _stage(
             )
             # Each stage imports only its own side: `import-chat` starts both while it
             # publishes, on the same cores.
+            service: Processor | SinkService
             if kind == "process":
                 from processors.runner import Processor
 
-                await Processor(live, engine, db_deadline_s=deadline).run(
-                    until_idle=args.until_idle, stop=stop
-                )
+                service = Processor(live, engine, db_deadline_s=deadline)
             else:
                 from sinks.runner import SinkService
 
-                await SinkService(live, engine, db_deadline_s=deadline).run(
-                    until_idle=args.until_idle, stop=stop
-                )
+                service = SinkService(live, engine, db_deadline_s=deadline)
+            await service.run(until_idle=args.until_idle, stop=stop)
     finally:
         await engine.dispose()
 
