@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 test: venv ## Run the test suite (starts its own Kafka broker and PostgreSQL)
 	$(BIN)/pytest -q
 
-lint: venv ## ruff check and ruff format --check
+lint: venv ## ruff check, ruff format --check, and the import layers (lint-imports)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: venv ## mypy --strict (packages listed in pyproject.toml)
 	$(BIN)/mypy

@@ -112,7 +112,7 @@ def ensure_export(size: int, seed: int, *, log_dir: Path) -> Export:
         [
             sys.executable,
             "-m",
-            "khala_stream",
+            "khala_app",
             "generate",
             "--out",
             str(path),

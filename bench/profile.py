@@ -29,20 +29,20 @@ from bench.rss import Measured, run_measured
 __all__ = ["ProfileSummary", "format_summary", "profile_command", "summarise"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PRODUCT_DIRS = ("khala_stream", "producers", "processors", "sinks")
+PRODUCT_DIRS = ("khala_app", "khala_stream", "producers", "processors", "sinks")
 RATE = 100
 # The command-line entry chains (of import-chat and of its stage processes): every sample of a
 # process passes through its chain, which says nothing the by-process shares do not.
 _ENTRY = frozenset(
     {
-        "khala_stream/__main__.py:<module>",
-        "khala_stream/cli/__init__.py:main",
-        "khala_stream/cli/__init__.py:run_async",
-        "khala_stream/cli/commands.py:_run",
-        "khala_stream/cli/commands.py:import_chat",
-        "khala_stream/cli/commands.py:process",
-        "khala_stream/cli/commands.py:sink",
-        "khala_stream/cli/commands.py:_stage",
+        "khala_app/__main__.py:<module>",
+        "khala_app/cli/__init__.py:main",
+        "khala_app/cli/__init__.py:run_async",
+        "khala_app/cli/commands.py:_run",
+        "khala_app/cli/commands.py:import_chat",
+        "khala_app/cli/commands.py:process",
+        "khala_app/cli/commands.py:sink",
+        "khala_app/cli/commands.py:_stage",
     }
 )
 # Frames every stack of an asyncio program has, however the time is spent.

@@ -86,7 +86,7 @@ def _log(message: str) -> None:
 
 def _cli() -> list[str]:
     script = Path(sys.executable).parent / "khala-stream"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "khala_stream"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "khala_app"]
 
 
 def _base_env() -> dict[str, str]:

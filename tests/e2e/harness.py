@@ -49,7 +49,7 @@ def khala(
     args: Sequence[str], env: dict[str, str], *, cwd: Path | None = None, timeout: float = 180
 ) -> CliResult:
     done = subprocess.run(
-        [sys.executable, "-m", "khala_stream", *args],
+        [sys.executable, "-m", "khala_app", *args],
         env=env,
         cwd=cwd,
         capture_output=True,

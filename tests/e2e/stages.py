@@ -232,7 +232,7 @@ class Stages:
         return [
             sys.executable,
             "-m",
-            "khala_stream",
+            "khala_app",
             *(["-v"] if self._verbose else []),
             stage,
             *args,

@@ -156,7 +156,7 @@ def test_documents_lost_after_they_were_published_are_published_again(
     older, _ = exports
     env = env_for(kafka_bootstrap, topic_prefix, pg_url)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "khala_stream", "import-chat", str(older)],
+        [sys.executable, "-m", "khala_app", "import-chat", str(older)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

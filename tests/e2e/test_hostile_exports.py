@@ -549,7 +549,7 @@ def damaged_seed(draw: st.DrawFn) -> bytes:
 
 def run_cli(*args: str) -> tuple[int, str, str]:
     """`khala-stream ARGS` in this process: an unexpected exception escapes as itself."""
-    from khala_stream.cli import main
+    from khala_app.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -117,7 +117,7 @@ def wait_until(
 
 def start_import(export: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "khala_stream", "import-chat", str(export), *args],
+        [sys.executable, "-m", "khala_app", "import-chat", str(export), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from khala_stream.cli import _parser
+from khala_app.cli import _parser
 from producers.generator import write_fixture_zip
 from tests.e2e.harness import CliResult, env_for, khala, ok, rows
 from tests.fakes.workos_server import FakeWorkos, Reply, user_path

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from khala_app.topic_owner import TopicsOfAnotherDatabase, database_id, prepare_topics
 from khala_stream.broker.clients import MAX_MESSAGE_BYTES, ensure_topics, make_admin
 from khala_stream.config import KafkaSettings
 from khala_stream.contract import Topics
 from khala_stream.db import create_engine, init_db
-from khala_stream.topic_owner import TopicsOfAnotherDatabase, database_id, prepare_topics
 from tests.e2e.harness import counts, env_for, khala, ok
 
 

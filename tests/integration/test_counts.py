@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.counts import (
+from khala_app.counts import (
     LINKED_TABLES,
     RUNBOOK_TABLES,
     Snapshot,
@@ -196,7 +196,7 @@ def test_counts_command(sqlite_url: str, tmp_path: Path) -> None:
     """`counts --json`, then `counts --before` (needs `operations.register` wired into the CLI)."""
     run(sqlite_url, init_db)
     env = cli_env("127.0.0.1:1", "unused", sqlite_url)  # counts never talks to Kafka
-    command = [sys.executable, "-m", "khala_stream", "counts"]
+    command = [sys.executable, "-m", "khala_app", "counts"]
     first = subprocess.run(
         [*command, "--json"], env=env, capture_output=True, text=True, timeout=120, check=False
     )

@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from khala_stream.cli.operations import watch_lag
+from khala_app.cli.operations import watch_lag
 from khala_stream.config import KafkaSettings, Settings
 from khala_stream.contract import Topics
 from khala_stream.lag import LagReport, WatchedGroup, prefix_groups, snapshot
@@ -194,7 +194,7 @@ def test_lag_command(kafka_bootstrap: str, topic_prefix: str, sqlite_url: str) -
     topic = Topics(topic_prefix).changes
     ends = asyncio.run(_topic_with_messages(kafka_bootstrap, topic))
     env = cli_env(kafka_bootstrap, topic_prefix, sqlite_url)
-    command = [sys.executable, "-m", "khala_stream", "lag", "--samples", "2", "--interval", "0.2"]
+    command = [sys.executable, "-m", "khala_app", "lag", "--samples", "2", "--interval", "0.2"]
     result = subprocess.run(
         [*command, "--json"], env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -214,7 +214,7 @@ def test_lag_command(kafka_bootstrap: str, topic_prefix: str, sqlite_url: str) -
 
 def _cli(env: dict[str, str], *args: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "khala_stream", *args],
+        [sys.executable, "-m", "khala_app", *args],
         env=env,
         capture_output=True,
         text=True,

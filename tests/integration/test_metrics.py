@@ -14,8 +14,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from khala_app.cli.operations import add_metrics_flags, stage_metrics
 from khala_stream import metrics
-from khala_stream.cli.operations import add_metrics_flags, stage_metrics
 from khala_stream.config import KafkaSettings, Settings
 from khala_stream.contract import Topics
 from khala_stream.errors import UsageError

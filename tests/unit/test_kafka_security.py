@@ -241,7 +241,7 @@ def run_cli(
         k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "WORKOS_", "KHALA_"))
     }
     return subprocess.run(
-        [sys.executable, "-m", "khala_stream", *args],
+        [sys.executable, "-m", "khala_app", *args],
         env=base | env,
         cwd=cwd,
         capture_output=True,
@@ -307,7 +307,7 @@ def test_every_kafka_client_is_built_by_the_factories() -> None:
     """No product module constructs a Kafka client except broker/clients.py, so the security
     settings cannot be forgotten anywhere."""
     found: list[str] = []
-    for package in ("khala_stream", "producers", "processors", "sinks"):
+    for package in ("khala_app", "khala_stream", "producers", "processors", "sinks"):
         for file in sorted((REPO / package).rglob("*.py")):
             tree = ast.parse(file.read_text(), filename=str(file))
             for node in ast.walk(tree):

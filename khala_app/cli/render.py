@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from khala_stream.pipeline import ImportReport
+from khala_app.pipeline import ImportReport
 
 _DOCUMENT_STATS = ("inserted", "updated", "unchanged", "deleted")
 

@@ -1,4 +1,4 @@
-from khala_stream.cli import main
+from khala_app.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=dlq_replay)
 
-    from khala_stream.cli import operations
+    from khala_app.cli import operations
 
     operations.register(sub)
     for name in ("publish", "process", "sink"):
@@ -105,13 +105,13 @@ def _import_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run(coro: Any) -> Any:
-    from khala_stream.cli import run_async
+    from khala_app.cli import run_async
 
     return run_async(coro)
 
 
 def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
-    from khala_stream.cli.render import print_json
+    from khala_app.cli.render import print_json
 
     if getattr(args, "json", False):
         print_json(data)
@@ -130,9 +130,9 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def import_chat(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_stream.cli.render import summary_lines
-    from khala_stream.pipeline import ImportOptions
-    from khala_stream.pipeline import import_chat as run_import
+    from khala_app.cli.render import summary_lines
+    from khala_app.pipeline import ImportOptions
+    from khala_app.pipeline import import_chat as run_import
     from producers.sample import SAMPLE_EXPORT
 
     options = ImportOptions(
@@ -166,12 +166,12 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
 
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from khala_app.cli import operations
+    from khala_app.topic_owner import prepare_topics
     from khala_stream import import_runs
     from khala_stream.broker.clients import broker_session, make_producer
-    from khala_stream.cli import operations
     from khala_stream.contract import Topics, read_tables
     from khala_stream.db.engine import create_engine, init_db
-    from khala_stream.topic_owner import prepare_topics
     from producers.export_reader import open_export
     from producers.publisher import Publisher
 
@@ -232,12 +232,12 @@ async def _stage(
 ) -> None:
     import signal
 
+    from khala_app.cli import operations
+    from khala_app.topic_owner import prepare_topics
     from khala_stream.broker.clients import broker_session
-    from khala_stream.cli import operations
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
     from khala_stream.runtime import with_retries
-    from khala_stream.topic_owner import prepare_topics
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -333,7 +333,7 @@ async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
 
 
 def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_stream.dlq import pending_letters, summarise
+    from khala_app.dlq import pending_letters, summarise
 
     async def listing(kafka: Any, engine: Any, topic: str) -> dict[str, Any]:
         return summarise(await pending_letters(kafka, engine, topic))
@@ -351,7 +351,7 @@ def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_stream.dlq import replay
+    from khala_app.dlq import replay
 
     async def replaying(kafka: Any, engine: Any, topic: str) -> dict[str, Any]:
         return (await replay(kafka, engine, topic)).to_json()

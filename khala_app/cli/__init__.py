@@ -21,7 +21,7 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from khala_stream.cli import commands
+    from khala_app.cli import commands
 
     parser = argparse.ArgumentParser(
         prog="khala-stream",
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbosity = args.verbose or int(os.environ.get("KHALA_VERBOSITY", "0") or 0)
     os.environ["KHALA_VERBOSITY"] = str(verbosity)
     ours = logging.WARNING - 10 * min(verbosity, 2)
-    for name in ("khala_stream", "producers", "processors", "sinks"):
+    for name in ("khala_app", "khala_stream", "producers", "processors", "sinks"):
         logging.getLogger(name).setLevel(ours)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     try:

@@ -140,7 +140,7 @@ def _serve(port: int, host: str) -> MetricsServer:
 
 # ------------------------------------------------------------------ lag
 def lag(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_stream.cli import run_async
+    from khala_app.cli import run_async
 
     samples: int | None = args.samples
     interval: float | None = args.interval
@@ -361,8 +361,8 @@ def _rich_table(report: LagReport) -> Table:
 
 # ------------------------------------------------------------------ counts
 def counts(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_stream.cli import run_async
-    from khala_stream.counts import diff, load_snapshot
+    from khala_app.cli import run_async
+    from khala_app.counts import diff, load_snapshot
 
     before = load_snapshot(args.before) if args.before is not None else None
     _require_database(settings.database_url)
@@ -394,7 +394,7 @@ def _require_database(url: str) -> None:
 async def _snapshot(url: str) -> Any:
     from sqlalchemy.exc import DBAPIError
 
-    from khala_stream.counts import snapshot
+    from khala_app.counts import snapshot
     from khala_stream.db.engine import create_engine
 
     engine = create_engine(url)

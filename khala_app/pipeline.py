@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_app.topic_owner import prepare_topics
 from khala_stream import import_runs
 from khala_stream.backpressure import Backpressure
 from khala_stream.broker.clients import broker_session, make_consumer, make_producer
@@ -44,7 +45,6 @@ from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.errors import RuntimeFailure, WorkosKeyError
 from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import end_offsets, with_retries
-from khala_stream.topic_owner import prepare_topics
 from processors import store
 from processors.autopilots import parse_allowed_hosts
 from processors.derive import COUNTER_KEYS, DELETED_WITH, Derivation, RunOptions
@@ -321,7 +321,7 @@ async def _applied(engine: AsyncEngine, run_id: int, topics: Topics) -> bool:
 
 async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.subprocess.Process]:
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "khala_stream", name, env=env, stdout=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "khala_app", name, env=env, stdout=asyncio.subprocess.DEVNULL
     )
     return name, child
 
