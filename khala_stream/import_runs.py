@@ -76,7 +76,8 @@ def _json(value: str | None) -> Any:
     return orjson.loads(value) if value else {}
 
 
-def _from_row(row: sa.Row[Any]) -> ImportRun:
+def from_row(row: sa.Row[Any]) -> ImportRun:
+    """An ImportRun from a row of `khala_import_runs`."""
     return ImportRun(
         id=int(row.id),
         export_sha256=row.export_sha256,
@@ -137,7 +138,7 @@ async def mark_published(
 async def load(engine: AsyncEngine, run_id: int) -> ImportRun | None:
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(RUNS).where(RUNS.c.id == run_id))).first()
-    return _from_row(row) if row is not None else None
+    return from_row(row) if row is not None else None
 
 
 async def published_runs(conn: AsyncConnection) -> list[ImportRun]:
@@ -145,7 +146,7 @@ async def published_runs(conn: AsyncConnection) -> list[ImportRun]:
     rows = (
         await conn.execute(sa.select(RUNS).where(RUNS.c.status == "published").order_by(RUNS.c.id))
     ).all()
-    return [_from_row(r) for r in rows]
+    return [from_row(r) for r in rows]
 
 
 async def claim(engine: AsyncEngine, run_id: int, worker: str, lease_s: float) -> bool:
@@ -166,6 +167,37 @@ async def claim(engine: AsyncEngine, run_id: int, worker: str, lease_s: float) -
             .values(claim=worker, claimed_at=now)
         )
         return bool(result.rowcount)
+
+
+async def release(engine: AsyncEngine, run_id: int, worker: str) -> bool:
+    """Give a claim back before its lease runs out (the worker stops without deriving)."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.claim == worker, RUNS.c.status == "published")
+            .values(claim=None, claimed_at=None)
+        )
+        return bool(result.rowcount)
+
+
+_TRUNCATED: Final = "replace_truncated"
+
+
+async def note_truncated(engine: AsyncEngine, run_id: int, worker: str) -> bool:
+    """Record that the `--replace` truncations of a run not derived yet have been sent
+    (acknowledged by the broker); `mark_derived` replaces the note with the counters."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.claim == worker, RUNS.c.status == "published")
+            .values(counters=orjson.dumps({_TRUNCATED: True}).decode())
+        )
+        return bool(result.rowcount)
+
+
+def truncated(run: ImportRun) -> bool:
+    """True when an earlier attempt at deriving `run` sent its truncations (`note_truncated`)."""
+    return run.status == "published" and bool(run.counters.get(_TRUNCATED))
 
 
 async def mark_derived(
@@ -223,13 +255,13 @@ async def latest_derived_before(conn: AsyncConnection, run_id: int) -> ImportRun
         .limit(1)
     )
     row = (await conn.execute(stmt)).first()
-    return _from_row(row) if row is not None else None
+    return from_row(row) if row is not None else None
 
 
 async def latest(engine: AsyncEngine) -> ImportRun | None:
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(RUNS).order_by(RUNS.c.id.desc()).limit(1))).first()
-    return _from_row(row) if row is not None else None
+    return from_row(row) if row is not None else None
 
 
 async def heartbeat(engine: AsyncEngine, run_id: int, worker: str) -> bool:

@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from khala_stream import import_runs, metrics
+from khala_stream import import_runs, metrics, status
 from khala_stream.backpressure import Backpressure
-from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import (
     REPLACED_TABLES,
@@ -42,12 +41,13 @@ from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
 from khala_stream.errors import TransientError, WorkosKeyError
 from khala_stream.runtime import (
-    Poller,
-    StoredOffsets,
-    caught_up,
-    commit_for_lag,
+    Batch,
+    NeedsStage,
+    Retries,
+    StageClients,
+    StageRunner,
+    Waiting,
     end_offsets,
-    with_retries,
 )
 from processors import store, unchanged
 from processors.autopilots import parse_allowed_hosts
@@ -167,9 +167,14 @@ class Processor:
         self._settings = settings
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
-        self._batch_records = batch_records
+        self.name = "process"
+        self.group = self._topics.processor_group
+        self.topics = self._topics.sources
+        self.batch_records = batch_records
+        self._retries = Retries(db_deadline_s)
+        self._until_idle = False
+        self._clients: StageClients | None = None
         self._lease_s = settings.derive_lease_s
-        self._deadline = db_deadline_s
         self._worker = uuid.uuid4().hex
         self.derived: list[int] = []
         self._next_loss_check = 0.0
@@ -180,71 +185,20 @@ class Processor:
         self._stored = Growth(engine, lambda _table: [DOCUMENTS.name])
         self._first_import: dict[tuple[int, str], bool] = {}
 
-    async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
-        stop = stop or asyncio.Event()
-        topics, group = self._topics, self._topics.processor_group
-        consumer = make_consumer(self._settings.kafka, group_id=group)
-        stored = StoredOffsets(consumer, self._engine, group, deadline_s=self._deadline)
-        consumer.subscribe(topics.sources, listener=stored)
-        self._producer = make_producer(self._settings.kafka)
-        self._probe = make_consumer(self._settings.kafka, group_id=None)
-        poller = Poller(consumer, self._batch_records, stored, stop)
-        trimmer = Trimmer(self._settings.kafka)
-        try:
-            # Inside the try: a client that started is stopped (and leaves its group) when the
-            # next one fails to start; stopping one that never started is harmless.
-            await consumer.start()
-            await self._producer.start()
-            await self._probe.start()
-            while not stop.is_set():
-                batch = await poller.poll()
-                if batch:
-                    started = time.monotonic()
-                    try:
-                        positions = await with_retries(
-                            functools.partial(self._apply, batch),
-                            what="the database",
-                            deadline_s=self._deadline,
-                        )
-                    except _AlreadyApplied:
-                        await stored.reposition()
-                        continue
-                    await commit_for_lag(consumer, positions)
-                    await trimmer.consumed(positions)
-                    by_table = self._by_table(batch)
-                    self._stored.added(by_table)
-                    await with_retries(
-                        self._stored.refresh_if_due, what="the database", deadline_s=self._deadline
-                    )
-                    metrics.record_batch("process", by_table, time.monotonic() - started)
-                    logger.debug("stored documents: %s", dict(by_table))
-                await with_retries(
-                    self._derive_lost_again, what="the database", deadline_s=self._deadline
-                )
-                derived = await with_retries(
-                    self._derive_ready,
-                    what="the database",
-                    deadline_s=self._deadline,
-                )
-                if until_idle and not batch and not derived and await caught_up(consumer):
-                    break
-            await trimmer.consumed({}, now=True)  # stopping: what is stored, at once
-        finally:
-            await self._probe.stop()
-            await self._producer.stop()
-            await consumer.stop()
+    async def run(
+        self, *, until_idle: bool = False, stop: asyncio.Event | None = None
+    ) -> Waiting | None:
+        """Run the stage (`khala_stream.runtime.StageRunner`); with `until_idle`, what is left
+        for the sink, if anything, once nothing is left for this stage."""
+        self._until_idle = until_idle
+        runner: StageRunner[list[store.IncomingDocument]] = StageRunner(
+            self, self._settings.kafka, self._engine, self._retries, stop
+        )
+        return await runner.run(until_idle=until_idle)
 
-    def _by_table(
-        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-    ) -> Counter[str]:
-        counts: Counter[str] = Counter()
-        for tp, records in batch.items():
-            counts[tp.topic.removeprefix(self._topics.prefix + ".")] += len(records)
-        return counts
+    # ------------------------------------------------------------------ the Stage plug-in
 
-    async def _apply(
-        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-    ) -> dict[TopicPartition, int]:
+    def decode(self, batch: Batch) -> list[store.IncomingDocument]:
         documents: list[store.IncomingDocument] = []
         for records in batch.values():
             for r in records:
@@ -260,18 +214,56 @@ class Processor:
                         raw=r.value or b"",
                     )
                 )
-        group = self._topics.processor_group
+        return documents
+
+    async def apply(
+        self, documents: list[store.IncomingDocument], batch: Batch
+    ) -> dict[TopicPartition, int] | None:
         positions: dict[TopicPartition, int] = {}
-        async with self._engine.begin() as conn:
-            tables = {(d.run_id, d.table) for d in documents}
-            fresh = all([await self._fresh(conn, run_id, table) for run_id, table in tables])
-            await store.apply_documents(conn, documents, fresh=fresh)
-            for tp, records in batch.items():
-                end = records[-1].offset + 1
-                if not await advance(conn, group, tp.topic, tp.partition, records[0].offset, end):
-                    raise _AlreadyApplied
-                positions[tp] = end
+        try:
+            async with self._engine.begin() as conn:
+                tables = {(d.run_id, d.table) for d in documents}
+                fresh = all([await self._fresh(conn, run_id, table) for run_id, table in tables])
+                await store.apply_documents(conn, documents, fresh=fresh)
+                for tp, records in batch.items():
+                    end = records[-1].offset + 1
+                    if not await advance(
+                        conn, self.group, tp.topic, tp.partition, records[0].offset, end
+                    ):
+                        raise _AlreadyApplied
+                    positions[tp] = end
+        except _AlreadyApplied:
+            return None
         return positions
+
+    async def applied(
+        self, documents: list[store.IncomingDocument], batch: Batch, seconds: float
+    ) -> None:
+        by_table = self._by_table(batch)
+        self._stored.added(by_table)
+        await self._retries.database(self._stored.refresh_if_due)
+        metrics.record_batch("process", by_table, seconds)
+        logger.debug("stored documents: %s", dict(by_table))
+
+    def attach(self, clients: StageClients) -> None:
+        self._clients = clients
+
+    async def between(self, *, until_idle: bool) -> bool:
+        """Derive what is ready; True while a run is derived, or ready but claimed by another
+        worker (a killed one's claim lapses after the lease)."""
+        await self._derive_lost_again()
+        return await self._derive_ready()
+
+    async def waiting(self) -> Waiting | None:
+        return await status.waiting_for_sink(self._engine, self._topics)
+
+    # ------------------------------------------------------------------
+
+    def _by_table(self, batch: Batch) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for tp, records in batch.items():
+            counts[tp.topic.removeprefix(self._topics.prefix + ".")] += len(records)
+        return counts
 
     async def _fresh(self, conn: AsyncConnection, run_id: int, table: str) -> bool:
         """No document of `table` from before run `run_id` in the store (asked once a run)."""
@@ -280,8 +272,19 @@ class Processor:
             self._first_import[(run_id, table)] = not before
         return self._first_import[(run_id, table)]
 
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        assert self._clients is not None, "the runner has not started the clients"
+        return self._clients.producer
+
+    @property
+    def _probe(self) -> AIOKafkaConsumer:
+        assert self._clients is not None, "the runner has not started the clients"
+        return self._clients.probe
+
     async def _derive_ready(self) -> bool:
-        """Derive every run whose messages have all been applied to the store."""
+        """Derive every run whose messages have all been applied to the store; True when one
+        was derived, or is ready but claimed by another worker."""
         async with self._engine.connect() as conn:
             ready = []
             for run in await import_runs.published_runs(conn):
@@ -289,24 +292,25 @@ class Processor:
                 expected: dict[str, int] = run.published.get("published", {})
                 if all(applied.get(t, 0) >= n for t, n in expected.items()):
                     ready.append(run)
-        derived = False
+        busy = False
         for run in ready:
-            if await import_runs.claim(self._engine, run.id, self._worker, self._lease_s):
-                try:
-                    await self._derive(run, self._producer)
-                except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
-                    await self._renew_producer()
-                    raise TransientError(f"the broker refused the producer: {exc}") from exc
-                derived = True
-        return derived
-
-    async def _renew_producer(self) -> None:
-        """A new producer id: after the broker lost records it had acknowledged, an idempotent
-        producer's sequence numbers run ahead of the broker's and every send is refused."""
-        with contextlib.suppress(KafkaError):
-            await self._producer.stop()
-        self._producer = make_producer(self._settings.kafka)
-        await self._producer.start()
+            busy = True
+            if not await import_runs.claim(self._engine, run.id, self._worker, self._lease_s):
+                continue
+            try:
+                await self._derive(run, self._producer)
+            except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
+                assert self._clients is not None
+                await self._clients.renew_producer()
+                raise TransientError(f"the broker refused the producer: {exc}") from exc
+            except NeedsStage:
+                # --until-idle: the claim is given back, so that the next `process` (or a
+                # running one) takes the run at once instead of after the lease.
+                await self._retries.database(
+                    functools.partial(import_runs.release, self._engine, run.id, self._worker)
+                )
+                raise
+        return busy
 
     async def _derive_lost_again(self) -> None:
         """Derive the latest run again if the broker lost changes it had acknowledged.
@@ -443,7 +447,7 @@ class Processor:
     ) -> Derived:
         flags = run.flags
         if flags.replace:
-            await self._truncate_first(run.id, out)
+            await self._truncate_first(run, out)
         async with contextlib.AsyncExitStack() as stack:
             workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
             derivation = Derivation(
@@ -458,21 +462,43 @@ class Processor:
             result = await derivation.run()
         return result
 
-    async def _truncate_first(self, run_id: int, out: KafkaChangeOutput) -> None:
-        """--replace: the sink empties the six chat tables before any row of this run lands."""
+    async def _truncate_first(self, run: import_runs.ImportRun, out: KafkaChangeOutput) -> None:
+        """--replace: the sink empties the six chat tables before any row of this run lands.
+
+        Once per run: an attempt that finds them sent by an earlier one (killed, or stopped by
+        `--until-idle` to let the sink apply them) knows that the sink applied them, and every
+        row written since, before this attempt began (`_derive_claimed`); the derivation reads
+        those tables as empty and sends every row of theirs again, so nothing is left over.
+        Truncating again would make `process --until-idle` and `sink --until-idle` in turn
+        truncate for ever.
+        """
+        if import_runs.truncated(run):
+            return
         truncates = [
-            RowChange(run_id=run_id, table=t, op="truncate", key="") for t in REPLACED_TABLES
+            RowChange(run_id=run.id, table=t, op="truncate", key="") for t in REPLACED_TABLES
         ]
         await out.emit(truncates)
-        await self._wait_for_sink(dict(await out.drain()), run_id)
+        ends = dict(await out.drain())
+        await self._retries.database(
+            lambda: import_runs.note_truncated(self._engine, run.id, self._worker)
+        )
+        await self._wait_for_sink(ends, run.id)
 
     async def _wait_for_sink(self, ends: dict[int, int], run_id: int) -> None:
-        """Until the sink's stored positions reach `ends` on every partition."""
+        """Until the sink's stored positions reach `ends` on every partition.
+
+        With `--until-idle` it does not wait: NeedsStage says how many change messages the
+        sink has left to apply (no sink may be running).
+        """
         group, topic = self._topics.sink_group, self._topics.changes
         polls = 0
         while not import_runs.reached(
-            await import_runs.stored_positions(self._engine, group, topic), ends
+            positions := await import_runs.stored_positions(self._engine, group, topic), ends
         ):
+            if self._until_idle:
+                left = sum(max(0, e - positions.get(p, 0)) for p, e in ends.items())
+                reason = f"run {run_id} waits for the sink to apply {left} change message(s)"
+                raise NeedsStage(Waiting("sink", reason))
             if polls % 50 == 0:
                 logger.info("run %d waits for the sink to apply earlier changes", run_id)
             polls += 1
@@ -498,10 +524,8 @@ class Processor:
         (`_CLAIM_GONE`)."""
         while True:
             await asyncio.sleep(self._lease_s / 3)
-            renewed = await with_retries(
-                lambda: import_runs.heartbeat(self._engine, run_id, self._worker),
-                what="the database",
-                deadline_s=self._deadline,
+            renewed = await self._retries.database(
+                lambda: import_runs.heartbeat(self._engine, run_id, self._worker)
             )
             if not renewed:
                 return

@@ -7,16 +7,15 @@ the same transaction; refused rows reach the dead-letter topic before their offs
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream import import_runs, metrics
-from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
+from khala_stream import import_runs, metrics, status
 from khala_stream.config import Settings
 from khala_stream.contract import RowBatch, RowChange, Topics
 from khala_stream.contract.codec import decode_changes, encode_change, read_row_batch
@@ -24,14 +23,7 @@ from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.db.importer_tables import ROWS
 from khala_stream.db.statistics import Growth
 from khala_stream.dead_letters import publish_dead_letters
-from khala_stream.runtime import (
-    Batch,
-    Poller,
-    StoredOffsets,
-    caught_up,
-    commit_for_lag,
-    with_retries,
-)
+from khala_stream.runtime import Batch, Retries, StageClients, StageRunner, Waiting
 from sinks.sql_sink import OffsetAdvance, Refusal, SqlSink
 
 logger = logging.getLogger(__name__)
@@ -53,6 +45,14 @@ def refusal_letter(refusal: Refusal, export_sha256: str | None) -> DeadLetter:
     )
 
 
+@dataclass
+class Decoded:
+    """A batch of the changes topic, read: single changes and packed row batches."""
+
+    changes: list[RowChange] = field(default_factory=list)
+    row_batches: list[RowBatch] = field(default_factory=list)
+
+
 class SinkService:
     def __init__(
         self,
@@ -65,68 +65,51 @@ class SinkService:
         self._settings = settings
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
+        self.name = "sink"
+        self.group = self._topics.sink_group
+        self.topics = [self._topics.changes]
+        self.batch_records = batch_records
+        self._retries = Retries(db_deadline_s)
+        self._clients: StageClients | None = None
         self._sink = SqlSink(engine)
-        self._batch_records = batch_records
-        self._deadline = db_deadline_s
         self.refused = 0
         self._exports: dict[int, str | None] = {}
         # Run events are written by looking their ids up in the ledger, which the same import
         # fills (khala_stream/db/statistics.py).
         self._written = Growth(engine, lambda table: [ROWS.name, table])
 
-    async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
-        stop = stop or asyncio.Event()
-        group, topic = self._topics.sink_group, self._topics.changes
-        consumer = make_consumer(self._settings.kafka, group_id=group)
-        stored = StoredOffsets(consumer, self._engine, group, deadline_s=self._deadline)
-        consumer.subscribe([topic], listener=stored)
-        producer = make_producer(self._settings.kafka)
-        poller = Poller(consumer, self._batch_records, stored, stop)
-        trimmer = Trimmer(self._settings.kafka)
-        try:
-            # Inside the try: a client that started is stopped (and leaves its group) when the
-            # next one fails to start; stopping one that never started is harmless.
-            await consumer.start()
-            await producer.start()
-            while not stop.is_set():
-                batch = await poller.poll()
-                if not batch:
-                    if until_idle and await caught_up(consumer):
-                        break
-                    continue
-                applied = await with_retries(
-                    functools.partial(self._apply, batch, producer),
-                    what="the database",
-                    deadline_s=self._deadline,
-                )
-                if applied:
-                    await with_retries(
-                        self._written.refresh_if_due, what="the database", deadline_s=self._deadline
-                    )
-                    positions = {tp: records[-1].offset + 1 for tp, records in batch.items()}
-                    await commit_for_lag(consumer, positions)
-                    await trimmer.consumed(positions)
-                else:
-                    await stored.reposition()
-            await trimmer.consumed({}, now=True)  # stopping: what is applied, at once
-        finally:
-            await producer.stop()
-            await consumer.stop()
+    async def run(
+        self, *, until_idle: bool = False, stop: asyncio.Event | None = None
+    ) -> Waiting | None:
+        """Run the stage (`khala_stream.runtime.StageRunner`); with `until_idle`, what is left
+        for the processor (or the publisher), if anything, once the changes are applied."""
+        runner: StageRunner[Decoded] = StageRunner(
+            self, self._settings.kafka, self._engine, self._retries, stop
+        )
+        return await runner.run(until_idle=until_idle)
 
-    async def _apply(self, batch: Batch, producer: AIOKafkaProducer) -> bool:
-        group = self._topics.sink_group
-        changes: list[RowChange] = []
-        row_batches: list[RowBatch] = []
+    # ------------------------------------------------------------------ the Stage plug-in
+
+    def decode(self, batch: Batch) -> Decoded:
+        decoded = Decoded()
         for records in batch.values():
             for r in records:
                 if not r.value:
                     continue
                 if (row_batch := read_row_batch(r.headers, r.value)) is not None:
-                    row_batches.append(row_batch)
+                    decoded.row_batches.append(row_batch)
                 else:
-                    changes += decode_changes(r.value)
+                    decoded.changes += decode_changes(r.value)
+        return decoded
+
+    async def apply(self, decoded: Decoded, batch: Batch) -> dict[TopicPartition, int] | None:
+        assert self._clients is not None, "the runner has not started the clients"
+        producer = self._clients.producer
+        changes, row_batches = decoded.changes, decoded.row_batches
         offsets = [
-            OffsetAdvance(group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1)
+            OffsetAdvance(
+                self.group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1
+            )
             for tp, records in batch.items()
         ]
 
@@ -147,13 +130,26 @@ class SinkService:
         result = await self._sink.apply(
             changes, batches=row_batches, offsets=offsets, on_refused=set_aside
         )
-        if result.applied:
-            self._written.added(result.rows)
-            handled = Counter(result.rows) + Counter(r.change.table for r in result.refused)
-            metrics.record_batch("sink", handled, time.monotonic() - started)
-            metrics.record_output("sink", result.rows)
-            logger.debug("applied changes: %s", result.rows)
-        return result.applied
+        if not result.applied:
+            return None
+        self._written.added(result.rows)
+        handled = Counter(result.rows) + Counter(r.change.table for r in result.refused)
+        metrics.record_batch("sink", handled, time.monotonic() - started)
+        metrics.record_output("sink", result.rows)
+        logger.debug("applied changes: %s", result.rows)
+        return {tp: records[-1].offset + 1 for tp, records in batch.items()}
+
+    async def applied(self, decoded: Decoded, batch: Batch, seconds: float) -> None:
+        await self._retries.database(self._written.refresh_if_due)
+
+    def attach(self, clients: StageClients) -> None:
+        self._clients = clients
+
+    async def between(self, *, until_idle: bool) -> bool:
+        return False  # the sink has no work besides its batches
+
+    async def waiting(self) -> Waiting | None:
+        return await status.waiting_for_process(self._engine)
 
     async def _export_of(self, run_id: int) -> str | None:
         """The export a run came from, for the dead letters' provenance."""

@@ -14,6 +14,7 @@ from khala_stream.config import Settings
 
 if TYPE_CHECKING:
     from khala_stream.progress import ProgressCallback
+    from khala_stream.runtime import Waiting
     from processors.runner import Processor
     from sinks.runner import SinkService
 
@@ -82,9 +83,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=dlq_replay)
 
-    from khala_app.cli import operations
+    from khala_app.cli import operations, status
 
     operations.register(sub)
+    status.register(sub)
     for name in ("publish", "process", "sink"):
         operations.add_metrics_flags(sub.choices[name])
 
@@ -229,7 +231,7 @@ def publish(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _stage(
     args: argparse.Namespace, settings: Settings, kind: Literal["process", "sink"]
-) -> None:
+) -> Waiting | None:
     import signal
 
     from khala_app.cli import operations
@@ -264,19 +266,24 @@ async def _stage(
                 from sinks.runner import SinkService
 
                 service = SinkService(live, engine, db_deadline_s=deadline)
-            await service.run(until_idle=args.until_idle, stop=stop)
+            return await service.run(until_idle=args.until_idle, stop=stop)
     finally:
         await engine.dispose()
 
 
-def process(args: argparse.Namespace, settings: Settings) -> int:
-    _run(_stage(args, settings, "process"))
+def _stage_command(args: argparse.Namespace, settings: Settings, kind: Any) -> int:
+    waiting = _run(_stage(args, settings, kind))
+    if waiting is not None:  # --until-idle: what is left needs another stage
+        sys.stdout.write(waiting.line() + "\n")
     return 0
+
+
+def process(args: argparse.Namespace, settings: Settings) -> int:
+    return _stage_command(args, settings, "process")
 
 
 def sink(args: argparse.Namespace, settings: Settings) -> int:
-    _run(_stage(args, settings, "sink"))
-    return 0
+    return _stage_command(args, settings, "sink")
 
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:
