@@ -222,10 +222,31 @@ def _stages(
 
 
 async def waiting_for_sink(engine: AsyncEngine, topics: Topics) -> Waiting | None:
-    """What a processor that has nothing left to do leaves to the sink: the newest run's
-    changes, derived and not all applied yet."""
+    """What a processor that has nothing left to do leaves to another stage: the newest run's
+    changes, derived and not all applied yet (the sink), or documents of it that never
+    reached the store (the publisher)."""
     run = await import_runs.latest(engine)
-    if run is None or run.status != "derived":
+    if run is None:
+        return None
+    if run.status == "publishing":
+        return Waiting(
+            "publish", f"run {run.id} is still being published (or its publisher stopped)"
+        )
+    if run.status == "published":
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(APPLIED.c.source_table, APPLIED.c.applied).where(
+                    APPLIED.c.run_id == run.id
+                )
+            )
+            stored = {t: int(n) for t, n in rows.all()}
+        expected: dict[str, int] = run.published.get("published", {})
+        missing = sum(max(0, n - stored.get(t, 0)) for t, n in expected.items())
+        if missing:
+            reason = f"run {run.id}: {missing} published document(s) are not on the broker"
+            return Waiting("publish", reason)
+        return None
+    if run.status != "derived":
         return None
     positions = await import_runs.stored_positions(engine, topics.sink_group, topics.changes)
     left = _backlog(positions, run.changes_end)

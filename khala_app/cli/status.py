@@ -8,8 +8,14 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
+from typing import TYPE_CHECKING
+
 from khala_stream.config import Settings
 from khala_stream.errors import RuntimeFailure
+
+if TYPE_CHECKING:
+    from khala_stream.contract import Topics
+    from khala_stream.status import Status
 
 logger = logging.getLogger(__name__)
 _BROKER_S = 15.0  # how long the end offsets may take before backlogs are left out
@@ -34,7 +40,7 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _status(settings: Settings) -> object:
+async def _status(settings: Settings) -> Status:
     from sqlalchemy.exc import DBAPIError
 
     from khala_stream.contract import Topics
@@ -56,14 +62,12 @@ async def _status(settings: Settings) -> object:
         await engine.dispose()
 
 
-async def _ends(settings: Settings, topics: object) -> Mapping[str, Mapping[int, int]] | None:
+async def _ends(settings: Settings, topics: Topics) -> Mapping[str, Mapping[int, int]] | None:
     """End offsets of the stages' topics; None (backlogs unknown) when the broker does not
     answer in time."""
     from khala_stream.broker.clients import broker_session, make_consumer
-    from khala_stream.contract import Topics
     from khala_stream.runtime import end_offsets
 
-    assert isinstance(topics, Topics)
     try:
         async with broker_session(settings) as live:
             probe = make_consumer(live.kafka, group_id=None)
