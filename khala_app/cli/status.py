@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Mapping
-
 from typing import TYPE_CHECKING
 
 from khala_stream.config import Settings
