@@ -240,6 +240,11 @@ class NeedsStage(Exception):
         super().__init__(waiting.line())
 
 
+class Stopping(Exception):
+    """Raised by a stage's long work (a derivation, a wait) when the runner was asked to stop:
+    the work is abandoned (it is resumable) and the runner stops cleanly."""
+
+
 class State(enum.Enum):
     NEW = "new"
     STARTING = "starting"  # connecting, positioning from the database
@@ -361,6 +366,9 @@ class StageRunner(Generic[D]):
         except NeedsStage as needs:
             self.state = State.STOPPING
             return needs.waiting
+        except Stopping:
+            self.state = State.STOPPING
+            return None
         except Exception:
             self.state = State.FAILED
             raise

@@ -46,6 +46,7 @@ from khala_stream.runtime import (
     Retries,
     StageClients,
     StageRunner,
+    Stopping,
     Waiting,
     end_offsets,
 )
@@ -96,6 +97,7 @@ class KafkaChangeOutput:
         self._buffered = 0
         self._pending: list[asyncio.Future[Any]] = []
         self.ends: dict[int, int] = {}
+        self.stop: asyncio.Event | None = None
 
     async def emit(self, changes: Sequence[RowChange]) -> None:
         metrics.record_output("process", Counter(c.table for c in changes))
@@ -120,6 +122,8 @@ class KafkaChangeOutput:
         await self._send(value)
 
     async def _send(self, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopping  # a derivation is resumable: the next attempt starts over
         self._pending.append(await self._producer.send(self._topic, value, headers=headers))
         if len(self._pending) >= _IN_FLIGHT:
             await self._settle()
@@ -173,6 +177,7 @@ class Processor:
         self.batch_records = batch_records
         self._retries = Retries(db_deadline_s)
         self._until_idle = False
+        self._stop = asyncio.Event()
         self._clients: StageClients | None = None
         self._lease_s = settings.derive_lease_s
         self._worker = uuid.uuid4().hex
@@ -191,6 +196,7 @@ class Processor:
         """Run the stage (`khala_stream.runtime.StageRunner`); with `until_idle`, what is left
         for the sink, if anything, once nothing is left for this stage."""
         self._until_idle = until_idle
+        self._stop = stop or asyncio.Event()
         runner: StageRunner[list[store.IncomingDocument]] = StageRunner(
             self, self._settings.kafka, self._engine, self._retries, stop
         )
@@ -303,9 +309,9 @@ class Processor:
                 assert self._clients is not None
                 await self._clients.renew_producer()
                 raise TransientError(f"the broker refused the producer: {exc}") from exc
-            except NeedsStage:
-                # --until-idle: the claim is given back, so that the next `process` (or a
-                # running one) takes the run at once instead of after the lease.
+            except (NeedsStage, Stopping):
+                # --until-idle, or a stop: the claim is given back, so that the next `process`
+                # (or a running one) takes the run at once instead of after the lease.
                 await self._retries.database(
                     functools.partial(import_runs.release, self._engine, run.id, self._worker)
                 )
@@ -373,6 +379,7 @@ class Processor:
         out = KafkaChangeOutput(
             producer, self._topics.changes, run.id, backpressure=self._backpressure
         )
+        out.stop = self._stop
         options = RunOptions(
             run_id=run.id,
             snapshot_ms=run.snapshot_ms or 0,
@@ -502,7 +509,10 @@ class Processor:
             if polls % 50 == 0:
                 logger.info("run %d waits for the sink to apply earlier changes", run_id)
             polls += 1
-            await asyncio.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.2)
+            if self._stop.is_set():
+                raise Stopping
 
     async def _workos_lookup(self, stack: contextlib.AsyncExitStack) -> WorkosLookup:
         key = self._settings.workos_api_key
