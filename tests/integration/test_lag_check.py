@@ -4,8 +4,10 @@ line on stdout and the exit code for each state (0 OK, 1 WARNING, 2 CRITICAL, 3 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,8 @@ from tests.fixtures.services import cli_env
 pytestmark = pytest.mark.kafka
 
 PARTITIONS = 3
-PER_PARTITION = 400
-CHECK = ("lag", "--check", "--group", "sink", "--samples", "3", "--interval", "0.5")
+PER_PARTITION = 1000  # the drain below commits one per partition every 50 ms: ~50 s of work
+CHECK = ("lag", "--check", "--group", "sink", "--samples", "3", "--interval", "1")
 
 
 async def _fill(bootstrap: str, topic: str) -> None:
@@ -42,7 +44,10 @@ async def _fill(bootstrap: str, topic: str) -> None:
         await producer.stop()
 
 
-async def _check(env: dict[str, str], *extra: str) -> tuple[int, str, str]:
+CheckRun = tuple[int, str, str]
+
+
+async def _check(env: dict[str, str], *extra: str) -> CheckRun:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -75,33 +80,57 @@ async def _scenario(bootstrap: str, env: dict[str, str]) -> None:
     )
     await member.start()
     member.assign(tp)
-    try:
-        # The sink drains steadily (Burrow: OK) but more than --warn-lag is left: WARNING.
+    position = 0
+
+    async def drain(stop: asyncio.Event) -> None:
+        """The sink at work: one more record per partition committed every 50 ms."""
+        nonlocal position
+        while not stop.is_set() and position < PER_PARTITION - 1:
+            position += 1
+            await member.commit({t: position for t in tp})
+            await asyncio.sleep(0.05)
+
+    async def flood(stop: asyncio.Event) -> None:
+        """Changes arriving three times as fast as the sink commits them."""
+        while not stop.is_set():
+            for t in tp:
+                for _ in range(3):
+                    await (await producer.send(t.topic, b"more", partition=t.partition))
+            await asyncio.sleep(0.05)
+
+    Work = Callable[[asyncio.Event], Awaitable[None]]
+
+    async def check_while(work: tuple[Work, ...], *extra: str) -> CheckRun:
+        """`lag --check EXTRA` while `work` goes on."""
         stop = asyncio.Event()
-
-        async def drain() -> None:
-            position = 0
-            while not stop.is_set() and position < PER_PARTITION - 1:
-                position += 1
-                await member.commit({t: position for t in tp})
-                await asyncio.sleep(0.05)
-
-        task = asyncio.create_task(drain())
+        tasks = [asyncio.create_task(w(stop)) for w in work]
         try:
-            code, out, err = await _check(env, "--warn-lag", "3", "--crit-lag", "100000")
+            return await _check(env, *extra)
         finally:
             stop.set()
-            await task
+            await asyncio.gather(*tasks)
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        # The sink commits but falls behind: Burrow's WARN, a WARNING.
+        code, out, err = await check_while((drain, flood))
         assert code == 1, out + err
-        assert out.startswith(f"LAG WARNING - {topics.sink_group} OK lag ")
+        assert out.startswith(f"LAG WARNING - {topics.sink_group} WARN lag "), out
+
+        # The sink drains steadily (Burrow: OK) but more than --warn-lag is left: WARNING.
+        code, out, err = await check_while((drain,), "--warn-lag", "3", "--crit-lag", "100000")
+        assert code == 1, out + err
+        assert out.startswith(f"LAG WARNING - {topics.sink_group} OK lag "), out
         assert ">= 3 messages" in out
 
         # Everything consumed: OK, even with the limits at their tightest.
-        await member.commit({t: PER_PARTITION for t in tp})
+        await member.commit(await member.end_offsets(tp))
         code, out, err = await _check(env, "--warn-lag", "1", "--warn-seconds", "0.001")
         assert code == 0, out + err
-        assert out.startswith(f"LAG OK - {topics.sink_group} OK lag 0 |")
+        assert out.startswith(f"LAG OK - {topics.sink_group} OK lag 0 |"), out
     finally:
+        await producer.stop()
         await member.stop()
 
 
@@ -133,6 +162,14 @@ def test_check_is_unknown_on_bad_options(topic_prefix: str, sqlite_url: str) -> 
     env = cli_env("127.0.0.1:9", topic_prefix, sqlite_url)
     code, out, _ = asyncio.run(_check(env, "--warn-seconds", "60", "--crit-seconds", "30"))
     assert (code, out) == (3, "LAG UNKNOWN - --warn-seconds (60) is above --crit-seconds (30)\n")
+    code, out, _ = asyncio.run(_check(env, "--watch", "--json"))
+    assert code == 3
+    assert json.loads(out) == {
+        "state": "UNKNOWN",
+        "exit_code": 3,
+        "summary": "LAG UNKNOWN - --check judges one burst of samples; it does not take --watch",
+        "report": None,
+    }
 
 
 def test_check_is_unknown_without_any_broker(topic_prefix: str, tmp_path: Path) -> None:
