@@ -91,11 +91,14 @@ async def _scenario(bootstrap: str, env: dict[str, str]) -> None:
             await asyncio.sleep(0.05)
 
     async def flood(stop: asyncio.Event) -> None:
-        """Changes arriving three times as fast as the sink commits them."""
+        """Changes arriving five times as fast as the sink commits them."""
         while not stop.is_set():
-            for t in tp:
-                for _ in range(3):
-                    await (await producer.send(t.topic, b"more", partition=t.partition))
+            sent = [
+                await producer.send(t.topic, b"more", partition=t.partition)
+                for t in tp
+                for _ in range(5)
+            ]
+            await asyncio.gather(*sent)
             await asyncio.sleep(0.05)
 
     Work = Callable[[asyncio.Event], Awaitable[None]]
