@@ -34,11 +34,11 @@ from khala_stream.contract import (
     read_tables,
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
-from khala_stream.contract.documents import read_headers
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
 from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
+from khala_stream.dead_letters import set_aside_records
 from khala_stream.errors import TransientError, WorkosKeyError
 from khala_stream.runtime import (
     Batch,
@@ -55,6 +55,7 @@ from processors.autopilots import parse_allowed_hosts
 from processors.derive import COUNTER_KEYS, Derivation, Derived, RunOptions
 from processors.identity import WorkosLookup
 from processors.lookups import SqlUserIds, TargetView
+from processors.screening import ScreenedDocuments, screen_documents
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import SqlWorkosCache, resolve_with_cache
 
@@ -197,34 +198,22 @@ class Processor:
         for the sink, if anything, once nothing is left for this stage."""
         self._until_idle = until_idle
         self._stop = stop or asyncio.Event()
-        runner: StageRunner[list[store.IncomingDocument]] = StageRunner(
+        runner: StageRunner[ScreenedDocuments] = StageRunner(
             self, self._settings.kafka, self._engine, self._retries, stop
         )
         return await runner.run(until_idle=until_idle)
 
     # ------------------------------------------------------------------ the Stage plug-in
 
-    def decode(self, batch: Batch) -> list[store.IncomingDocument]:
-        documents: list[store.IncomingDocument] = []
-        for records in batch.values():
-            for r in records:
-                provenance = read_headers(r.headers)
-                documents.append(
-                    store.IncomingDocument(
-                        run_id=provenance.run_id,
-                        table=provenance.table,
-                        key=(r.key or b"").decode(),
-                        line=provenance.line,
-                        content_hash=provenance.content_hash,
-                        doc_id=provenance.doc_id,
-                        raw=r.value or b"",
-                    )
-                )
-        return documents
+    def decode(self, batch: Batch) -> ScreenedDocuments:
+        return screen_documents(batch, self._topics)
 
     async def apply(
-        self, documents: list[store.IncomingDocument], batch: Batch
+        self, screened: ScreenedDocuments, batch: Batch
     ) -> dict[TopicPartition, int] | None:
+        documents = screened.documents
+        # What cannot be stored is set aside, acknowledged before the positions move past it.
+        await set_aside_records(self._producer, self._topics.dead_letters, screened.letters)
         positions: dict[TopicPartition, int] = {}
         try:
             async with self._engine.begin() as conn:
@@ -242,9 +231,7 @@ class Processor:
             return None
         return positions
 
-    async def applied(
-        self, documents: list[store.IncomingDocument], batch: Batch, seconds: float
-    ) -> None:
+    async def applied(self, screened: ScreenedDocuments, batch: Batch, seconds: float) -> None:
         by_table = self._by_table(batch)
         self._stored.added(by_table)
         await self._retries.database(self._stored.refresh_if_due)

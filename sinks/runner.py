@@ -10,20 +10,20 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics, status
 from khala_stream.config import Settings
-from khala_stream.contract import RowBatch, RowChange, Topics
-from khala_stream.contract.codec import decode_changes, encode_change, read_row_batch
+from khala_stream.contract import Topics
+from khala_stream.contract.codec import encode_change
 from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.db.importer_tables import ROWS
 from khala_stream.db.statistics import Growth
-from khala_stream.dead_letters import publish_dead_letters
+from khala_stream.dead_letters import publish_dead_letters, set_aside_records
 from khala_stream.runtime import Batch, Retries, StageClients, StageRunner, Waiting
+from sinks.screening import ScreenedChanges, screen_changes
 from sinks.sql_sink import OffsetAdvance, Refusal, SqlSink
 
 logger = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ def refusal_letter(refusal: Refusal, export_sha256: str | None) -> DeadLetter:
         export_sha256=export_sha256,
         run_id=change.run_id,
     )
-
-
-@dataclass
-class Decoded:
-    """A batch of the changes topic, read: single changes and packed row batches."""
-
-    changes: list[RowChange] = field(default_factory=list)
-    row_batches: list[RowBatch] = field(default_factory=list)
 
 
 class SinkService:
@@ -83,29 +75,24 @@ class SinkService:
     ) -> Waiting | None:
         """Run the stage (`khala_stream.runtime.StageRunner`); with `until_idle`, what is left
         for the processor (or the publisher), if anything, once the changes are applied."""
-        runner: StageRunner[Decoded] = StageRunner(
+        runner: StageRunner[ScreenedChanges] = StageRunner(
             self, self._settings.kafka, self._engine, self._retries, stop
         )
         return await runner.run(until_idle=until_idle)
 
     # ------------------------------------------------------------------ the Stage plug-in
 
-    def decode(self, batch: Batch) -> Decoded:
-        decoded = Decoded()
-        for records in batch.values():
-            for r in records:
-                if not r.value:
-                    continue
-                if (row_batch := read_row_batch(r.headers, r.value)) is not None:
-                    decoded.row_batches.append(row_batch)
-                else:
-                    decoded.changes += decode_changes(r.value)
-        return decoded
+    def decode(self, batch: Batch) -> ScreenedChanges:
+        return screen_changes(batch)
 
-    async def apply(self, decoded: Decoded, batch: Batch) -> dict[TopicPartition, int] | None:
+    async def apply(
+        self, screened: ScreenedChanges, batch: Batch
+    ) -> dict[TopicPartition, int] | None:
         assert self._clients is not None, "the runner has not started the clients"
         producer = self._clients.producer
-        changes, row_batches = decoded.changes, decoded.row_batches
+        changes, row_batches = screened.changes, screened.row_batches
+        # What must not be applied is set aside, acknowledged before the positions move past it.
+        await set_aside_records(producer, self._topics.dead_letters, screened.letters)
         offsets = [
             OffsetAdvance(
                 self.group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1
@@ -139,7 +126,7 @@ class SinkService:
         logger.debug("applied changes: %s", result.rows)
         return {tp: records[-1].offset + 1 for tp, records in batch.items()}
 
-    async def applied(self, decoded: Decoded, batch: Batch, seconds: float) -> None:
+    async def applied(self, screened: ScreenedChanges, batch: Batch, seconds: float) -> None:
         await self._retries.database(self._written.refresh_if_due)
 
     def attach(self, clients: StageClients) -> None:

@@ -104,8 +104,10 @@ class Stages:
         workers_process: int = 1,
         workers_sink: int = 1,
         verbose: bool = True,
+        stage_args: dict[Stage, Sequence[str]] | None = None,
     ) -> None:
         self.env = dict(env)
+        self._stage_args = dict(stage_args or {})  # extra flags of every worker of a stage
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._verbose = verbose
@@ -139,7 +141,7 @@ class Stages:
             self._initialised = True
         for proc in self._procs.values():
             if proc.stage != "publish" and (proc.popen is None or proc.popen.poll() is not None):
-                self._spawn(proc, self._command(proc.stage))
+                self._spawn(proc, self._command(proc.stage, *self._stage_args.get(proc.stage, ())))
         return self
 
     def _command(self, stage: Stage, *args: str) -> list[str]:
@@ -200,7 +202,7 @@ class Stages:
             raise StageError(f"{stage}[{index}] is still running; kill it first")
         if stage == "publish":
             raise StageError("a publisher is not restarted: publish again (a new run)")
-        self._spawn(proc, self._command(stage))
+        self._spawn(proc, self._command(stage, *self._stage_args.get(stage, ())))
 
     def alive(self, stage: Stage, index: int = 0) -> bool:
         proc = self._get(stage, index)
@@ -225,7 +227,7 @@ class Stages:
             if p.stage != "publish" and p.popen is not None and p.popen.poll() is not None:
                 revived.append(f"{p.stage}[{p.index}] (exit {p.popen.returncode})")
                 p.killed = True
-                self._spawn(p, self._command(p.stage))
+                self._spawn(p, self._command(p.stage, *self._stage_args.get(p.stage, ())))
         return revived
 
     def stop(self, timeout: float = 10.0) -> None:
