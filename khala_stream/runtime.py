@@ -348,11 +348,12 @@ class StageRunner(Generic[D]):
         """Run the loop; with `until_idle`, returns what is left for the other stage, if any
         (None: nothing), instead of waiting for it."""
         stage, retries = self._stage, self._retries
+        trimmer = Trimmer(self._kafka)
+        waiting: Waiting | None = None
         self.state = State.STARTING
         try:
             clients = await retries.broker(self._connect)
             poller = Poller(clients.consumer, stage.batch_records, self._stop)
-            trimmer = Trimmer(self._kafka)
             self.state = State.RUNNING
             while not self._stop.is_set():
                 batch = await poller.poll()
@@ -361,14 +362,12 @@ class StageRunner(Generic[D]):
                 busy = await retries.database(lambda: stage.between(until_idle=until_idle))
                 idle = until_idle and not batch and not busy
                 if idle and await retries.broker(lambda: caught_up(clients.consumer)):
+                    waiting = await retries.database(stage.waiting)
                     break
-            await trimmer.consumed({}, now=True)  # stopping: what is applied, at once
         except NeedsStage as needs:
-            self.state = State.STOPPING
-            return needs.waiting
+            waiting = needs.waiting
         except Stopping:
-            self.state = State.STOPPING
-            return None
+            pass
         except Exception:
             self.state = State.FAILED
             raise
@@ -379,7 +378,8 @@ class StageRunner(Generic[D]):
                 await self.clients.close()
             if self.state is not State.FAILED:
                 self.state = State.STOPPED
-        return await retries.database(stage.waiting) if until_idle else None
+        await trimmer.consumed({}, now=True)  # stopped cleanly: what is applied, at once
+        return waiting
 
     async def _connect(self) -> StageClients:
         """Fresh clients, started and positioned (a client whose start failed cannot start
