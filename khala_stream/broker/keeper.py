@@ -36,6 +36,7 @@ from khala_stream.broker.local_broker import (
     running_broker,
     start_local_broker,
 )
+from khala_stream.errors import RuntimeFailure
 from khala_stream.processes import pid_alive
 
 __all__ = ["shared_broker"]
@@ -107,7 +108,8 @@ def serve(home: Path, idle_s: float) -> int:
                     claim = unused
                     break
                 else:
-                    idle_since = idle_since or now
+                    if idle_since is None:
+                        idle_since = now
                     os.close(unused)
             time.sleep(_POLL_S)
     finally:
@@ -170,13 +172,13 @@ async def _attach(
         keeper = spawned[-1] if spawned else None
         code = keeper.poll() if keeper is not None else None
         if code not in (None, 0, BUSY_EXIT):
-            raise RuntimeError(
+            raise RuntimeFailure(
                 f"the embedded Kafka broker did not start (exit {code}); see {log_path}"
             )
         if (keeper is None or code is not None) and not data_dir_in_use(data):
             spawned.append(_spawn_keeper(home, idle_s, log_path))
         if time.monotonic() >= deadline:
-            raise RuntimeError(
+            raise RuntimeFailure(
                 f"the embedded Kafka broker on {data} did not answer within {timeout:.0f}s;"
                 f" see {log_path}"
             )

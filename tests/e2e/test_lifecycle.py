@@ -327,3 +327,34 @@ def test_a_second_command_reuses_the_running_broker(
     assert product_processes(mark) == {}
     census.assert_never_two()
     assert census.most[str((home / "broker" / "data").resolve())] == 1
+
+
+def first_line(proc: subprocess.Popen[str]) -> str:
+    """The command's first line of output, read in a thread so that the wait is bounded."""
+    stdout = proc.stdout
+    assert stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(LIMIT_S)
+    assert lines and lines[0], f"no output from {proc.args}"
+    return lines[0]
+
+
+def test_commands_started_together_share_one_broker_until_the_last_leaves(
+    sqlite_url: str, mark: str, census: BrokerCensus, tmp_path: Path
+) -> None:
+    env = environment(mark, sqlite_url, None, tmp_path / "home")
+    watches = [
+        start(["lag", "--watch", "--json", "--interval", "0.5"], env, tmp_path) for _ in range(3)
+    ]
+    for watch in watches:
+        first_line(watch)  # a sample: this one reached the broker
+    (broker,) = brokers(mark)
+
+    for watch in watches[:-1]:
+        assert stop(watch, signal.SIGTERM).exit_code == 143
+        assert brokers(mark) == [broker]  # still in use by the last one
+    assert stop(watches[-1], signal.SIGTERM).exit_code == 143
+    assert product_processes(mark) == {}
+    census.assert_never_two()
