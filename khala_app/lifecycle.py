@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 __all__ = ["STOP_GRACE_S", "Interrupted", "run_until_signalled", "stop_signals"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 4.0
 """How long a stage service may take to reach its batch boundary once asked to stop."""
@@ -80,7 +83,17 @@ async def _cancelled_by_signals(
             task.cancel()
         else:
             on_signal()
-            loop.call_later(STOP_GRACE_S, task.cancel)
+            loop.call_later(STOP_GRACE_S, cancel_late)
+
+    def cancel_late() -> None:
+        if task.done():
+            return
+        logger.warning(
+            "not stopped %gs after %s: cancelling the work in progress (a rerun redoes it)",
+            STOP_GRACE_S,
+            signal.Signals(received[0]).name,
+        )
+        task.cancel()
 
     previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     for sig in _SIGNALS:
@@ -90,7 +103,7 @@ async def _cancelled_by_signals(
     except BaseException as exc:
         # Whatever a stop cut short (a cancel, or an error it caused) ends as the signal's code.
         if received and not isinstance(exc, Interrupted):
-            raise Interrupted(received[0]) from None
+            raise Interrupted(received[0]) from exc
         raise
     finally:
         for sig, handler in previous.items():
