@@ -137,6 +137,7 @@ async def shared_broker(home: Path, *, idle_s: float, timeout: float = 120.0) ->
     Leaving as the last user stops the broker (its keeper saves the snapshot); leaving any other
     way (killed) lets the keeper stop it after `idle_s` seconds without users.
     """
+    home = home.resolve()  # the keeper may outlive this command's working directory
     home.mkdir(parents=True, exist_ok=True)
     lease = _open_lock(_paths(home)[1])
     try:

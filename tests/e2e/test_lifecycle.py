@@ -266,7 +266,9 @@ def test_sigkill_to_import_chat_alone_leaves_nothing_running_for_long(
     census.assert_never_two()
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
 def test_a_signal_to_lag_watch_stops_it_and_its_broker(
     signum: int, code: int, sqlite_url: str, mark: str, census: BrokerCensus, tmp_path: Path
 ) -> None:
