@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-STOP_GRACE_S = 4.0
+STOP_GRACE_S = 2.5
 """How long a stage service may take to reach its batch boundary once asked to stop."""
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)

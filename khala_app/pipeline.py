@@ -328,7 +328,7 @@ async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.sub
     return name, child
 
 
-_STAGE_STOP_S = 6.0
+_STAGE_STOP_S = 5.0
 """How long a stage child may take to stop on SIGTERM (it cancels its work after
 khala_app.lifecycle.STOP_GRACE_S) before SIGKILL: the whole import stops within 10 s."""
 
