@@ -360,3 +360,21 @@ def test_commands_started_together_share_one_broker_until_the_last_leaves(
     assert stop(watches[-1], signal.SIGTERM).exit_code == 143
     assert product_processes(mark) == {}
     census.assert_never_two()
+
+
+def test_the_broker_dies_with_its_keeper_and_the_next_command_starts_another(
+    sqlite_url: str, mark: str, census: BrokerCensus, tmp_path: Path
+) -> None:
+    env = environment(mark, sqlite_url, None, tmp_path / "home")
+    watch = start(["lag", "--watch", "--json", "--interval", "0.5"], env, tmp_path)
+    first_line(watch)
+    (keeper,) = [p for p, c in product_processes(mark).items() if "broker.keeper" in c]
+    assert len(brokers(mark)) == 1
+
+    os.kill(keeper, signal.SIGKILL)
+    wait_for("the broker to stop", lambda: brokers(mark) == [], watch)
+
+    ok(khala(["lag", "--json"], env, cwd=tmp_path, timeout=LIMIT_S))  # starts a new broker
+    assert stop(watch, signal.SIGTERM).exit_code == 143
+    assert product_processes(mark) == {}
+    census.assert_never_two()
