@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
 from typing import Any, TypeVar
@@ -40,6 +41,10 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _raise(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
@@ -47,6 +52,9 @@ def _raise(signum: int, _frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
     """Inside, outside the event loop, SIGTERM and SIGINT raise Interrupted (`finally` runs)."""
+    if not _in_main_thread():  # only the main thread may set signal handlers
+        yield
+        return
     previous = {sig: signal.signal(sig, _raise) for sig in _SIGNALS}
     try:
         yield
@@ -95,6 +103,8 @@ async def _cancelled_by_signals(
         )
         task.cancel()
 
+    if not _in_main_thread():
+        return await coro
     previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     for sig in _SIGNALS:
         loop.add_signal_handler(sig, handle, sig)
