@@ -33,6 +33,7 @@ from pathlib import Path
 from khala_stream.broker.local_broker import (
     BrokerBusy,
     data_dir_in_use,
+    find_broker_binary,
     running_broker,
     start_local_broker,
 )
@@ -137,6 +138,7 @@ async def shared_broker(home: Path, *, idle_s: float, timeout: float = 120.0) ->
     Leaving as the last user stops the broker (its keeper saves the snapshot); leaving any other
     way (killed) lets the keeper stop it after `idle_s` seconds without users.
     """
+    find_broker_binary()  # a missing noida-db is this command's usage error, not the keeper's
     home = home.resolve()  # the keeper may outlive this command's working directory
     home.mkdir(parents=True, exist_ok=True)
     lease = _open_lock(_paths(home)[1])
