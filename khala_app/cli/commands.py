@@ -57,10 +57,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("generate", help="write a synthetic export (deterministic per seed)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--users", type=int, default=20)
+    p.add_argument("--users", type=_count, default=20)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads-per-user", type=int, default=3)
-    p.add_argument("--messages-per-thread", type=int, default=8)
+    p.add_argument("--threads-per-user", type=_count, default=3)
+    p.add_argument("--messages-per-thread", type=_count, default=8)
     p.add_argument("--edge-cases", action="store_true", help="include the reference's edge cases")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=generate)
@@ -87,6 +87,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     operations.register(sub)
     for name in ("publish", "process", "sink"):
         operations.add_metrics_flags(sub.choices[name])
+
+
+def _count(text: str) -> int:
+    """A whole number of things, 0 or more (argparse: exit 2 with one line otherwise)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
+    return int(text)
 
 
 def _import_flags(p: argparse.ArgumentParser) -> None:
@@ -299,11 +306,16 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 def db_init(args: argparse.Namespace, settings: Settings) -> int:
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
 
     async def go() -> list[str]:
         engine = create_engine(settings.database_url)
         try:
-            return await init_db(engine)
+            return await with_retries(
+                lambda: init_db(engine),
+                what="the database",
+                deadline_s=settings.retry_deadline_s,
+            )
         finally:
             await engine.dispose()
 
@@ -319,13 +331,21 @@ async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
 
     engine = create_engine(settings.database_url)
     try:
-        await init_db(engine, laravel=False)
+        await with_retries(
+            lambda: init_db(engine, laravel=False),
+            what="the database",
+            deadline_s=settings.retry_deadline_s,
+        )
         async with broker_session(settings) as live:
-            result: dict[str, Any] = await action(
-                live.kafka, engine, Topics(live.topic_prefix).dead_letters
+            # Reading the letters and applying them again are both safe to repeat.
+            result: dict[str, Any] = await with_retries(
+                lambda: action(live.kafka, engine, Topics(live.topic_prefix).dead_letters),
+                what="the broker and the database",
+                deadline_s=settings.retry_deadline_s,
             )
             return result
     finally:
