@@ -47,7 +47,13 @@ from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import end_offsets, with_retries
 from processors import store
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, DELETED_WITH, Derivation, RunOptions
+from processors.derive import (
+    COUNTER_KEYS,
+    DELETED_WITH,
+    Derivation,
+    RunOptions,
+    withheld_deletes,
+)
 from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
@@ -86,6 +92,8 @@ class ImportReport:
     missing_key: dict[str, int] = field(default_factory=dict)
     refused: list[tuple[str, str, str]] = field(default_factory=list)
     ignored_tables: list[str] = field(default_factory=list)
+    deletes_withheld: dict[str, str] = field(default_factory=dict)
+    """--propagate-deletes: the tables that deleted nothing, and why."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +114,7 @@ class ImportReport:
             "missing_key": self.missing_key,
             "refused_rows": [{"table": t, "key": k, "reason": r} for t, k, r in self.refused],
             "ignored_tables": self.ignored_tables,
+            "deletes_withheld": self.deletes_withheld,
         }
 
 
@@ -374,6 +383,9 @@ def _fill_from_published(report: ImportReport, published: dict[str, Any]) -> Non
     report.missing_key = published.get("missing_key", {})
     report.rejected_lines = [(f, int(n), r) for f, n, r in published.get("rejected_lines", [])]
     report.ignored_tables = published.get("ignored_tables", [])
+    if report.options.propagate_deletes:
+        tables = read_tables(report.options.skip_blueprints)
+        report.deletes_withheld = withheld_deletes(published, tables)
 
 
 # -- dry run ---------------------------------------------------------------------------------
@@ -436,6 +448,7 @@ async def _dry_run(
                             replace=options.replace,
                             skip_blueprints=options.skip_blueprints,
                             propagate_deletes=options.propagate_deletes,
+                            withheld_deletes=report.deletes_withheld,
                         ),
                         documents=scratch,
                         view=TargetView(view, replace=options.replace, ledger=with_ledger),
@@ -452,7 +465,7 @@ async def _dry_run(
         # The scratch store holds this export only: what vanished is counted in the real
         # ledger, and a real run sends one delete per vanished document and row table.
         for table, stats in report.documents.items():
-            if not stats["deleted"]:
+            if not stats["deleted"] or table in report.deletes_withheld:
                 continue
             for target in DELETED_WITH[table]:
                 report.written[target] = report.written.get(target, 0) + stats["deleted"]
@@ -525,6 +538,7 @@ async def _load_scratch(
         "missing_key": dict(missing),
         "rejected_lines": lines,
         "ignored_tables": sorted(t for t in export.tables if t not in SOURCE_TABLES),
+        "tables": sorted(t for t in export.tables if t in SOURCE_TABLES),
     }
 
 

@@ -51,7 +51,13 @@ from khala_stream.runtime import (
 )
 from processors import store, unchanged
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, Derivation, Derived, RunOptions
+from processors.derive import (
+    COUNTER_KEYS,
+    Derivation,
+    Derived,
+    RunOptions,
+    withheld_deletes,
+)
 from processors.identity import WorkosLookup
 from processors.lookups import SqlUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
@@ -376,6 +382,7 @@ class Processor:
             replace=flags.replace,
             skip_blueprints=flags.skip_blueprints,
             propagate_deletes=flags.propagate_deletes,
+            withheld_deletes=withheld_deletes(run.published, read_tables(flags.skip_blueprints)),
         )
         fingerprint = unchanged.fingerprint(
             options, resolve_workos_users=flags.resolve_workos_users
