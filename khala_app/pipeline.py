@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_app.guards import check_workos_key, refuse_empty
 from khala_app.topic_owner import prepare_topics
 from khala_stream import import_runs
 from khala_stream.backpressure import Backpressure
@@ -42,7 +43,7 @@ from khala_stream.contract.documents import document_hash, document_key
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
-from khala_stream.errors import RuntimeFailure, WorkosKeyError
+from khala_stream.errors import RuntimeFailure
 from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import end_offsets, with_retries
 from processors import store
@@ -72,6 +73,8 @@ class ImportOptions:
     resolve_workos_users: bool = False
     skip_blueprints: bool = False
     propagate_deletes: bool = False
+    allow_empty: bool = False
+    """--replace of an export without a single document (it empties the chat tables)."""
     deadline_s: float = 120.0
     """How long to wait for an unreachable database or broker before exit 1."""
 
@@ -131,19 +134,12 @@ async def import_chat(
         source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
     ) as export:
         export.verify(read_tables(options.skip_blueprints))
-        workos = await _check_workos(settings) if options.resolve_workos_users else None
+        if options.replace and not options.allow_empty:
+            refuse_empty(export, read_tables(options.skip_blueprints))
+        workos = await check_workos_key(settings) if options.resolve_workos_users else None
         if options.dry_run:
             return await _dry_run(settings, export, options, workos)
         return await _write_run(settings, export, options, progress)
-
-
-async def _check_workos(settings: Settings) -> WorkosClient:
-    key = settings.workos_api_key
-    if key is None:
-        raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
-    async with WorkosClient(api_key=key.reveal(), base_url=settings.workos_base_url) as client:
-        await client.check_key()
-    return client
 
 
 @contextlib.asynccontextmanager

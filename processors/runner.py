@@ -449,10 +449,12 @@ class Processor:
         statistics: dict[str, store.TableChanges],
     ) -> Derived:
         flags = run.flags
-        if flags.replace:
-            await self._truncate_first(run.id, out)
         async with contextlib.AsyncExitStack() as stack:
+            # The WorkOS key is checked before the truncation: a missing or refused key must
+            # not leave the chat tables empty.
             workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
+            if flags.replace:
+                await self._truncate_first(run.id, out)
             derivation = Derivation(
                 options=options,
                 documents=self._engine,
@@ -492,6 +494,7 @@ class Processor:
         client = await stack.enter_async_context(
             WorkosClient(api_key=key.reveal(), base_url=self._settings.workos_base_url)
         )
+        await client.check_key()
         cache = SqlWorkosCache(self._engine)
 
         async def lookup(ids: Sequence[str]) -> dict[str, WorkosUser | None]:

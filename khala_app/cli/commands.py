@@ -99,6 +99,11 @@ def _count(text: str) -> int:
 def _import_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace", action="store_true", help="empty the six chat tables first")
     p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="let --replace import an export without a single document (empties the tables)",
+    )
+    p.add_argument(
         "--resolve-workos-users",
         action="store_true",
         help="look up blank or invalid emails in WorkOS (WORKOS_API_KEY)",
@@ -148,6 +153,7 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
         resolve_workos_users=args.resolve_workos_users,
         skip_blueprints=args.skip_blueprints,
         propagate_deletes=args.propagate_deletes,
+        allow_empty=args.allow_empty,
         deadline_s=args.retry_deadline,
     )
     source = args.export or SAMPLE_EXPORT
@@ -174,6 +180,7 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from khala_app.cli import operations
+    from khala_app.guards import check_workos_key, refuse_empty
     from khala_app.topic_owner import prepare_topics
     from khala_stream import import_runs
     from khala_stream.broker.clients import broker_session, make_producer
@@ -186,6 +193,11 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
         args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
     ) as export:
         export.verify(read_tables(args.skip_blueprints))
+        # Before anything is written: the processor truncates first under --replace.
+        if args.replace and not args.allow_empty:
+            refuse_empty(export, read_tables(args.skip_blueprints))
+        if args.resolve_workos_users:
+            await check_workos_key(settings)
         engine = create_engine(settings.database_url)
         try:
             await init_db(engine)
