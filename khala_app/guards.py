@@ -6,6 +6,7 @@ Light on imports on purpose: the publish stage runs them without loading the pro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,11 +25,13 @@ def refuse_empty(export: ExportSource, tables: Sequence[str]) -> None:
 
     Reads until the first document, so a real export costs one line."""
     for table in tables:
-        for item in export.iter_table(table):
-            if isinstance(item, RejectedLine):
-                continue
-            if document_key(table, item.doc, document_hash(item.doc)) is not None:
-                return
+        # closing: the entry is left after its first document, and must not stay open.
+        with contextlib.closing(export.iter_table(table)) as items:  # type: ignore[type-var]
+            for item in items:
+                if isinstance(item, RejectedLine):
+                    continue
+                if document_key(table, item.doc, document_hash(item.doc)) is not None:
+                    return
     raise UsageError(
         f"{export.path}: --replace of an export without a single document would empty the chat"
         " tables; nothing was written (add --allow-empty if that is what you want)"

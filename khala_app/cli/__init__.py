@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("--topic-prefix", help="prefix of topics and groups (KHALA_TOPIC_PREFIX)")
     parser.add_argument(
-        "--database-url", help="SQLAlchemy URL of the Laravel database (DATABASE_URL)"
+        "--database-url",
+        help="SQLAlchemy URL of the Laravel database, without a password (DATABASE_URL)",
     )
     parser.add_argument("--bootstrap-servers", help="Kafka brokers (KAFKA_BOOTSTRAP_SERVERS)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
