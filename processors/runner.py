@@ -452,7 +452,11 @@ class Processor:
         async with contextlib.AsyncExitStack() as stack:
             # The WorkOS key is checked before the truncation: a missing or refused key must
             # not leave the chat tables empty.
-            workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
+            workos = (
+                await self._workos_lookup(stack, check=flags.replace)
+                if flags.resolve_workos_users
+                else None
+            )
             if flags.replace:
                 await self._truncate_first(run.id, out)
             derivation = Derivation(
@@ -487,14 +491,19 @@ class Processor:
             polls += 1
             await asyncio.sleep(0.2)
 
-    async def _workos_lookup(self, stack: contextlib.AsyncExitStack) -> WorkosLookup:
+    async def _workos_lookup(
+        self, stack: contextlib.AsyncExitStack, *, check: bool
+    ) -> WorkosLookup:
+        """The run's WorkOS look-ups; `check`: ask WorkOS whether it takes the key first (one
+        request; a refused key is a WorkosKeyError, exit 2)."""
         key = self._settings.workos_api_key
         if key is None:
             raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
         client = await stack.enter_async_context(
             WorkosClient(api_key=key.reveal(), base_url=self._settings.workos_base_url)
         )
-        await client.check_key()
+        if check:
+            await client.check_key()
         cache = SqlWorkosCache(self._engine)
 
         async def lookup(ids: Sequence[str]) -> dict[str, WorkosUser | None]:
