@@ -195,7 +195,7 @@ def is_database_error(exc: BaseException) -> bool:
     )
 
 
-# A value the message quotes: anything in quotes, or after the last `: ` of a data exception
+# A value the message quotes: anything in quotes, or after the first `: ` of a data exception
 # (`invalid input syntax for type integer: "x"`, `... argument $3: 'x' (expected str, got int)`).
 _QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"")
 _ARGUMENT: Final = re.compile(r"^(invalid input for query argument \$(\d+))(?: in element .*?)?: ")
@@ -254,7 +254,7 @@ def _client_data_error(exc: BaseException, err: BaseException, text: str) -> str
     insert = _INSERT.search(statement or "")
     if insert is not None:
         columns = [c.strip().strip('"') for c in insert.group(2).split(",")]
-        values = [v.strip() for v in insert.group(3).split(",")]
+        values = [v.strip().split("::")[0] for v in insert.group(3).split(",")]  # `$3::INTEGER`
         position = f"${match.group(2)}"
         if position in values and len(values) == len(columns):
             head = f"invalid input for {insert.group(1)}.{columns[values.index(position)]}"
