@@ -13,6 +13,7 @@ ReasonCode = Literal[
     "invalid_json",  # a line that is not JSON
     "not_object",  # JSON, but not an object
     "too_long",  # a line longer than a document may be (its first bytes are kept)
+    "too_deep",  # an object nested deeper than a document may be
     "missing_key",  # an object without the key field of its table
     "db_refused",  # a row the database refused (too long, out of range, ...)
 ]
