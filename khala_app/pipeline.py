@@ -38,7 +38,7 @@ from khala_stream.contract import (
     Topics,
     read_tables,
 )
-from khala_stream.contract.documents import document_hash, document_key
+from khala_stream.contract.documents import document_hash, document_key, keyless_key
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
@@ -501,7 +501,9 @@ async def _load_scratch(
             key = document_key(table, item.doc, digest)
             if key is None:
                 missing[table] += 1
-                continue
+                key = keyless_key(table, digest)  # as the publisher does
+                if key is None:
+                    continue
             batch.append(
                 store.IncomingDocument(
                     run_id=run_id,
@@ -544,6 +546,7 @@ async def _document_stats(
                     await conn.execute(
                         sa.select(c.doc_key, c.content_hash)
                         .where(c.source_table == table, c.export_seq == run_id, c.doc_key > last)
+                        .where(store.keyed(c.doc_key))
                         .order_by(c.doc_key)
                         .limit(2000)
                     )
@@ -565,7 +568,10 @@ async def _document_stats(
         if ledger is not None:
             async with ledger.connect() as conn:
                 total = await conn.scalar(
-                    sa.select(sa.func.count()).select_from(DOCUMENTS).where(c.source_table == table)
+                    sa.select(sa.func.count())
+                    .select_from(DOCUMENTS)
+                    .where(c.source_table == table)
+                    .where(store.keyed(c.doc_key))
                 )
             counts["deleted"] = int(total or 0) - counts["updated"] - counts["unchanged"]
         stats[table] = counts
