@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from khala_stream.config import Settings
+from khala_stream.terminal import printable
 
 if TYPE_CHECKING:
     from khala_stream.progress import ProgressCallback
@@ -343,7 +344,7 @@ def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")
         mine = [d for d in data["letters"] if d["reason_code"] == code]
-        lines += [f"  {d['location']}: {d['reason']}" for d in mine[:20]]
+        lines += [f"  {printable(d['location'])}: {printable(d['reason'])}" for d in mine[:20]]
         if len(mine) > 20:
             lines.append(f"  ... and {len(mine) - 20} more (--json lists all)")
     _emit(args, data, lines)
@@ -362,6 +363,9 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         f" {len(data['still_refused'])} still refused",
         f"{data['not_retryable']} bad source lines need a corrected export",
     ]
-    lines += [f"  {r['table']} {r['key']}: {r['reason']}" for r in data["still_refused"]]
+    lines += [
+        f"  {r['table']} {printable(r['key'])}: {printable(r['reason'])}"
+        for r in data["still_refused"]
+    ]
     _emit(args, data, lines)
     return 0 if not data["still_refused"] else 1
