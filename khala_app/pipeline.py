@@ -119,7 +119,10 @@ async def import_chat(
     """Import one export; raises KhalaError subclasses with their exit codes."""
     # An invalid source fails here, before any write.
     with open_export(
-        source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        source,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(read_tables(options.skip_blueprints))
         workos = await _check_workos(settings) if options.resolve_workos_users else None

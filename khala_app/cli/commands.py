@@ -124,7 +124,10 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
     from producers.validation import validate_export
 
     report = validate_export(
-        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        args.export,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     )
     _emit(args, report.to_json(), report.lines())
     return 0
@@ -160,7 +163,9 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
     if not enabled:
         yield None
         return
-    with open_export(source, max_entry_bytes=1 << 62, max_ratio=1e12) as export:
+    with open_export(
+        source, max_entry_bytes=1 << 62, max_ratio=1e12, max_total_bytes=1 << 62
+    ) as export:
         estimates = estimate_lines(export.path, export.tables)
     with table_progress(estimates=estimates) as progress:
         yield progress
@@ -177,7 +182,10 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
     from producers.publisher import Publisher
 
     with open_export(
-        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        args.export,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(read_tables(args.skip_blueprints))
         engine = create_engine(settings.database_url)

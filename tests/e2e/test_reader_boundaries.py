@@ -132,6 +132,10 @@ def test_a_compressible_line_of_8_mib_imports(
     env = env_for(kafka_bootstrap, topic_prefix, pg_url)
     checked = ok(khala(["validate", str(export)], env))
     assert "Rejected lines: 0" in checked.stdout
+    # What refuses a bomb is inflated size: the limit on all source tables together, here.
+    small = khala(["validate", str(export)], env | {"KHALA_MAX_TOTAL_BYTES": str(2**20)})
+    assert small.exit_code == 2
+    assert small.stderr.endswith(f"(limit {2**20}); refused as a decompression bomb\n")
     result = ok(khala(["import-chat", str(export)], env))
     no_traceback(result)
     assert result.counters["users_imported"] == 1
