@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_ENTRY_BYTES",
     "DEFAULT_MAX_RATIO",
     "DEFAULT_MAX_TOTAL_BYTES",
+    "HOLDS_NUL",
     "MAX_DEPTH",
     "RATIO_FROM_BYTES",
     "TOO_DEEP",
@@ -62,6 +63,7 @@ and stores a document by re-encoding it (orjson refuses past 254 levels) and emb
 values a few levels deeper in rows (a receipt's `json` in a run event's payload), so the limit
 keeps well clear of that; real documents nest a handful of levels."""
 TOO_DEEP: Final = f"nested deeper than {MAX_DEPTH} levels"
+HOLDS_NUL: Final = "holds a NUL character (\\u0000), which PostgreSQL cannot store"
 _BOM: Final = b"\xef\xbb\xbf"
 _NO_CHAT_TABLES: Final = "holds none of the chat tables users, threads, runs, messages, receipts"
 _DRIVE: Final = re.compile(r"^[A-Za-z]:")
@@ -230,8 +232,9 @@ def _parse_lines(
 def parse_document(line: bytes) -> tuple[dict[str, Any] | None, str]:
     """The one parse rule for a line (SPEC §8.1): (the document, "") or (None, why not).
 
-    A document is a JSON object nested at most `MAX_DEPTH` levels: anything the product
-    could not hash, publish and store is refused here, with its reason, never later.
+    A document is a JSON object nested at most `MAX_DEPTH` levels, with no NUL character in
+    any of its strings: anything the product could not hash, publish and store is refused
+    here, with its reason, never later.
     """
     try:
         value = orjson.loads(line)
@@ -248,7 +251,26 @@ def parse_document(line: bytes) -> tuple[dict[str, Any] | None, str]:
     # Only a line with enough brackets can nest that deep: the count is C-speed, the walk not.
     if line.count(b"{") + line.count(b"[") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):
         return None, TOO_DEEP
+    # JSON can only spell U+0000 as this escape (its text may be an escaped backslash too).
+    if b"\\u0000" in line and _holds_nul(value):
+        return None, HOLDS_NUL
     return value, ""
+
+
+def _holds_nul(value: object) -> bool:
+    """Whether any string of a parsed value, keys included, holds U+0000 (no recursion)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\0" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _deeper_than(value: object, limit: int) -> bool:

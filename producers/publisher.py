@@ -39,7 +39,13 @@ from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import with_retries
 from producers.batches import PartitionedBatches
-from producers.export_reader import TOO_DEEP, ExportSource, RejectedLine, SourceDocument
+from producers.export_reader import (
+    HOLDS_NUL,
+    TOO_DEEP,
+    ExportSource,
+    RejectedLine,
+    SourceDocument,
+)
 from producers.ledger import mark_unchanged
 
 logger = logging.getLogger(__name__)
@@ -93,6 +99,8 @@ def reason_code(rejected: RejectedLine) -> ReasonCode:
         return "too_long"
     if rejected.reason == TOO_DEEP:
         return "too_deep"
+    if rejected.reason == HOLDS_NUL:
+        return "holds_nul"
     return "invalid_json"
 
 

@@ -116,6 +116,28 @@ def test_documents_nested_too_deep_are_rejected_lines_and_the_rest_imported(
     ]
 
 
+@pytest.mark.postgres
+def test_a_document_holding_nul_is_a_rejected_line_not_a_stopped_processor(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> None:
+    """Before: a messageId holding U+0000 stopped the processor on every rerun (PostgreSQL
+    text cannot store it: the document store's COPY failed)."""
+    line = orjson.dumps(
+        {"_id": "messages:nul", "messageId": "m\u0000x", "threadId": corpus.THREAD,
+         "role": "user", "text": "t", "createdAtMs": 1}
+    )  # fmt: skip
+    export = corpus.write_zip(tmp_path / "nul.zip", entries_with({"messages": [line]}))
+    env = env_for(kafka_bootstrap, topic_prefix, pg_url)
+    result = khala(["import-chat", str(export)], env)
+    no_traceback(result)
+    ok(result)
+    reason = "holds a NUL character (\\u0000), which PostgreSQL cannot store"
+    assert f"    messages/documents.jsonl:3: {reason}" in result.stdout
+    assert counts(pg_url) == FIXTURE_A_ROWS
+    (letter,) = dead_letters(kafka_bootstrap, topic_prefix)
+    assert (letter.letter.reason_code, letter.letter.raw) == ("holds_nul", line)
+
+
 # --------------------------------------------------------------------------- item 6
 
 

@@ -376,6 +376,32 @@ def test_a_document_nested_to_the_limit_is_kept_and_can_be_hashed(tmp_path: Path
     orjson.dumps({"values": {"payload": {"json": doc.doc}}})
 
 
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"messageId": "m\u0000x"},  # a key: PostgreSQL text cannot store it
+        {"messageId": "m", "text": "a\u0000b"},
+        {"messageId": "m", "meta": {"k\u0000": 1}},  # a field name, nested
+        {"messageId": "m", "meta": [["\u0000"]]},
+    ],
+)
+def test_a_document_holding_nul_is_a_rejected_line(
+    tmp_path: Path, document: dict[str, object]
+) -> None:
+    line = orjson.dumps(document)
+    assert b"\\u0000" in line
+    (bad,) = rejected(one_table(tmp_path, line + b"\n", "messages"))
+    assert bad.reason == "holds a NUL character (\\u0000), which PostgreSQL cannot store"
+    assert reason_code(bad) == "holds_nul"
+
+
+def test_an_escaped_backslash_before_u0000_is_no_nul(tmp_path: Path) -> None:
+    line = orjson.dumps({"messageId": "m", "text": "C:\\u0000"})
+    assert b"\\\\u0000" in line
+    (doc,) = docs(one_table(tmp_path, line + b"\n", "messages"))
+    assert doc.doc["text"] == "C:\\u0000"
+
+
 def test_brackets_inside_strings_are_not_nesting(tmp_path: Path) -> None:
     line = orjson.dumps({"userId": "user_1", "text": "[{" * 500})
     (doc,) = docs(one_table(tmp_path, line + b"\n"))
