@@ -105,7 +105,7 @@ class ValidationReport:
     def lines(self) -> list[str]:
         # Table and entry names come from the export: printed escaped.
         out = [
-            f"Export: {self.path} ({self.kind})",
+            f"Export: {printable(str(self.path))} ({self.kind})",
             f"Size: {self.size_bytes} bytes",
             f"sha256: {self.sha256}",
         ]

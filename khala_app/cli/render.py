@@ -32,7 +32,7 @@ def summary_lines(report: ImportReport) -> list[str]:
     )
     lines = [
         "Khala chat import starting...",
-        f"  source: {report.source}",
+        f"  source: {printable(report.source)}",
         f"  mode: {'dry-run' if o.dry_run else 'write'}",
         f"  replace: {'yes' if o.replace else 'no'}",
         f"  resolve_workos_users: {'yes' if o.resolve_workos_users else 'no'}",
