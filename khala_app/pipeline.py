@@ -504,7 +504,7 @@ async def _load_scratch(
             key = document_key(table, item.doc, digest)
             if key is None:
                 missing[table] += 1
-                key = keyless_key(table, digest)  # as the publisher does
+                key = keyless_key(table, item.line, digest)  # as the publisher does
                 if key is None:
                     continue
             batch.append(

@@ -222,14 +222,14 @@ def _parse_lines(
             line = line[:-1]
         if not line.strip():  # bytes.strip() strips ASCII whitespace only
             continue
-        document, reason = parse_document(line)
+        document, reason = _parse_document(line)
         if document is not None:
             yield SourceDocument(table=table, entry=entry, line=number, raw=line, doc=document)
         else:
             yield RejectedLine(table=table, entry=entry, line=number, raw=line, reason=reason)
 
 
-def parse_document(line: bytes) -> tuple[dict[str, Any] | None, str]:
+def _parse_document(line: bytes) -> tuple[dict[str, Any] | None, str]:
     """The one parse rule for a line (SPEC §8.1): (the document, "") or (None, why not).
 
     A document is a JSON object nested at most `MAX_DEPTH` levels, with no NUL character in
@@ -564,7 +564,7 @@ def _open_folder(path: Path) -> ExportSource:
     otherwise mix or silently pick one of them.
     """
     found: dict[str, Path] = {}
-    roots: dict[tuple[str, ...], str] = {}  # an export's folder -> its first source table
+    roots: set[tuple[str, ...]] = set()  # the folders holding source tables: one export's
     try:
         for root, dirs, files in os.walk(path, onerror=_raise):
             dirs.sort()  # deterministic walk and messages
@@ -580,10 +580,8 @@ def _open_folder(path: Path) -> ExportSource:
             relative = (here / TABLE_FILE).relative_to(path)
             table = relative.parts[-2]
             if table in SOURCE_TABLES:
-                roots.setdefault(relative.parts[:-2], table)
-                if table in found:
-                    continue
-            found.setdefault(table, here / TABLE_FILE)
+                roots.add(relative.parts[:-2])
+            found.setdefault(table, here / TABLE_FILE)  # an ignored table: the first one
     except OSError as exc:
         raise InvalidExportError(path, f"cannot read: {exc}") from exc
     if len(roots) > 1:

@@ -1,8 +1,8 @@
 """The `publish` stage: every document of an export to its source topic, with provenance.
 
 Bad lines and documents without a key go to the dead-letter topic with their raw bytes; a
-message without its key is also published under its content (`keyless_key`): it still seeds
-its thread's title.
+message without its key is also published under its line and content (`keyless_key`): it
+still seeds its thread's title.
 Incremental publishing sends only new and changed documents; an unchanged one (same content
 hash in the ledger) is marked as part of this export in the ledger instead (SPEC §5).
 """
@@ -264,7 +264,7 @@ class Publisher:
                 field_name = DOCUMENT_KEYS[table]  # type: ignore[index]
                 reason = f"no string {field_name!r}: the document cannot be identified"
                 letters.append(self._letter(item, "missing_key", reason, report))
-                key = keyless_key(table, digest)  # still read where the reference reads it
+                key = keyless_key(table, item.line, digest)  # still read for the titles
             if key is not None:
                 keyed.append((key, digest, item))
                 order.update(orjson.dumps(key))  # JSON strings: concatenated, still unambiguous

@@ -81,18 +81,15 @@ def has_key(table: str, doc: dict[str, Any]) -> bool:
 KEYLESS_PREFIX = " keyless:"
 
 
-def keyless_key(table: str, digest: str) -> str | None:
+def keyless_key(table: str, line: int, digest: str) -> str | None:
     """Where a keyless document still goes to the store, or None when it is only set aside.
 
     A message without `messageId` writes no row, but seeds its thread's title as the
-    reference's title scan does (SPEC §3.15): it is stored under its content, like a receipt
-    without `_id`, and the store never counts or deletes it as a document (`is_keyless`).
+    reference's title scan does (SPEC §3.15): it is stored under its line and content (two
+    equal lines stay two rows, so ties still go to the first in file order), and the store
+    never counts or deletes it as a document (`processors.store.keyed`).
     """
-    return f"{KEYLESS_PREFIX}{digest}" if table == "messages" else None
-
-
-def is_keyless(key: str) -> bool:
-    return key.startswith(KEYLESS_PREFIX)
+    return f"{KEYLESS_PREFIX}{line}:{digest}" if table == "messages" else None
 
 
 def document_hash(doc: dict[str, Any]) -> str:

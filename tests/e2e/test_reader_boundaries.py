@@ -241,10 +241,27 @@ def test_a_keyless_message_titles_its_thread_as_the_reference_does(
 ) -> None:
     tables = corpus.fixture_tables()
     first = tables["messages"][0]["createdAtMs"]
+    # The earliest eligible message of the thread, without its key; a keyed one at the same
+    # time after it, then the first one again (the tie goes to the first line).
+    k1 = {
+        "_id": "messages:k1",
+        "threadId": corpus.THREAD,
+        "role": "user",
+        "text": "  Plan   the\tmigration\n weekend ",
+        "createdAtMs": first - 2000,
+    }
+    tie = {
+        "_id": "messages:tie",
+        "threadId": corpus.THREAD,
+        "role": "user",
+        "messageId": "55555555-5555-5555-5555-555555555555",
+        "text": "Keyed, at the same time",
+        "createdAtMs": first - 2000,
+    }
     keyless = [
-        # The earliest eligible message of the thread, without its key.
-        {"_id": "messages:k1", "threadId": corpus.THREAD, "role": "user",
-         "text": "  Plan   the\tmigration\n weekend ", "createdAtMs": first - 2000},
+        k1,
+        tie,
+        k1,
         # Earlier still, but not eligible: an assistant's, and a blank one.
         {"_id": "messages:k2", "threadId": corpus.THREAD, "role": "assistant",
          "text": "Hello", "createdAtMs": first - 5000},
@@ -252,6 +269,7 @@ def test_a_keyless_message_titles_its_thread_as_the_reference_does(
          "text": " \t", "createdAtMs": first - 6000, "messageId": 7},
     ]  # fmt: skip
     tables["messages"] = keyless + tables["messages"]
+    rows_now = FIXTURE_A_ROWS | {"messages": 3, "agent_conversation_messages": 3}
     export = corpus.write_zip(tmp_path / "keyless.zip", corpus._entries(tables))
     env = env_for(kafka_bootstrap, topic_prefix, pg_url)
 
@@ -263,30 +281,31 @@ def test_a_keyless_message_titles_its_thread_as_the_reference_does(
     (conversation,) = rows(pg_url, "agent_conversations")
     assert thread["title"] == conversation["title"] == expected
     # Still set aside as rows: no message row, reported, in the dead-letter topic.
-    assert counts(pg_url) == FIXTURE_A_ROWS
-    assert result.counters["source_messages"] == 5
-    assert result.counters["messages_imported"] == 2
-    assert "  documents without a key: 3 (set aside in the dead-letter topic)" in result.stdout
-    assert "  documents messages: inserted=2 updated=0 unchanged=0 deleted=0" in result.stdout
+    assert counts(pg_url) == rows_now
+    assert result.counters["source_messages"] == 7
+    assert result.counters["messages_imported"] == 3
+    assert "  documents without a key: 4 (set aside in the dead-letter topic)" in result.stdout
+    assert "  documents messages: inserted=3 updated=0 unchanged=0 deleted=0" in result.stdout
     letters = dead_letters(kafka_bootstrap, topic_prefix)
     assert sorted((s.letter.reason_code, s.letter.line) for s in letters) == [
         ("missing_key", 1),
-        ("missing_key", 2),
         ("missing_key", 3),
+        ("missing_key", 4),
+        ("missing_key", 5),
     ]
 
     # The same export again changes nothing; a newer one without the keyless line takes the
     # title back to the keyed message, and deletes nothing with --propagate-deletes.
     again = ok(khala(["import-chat", str(export)], env))
     assert "  rows written: none (nothing changed)" in again.stdout
-    tables["messages"] = tables["messages"][1:]
+    tables["messages"] = [m for m in tables["messages"] if m is not k1]
     newer = corpus.write_zip(tmp_path / "newer.zip", corpus._entries(tables))
     third = ok(khala(["import-chat", str(newer), "--propagate-deletes"], env))
-    assert "  documents messages: inserted=0 updated=0 unchanged=2 deleted=0" in third.stdout
+    assert "  documents messages: inserted=0 updated=0 unchanged=3 deleted=0" in third.stdout
     (thread,) = rows(pg_url, "threads")
     assert thread["title"] == reference_title(tables["messages"], corpus.THREAD)
-    assert thread["title"] == "Summarize my previous conversation."
-    assert counts(pg_url) == FIXTURE_A_ROWS
+    assert thread["title"] == "Keyed, at the same time"
+    assert counts(pg_url) == rows_now
 
 
 @pytest.mark.postgres
