@@ -35,11 +35,11 @@ from khala_stream.contract import (
     read_tables,
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
-from khala_stream.contract.documents import read_headers
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
 from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
+from khala_stream.dead_letters import set_aside_records
 from khala_stream.errors import TransientError, WorkosKeyError
 from khala_stream.runtime import (
     Poller,
@@ -54,6 +54,7 @@ from processors.autopilots import parse_allowed_hosts
 from processors.derive import COUNTER_KEYS, Derivation, Derived, RunOptions
 from processors.identity import WorkosLookup
 from processors.lookups import SqlUserIds, TargetView
+from processors.screening import screen_documents
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import SqlWorkosCache, resolve_with_cache
 
@@ -245,21 +246,10 @@ class Processor:
     async def _apply(
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> dict[TopicPartition, int]:
-        documents: list[store.IncomingDocument] = []
-        for records in batch.values():
-            for r in records:
-                provenance = read_headers(r.headers)
-                documents.append(
-                    store.IncomingDocument(
-                        run_id=provenance.run_id,
-                        table=provenance.table,
-                        key=(r.key or b"").decode(),
-                        line=provenance.line,
-                        content_hash=provenance.content_hash,
-                        doc_id=provenance.doc_id,
-                        raw=r.value or b"",
-                    )
-                )
+        screened = screen_documents(batch, self._topics)
+        documents = screened.documents
+        # What cannot be stored is set aside, acknowledged before the positions move past it.
+        await set_aside_records(self._producer, self._topics.dead_letters, screened.letters)
         group = self._topics.processor_group
         positions: dict[TopicPartition, int] = {}
         async with self._engine.begin() as conn:

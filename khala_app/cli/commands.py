@@ -369,7 +369,8 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     lines = [
         f"retried {data['retried']} refused rows: {data['applied']} applied,"
         f" {len(data['still_refused'])} still refused",
-        f"{data['not_retryable']} bad source lines need a corrected export",
+        f"{data['not_retryable']} not retryable: bad source lines need a corrected export;"
+        " records a stage set aside stay listed (see `dlq list`)",
     ]
     lines += [
         f"  {r['table']} {printable(r['key'])}: {printable(r['reason'])}"
