@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_app.guards import check_workos_key, refuse_empty
 from khala_app.topic_owner import prepare_topics
 from khala_stream import import_runs
 from khala_stream.backpressure import Backpressure
@@ -38,16 +39,23 @@ from khala_stream.contract import (
     Topics,
     read_tables,
 )
-from khala_stream.contract.documents import document_hash, document_key
+from khala_stream.contract.documents import document_hash, document_key, keyless_key
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
-from khala_stream.errors import RuntimeFailure, WorkosKeyError
+from khala_stream.errors import RuntimeFailure
+from khala_stream.processes import PARENT_ENV
 from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import end_offsets, with_retries
 from processors import store
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, DELETED_WITH, Derivation, RunOptions
+from processors.derive import (
+    COUNTER_KEYS,
+    DELETED_WITH,
+    Derivation,
+    RunOptions,
+    withheld_deletes,
+)
 from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
@@ -66,6 +74,8 @@ class ImportOptions:
     resolve_workos_users: bool = False
     skip_blueprints: bool = False
     propagate_deletes: bool = False
+    allow_empty: bool = False
+    """--replace of an export without a single document (it empties the chat tables)."""
     deadline_s: float = 120.0
     """How long to wait for an unreachable database or broker before exit 1."""
 
@@ -86,6 +96,8 @@ class ImportReport:
     missing_key: dict[str, int] = field(default_factory=dict)
     refused: list[tuple[str, str, str]] = field(default_factory=list)
     ignored_tables: list[str] = field(default_factory=list)
+    deletes_withheld: dict[str, str] = field(default_factory=dict)
+    """--propagate-deletes: the tables that deleted nothing, and why."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +118,7 @@ class ImportReport:
             "missing_key": self.missing_key,
             "refused_rows": [{"table": t, "key": k, "reason": r} for t, k, r in self.refused],
             "ignored_tables": self.ignored_tables,
+            "deletes_withheld": self.deletes_withheld,
         }
 
 
@@ -119,22 +132,18 @@ async def import_chat(
     """Import one export; raises KhalaError subclasses with their exit codes."""
     # An invalid source fails here, before any write.
     with open_export(
-        source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        source,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(read_tables(options.skip_blueprints))
-        workos = await _check_workos(settings) if options.resolve_workos_users else None
+        if options.replace and not options.allow_empty:
+            refuse_empty(export, read_tables(options.skip_blueprints))
+        workos = await check_workos_key(settings) if options.resolve_workos_users else None
         if options.dry_run:
             return await _dry_run(settings, export, options, workos)
         return await _write_run(settings, export, options, progress)
-
-
-async def _check_workos(settings: Settings) -> WorkosClient:
-    key = settings.workos_api_key
-    if key is None:
-        raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
-    async with WorkosClient(api_key=key.reveal(), base_url=settings.workos_base_url) as client:
-        await client.check_key()
-    return client
 
 
 @contextlib.asynccontextmanager
@@ -206,6 +215,7 @@ async def _run_stages(
         "KHALA_TRIM_CONSUMED": "1" if settings.kafka.trim_consumed else "0",
         "DATABASE_URL": settings.database_url,
         "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(options.deadline_s))),
+        PARENT_ENV: str(os.getpid()),  # they stop by themselves if this process dies
     }
     stages = [await _start_stage(name, env) for name in ("process", "sink")]
     terminated = False
@@ -326,6 +336,11 @@ async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.sub
     return name, child
 
 
+_STAGE_STOP_S = 5.0
+"""How long a stage child may take to stop on SIGTERM (it cancels its work after
+khala_app.lifecycle.STOP_GRACE_S) before SIGKILL: the whole import stops within 10 s."""
+
+
 async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = False) -> None:
     """SIGTERM asks for a stop at the next batch boundary; SIGKILL if it does not come.
 
@@ -336,7 +351,7 @@ async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = Fals
         child.terminate()
     if child.returncode is None:
         try:
-            await asyncio.wait_for(child.wait(), timeout=30)
+            await asyncio.wait_for(child.wait(), timeout=_STAGE_STOP_S)
         except TimeoutError:
             child.kill()
             await child.wait()
@@ -374,6 +389,9 @@ def _fill_from_published(report: ImportReport, published: dict[str, Any]) -> Non
     report.missing_key = published.get("missing_key", {})
     report.rejected_lines = [(f, int(n), r) for f, n, r in published.get("rejected_lines", [])]
     report.ignored_tables = published.get("ignored_tables", [])
+    if report.options.propagate_deletes:
+        tables = read_tables(report.options.skip_blueprints)
+        report.deletes_withheld = withheld_deletes(published, tables)
 
 
 # -- dry run ---------------------------------------------------------------------------------
@@ -436,6 +454,7 @@ async def _dry_run(
                             replace=options.replace,
                             skip_blueprints=options.skip_blueprints,
                             propagate_deletes=options.propagate_deletes,
+                            withheld_deletes=report.deletes_withheld,
                         ),
                         documents=scratch,
                         view=TargetView(view, replace=options.replace, ledger=with_ledger),
@@ -452,7 +471,7 @@ async def _dry_run(
         # The scratch store holds this export only: what vanished is counted in the real
         # ledger, and a real run sends one delete per vanished document and row table.
         for table, stats in report.documents.items():
-            if not stats["deleted"]:
+            if not stats["deleted"] or table in report.deletes_withheld:
                 continue
             for target in DELETED_WITH[table]:
                 report.written[target] = report.written.get(target, 0) + stats["deleted"]
@@ -501,7 +520,9 @@ async def _load_scratch(
             key = document_key(table, item.doc, digest)
             if key is None:
                 missing[table] += 1
-                continue
+                key = keyless_key(table, item.line, digest)  # as the publisher does
+                if key is None:
+                    continue
             batch.append(
                 store.IncomingDocument(
                     run_id=run_id,
@@ -525,6 +546,7 @@ async def _load_scratch(
         "missing_key": dict(missing),
         "rejected_lines": lines,
         "ignored_tables": sorted(t for t in export.tables if t not in SOURCE_TABLES),
+        "tables": sorted(t for t in export.tables if t in SOURCE_TABLES),
     }
 
 
@@ -544,6 +566,7 @@ async def _document_stats(
                     await conn.execute(
                         sa.select(c.doc_key, c.content_hash)
                         .where(c.source_table == table, c.export_seq == run_id, c.doc_key > last)
+                        .where(store.keyed(c.doc_key))
                         .order_by(c.doc_key)
                         .limit(2000)
                     )
@@ -565,7 +588,10 @@ async def _document_stats(
         if ledger is not None:
             async with ledger.connect() as conn:
                 total = await conn.scalar(
-                    sa.select(sa.func.count()).select_from(DOCUMENTS).where(c.source_table == table)
+                    sa.select(sa.func.count())
+                    .select_from(DOCUMENTS)
+                    .where(c.source_table == table)
+                    .where(store.keyed(c.doc_key))
                 )
             counts["deleted"] = int(total or 0) - counts["updated"] - counts["unchanged"]
         stats[table] = counts

@@ -76,10 +76,14 @@ class Settings:
     l402_allowlist_hosts: str = DEFAULT_L402_HOSTS
     broker_home: str = ".khala"
     """Where the embedded broker keeps its data, next to the default SQLite file."""
+    broker_idle_s: float = 60.0
+    """How long the embedded broker runs on once no command uses it (one that was killed)."""
     max_entry_bytes: int = 8 << 30
     """Largest uncompressed size of one export table (a larger one is refused as a bomb)."""
     max_ratio: float = 200.0
-    """Largest uncompressed/compressed ratio of one export table above 1 MiB."""
+    """Largest uncompressed/compressed ratio of one export table above 64 MiB."""
+    max_total_bytes: int = 32 << 30
+    """Largest uncompressed size of the source tables together."""
     retry_deadline_s: float = 120.0
     """How long the stages wait for an unreachable database or broker before exit 1."""
     derive_lease_s: float = 30.0
@@ -132,10 +136,12 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         workos_base_url=env.get("WORKOS_BASE_URL") or DEFAULT_WORKOS_BASE_URL,
         l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
+        broker_idle_s=float(_positive(env, "KHALA_BROKER_IDLE_SECONDS", 60)),
         derive_lease_s=float(_positive(env, "KHALA_DERIVE_LEASE_SECONDS", 30)),
         retry_deadline_s=float(_positive(env, "KHALA_RETRY_DEADLINE_SECONDS", 120)),
         max_entry_bytes=_positive(env, "KHALA_MAX_ENTRY_BYTES", 8 << 30),
         max_ratio=float(_positive(env, "KHALA_MAX_RATIO", 200)),
+        max_total_bytes=_positive(env, "KHALA_MAX_TOTAL_BYTES", 32 << 30),
     )
 
 

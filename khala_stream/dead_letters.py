@@ -90,8 +90,8 @@ async def set_aside_records(
 async def read_dead_letters(kafka: KafkaSettings, topic: str) -> list[StoredDeadLetter]:
     """Every dead letter in the topic, from the beginning to the current end."""
     consumer = make_consumer(kafka, group_id=None, isolation_level="read_committed")
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a broker out of reach still closes the client
         ends = {
             TopicPartition(topic, p): o for p, o in (await end_offsets(consumer, topic)).items()
         }

@@ -52,7 +52,13 @@ from khala_stream.runtime import (
 )
 from processors import store, unchanged
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, Derivation, Derived, RunOptions
+from processors.derive import (
+    COUNTER_KEYS,
+    Derivation,
+    Derived,
+    RunOptions,
+    withheld_deletes,
+)
 from processors.identity import WorkosLookup
 from processors.lookups import SqlUserIds, TargetView
 from processors.screening import ScreenedDocuments, screen_documents
@@ -374,6 +380,7 @@ class Processor:
             replace=flags.replace,
             skip_blueprints=flags.skip_blueprints,
             propagate_deletes=flags.propagate_deletes,
+            withheld_deletes=withheld_deletes(run.published, read_tables(flags.skip_blueprints)),
         )
         fingerprint = unchanged.fingerprint(
             options, resolve_workos_users=flags.resolve_workos_users
@@ -440,10 +447,16 @@ class Processor:
         statistics: dict[str, store.TableChanges],
     ) -> Derived:
         flags = run.flags
-        if flags.replace:
-            await self._truncate_first(run, out)
         async with contextlib.AsyncExitStack() as stack:
-            workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
+            # The WorkOS key is checked before the truncation: a missing or refused key must
+            # not leave the chat tables empty.
+            workos = (
+                await self._workos_lookup(stack, check=flags.replace)
+                if flags.resolve_workos_users
+                else None
+            )
+            if flags.replace:
+                await self._truncate_first(run, out)
             derivation = Derivation(
                 options=options,
                 documents=self._engine,
@@ -501,13 +514,19 @@ class Processor:
             if self._stop.is_set():
                 raise Stopping
 
-    async def _workos_lookup(self, stack: contextlib.AsyncExitStack) -> WorkosLookup:
+    async def _workos_lookup(
+        self, stack: contextlib.AsyncExitStack, *, check: bool
+    ) -> WorkosLookup:
+        """The run's WorkOS look-ups; `check`: ask WorkOS whether it takes the key first (one
+        request; a refused key is a WorkosKeyError, exit 2)."""
         key = self._settings.workos_api_key
         if key is None:
             raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
         client = await stack.enter_async_context(
             WorkosClient(api_key=key.reveal(), base_url=self._settings.workos_base_url)
         )
+        if check:
+            await client.check_key()
         cache = SqlWorkosCache(self._engine)
 
         async def lookup(ids: Sequence[str]) -> dict[str, WorkosUser | None]:

@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from khala_stream.config import Settings
+from khala_stream.terminal import printable
 
 if TYPE_CHECKING:
     from khala_stream.progress import ProgressCallback
@@ -58,10 +59,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("generate", help="write a synthetic export (deterministic per seed)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--users", type=int, default=20)
+    p.add_argument("--users", type=_count, default=20)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads-per-user", type=int, default=3)
-    p.add_argument("--messages-per-thread", type=int, default=8)
+    p.add_argument("--threads-per-user", type=_count, default=3)
+    p.add_argument("--messages-per-thread", type=_count, default=8)
     p.add_argument("--edge-cases", action="store_true", help="include the reference's edge cases")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=generate)
@@ -91,8 +92,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         operations.add_metrics_flags(sub.choices[name])
 
 
+def _count(text: str) -> int:
+    """A whole number of things, 0 or more (argparse: exit 2 with one line otherwise)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
+    return int(text)
+
+
 def _import_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace", action="store_true", help="empty the six chat tables first")
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="let --replace import an export without a single document (empties the tables)",
+    )
     p.add_argument(
         "--resolve-workos-users",
         action="store_true",
@@ -106,10 +119,10 @@ def _import_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, *, on_signal: Callable[[], None] | None = None) -> Any:
     from khala_app.cli import run_async
 
-    return run_async(coro)
+    return run_async(coro, on_signal=on_signal)
 
 
 def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
@@ -125,7 +138,10 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
     from producers.validation import validate_export
 
     report = validate_export(
-        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        args.export,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     )
     _emit(args, report.to_json(), report.lines())
     return 0
@@ -143,6 +159,7 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
         resolve_workos_users=args.resolve_workos_users,
         skip_blueprints=args.skip_blueprints,
         propagate_deletes=args.propagate_deletes,
+        allow_empty=args.allow_empty,
         deadline_s=args.retry_deadline,
     )
     source = args.export or SAMPLE_EXPORT
@@ -161,7 +178,9 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
     if not enabled:
         yield None
         return
-    with open_export(source, max_entry_bytes=1 << 62, max_ratio=1e12) as export:
+    with open_export(
+        source, max_entry_bytes=1 << 62, max_ratio=1e12, max_total_bytes=1 << 62
+    ) as export:
         estimates = estimate_lines(export.path, export.tables)
     with table_progress(estimates=estimates) as progress:
         yield progress
@@ -169,6 +188,7 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from khala_app.cli import operations
+    from khala_app.guards import check_workos_key, refuse_empty
     from khala_app.topic_owner import prepare_topics
     from khala_stream import import_runs
     from khala_stream.broker.clients import broker_session, make_producer
@@ -178,9 +198,17 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
     from producers.publisher import Publisher
 
     with open_export(
-        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        args.export,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(read_tables(args.skip_blueprints))
+        # Before anything is written: the processor truncates first under --replace.
+        if args.replace and not args.allow_empty:
+            refuse_empty(export, read_tables(args.skip_blueprints))
+        if args.resolve_workos_users:
+            await check_workos_key(settings)
         engine = create_engine(settings.database_url)
         try:
             await init_db(engine)
@@ -230,10 +258,11 @@ def publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _stage(
-    args: argparse.Namespace, settings: Settings, kind: Literal["process", "sink"]
+    args: argparse.Namespace,
+    settings: Settings,
+    kind: Literal["process", "sink"],
+    stop: asyncio.Event,
 ) -> Waiting | None:
-    import signal
-
     from khala_app.cli import operations
     from khala_app.topic_owner import prepare_topics
     from khala_stream.broker.clients import broker_session
@@ -241,10 +270,6 @@ async def _stage(
     from khala_stream.db.engine import create_engine, init_db
     from khala_stream.runtime import with_retries
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)  # a signal asks for a stop at a batch boundary
     engine = create_engine(settings.database_url)
     deadline = settings.retry_deadline_s
     try:
@@ -272,7 +297,8 @@ async def _stage(
 
 
 def _stage_command(args: argparse.Namespace, settings: Settings, kind: Any) -> int:
-    waiting = _run(_stage(args, settings, kind))
+    stop = asyncio.Event()  # a signal asks for a stop at a batch boundary first
+    waiting = _run(_stage(args, settings, kind, stop), on_signal=stop.set)
     if waiting is not None:  # --until-idle: what is left needs another stage
         sys.stdout.write(waiting.line() + "\n")
     return 0
@@ -306,11 +332,16 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 def db_init(args: argparse.Namespace, settings: Settings) -> int:
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
 
     async def go() -> list[str]:
         engine = create_engine(settings.database_url)
         try:
-            return await init_db(engine)
+            return await with_retries(
+                lambda: init_db(engine),
+                what="the database",
+                deadline_s=settings.retry_deadline_s,
+            )
         finally:
             await engine.dispose()
 
@@ -326,13 +357,21 @@ async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
 
     engine = create_engine(settings.database_url)
     try:
-        await init_db(engine, laravel=False)
+        await with_retries(
+            lambda: init_db(engine, laravel=False),
+            what="the database",
+            deadline_s=settings.retry_deadline_s,
+        )
         async with broker_session(settings) as live:
-            result: dict[str, Any] = await action(
-                live.kafka, engine, Topics(live.topic_prefix).dead_letters
+            # Reading the letters and applying them again are both safe to repeat.
+            result: dict[str, Any] = await with_retries(
+                lambda: action(live.kafka, engine, Topics(live.topic_prefix).dead_letters),
+                what="the broker and the database",
+                deadline_s=settings.retry_deadline_s,
             )
             return result
     finally:
@@ -350,7 +389,7 @@ def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")
         mine = [d for d in data["letters"] if d["reason_code"] == code]
-        lines += [f"  {d['location']}: {d['reason']}" for d in mine[:20]]
+        lines += [f"  {printable(d['location'])}: {printable(d['reason'])}" for d in mine[:20]]
         if len(mine) > 20:
             lines.append(f"  ... and {len(mine) - 20} more (--json lists all)")
     _emit(args, data, lines)
@@ -370,6 +409,9 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         f"{data['not_retryable']} not retryable: bad source lines need a corrected export;"
         " records a stage set aside stay listed (see `dlq list`)",
     ]
-    lines += [f"  {r['table']} {r['key']}: {r['reason']}" for r in data["still_refused"]]
+    lines += [
+        f"  {r['table']} {printable(r['key'])}: {printable(r['reason'])}"
+        for r in data["still_refused"]
+    ]
     _emit(args, data, lines)
     return 0 if not data["still_refused"] else 1

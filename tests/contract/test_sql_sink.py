@@ -598,7 +598,9 @@ def test_a_row_batch_with_values_refused_before_the_statement_writes_the_rest(
         ]
         results = [await SqlSink(engine).apply([], batches=[batch]) for batch in batches]
         assert [r.change.key for result in results for r in result.refused] == refused
-        assert "invalid value for runs.created_at" in results[0].refused[0].reason
+        reason = results[0].refused[0].reason
+        assert reason.startswith("invalid time value for runs.created_at")
+        assert "not a time" not in reason  # the column and the kind, never the value
         written = [k for k in ("r1", "r2", "r3", "r4", "r5") if k not in refused]
         assert [r[0] for r in (await runs_and_ledger(engine))[0]] == written
         assert sorted(await ledger(engine, "runs")) == written
