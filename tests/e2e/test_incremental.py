@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from khala_stream.contract.runs import DerivationSummary
 from khala_stream.db.importer_tables import REFUSALS, RUNS
 from khala_stream.db.laravel_tables import TABLES
-from processors.unchanged import SKIPPED_KEY
 from producers.generator import generate_export, load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import env_for, json_value, khala, ok, rows, run_db, versions
 from tests.e2e.snapshot import assert_same_tables, table_snapshot
@@ -136,10 +136,10 @@ def test_laravel_edits_of_unchanged_documents_survive_and_deleted_rows_come_back
     assert autopilot["config_version"] == 2  # nothing of the profile was recomputed differently
 
 
-def _latest_counters(db_url: str) -> tuple[dict[str, int], dict[str, Any]]:
+def _latest_counters(db_url: str) -> tuple[dict[str, int], DerivationSummary]:
     run = latest_run(db_url)
-    assert run is not None and run.status == "derived"
-    return run_counters(run), run.counters
+    assert run is not None and run.status == "derived" and run.summary is not None
+    return run_counters(run), run.summary
 
 
 def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
@@ -150,12 +150,12 @@ def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
     env = env_for(kafka_bootstrap, topic_prefix, db_url)
     ok(khala(["import-chat", str(export)], env))
     first, first_raw = _latest_counters(db_url)
-    assert first_raw[SKIPPED_KEY] is False and first["autopilots_created"] == 6
+    assert first_raw.skipped is False and first["autopilots_created"] == 6
     before = table_snapshot(db_url)
 
     again = ok(khala(["import-chat", str(export)], env))
     skipped, skipped_raw = _latest_counters(db_url)
-    assert skipped_raw[SKIPPED_KEY] is True
+    assert skipped_raw.skipped is True
     assert "rows written: none" in again.stdout
     assert table_snapshot(db_url) == before
 
@@ -166,7 +166,7 @@ def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
     run_db(db_url, [sa.delete(messages).where(messages.c.id == gone.id)])
     restored = ok(khala(["import-chat", str(export)], env))
     full, full_raw = _latest_counters(db_url)
-    assert full_raw[SKIPPED_KEY] is False
+    assert full_raw.skipped is False
     assert "rows written: messages=1" in restored.stdout
     assert full == skipped
     assert table_snapshot(db_url) == before
@@ -187,7 +187,7 @@ def test_reimport_after_refused_rows_derives_in_full(
     assert refused > 0, "the edge cases include a row the database refuses"
     ok(khala(["import-chat", str(export)], env))
     again, again_raw = _latest_counters(db_url)
-    assert again_raw[SKIPPED_KEY] is False
+    assert again_raw.skipped is False
     assert _refusals(db_url) == 2 * refused
     settled = ("autopilots_created", "autopilot_profiles_upserted", "autopilot_policies_upserted")
     assert again == first | dict.fromkeys(settled, 0)
@@ -246,7 +246,7 @@ def test_the_same_documents_in_another_order_are_derived_again(
     result = ok(khala(["import-chat", str(swapped)], env))
     assert _doc_stats(result.stdout)["blueprints"]["unchanged"] == 2
     _, raw = _latest_counters(db_url)
-    assert raw[SKIPPED_KEY] is False
+    assert raw.skipped is False
     (profile,) = rows(db_url, "autopilot_profiles", "autopilot_id")
     assert profile["autopilot_voice"] == "direct and practical"
 
