@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 
-from khala_app.topic_owner import prepare_topics
+from khala_app.topic_owner import prepare_topics_waiting
 from khala_stream import import_runs
 from khala_stream.backpressure import Backpressure
 from khala_stream.broker.clients import make_producer
@@ -18,7 +18,6 @@ from khala_stream.contract import Topics
 from khala_stream.db.port import Database
 from khala_stream.errors import RuntimeFailure
 from khala_stream.progress import ProgressCallback
-from khala_stream.runtime import with_retries
 from producers.export_reader import ExportSource
 from producers.publisher import Publisher, PublishReport
 
@@ -30,12 +29,7 @@ async def open_run(
     live: Settings, db: Database, export: ExportSource, options: import_runs.RunOptions
 ) -> int:
     """Create the topics (waiting for the broker) and register a new run for `export`."""
-    topics = Topics(live.topic_prefix)
-    await with_retries(
-        lambda: prepare_topics(live.kafka, topics, db.engine),
-        what="the broker",
-        deadline_s=db.deadline_s,
-    )
+    await prepare_topics_waiting(live, db)
     return await db.run(
         import_runs.register, source=str(export.path), sha256=export.sha256(), options=options
     )

@@ -217,11 +217,10 @@ async def _stage(
     import signal
 
     from khala_app.cli import operations
-    from khala_app.topic_owner import prepare_topics
+    from khala_app.topic_owner import prepare_topics_waiting
     from khala_stream.broker.clients import broker_session
-    from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
-    from khala_stream.runtime import with_retries
+    from khala_stream.db.port import Database
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -230,13 +229,10 @@ async def _stage(
     engine = create_engine(settings.database_url)
     deadline = settings.retry_deadline_s
     try:
-        await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
+        db = Database(engine, deadline)
+        await db.run(init_db)
         async with broker_session(settings) as live, operations.stage_metrics(args, live, kind):
-            await with_retries(
-                lambda: prepare_topics(live.kafka, Topics(live.topic_prefix), engine),
-                what="the broker",
-                deadline_s=deadline,
-            )
+            await prepare_topics_waiting(live, db)
             # Each stage imports only its own side: `import-chat` starts both while it
             # publishes, on the same cores.
             service: Processor | SinkService
