@@ -69,13 +69,17 @@ _COLUMNS: tuple[str, ...] = (
 
 
 def _latest(documents: Iterable[IncomingDocument]) -> list[IncomingDocument]:
-    """Per key the newest version: a later export wins, then a later line (SPEC §8.2)."""
+    """Per key the newest version: a later export wins, then a later line (SPEC §8.2).
+
+    Sorted by (table, key): every writer of the store (this upsert and the publisher's marking
+    in `producers/ledger.py`) locks its rows in that one order, so they cannot deadlock.
+    """
     best: dict[tuple[str, str], IncomingDocument] = {}
     for d in documents:
         current = best.get((d.table, d.key))
         if current is None or (d.run_id, d.line) > (current.run_id, current.line):
             best[(d.table, d.key)] = d
-    return list(best.values())
+    return [best[k] for k in sorted(best)]
 
 
 def _upsert(insert: Any) -> Any:
@@ -119,7 +123,8 @@ async def apply_documents(
             # more to build and to parse than to execute.
             async with staged(conn, DOCUMENTS.name, _COLUMNS, _rows(latest)) as name:
                 stage = sa.table(name, *(sa.column(c) for c in _COLUMNS))
-                insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), sa.select(stage))
+                ordered = sa.select(stage).order_by(stage.c.source_table, stage.c.doc_key)
+                insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), ordered)
                 await conn.execute(_upsert(insert))
     else:
         await conn.execute(
