@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_app.guards import check_workos_key, refuse_empty
 from khala_app.publication import open_run, publish_run
 from khala_stream import import_runs
 from khala_stream.broker.clients import broker_session, make_consumer
@@ -42,13 +43,19 @@ from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.db.port import Database, open_database
-from khala_stream.errors import RuntimeFailure, WorkosKeyError
+from khala_stream.errors import RuntimeFailure
 from khala_stream.import_runs import RunOptions
 from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import end_offsets
 from processors import store
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, DELETED_WITH, Derivation, RunContext
+from processors.derive import (
+    COUNTER_KEYS,
+    DELETED_WITH,
+    Derivation,
+    RunContext,
+    withheld_deletes,
+)
 from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
@@ -76,6 +83,8 @@ class ImportReport:
     missing_key: dict[str, int] = field(default_factory=dict)
     refused: list[tuple[str, str, str]] = field(default_factory=list)
     ignored_tables: list[str] = field(default_factory=list)
+    deletes_withheld: dict[str, str] = field(default_factory=dict)
+    """--propagate-deletes: the tables that deleted nothing, and why."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +105,7 @@ class ImportReport:
             "missing_key": self.missing_key,
             "refused_rows": [{"table": t, "key": k, "reason": r} for t, k, r in self.refused],
             "ignored_tables": self.ignored_tables,
+            "deletes_withheld": self.deletes_withheld,
         }
 
 
@@ -105,28 +115,23 @@ async def import_chat(
     options: RunOptions,
     *,
     dry_run: bool = False,
+    allow_empty: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ImportReport:
     """Import one export; raises KhalaError subclasses with their exit codes. An unreachable
-    database or broker is waited for up to `settings.retry_deadline_s`."""
+    database or broker is waited for up to `settings.retry_deadline_s`; `allow_empty`: a
+    --replace of an export without a single document (it empties the chat tables)."""
     # An invalid source fails here, before any write.
     with open_export(
         source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
     ) as export:
         export.verify(read_tables(options.skip_blueprints))
-        workos = await _check_workos(settings) if options.resolve_workos_users else None
+        if options.replace and not allow_empty:
+            refuse_empty(export, read_tables(options.skip_blueprints))
+        workos = await check_workos_key(settings) if options.resolve_workos_users else None
         if dry_run:
             return await _dry_run(settings, export, options, workos)
         return await _write_run(settings, export, options, progress)
-
-
-async def _check_workos(settings: Settings) -> WorkosClient:
-    key = settings.workos_api_key
-    if key is None:
-        raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
-    async with WorkosClient(api_key=key.reveal(), base_url=settings.workos_base_url) as client:
-        await client.check_key()
-    return client
 
 
 @contextlib.asynccontextmanager
@@ -312,6 +317,9 @@ def _fill_from_published(report: ImportReport, manifest: PublishManifest) -> Non
     report.missing_key = manifest.missing_key
     report.rejected_lines = manifest.rejected_lines
     report.ignored_tables = manifest.ignored_tables
+    if report.options.propagate_deletes:
+        tables = read_tables(report.options.skip_blueprints)
+        report.deletes_withheld = withheld_deletes(manifest, tables)
 
 
 # -- dry run ---------------------------------------------------------------------------------
@@ -372,6 +380,7 @@ async def _dry_run(
                             snapshot_ms=export.snapshot_ms or 0,
                             allowed_hosts=parse_allowed_hosts(settings.l402_allowlist_hosts),
                             options=options,
+                            withheld_deletes=report.deletes_withheld,
                         ),
                         documents=scratch,
                         view=TargetView(view, replace=options.replace, ledger=with_ledger),
@@ -388,7 +397,7 @@ async def _dry_run(
         # The scratch store holds this export only: what vanished is counted in the real
         # ledger, and a real run sends one delete per vanished document and row table.
         for table, stats in report.documents.items():
-            if not stats["deleted"]:
+            if not stats["deleted"] or table in report.deletes_withheld:
                 continue
             for target in DELETED_WITH[table]:
                 report.written[target] = report.written.get(target, 0) + stats["deleted"]
@@ -462,6 +471,7 @@ async def _load_scratch(
         rejected=dict(rejected),
         missing_key=dict(missing),
         rejected_lines=lines,
+        tables=sorted(t for t in export.tables if t in SOURCE_TABLES),
         ignored_tables=sorted(t for t in export.tables if t not in SOURCE_TABLES),
     )
 

@@ -35,12 +35,12 @@ from khala_stream.contract import (
     read_tables,
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
-from khala_stream.contract.documents import read_headers
-from khala_stream.contract.runs import DerivationSummary
+from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
 from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
+from khala_stream.dead_letters import set_aside_records
 from khala_stream.errors import TransientError, WorkosKeyError
 from khala_stream.runtime import (
     Poller,
@@ -52,9 +52,16 @@ from khala_stream.runtime import (
 )
 from processors import store, unchanged
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, Derivation, Derived, RunContext
+from processors.derive import (
+    COUNTER_KEYS,
+    Derivation,
+    Derived,
+    RunContext,
+    withheld_deletes,
+)
 from processors.identity import WorkosLookup
 from processors.lookups import SqlUserIds, TargetView
+from processors.screening import screen_documents
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import SqlWorkosCache, resolve_with_cache
 
@@ -246,21 +253,10 @@ class Processor:
     async def _apply(
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> dict[TopicPartition, int]:
-        documents: list[store.IncomingDocument] = []
-        for records in batch.values():
-            for r in records:
-                provenance = read_headers(r.headers)
-                documents.append(
-                    store.IncomingDocument(
-                        run_id=provenance.run_id,
-                        table=provenance.table,
-                        key=(r.key or b"").decode(),
-                        line=provenance.line,
-                        content_hash=provenance.content_hash,
-                        doc_id=provenance.doc_id,
-                        raw=r.value or b"",
-                    )
-                )
+        screened = screen_documents(batch, self._topics)
+        documents = screened.documents
+        # What cannot be stored is set aside, acknowledged before the positions move past it.
+        await set_aside_records(self._producer, self._topics.dead_letters, screened.letters)
         group = self._topics.processor_group
         positions: dict[TopicPartition, int] = {}
         async with self._engine.begin() as conn:
@@ -369,11 +365,14 @@ class Processor:
         out = KafkaChangeOutput(
             producer, self._topics.changes, run.id, backpressure=self._backpressure
         )
+        # Runs are derived once published, with their manifest (an empty one stands in).
+        manifest = run.manifest or PublishManifest(run_id=run.id, export_sha256=run.export_sha256)
         context = RunContext(
             run_id=run.id,
             snapshot_ms=run.snapshot_ms or 0,
             allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
             options=run.options,
+            withheld_deletes=withheld_deletes(manifest, read_tables(run.options.skip_blueprints)),
         )
         fingerprint = unchanged.fingerprint(context)
         work = asyncio.ensure_future(self._derive_claimed(run, context, fingerprint, out))
@@ -440,10 +439,16 @@ class Processor:
         statistics: dict[str, store.TableChanges],
     ) -> Derived:
         flags = run.options
-        if flags.replace:
-            await self._truncate_first(run.id, out)
         async with contextlib.AsyncExitStack() as stack:
-            workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
+            # The WorkOS key is checked before the truncation: a missing or refused key must
+            # not leave the chat tables empty.
+            workos = (
+                await self._workos_lookup(stack, check=flags.replace)
+                if flags.resolve_workos_users
+                else None
+            )
+            if flags.replace:
+                await self._truncate_first(run.id, out)
             derivation = Derivation(
                 context=context,
                 documents=self._engine,
@@ -476,13 +481,19 @@ class Processor:
             polls += 1
             await asyncio.sleep(0.2)
 
-    async def _workos_lookup(self, stack: contextlib.AsyncExitStack) -> WorkosLookup:
+    async def _workos_lookup(
+        self, stack: contextlib.AsyncExitStack, *, check: bool
+    ) -> WorkosLookup:
+        """The run's WorkOS look-ups; `check`: ask WorkOS whether it takes the key first (one
+        request; a refused key is a WorkosKeyError, exit 2)."""
         key = self._settings.workos_api_key
         if key is None:
             raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
         client = await stack.enter_async_context(
             WorkosClient(api_key=key.reveal(), base_url=self._settings.workos_base_url)
         )
+        if check:
+            await client.check_key()
         cache = SqlWorkosCache(self._engine)
 
         async def lookup(ids: Sequence[str]) -> dict[str, WorkosUser | None]:

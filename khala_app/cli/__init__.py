@@ -10,27 +10,45 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from khala_stream.config import Settings, settings_from_env
-from khala_stream.errors import KhalaError
+from khala_stream.errors import KhalaError, UsageError
 
 Command = Callable[[argparse.Namespace, Settings], int]
+
+# `scheme://user:password@`: the password of a URL, wherever argparse repeats an argument.
+_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^\s:/@]*:)\S*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***`."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line; argparse repeats bad arguments in them: never a password."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     from khala_app.cli import commands
 
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="khala-stream",
         description="Import Khala snapshot exports into the Laravel database through Kafka.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("--topic-prefix", help="prefix of topics and groups (KHALA_TOPIC_PREFIX)")
     parser.add_argument(
-        "--database-url", help="SQLAlchemy URL of the Laravel database (DATABASE_URL)"
+        "--database-url",
+        help="SQLAlchemy URL of the Laravel database, without a password (DATABASE_URL)",
     )
     parser.add_argument("--bootstrap-servers", help="Kafka brokers (KAFKA_BOOTSTRAP_SERVERS)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,11 +79,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         command: Command = args.handler
         return command(args, settings)
     except KhalaError as exc:
+        if verbosity >= 2:
+            traceback.print_exc()
         print(f"khala-stream: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("khala-stream: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the one boundary: a line, the traceback only with -vv
+        return _unexpected(exc, verbosity)
+
+
+def _unexpected(exc: Exception, verbosity: int) -> int:
+    """Exit 1 with one line that holds no value of the data (`describe`)."""
+    from khala_stream.db.errors import describe, is_database_error
+
+    if verbosity >= 2:
+        traceback.print_exc()
+    if is_database_error(exc):
+        line = f"database error: {describe(exc)}"
+    else:
+        line = f"unexpected {type(exc).__name__}; rerun with -vv for the traceback"
+    print(f"khala-stream: error: {line}", file=sys.stderr)
+    return 1
 
 
 def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
@@ -75,6 +111,11 @@ def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
     if args.topic_prefix:
         changes["topic_prefix"] = args.topic_prefix
     if args.database_url:
+        if _URL_PASSWORD.search(args.database_url):
+            raise UsageError(
+                "--database-url must not hold a password (the command line shows in `ps`):"
+                " put the URL in DATABASE_URL instead"
+            )
         changes["database_url"] = args.database_url
     if args.bootstrap_servers:
         changes["kafka"] = replace(settings.kafka, bootstrap_servers=args.bootstrap_servers)

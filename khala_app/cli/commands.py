@@ -58,10 +58,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("generate", help="write a synthetic export (deterministic per seed)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--users", type=int, default=20)
+    p.add_argument("--users", type=_count, default=20)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads-per-user", type=int, default=3)
-    p.add_argument("--messages-per-thread", type=int, default=8)
+    p.add_argument("--threads-per-user", type=_count, default=3)
+    p.add_argument("--messages-per-thread", type=_count, default=8)
     p.add_argument("--edge-cases", action="store_true", help="include the reference's edge cases")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=generate)
@@ -90,8 +90,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         operations.add_metrics_flags(sub.choices[name])
 
 
+def _count(text: str) -> int:
+    """A whole number of things, 0 or more (argparse: exit 2 with one line otherwise)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
+    return int(text)
+
+
 def _import_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace", action="store_true", help="empty the six chat tables first")
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="let --replace import an export without a single document (empties the tables)",
+    )
     p.add_argument(
         "--resolve-workos-users",
         action="store_true",
@@ -155,7 +167,14 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
     source = args.export or SAMPLE_EXPORT
     with _progress(source, enabled=not args.dry_run) as progress:
         report = _run(
-            run_import(settings, source, options, dry_run=args.dry_run, progress=progress)
+            run_import(
+                settings,
+                source,
+                options,
+                dry_run=args.dry_run,
+                allow_empty=args.allow_empty,
+                progress=progress,
+            )
         )
     _emit(args, report.to_json(), summary_lines(report))
     return 0
@@ -179,6 +198,7 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """The publication of `import-chat` on its own (khala_app/publication.py)."""
     from khala_app.cli import operations
+    from khala_app.guards import check_workos_key, refuse_empty
     from khala_app.publication import open_run, publish_run
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import read_tables
@@ -190,6 +210,11 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
         args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
     ) as export:
         export.verify(read_tables(options.skip_blueprints))
+        # Before anything is written: the processor truncates first under --replace.
+        if options.replace and not args.allow_empty:
+            refuse_empty(export, read_tables(options.skip_blueprints))
+        if options.resolve_workos_users:
+            await check_workos_key(settings)
         async with (
             open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db,
             broker_session(settings) as live,
@@ -279,11 +304,16 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 def db_init(args: argparse.Namespace, settings: Settings) -> int:
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
 
     async def go() -> list[str]:
         engine = create_engine(settings.database_url)
         try:
-            return await init_db(engine)
+            return await with_retries(
+                lambda: init_db(engine),
+                what="the database",
+                deadline_s=settings.retry_deadline_s,
+            )
         finally:
             await engine.dispose()
 
@@ -299,13 +329,21 @@ async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
 
     engine = create_engine(settings.database_url)
     try:
-        await init_db(engine, laravel=False)
+        await with_retries(
+            lambda: init_db(engine, laravel=False),
+            what="the database",
+            deadline_s=settings.retry_deadline_s,
+        )
         async with broker_session(settings) as live:
-            result: dict[str, Any] = await action(
-                live.kafka, engine, Topics(live.topic_prefix).dead_letters
+            # Reading the letters and applying them again are both safe to repeat.
+            result: dict[str, Any] = await with_retries(
+                lambda: action(live.kafka, engine, Topics(live.topic_prefix).dead_letters),
+                what="the broker and the database",
+                deadline_s=settings.retry_deadline_s,
             )
             return result
     finally:
@@ -340,7 +378,8 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     lines = [
         f"retried {data['retried']} refused rows: {data['applied']} applied,"
         f" {len(data['still_refused'])} still refused",
-        f"{data['not_retryable']} bad source lines need a corrected export",
+        f"{data['not_retryable']} not retryable: bad source lines need a corrected export;"
+        " records a stage set aside stay listed (see `dlq list`)",
     ]
     lines += [f"  {r['table']} {r['key']}: {r['reason']}" for r in data["still_refused"]]
     _emit(args, data, lines)

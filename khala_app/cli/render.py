@@ -63,6 +63,13 @@ def summary_lines(report: ImportReport) -> list[str]:
     missing = sum(report.missing_key.values())
     if missing:
         lines.append(f"  documents without a key: {missing} (set aside in the dead-letter topic)")
+    for table, reason in report.deletes_withheld.items():
+        kept = report.documents.get(table, {}).get("deleted", 0)
+        if kept:  # a table that lost nothing has nothing to withhold
+            lines.append(
+                f"  no deletes from {table} (--propagate-deletes): {reason};"
+                f" its {kept} vanished documents are kept"
+            )
     if report.refused:
         lines.append(
             f"  rows refused by the database: {len(report.refused)} (see `khala-stream dlq list`)"
