@@ -37,7 +37,7 @@ from khala_stream.contract import (
     Topics,
     read_tables,
 )
-from khala_stream.contract.documents import document_hash, document_key
+from khala_stream.contract.documents import document_hash, document_key, keyless_key
 from khala_stream.contract.runs import PublishManifest
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
@@ -123,7 +123,10 @@ async def import_chat(
     --replace of an export without a single document (it empties the chat tables)."""
     # An invalid source fails here, before any write.
     with open_export(
-        source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        source,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(read_tables(options.skip_blueprints))
         if options.replace and not allow_empty:
@@ -446,7 +449,9 @@ async def _load_scratch(
             key = document_key(table, item.doc, digest)
             if key is None:
                 missing[table] += 1
-                continue
+                key = keyless_key(table, item.line, digest)  # as the publisher does
+                if key is None:
+                    continue
             batch.append(
                 store.IncomingDocument(
                     run_id=run_id,
@@ -492,6 +497,7 @@ async def _document_stats(
                     await conn.execute(
                         sa.select(c.doc_key, c.content_hash)
                         .where(c.source_table == table, c.export_seq == run_id, c.doc_key > last)
+                        .where(store.keyed(c.doc_key))
                         .order_by(c.doc_key)
                         .limit(2000)
                     )
@@ -513,7 +519,10 @@ async def _document_stats(
         if ledger is not None:
             async with ledger.connect() as conn:
                 total = await conn.scalar(
-                    sa.select(sa.func.count()).select_from(DOCUMENTS).where(c.source_table == table)
+                    sa.select(sa.func.count())
+                    .select_from(DOCUMENTS)
+                    .where(c.source_table == table)
+                    .where(store.keyed(c.doc_key))
                 )
             counts["deleted"] = int(total or 0) - counts["updated"] - counts["unchanged"]
         stats[table] = counts

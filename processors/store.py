@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from khala_stream.contract.documents import KEYLESS_PREFIX
 from khala_stream.db.errors import sqlstate
 from khala_stream.db.importer_tables import APPLIED, DOCUMENTS
 from khala_stream.db.queries import copy_rows, insert_for, one_of, staged
@@ -240,8 +241,10 @@ async def documents_by_key(
 async def table_changes(
     conn: AsyncConnection, run_id: int, tables: Iterable[str]
 ) -> dict[str, TableChanges]:
-    """Inserted / updated / unchanged documents of this run and documents that vanished."""
+    """Inserted / updated / unchanged documents of this run and documents that vanished
+    (keyless ones are no documents here: they were set aside)."""
     c = DOCUMENTS.c
+    own_key = keyed(c.doc_key)
     seen = await conn.execute(
         sa.select(
             c.source_table,
@@ -251,13 +254,13 @@ async def table_changes(
             ),
             sa.func.sum(sa.case((c.changed_seq < run_id, 1), else_=0)),
         )
-        .where(c.export_seq == run_id)
+        .where(c.export_seq == run_id, own_key)
         .group_by(c.source_table)
     )
     counts = {t: [int(i or 0), int(u or 0), int(n or 0), 0] for t, i, u, n in seen.all()}
     gone = await conn.execute(
         sa.select(c.source_table, sa.func.count())
-        .where(c.export_seq < run_id)
+        .where(c.export_seq < run_id, own_key)
         .group_by(c.source_table)
     )
     for table, n in gone.all():
@@ -268,10 +271,18 @@ async def table_changes(
 async def vanished_keys(conn: AsyncConnection, table: str, run_id: int) -> list[str]:
     result = await conn.execute(
         sa.select(DOCUMENTS.c.doc_key).where(
-            DOCUMENTS.c.source_table == table, DOCUMENTS.c.export_seq < run_id
+            DOCUMENTS.c.source_table == table,
+            DOCUMENTS.c.export_seq < run_id,
+            keyed(DOCUMENTS.c.doc_key),
         )
     )
     return [k for (k,) in result.all()]
+
+
+def keyed(doc_key: Any) -> Any:
+    """Documents with their own key: a keyless one is in the store only to be read by the
+    derivation (a message's title seed), never counted as a document nor deleted as one."""
+    return sa.not_(doc_key.startswith(KEYLESS_PREFIX, autoescape=True))
 
 
 async def forget(conn: AsyncConnection, table: str, keys: Sequence[str]) -> None:

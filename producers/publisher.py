@@ -1,6 +1,8 @@
 """The `publish` stage: every document of an export to its source topic, with provenance.
 
-Bad lines and documents without a key go to the dead-letter topic with their raw bytes.
+Bad lines and documents without a key go to the dead-letter topic with their raw bytes; a
+message without its key is also published under its line and content (`keyless_key`): it
+still seeds its thread's title.
 Incremental publishing sends only new and changed documents; an unchanged one (same content
 hash in the ledger) is marked as part of this export in the ledger instead (SPEC §5).
 """
@@ -29,6 +31,7 @@ from khala_stream.contract.documents import (
     document_hash,
     document_headers,
     document_key,
+    keyless_key,
 )
 from khala_stream.contract.runs import PublishManifest
 from khala_stream.contract.tables import DOCUMENT_KEYS
@@ -37,7 +40,13 @@ from khala_stream.db.queries import stored_before
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.progress import ProgressCallback
 from producers.batches import PartitionedBatches
-from producers.export_reader import ExportSource, RejectedLine, SourceDocument
+from producers.export_reader import (
+    HOLDS_NUL,
+    TOO_DEEP,
+    ExportSource,
+    RejectedLine,
+    SourceDocument,
+)
 from producers.ledger import Marking, mark_unchanged
 
 logger = logging.getLogger(__name__)
@@ -104,6 +113,10 @@ def reason_code(rejected: RejectedLine) -> ReasonCode:
         return "not_object"
     if rejected.reason.startswith("line too long"):
         return "too_long"
+    if rejected.reason == TOO_DEEP:
+        return "too_deep"
+    if rejected.reason == HOLDS_NUL:
+        return "holds_nul"
     return "invalid_json"
 
 
@@ -264,7 +277,8 @@ class Publisher:
                 field_name = DOCUMENT_KEYS[table]  # type: ignore[index]
                 reason = f"no string {field_name!r}: the document cannot be identified"
                 letters.append(self._letter(item, "missing_key", reason, report))
-            else:
+                key = keyless_key(table, item.line, digest)  # still read for the titles
+            if key is not None:
                 keyed.append((key, digest, item))
                 order.update(orjson.dumps(key))  # JSON strings: concatenated, still unambiguous
         after = pipeline[-1] if pipeline else None

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from khala_stream.config import Settings, settings_from_env
 from khala_stream.errors import KhalaError, UsageError
+from khala_stream.terminal import EscapingFormatter, printable
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -61,11 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # -v / -vv raise our own loggers only: libraries' debug output carries message values,
     # which hold personal data (emails).
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Log lines name entries and keys from the export: their control characters are escaped.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # The stages import-chat starts as child processes log as verbosely as their parent.
     verbosity = args.verbose or int(os.environ.get("KHALA_VERBOSITY", "0") or 0)
     os.environ["KHALA_VERBOSITY"] = str(verbosity)
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KhalaError as exc:
         if verbosity >= 2:
             traceback.print_exc()
-        print(f"khala-stream: error: {exc}", file=sys.stderr)
+        print(f"khala-stream: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("khala-stream: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from khala_stream.config import Settings
+from khala_stream.terminal import printable
 
 if TYPE_CHECKING:
     from khala_stream.import_runs import RunOptions
@@ -136,7 +137,10 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
     from producers.validation import validate_export
 
     report = validate_export(
-        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        args.export,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     )
     _emit(args, report.to_json(), report.lines())
     return 0
@@ -189,7 +193,9 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
     if not enabled:
         yield None
         return
-    with open_export(source, max_entry_bytes=1 << 62, max_ratio=1e12) as export:
+    with open_export(
+        source, max_entry_bytes=1 << 62, max_ratio=1e12, max_total_bytes=1 << 62
+    ) as export:
         estimates = estimate_lines(export.path, export.tables)
     with table_progress(estimates=estimates) as progress:
         yield progress
@@ -207,7 +213,10 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
 
     options = _run_options(args, incremental=args.incremental)
     with open_export(
-        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        args.export,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(read_tables(options.skip_blueprints))
         # Before anything is written: the processor truncates first under --replace.
@@ -361,7 +370,7 @@ def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")
         mine = [d for d in data["letters"] if d["reason_code"] == code]
-        lines += [f"  {d['location']}: {d['reason']}" for d in mine[:20]]
+        lines += [f"  {printable(d['location'])}: {printable(d['reason'])}" for d in mine[:20]]
         if len(mine) > 20:
             lines.append(f"  ... and {len(mine) - 20} more (--json lists all)")
     _emit(args, data, lines)
@@ -381,6 +390,9 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         f"{data['not_retryable']} not retryable: bad source lines need a corrected export;"
         " records a stage set aside stay listed (see `dlq list`)",
     ]
-    lines += [f"  {r['table']} {r['key']}: {r['reason']}" for r in data["still_refused"]]
+    lines += [
+        f"  {r['table']} {printable(r['key'])}: {printable(r['reason'])}"
+        for r in data["still_refused"]
+    ]
     _emit(args, data, lines)
     return 0 if not data["still_refused"] else 1

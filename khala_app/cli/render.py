@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from khala_app.pipeline import ImportReport
+from khala_stream.terminal import printable
 
 _DOCUMENT_STATS = ("inserted", "updated", "unchanged", "deleted")
 
@@ -31,7 +32,7 @@ def summary_lines(report: ImportReport) -> list[str]:
     )
     lines = [
         "Khala chat import starting...",
-        f"  source: {report.source}",
+        f"  source: {printable(report.source)}",
         f"  mode: {'dry-run' if report.dry_run else 'write'}",
         f"  replace: {'yes' if o.replace else 'no'}",
         f"  resolve_workos_users: {'yes' if o.resolve_workos_users else 'no'}",
@@ -59,7 +60,7 @@ def summary_lines(report: ImportReport) -> list[str]:
     rejected = sum(report.rejected.values())
     if rejected:
         lines.append(f"  rejected lines: {rejected} (set aside in the dead-letter topic)")
-        lines += [f"    {f}:{n}: {r}" for f, n, r in report.rejected_lines]
+        lines += [f"    {printable(f)}:{n}: {r}" for f, n, r in report.rejected_lines]
     missing = sum(report.missing_key.values())
     if missing:
         lines.append(f"  documents without a key: {missing} (set aside in the dead-letter topic)")
@@ -74,7 +75,7 @@ def summary_lines(report: ImportReport) -> list[str]:
         lines.append(
             f"  rows refused by the database: {len(report.refused)} (see `khala-stream dlq list`)"
         )
-        lines += [f"    {t} {k}: {r}" for t, k, r in report.refused[:50]]
+        lines += [f"    {t} {printable(k)}: {printable(r)}" for t, k, r in report.refused[:50]]
     lines.append(
         "Dry-run completed: no database writes were performed."
         if report.dry_run

@@ -13,6 +13,8 @@ ReasonCode = Literal[
     "invalid_json",  # a line that is not JSON
     "not_object",  # JSON, but not an object
     "too_long",  # a line longer than a document may be (its first bytes are kept)
+    "too_deep",  # an object nested deeper than a document may be
+    "holds_nul",  # a string holding U+0000, which PostgreSQL text cannot store
     "missing_key",  # an object without the key field of its table
     "db_refused",  # a row the database refused (too long, out of range, ...)
     "undecodable_record",  # a topic record its stage cannot decode (bad headers or value)

@@ -103,5 +103,25 @@ def document_key(table: str, doc: dict[str, Any], digest: str) -> str | None:
     return key
 
 
+def has_key(table: str, doc: dict[str, Any]) -> bool:
+    """Whether `document_key` finds a key (without hashing the document)."""
+    return table == "receipts" or string_field(doc, DOCUMENT_KEYS[table]) is not None  # type: ignore[index]
+
+
+# A leading space: keys are trimmed (`string_field`), so no real key can be taken for one.
+KEYLESS_PREFIX = " keyless:"
+
+
+def keyless_key(table: str, line: int, digest: str) -> str | None:
+    """Where a keyless document still goes to the store, or None when it is only set aside.
+
+    A message without `messageId` writes no row, but seeds its thread's title as the
+    reference's title scan does (SPEC §3.15): it is stored under its line and content (two
+    equal lines stay two rows, so ties still go to the first in file order), and the store
+    never counts or deletes it as a document (`processors.store.keyed`).
+    """
+    return f"{KEYLESS_PREFIX}{line}:{digest}" if table == "messages" else None
+
+
 def document_hash(doc: dict[str, Any]) -> str:
     return content_hash(doc)
