@@ -45,6 +45,7 @@ from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.db.port import Database, open_database
 from khala_stream.errors import RuntimeFailure
 from khala_stream.import_runs import RunOptions
+from khala_stream.processes import PARENT_ENV
 from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import end_offsets
 from processors import store
@@ -184,6 +185,7 @@ async def _run_stages(
         "KHALA_TRIM_CONSUMED": "1" if settings.kafka.trim_consumed else "0",
         "DATABASE_URL": settings.database_url,
         "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(settings.retry_deadline_s))),
+        PARENT_ENV: str(os.getpid()),  # they stop by themselves if this process dies
     }
     stages = [await _start_stage(name, env) for name in ("process", "sink")]
     terminated = False
@@ -269,6 +271,11 @@ async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.sub
     return name, child
 
 
+_STAGE_STOP_S = 5.0
+"""How long a stage child may take to stop on SIGTERM (it cancels its work after
+khala_app.lifecycle.STOP_GRACE_S) before SIGKILL: the whole import stops within 10 s."""
+
+
 async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = False) -> None:
     """SIGTERM asks for a stop at the next batch boundary; SIGKILL if it does not come.
 
@@ -279,7 +286,7 @@ async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = Fals
         child.terminate()
     if child.returncode is None:
         try:
-            await asyncio.wait_for(child.wait(), timeout=30)
+            await asyncio.wait_for(child.wait(), timeout=_STAGE_STOP_S)
         except TimeoutError:
             child.kill()
             await child.wait()

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -118,10 +118,10 @@ def _import_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, *, on_signal: Callable[[], None] | None = None) -> Any:
     from khala_app.cli import run_async
 
-    return run_async(coro)
+    return run_async(coro, on_signal=on_signal)
 
 
 def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
@@ -246,20 +246,17 @@ def publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _stage(
-    args: argparse.Namespace, settings: Settings, kind: Literal["process", "sink"]
+    args: argparse.Namespace,
+    settings: Settings,
+    kind: Literal["process", "sink"],
+    stop: asyncio.Event,
 ) -> None:
-    import signal
-
     from khala_app.cli import operations
     from khala_app.topic_owner import prepare_topics_waiting
     from khala_stream.broker.clients import broker_session
     from khala_stream.db.engine import create_engine, init_db
     from khala_stream.db.port import Database
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)  # a signal asks for a stop at a batch boundary
     engine = create_engine(settings.database_url)
     deadline = settings.retry_deadline_s
     try:
@@ -284,12 +281,14 @@ async def _stage(
 
 
 def process(args: argparse.Namespace, settings: Settings) -> int:
-    _run(_stage(args, settings, "process"))
+    stop = asyncio.Event()  # a signal asks for a stop at a batch boundary first
+    _run(_stage(args, settings, "process", stop), on_signal=stop.set)
     return 0
 
 
 def sink(args: argparse.Namespace, settings: Settings) -> int:
-    _run(_stage(args, settings, "sink"))
+    stop = asyncio.Event()
+    _run(_stage(args, settings, "sink", stop), on_signal=stop.set)
     return 0
 
 
