@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_app.guards import check_workos_key, refuse_empty
+from khala_app.guards import checked_export
 from khala_app.publication import open_run, publish_run
 from khala_stream import import_runs
 from khala_stream.broker.clients import broker_session, make_consumer
@@ -61,7 +61,7 @@ from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import MemoryWorkosCache, SqlWorkosCache, resolve_with_cache
-from producers.export_reader import ExportSource, RejectedLine, open_export
+from producers.export_reader import ExportSource, RejectedLine
 from producers.ledger import stored_hashes
 
 logger = logging.getLogger(__name__)
@@ -123,16 +123,10 @@ async def import_chat(
     database or broker is waited for up to `settings.retry_deadline_s`; `allow_empty`: a
     --replace of an export without a single document (it empties the chat tables)."""
     # An invalid source fails here, before any write.
-    with open_export(
-        source,
-        max_entry_bytes=settings.max_entry_bytes,
-        max_ratio=settings.max_ratio,
-        max_total_bytes=settings.max_total_bytes,
-    ) as export:
-        export.verify(read_tables(options.skip_blueprints))
-        if options.replace and not allow_empty:
-            refuse_empty(export, read_tables(options.skip_blueprints))
-        workos = await check_workos_key(settings) if options.resolve_workos_users else None
+    async with checked_export(source, settings, options, allow_empty=allow_empty) as (
+        export,
+        workos,
+    ):
         if dry_run:
             return await _dry_run(settings, export, options, workos)
         return await _write_run(settings, export, options, progress)

@@ -204,34 +204,21 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """The publication of `import-chat` on its own (khala_app/publication.py)."""
     from khala_app.cli import operations
-    from khala_app.guards import check_workos_key, refuse_empty
+    from khala_app.guards import checked_export
     from khala_app.publication import open_run, publish_run
     from khala_stream.broker.clients import broker_session
-    from khala_stream.contract import read_tables
     from khala_stream.db.port import open_database
-    from producers.export_reader import open_export
 
     options = _run_options(args, incremental=args.incremental)
-    with open_export(
-        args.export,
-        max_entry_bytes=settings.max_entry_bytes,
-        max_ratio=settings.max_ratio,
-        max_total_bytes=settings.max_total_bytes,
-    ) as export:
-        export.verify(read_tables(options.skip_blueprints))
-        # Before anything is written: the processor truncates first under --replace.
-        if options.replace and not args.allow_empty:
-            refuse_empty(export, read_tables(options.skip_blueprints))
-        if options.resolve_workos_users:
-            await check_workos_key(settings)
-        async with (
-            open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db,
-            broker_session(settings) as live,
-            operations.stage_metrics(args, live, "publish"),
-        ):
-            run_id = await open_run(live, db, export, options)
-            with _progress(args.export, enabled=True) as progress:
-                report = await publish_run(live, db, export, run_id, options, progress=progress)
+    async with (
+        checked_export(args.export, settings, options, allow_empty=args.allow_empty) as (export, _),
+        open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db,
+        broker_session(settings) as live,
+        operations.stage_metrics(args, live, "publish"),
+    ):
+        run_id = await open_run(live, db, export, options)
+        with _progress(args.export, enabled=True) as progress:
+            report = await publish_run(live, db, export, run_id, options, progress=progress)
     return {"run_id": run_id, "export_sha256": report.sha256, **report.to_json()}
 
 
