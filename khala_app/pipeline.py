@@ -87,7 +87,29 @@ class ImportReport:
     refused: list[tuple[str, str, str]] = field(default_factory=list)
     ignored_tables: list[str] = field(default_factory=list)
 
+    @property
+    def vanished_name(self) -> str:
+        """What the documents missing from this export are called: they are deleted only with
+        --propagate-deletes, and a dry run deletes nothing."""
+        if not self.options.propagate_deletes:
+            return "not_in_export"
+        return "would_delete" if self.options.dry_run else "deleted"
+
+    def document_stats(self) -> dict[str, dict[str, int]]:
+        """Per source table: inserted, updated, unchanged, and the vanished count under
+        `vanished_name`; the text summary and --json both show these."""
+        return {
+            table: {
+                "inserted": int(stats.get("inserted", 0)),
+                "updated": int(stats.get("updated", 0)),
+                "unchanged": int(stats.get("unchanged", 0)),
+                self.vanished_name: int(stats.get("deleted", 0)),
+            }
+            for table, stats in self.documents.items()
+        }
+
     def to_json(self) -> dict[str, Any]:
+        dry = self.options.dry_run
         return {
             "source": self.source,
             "mode": "dry-run" if self.options.dry_run else "write",
@@ -97,8 +119,11 @@ class ImportReport:
             "export_sha256": self.sha256,
             "run_id": self.run_id,
             "counters": self.counters,
-            "documents": self.documents,
-            "rows_written": self.written,
+            "documents": self.document_stats(),
+            # A dry run writes nothing: what a real run would write is said as such.
+            "rows_written": {} if dry else self.written,
+            "rows_a_real_run_would_write": self.written if dry else {},
+            "set_aside_in_dead_letter_topic": not dry,
             "rejected_lines": {
                 "per_table": self.rejected,
                 "lines": [{"file": f, "line": n, "reason": r} for f, n, r in self.rejected_lines],

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("validate", help="check an export: size, sha256, tables, rejected lines")
-    p.add_argument("export", type=Path)
+    p.add_argument("export", type=Path, help="the export: a ZIP or a folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=validate)
 
@@ -31,17 +31,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _import_flags(p)
     p.add_argument("--dry-run", action="store_true", help="compute everything, write nothing")
     p.add_argument("--json", action="store_true")
-    p.add_argument(
-        "--retry-deadline",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="how long to wait for an unreachable database or broker (default 120)",
-    )
     p.set_defaults(handler=import_chat)
 
     p = sub.add_parser("publish", help="publish an export to the source topics (a stage)")
-    p.add_argument("export", type=Path)
+    p.add_argument("export", type=Path, help="the export: a ZIP or a folder")
     p.add_argument("--incremental", action="store_true", help="send only new or changed documents")
     _import_flags(p)
     p.add_argument("--json", action="store_true")
@@ -56,12 +49,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.set_defaults(handler=handler)
 
     p = sub.add_parser("generate", help="write a synthetic export (deterministic per seed)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--users", type=int, default=20)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads-per-user", type=int, default=3)
-    p.add_argument("--messages-per-thread", type=int, default=8)
-    p.add_argument("--edge-cases", action="store_true", help="include the reference's edge cases")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="where to write")
+    p.add_argument("--users", type=_at_least(1), default=20, help="users, at least 1 (default 20)")
+    p.add_argument(
+        "--seed",
+        type=_at_least(0),
+        default=1,
+        help="random seed, 0 or more; the same seed writes the same export (default 1)",
+    )
+    p.add_argument(
+        "--threads-per-user",
+        type=_at_least(0),
+        default=3,
+        help="threads of each user, 0 or more (default 3)",
+    )
+    p.add_argument(
+        "--messages-per-thread",
+        type=_at_least(1),
+        default=8,
+        help="messages of each thread, at least 1 (default 8)",
+    )
+    p.add_argument(
+        "--edge-cases", action="store_true", help="include the reference's edge cases (default: no)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=generate)
 
@@ -87,6 +97,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     operations.register(sub)
     for name in ("publish", "process", "sink"):
         operations.add_metrics_flags(sub.choices[name])
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum` (else a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
 
 
 def _import_flags(p: argparse.ArgumentParser) -> None:
@@ -130,7 +155,7 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def import_chat(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_app.cli.render import summary_lines
+    from khala_app.cli.render import header_lines, result_lines
     from khala_app.pipeline import ImportOptions
     from khala_app.pipeline import import_chat as run_import
     from producers.sample import SAMPLE_EXPORT
@@ -141,12 +166,15 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
         resolve_workos_users=args.resolve_workos_users,
         skip_blueprints=args.skip_blueprints,
         propagate_deletes=args.propagate_deletes,
-        deadline_s=args.retry_deadline,
+        deadline_s=settings.retry_deadline_s,
     )
     source = args.export or SAMPLE_EXPORT
+    if not args.json:  # the opening lines as the work starts, not after it
+        sys.stdout.write("\n".join(header_lines(str(source), options)) + "\n")
+        sys.stdout.flush()
     with _progress(source, enabled=not args.dry_run) as progress:
         report = _run(run_import(settings, source, options, progress=progress))
-    _emit(args, report.to_json(), summary_lines(report))
+    _emit(args, report.to_json(), result_lines(report))
     return 0
 
 
@@ -292,8 +320,25 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         messages_per_thread=args.messages_per_thread,
         edge_cases=args.edge_cases,
     )
-    data = {"out": str(args.out), **{k: v for k, v in asdict(made).items() if k != "path"}}
-    _emit(args, data, [f"wrote {args.out}: {made.total_documents} documents"])
+    from khala_stream.contract import SOURCE_TABLES
+
+    # What the importer reads: the documents of the six source tables. The extra tables a
+    # real export carries are written too, and ignored by the importer.
+    read = sum(n for t, n in made.counts.items() if t in SOURCE_TABLES)
+    extra = made.total_documents - read
+    malformed = sum(made.malformed.values())
+    data = {
+        "out": str(args.out),
+        "documents": read,
+        "other_tables_documents": extra,
+        **{k: v for k, v in asdict(made).items() if k != "path"},
+    }
+    line = f"wrote {args.out}: {read} documents for the importer"
+    if malformed:
+        line += f", {malformed} malformed lines"
+    if extra:
+        line += f" (and {extra} in other tables it ignores)"
+    _emit(args, data, [line])
     return 0
 
 
@@ -333,17 +378,18 @@ async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
 
 
 def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_app.dlq import pending_letters, summarise
+    from khala_app.dlq import pending_letters, provenance, run_sources, summarise
 
     async def listing(kafka: Any, engine: Any, topic: str) -> dict[str, Any]:
-        return summarise(await pending_letters(kafka, engine, topic))
+        letters = await pending_letters(kafka, engine, topic)
+        return summarise(letters, await run_sources(engine, letters))
 
     data = _run(_with_dead_letters(settings, listing))
     lines = [f"{data['total']} dead letters waiting"]
     for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")
         mine = [d for d in data["letters"] if d["reason_code"] == code]
-        lines += [f"  {d['location']}: {d['reason']}" for d in mine[:20]]
+        lines += [f"  {d['location']}: {d['reason']} [{provenance(d)}]" for d in mine[:20]]
         if len(mine) > 20:
             lines.append(f"  ... and {len(mine) - 20} more (--json lists all)")
     _emit(args, data, lines)

@@ -81,8 +81,8 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     # The same newer export through import-chat: now nothing is new.
     result = ok(khala(["import-chat", str(v2)], env))
     stats = _doc_stats(result.stdout)
-    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "deleted": 0}
-    assert stats["receipts"]["deleted"] == 1  # reported, not deleted
+    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "not_in_export": 0}
+    assert stats["receipts"]["not_in_export"] == 1  # reported, not deleted
     assert "rows written: none" in result.stdout
 
     (thread,) = rows(pg_url, "threads")
@@ -98,7 +98,8 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     assert len(rows(pg_url, "run_events")) == 1  # the vanished receipt's event stays
 
     dry = ok(khala(["import-chat", str(v2), "--propagate-deletes", "--dry-run"], env))
-    assert "rows written: run_events=1" in dry.stdout  # what the real run below writes
+    assert "rows a real run would write: run_events=1" in dry.stdout  # the real run below
+    assert _doc_stats(dry.stdout)["receipts"]["would_delete"] == 1
     deleted = ok(khala(["import-chat", str(v2), "--propagate-deletes"], env))
     assert _doc_stats(deleted.stdout)["receipts"]["deleted"] == 1
     assert "rows written: run_events=1" in deleted.stdout
@@ -214,7 +215,7 @@ def test_skip_blueprints_neither_reports_nor_forgets_the_blueprints_it_did_not_r
         "inserted": 0,
         "updated": 0,
         "unchanged": 1,
-        "deleted": 0,
+        "not_in_export": 0,
     }
 
 
