@@ -43,7 +43,14 @@ from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.errors import RuntimeFailure, WorkosKeyError
-from khala_stream.progress import ProgressCallback
+from khala_stream.progress import (
+    PROGRESS_EVENTS_ENV,
+    STORE_PHASE,
+    WRITE_PHASE,
+    PhaseDisplay,
+    PhaseEvent,
+    ProgressCallback,
+)
 from khala_stream.runtime import end_offsets, with_retries
 from processors import store
 from processors.autopilots import parse_allowed_hosts
@@ -140,8 +147,12 @@ async def import_chat(
     options: ImportOptions,
     *,
     progress: ProgressCallback | None = None,
+    phases: PhaseDisplay | None = None,
 ) -> ImportReport:
-    """Import one export; raises KhalaError subclasses with their exit codes."""
+    """Import one export; raises KhalaError subclasses with their exit codes.
+
+    `progress` hears the publisher's tables as they are read; `phases` is shown the stages'
+    phases as they run (store, derive ..., write rows)."""
     # An invalid source fails here, before any write.
     with open_export(
         source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
@@ -150,7 +161,7 @@ async def import_chat(
         workos = await _check_workos(settings) if options.resolve_workos_users else None
         if options.dry_run:
             return await _dry_run(settings, export, options, workos)
-        return await _write_run(settings, export, options, progress)
+        return await _write_run(settings, export, options, progress, phases)
 
 
 async def _check_workos(settings: Settings) -> WorkosClient:
@@ -176,6 +187,7 @@ async def _write_run(
     export: ExportSource,
     options: ImportOptions,
     progress: ProgressCallback | None,
+    phases: PhaseDisplay | None = None,
 ) -> ImportReport:
     deadline = options.deadline_s
     async with _engine(settings.database_url) as engine:
@@ -208,7 +220,9 @@ async def _write_run(
                     deadline_s=deadline,
                 )
 
-            return await _run_stages(live, engine, export, run_id, options, progress, report)
+            return await _run_stages(
+                live, engine, export, run_id, options, progress, report, phases
+            )
 
 
 async def _run_stages(
@@ -219,6 +233,7 @@ async def _run_stages(
     options: ImportOptions,
     progress: ProgressCallback | None,
     then: Callable[[], Awaitable[ImportReport]],
+    phases: PhaseDisplay | None = None,
 ) -> ImportReport:
     """Publish here while `process` and `sink` run as child processes (one core each), until
     the sink has applied the run; then `then()`, while the stages stop."""
@@ -232,11 +247,22 @@ async def _run_stages(
         "DATABASE_URL": settings.database_url,
         "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(options.deadline_s))),
     }
-    stages = [await _start_stage(name, env) for name in ("process", "sink")]
+    if phases is not None:  # the stages tell their progress on stdout, shown here
+        env[PROGRESS_EVENTS_ENV] = "1"
+    stages = [
+        await _start_stage(name, env, events=phases is not None) for name in ("process", "sink")
+    ]
+    published: dict[str, int] = {}  # the documents the store will hold: its phase's total
+    relays = [
+        asyncio.ensure_future(_relay_progress(child, phases, published))
+        for _, child in stages
+        if phases is not None
+    ]
     terminated = False
     probe = make_consumer(settings.kafka, group_id=None)
 
-    async def publish(applied: dict[str, int] | None = None) -> None:
+    async def publish(applied: dict[str, int] | None = None) -> int:
+        """Publish (again); the number of documents sent."""
         # A producer of its own each time: after the broker lost records, an idempotent
         # producer's sequence numbers run ahead of the broker's and every send is refused.
         producer = make_producer(settings.kafka)
@@ -257,7 +283,8 @@ async def _run_stages(
                     deadline_s=options.deadline_s,
                 ),
             )
-            await publisher.publish(export, run_id, applied=applied)
+            published = await publisher.publish(export, run_id, applied=applied)
+            return sum(published.published.values())
         except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
             raise RuntimeFailure(
                 "the broker lost messages it had acknowledged while the export was being"
@@ -268,7 +295,9 @@ async def _run_stages(
 
     try:
         await probe.start()
-        await publish()
+        sent = published["documents"] = await publish()
+        if phases is not None:
+            phases.update(PhaseEvent(STORE_PHASE, total=sent))
         next_loss_check = time.monotonic() + _LOSS_CHECK_S
         while True:
             for name, child in stages:
@@ -285,7 +314,14 @@ async def _run_stages(
                 for _, child in stages:
                     child.terminate()  # they stop (waited for below) while `then` runs
                 terminated = True
-                return await then()
+                report = await then()
+                if phases is not None:
+                    # All stored and applied by now; the stages' last events may be in flight.
+                    rows = sum(report.written.values())
+                    phases.update(PhaseEvent(STORE_PHASE, done=sent, total=sent, finished=True))
+                    phases.update(PhaseEvent(WRITE_PHASE, done=rows, total=rows, finished=True))
+                    phases.finish_all()
+                return report
             if time.monotonic() >= next_loss_check:
                 next_loss_check = time.monotonic() + _LOSS_CHECK_S
                 applied = await with_retries(
@@ -305,6 +341,7 @@ async def _run_stages(
     finally:
         await probe.stop()
         await asyncio.gather(*(_stop_stage(child, terminated) for _, child in stages))
+        await asyncio.gather(*relays, return_exceptions=True)
 
 
 _LOSS_CHECK_S = 5.0
@@ -344,11 +381,32 @@ async def _applied(engine: AsyncEngine, run_id: int, topics: Topics) -> bool:
     )
 
 
-async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.subprocess.Process]:
+async def _start_stage(
+    name: str, env: dict[str, str], *, events: bool = False
+) -> tuple[str, asyncio.subprocess.Process]:
+    """`events`: its stdout is a pipe of progress events (`_relay_progress` reads it)."""
+    out = asyncio.subprocess.PIPE if events else asyncio.subprocess.DEVNULL
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "khala_app", name, env=env, stdout=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "khala_app", name, env=env, stdout=out
     )
     return name, child
+
+
+async def _relay_progress(
+    child: asyncio.subprocess.Process, phases: PhaseDisplay | None, published: dict[str, int]
+) -> None:
+    """Show a stage's progress events until its stdout closes (read to the end, so that the
+    stage never blocks on a full pipe). The store is done once it holds what was published."""
+    if child.stdout is None or phases is None:
+        return
+    async for raw in child.stdout:
+        event = PhaseEvent.parse(raw.decode(errors="replace"))
+        if event is None:
+            continue
+        total = published.get("documents")
+        if event.phase == STORE_PHASE and total is not None and (event.done or 0) >= total:
+            event = PhaseEvent(STORE_PHASE, event.done, total, finished=True)
+        phases.update(event)
 
 
 async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = False) -> None:

@@ -93,6 +93,12 @@ _ROW_TABLES: tuple[DestinationTable, ...] = (
 )
 
 
+class PhaseProgress(Protocol):
+    """`(phase, items done, total or None, finished)`: called as a phase goes."""
+
+    def __call__(self, phase: str, done: int, total: int | None, finished: bool) -> None: ...
+
+
 class ChangeOutput(Protocol):
     """Where derived changes go: the changes topic, or nowhere in a dry run."""
 
@@ -185,8 +191,10 @@ class Derivation:
         workos: WorkosLookup | None,
         out: ChangeOutput,
         statistics: Mapping[str, store.TableChanges] | None = None,
+        progress: PhaseProgress | None = None,
     ) -> None:
-        """`statistics`: the run's `store.table_changes`, when the caller has them already."""
+        """`statistics`: the run's `store.table_changes`, when the caller has them already;
+        `progress` hears each phase's items done (and total, when known) as it goes."""
         self.options = options
         self.view = view
         self._documents = documents
@@ -197,6 +205,9 @@ class Derivation:
         self.result = Derived()
         self._work: Workspace  # the per-export maps, open while `run` runs
         self.untouched: set[str] = set()  # row tables empty when the derivation began
+        self._progress = progress
+        self._phase: tuple[str, int | None] | None = None  # (name, total) of the current one
+        self._phase_done = 0
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -244,8 +255,35 @@ class Derivation:
             entry is not None and entry.row_hash == digest and entry.run_id != self.options.run_id
         )
 
-    def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
-        return store.iter_pages(self._documents, table, self.options.run_id)
+    async def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
+        async for page in store.iter_pages(self._documents, table, self.options.run_id):
+            yield page
+            self._advance(len(page))
+
+    # -- progress: the reference's phases as they run ---------------------------------------
+
+    def _begin(self, name: str, *tables: str) -> None:
+        """A new phase over the documents of `tables` (their count is the total, if known)."""
+        self._end()
+        total = None
+        if self._statistics is not None and tables:
+            total = 0
+            for table in tables:
+                stats = self._statistics.get(table)
+                total += stats.inserted + stats.updated + stats.unchanged if stats else 0
+        self._phase, self._phase_done = (name, total), 0
+        if self._progress is not None:
+            self._progress(name, 0, total, False)
+
+    def _advance(self, n: int) -> None:
+        self._phase_done += n
+        if self._progress is not None and self._phase is not None:
+            self._progress(self._phase[0], self._phase_done, self._phase[1], False)
+
+    def _end(self) -> None:
+        if self._progress is not None and self._phase is not None:
+            self._progress(self._phase[0], self._phase_done, self._phase_done, True)
+        self._phase = None
 
     def _count(self, key: str, n: int = 1) -> None:
         self.result.counters[key] += n
@@ -262,18 +300,27 @@ class Derivation:
                 workos=self._workos,
                 workspace=self._work,
             )
-            await self._users(resolver)
+            if not self.options.skip_blueprints:
+                self._begin("blueprints", "blueprints")
             await self._blueprints()  # before the threads: each owner's pick is made as they come
+            self._begin("identities", "users", "threads")
+            await self._users(resolver)
             await self._thread_owners(resolver)
             self._identity_counters(resolver.counters)
+            self._begin("autopilots")
             await self._autopilots()
             # Threads after messages: their titles come from the messages, and one pass over
             # the messages finds them while it emits the message rows (row order across
             # tables does not matter to the sink; each row is emitted once).
+            self._begin("runs", "runs")
             await self._runs()
+            self._begin("messages", "messages")
             await self._messages()
+            self._begin("threads", "threads")
             await self._threads()
+            self._begin("run events", "receipts")
             await self._events()
+            self._end()
         await self._vanished()
         return self.result
 
@@ -344,6 +391,7 @@ class Derivation:
     async def _autopilots(self) -> None:
         for page in self._work.owner_pages(_OWNER_PAGE):
             self._work.set_owners(await self._autopilot_batch(page))
+            self._advance(len(page))
 
     async def _autopilot_batch(self, page: list[tuple[str, str | None]]) -> dict[str, Owner]:
         """Owners (WorkOS id, key of the chosen blueprint) → their autopilots' rows."""

@@ -130,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("khala_app", "khala_stream", "producers", "processors", "sinks"):
         logging.getLogger(name).setLevel(ours)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # The stages' status line every few seconds, without -v: silence means stopped.
+    logging.getLogger("khala_stream.status").setLevel(min(ours, logging.INFO))
     try:
         settings = settings_from_env(os.environ)
         settings = _apply_flags(settings, args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from khala_stream.config import Settings
 
 if TYPE_CHECKING:
-    from khala_stream.progress import ProgressCallback
+    from khala_stream.progress import PhaseDisplay, ProgressCallback
     from processors.runner import Processor
     from sinks.runner import SinkService
 
@@ -172,8 +173,8 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
     if not args.json:  # the opening lines as the work starts, not after it
         sys.stdout.write("\n".join(header_lines(str(source), options)) + "\n")
         sys.stdout.flush()
-    with _progress(source, enabled=not args.dry_run) as progress:
-        report = _run(run_import(settings, source, options, progress=progress))
+    with _phases(source, enabled=not args.dry_run) as (phases, progress):
+        report = _run(run_import(settings, source, options, progress=progress, phases=phases))
     _emit(args, report.to_json(), result_lines(report))
     return 0
 
@@ -191,6 +192,24 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
         estimates = estimate_lines(export.path, export.tables)
     with table_progress(estimates=estimates) as progress:
         yield progress
+
+
+@contextlib.contextmanager
+def _phases(
+    source: Path, *, enabled: bool
+) -> Iterator[tuple[PhaseDisplay | None, ProgressCallback | None]]:
+    """Every phase of an import (publish per table, store, derive, write), on stderr: bars on
+    a terminal, a line per phase and every few seconds otherwise."""
+    from khala_stream.progress import estimate_lines, phase_progress, publish_callback
+    from producers.export_reader import open_export
+
+    if not enabled:
+        yield None, None
+        return
+    with open_export(source, max_entry_bytes=1 << 62, max_ratio=1e12) as export:
+        estimates = estimate_lines(export.path, export.tables)
+    with phase_progress() as display:
+        yield display, publish_callback(display, estimates)
 
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -265,6 +284,7 @@ async def _stage(
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.progress import StageStatus
     from khala_stream.runtime import with_retries
 
     stop = asyncio.Event()
@@ -284,14 +304,15 @@ async def _stage(
             # Each stage imports only its own side: `import-chat` starts both while it
             # publishes, on the same cores.
             service: Processor | SinkService
+            status = StageStatus.from_env(kind, os.environ)
             if kind == "process":
                 from processors.runner import Processor
 
-                service = Processor(live, engine, db_deadline_s=deadline)
+                service = Processor(live, engine, db_deadline_s=deadline, status=status)
             else:
                 from sinks.runner import SinkService
 
-                service = SinkService(live, engine, db_deadline_s=deadline)
+                service = SinkService(live, engine, db_deadline_s=deadline, status=status)
             await service.run(until_idle=args.until_idle, stop=stop)
     finally:
         await engine.dispose()
