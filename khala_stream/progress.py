@@ -508,7 +508,9 @@ class StageStatus:
     def phase(
         self, phase: str, done: int | None = None, total: int | None = None, finished: bool = False
     ) -> None:
-        if done is not None and not finished:
+        if phase in (STORE_PHASE, WRITE_PHASE):
+            pass  # counted in the status line already
+        elif done is not None and not finished:
             count = f"{done}" if total is None else f"{done}/{total}"
             self.activity = f"{phase} {count}"
         elif finished:
