@@ -54,7 +54,7 @@ from khala_stream.progress import (
 from khala_stream.runtime import end_offsets, with_retries
 from processors import store
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, DELETED_WITH, Derivation, RunOptions
+from processors.derive import COUNTER_KEYS, DELETED_WITH, Derivation, PhaseProgress, RunOptions
 from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
@@ -160,7 +160,7 @@ async def import_chat(
         export.verify(read_tables(options.skip_blueprints))
         workos = await _check_workos(settings) if options.resolve_workos_users else None
         if options.dry_run:
-            return await _dry_run(settings, export, options, workos)
+            return await _dry_run(settings, export, options, workos, phases)
         return await _write_run(settings, export, options, progress, phases)
 
 
@@ -481,7 +481,11 @@ class _Discard:
 
 
 async def _dry_run(
-    settings: Settings, export: ExportSource, options: ImportOptions, workos: WorkosClient | None
+    settings: Settings,
+    export: ExportSource,
+    options: ImportOptions,
+    workos: WorkosClient | None,
+    phases: PhaseDisplay | None = None,
 ) -> ImportReport:
     report = ImportReport(source=str(export.path), options=options, sha256=export.sha256())
     async with _engine(settings.database_url) as real:
@@ -496,7 +500,7 @@ async def _dry_run(
                 await init_db(scratch, laravel=not has_laravel)
                 view = real if has_laravel else scratch
                 run_id = 0  # no real run has id 0: everything in the ledger is settled
-                published = await _load_scratch(export, scratch, run_id, options)
+                published = await _load_scratch(export, scratch, run_id, options, phases)
                 _fill_from_published(report, published)
                 report.documents = await _document_stats(
                     scratch, ledger, run_id, read_tables(options.skip_blueprints)
@@ -525,6 +529,7 @@ async def _dry_run(
                         user_ids=MemoryUserIds(view, ledger=with_ledger),
                         workos=lookup,
                         out=_Discard(),
+                        progress=_derive_phases(phases),
                     )
                     result = await derivation.run()
     for name in COUNTER_KEYS:
@@ -563,8 +568,22 @@ def _dry_run_workos(client: WorkosClient, ledger: AsyncEngine | None) -> WorkosL
     return lookup
 
 
+def _derive_phases(phases: PhaseDisplay | None) -> PhaseProgress | None:
+    if phases is None:
+        return None
+
+    def update(phase: str, done: int, total: int | None, finished: bool) -> None:
+        phases.update(PhaseEvent(f"derive {phase}", done, total, finished))
+
+    return update
+
+
 async def _load_scratch(
-    export: ExportSource, scratch: AsyncEngine, run_id: int, options: ImportOptions
+    export: ExportSource,
+    scratch: AsyncEngine,
+    run_id: int,
+    options: ImportOptions,
+    phases: PhaseDisplay | None = None,
 ) -> dict[str, Any]:
     """Read the export into the scratch store; count what a real publish would report."""
     source: Counter[str] = Counter()
@@ -573,6 +592,8 @@ async def _load_scratch(
     lines: list[list[Any]] = []
     for table in read_tables(options.skip_blueprints):
         batch: list[store.IncomingDocument] = []
+        if phases is not None:
+            phases.update(PhaseEvent(f"read {table}", 0))
         for item in export.iter_table(table):
             if isinstance(item, RejectedLine):
                 rejected[table] += 1
@@ -600,8 +621,13 @@ async def _load_scratch(
                 async with scratch.begin() as conn:
                     await store.apply_documents(conn, batch)
                 batch = []
+                if phases is not None:
+                    phases.update(PhaseEvent(f"read {table}", source[table]))
         async with scratch.begin() as conn:
             await store.apply_documents(conn, batch)
+        if phases is not None:
+            n = source[table]
+            phases.update(PhaseEvent(f"read {table}", n, n, finished=True))
     return {
         "source": dict(source),
         "rejected": dict(rejected),

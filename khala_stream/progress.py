@@ -357,13 +357,14 @@ class _PhaseLines:
         self._write(phase, state, now)
 
     def _write(self, phase: str, state: _PhaseState, now: float) -> None:
-        elapsed = max(now - state.started, 1e-9)
-        rate = state.done / elapsed
+        elapsed = now - state.started
+        # No rate from a phase too short to time (it would read as billions a second).
+        rate = state.done / elapsed if elapsed >= 0.01 else 0.0
         count = f"{state.done}" if state.total is None else f"{state.done}/{state.total}"
         fields = [phase.replace(" ", "_"), f"done={count}"]
         if state.finished:
             fields += ["finished", f"seconds={elapsed:.1f}"]
-        fields.append(f"rate={rate:.0f}/s")
+        fields.append(f"rate={rate:.0f}/s" if rate or not state.done else "rate=-")
         if not state.finished and state.total and rate > 0 and state.done <= state.total:
             fields.append(f"eta={(state.total - state.done) / rate:.0f}s")
         with contextlib.suppress(OSError, ValueError):  # a closed stream never stops the work
@@ -402,23 +403,27 @@ class _PhaseBars:
             redirect_stdout=False,
         )
         self._tasks: dict[str, TaskID] = {}
+        self._closed: set[TaskID] = set()  # rich's `finished` is only completed >= total
 
     def update(self, event: PhaseEvent) -> None:
         task = self._tasks.get(event.phase)
         if task is None:
             task = self._tasks[event.phase] = self.progress.add_task(event.phase, total=None)
-        state = next(t for t in self.progress.tasks if t.id == task)
-        if state.finished:
+        if task in self._closed:
             return
+        state = next(t for t in self.progress.tasks if t.id == task)
         done = state.completed if event.done is None else max(state.completed, event.done)
         total = state.total if event.total is None else event.total
         if total is not None and done > total:
-            total = done
+            total = None  # the estimate was short: no ETA
+        if total is None:
+            state.total = None  # rich's update() cannot unset a total
         self.progress.update(task, completed=done, total=total)
         if event.finished:
             self._close(task)
 
     def _close(self, task: TaskID) -> None:
+        self._closed.add(task)
         state = next(t for t in self.progress.tasks if t.id == task)
         done, elapsed = state.completed, state.elapsed
         self.progress.update(task, total=done, completed=done)
@@ -427,7 +432,7 @@ class _PhaseBars:
 
     def finish_all(self) -> None:
         for task in self._tasks.values():
-            if not next(t for t in self.progress.tasks if t.id == task).finished:
+            if task not in self._closed:
                 self._close(task)
 
 

@@ -173,7 +173,7 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
     if not args.json:  # the opening lines as the work starts, not after it
         sys.stdout.write("\n".join(header_lines(str(source), options)) + "\n")
         sys.stdout.flush()
-    with _phases(source, enabled=not args.dry_run) as (phases, progress):
+    with _phases(source) as (phases, progress):
         report = _run(run_import(settings, source, options, progress=progress, phases=phases))
     _emit(args, report.to_json(), result_lines(report))
     return 0
@@ -195,17 +195,13 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
 
 
 @contextlib.contextmanager
-def _phases(
-    source: Path, *, enabled: bool
-) -> Iterator[tuple[PhaseDisplay | None, ProgressCallback | None]]:
-    """Every phase of an import (publish per table, store, derive, write), on stderr: bars on
-    a terminal, a line per phase and every few seconds otherwise."""
+def _phases(source: Path) -> Iterator[tuple[PhaseDisplay, ProgressCallback]]:
+    """Every phase of an import (publish per table, store, derive, write; a dry run's read
+    and derive), on stderr: bars on a terminal, a line per phase and every few seconds
+    otherwise."""
     from khala_stream.progress import estimate_lines, phase_progress, publish_callback
     from producers.export_reader import open_export
 
-    if not enabled:
-        yield None, None
-        return
     with open_export(source, max_entry_bytes=1 << 62, max_ratio=1e12) as export:
         estimates = estimate_lines(export.path, export.tables)
     with phase_progress() as display:

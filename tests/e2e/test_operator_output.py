@@ -99,6 +99,9 @@ def test_a_dry_run_says_what_a_real_run_would_write_and_set_aside(
         re.M,
     )
     assert "(dry run: nothing was written)" in dry.stdout
+    # Its phases show as they run, as an import's do (stderr, not a terminal).
+    for phase in ("read_messages", "derive_identities", "derive_messages", "derive_run_events"):
+        assert re.search(rf"^progress: {phase} done=\d+/\d+ finished", dry.stderr, re.M), phase
     data = orjson.loads(ok(khala(["import-chat", str(export), "--dry-run", "--json"], env)).stdout)
     assert data["rows_written"] == {} and data["set_aside_in_dead_letter_topic"] is False
     facts = _facts(dry)
