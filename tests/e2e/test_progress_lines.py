@@ -101,3 +101,27 @@ def test_stages_as_services_log_a_status_line_every_few_seconds(
             child.wait(timeout=60)
             if child.stderr is not None:
                 child.stderr.close()
+
+
+def test_the_opening_lines_come_before_the_work(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, sqlite_url: str
+) -> None:
+    """stdout and stderr in one pipe: the reference's opening lines are printed before the
+    first progress line, not after the work is done."""
+    export = tmp_path / "export.zip"
+    generate_export(export, users=2, seed=13, edge_cases=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "khala_app", "import-chat", str(export)],
+        env=env_for(kafka_bootstrap, topic_prefix, sqlite_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout
+    lines = done.stdout.splitlines()
+    first_progress = next(i for i, line in enumerate(lines) if line.startswith("progress: "))
+    assert lines.index("Khala chat import starting...") < first_progress
+    assert lines.index("  import_blueprints: yes") < first_progress
+    assert lines.index("Khala chat import summary:") > first_progress
