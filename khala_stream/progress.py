@@ -599,8 +599,8 @@ class StageStatus:
         before, at = self.records_in, self._clock()
         while True:
             await asyncio.sleep(self._every)
-            try:
-                behind = await lag()
+            try:  # bounded: a partition without a position yet must not silence the line
+                behind = await asyncio.wait_for(lag(), timeout=self._every / 2)
             except Exception:  # the status line never stops the stage
                 behind = None
             now = self._clock()
