@@ -12,7 +12,7 @@ value differs from the last computed one, or that are missing from their table, 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -262,9 +262,11 @@ class Derivation:
 
     # -- progress: the reference's phases as they run ---------------------------------------
 
-    def _begin(self, name: str, *tables: str) -> None:
-        """A new phase over the documents of `tables` (their count is the total, if known)."""
-        self._end()
+    def _begin(self, name: str, *tables: str, within: bool = False) -> None:
+        """A new phase over the documents of `tables` (their count is the total, if known);
+        the current one ends, unless the new one runs `within` it."""
+        if not within:
+            self._end()
         total = None
         if self._statistics is not None and tables:
             total = 0
@@ -274,6 +276,14 @@ class Derivation:
         self._phase, self._phase_done = (name, total), 0
         if self._progress is not None:
             self._progress(name, 0, total, False)
+
+    async def _within(self, name: str, table: str, work: Awaitable[None]) -> None:
+        """`work` as a phase of its own inside the current one, which then goes on."""
+        outer = self._phase, self._phase_done
+        self._begin(name, table, within=True)
+        await work
+        self._end()
+        self._phase, self._phase_done = outer
 
     def _advance(self, n: int) -> None:
         self._phase_done += n
@@ -300,11 +310,11 @@ class Derivation:
                 workos=self._workos,
                 workspace=self._work,
             )
-            if not self.options.skip_blueprints:
-                self._begin("blueprints", "blueprints")
-            await self._blueprints()  # before the threads: each owner's pick is made as they come
             self._begin("identities", "users", "threads")
             await self._users(resolver)
+            # Blueprints before the threads: each owner's pick is made as they come.
+            if not self.options.skip_blueprints:
+                await self._within("blueprints", "blueprints", self._blueprints())
             await self._thread_owners(resolver)
             self._identity_counters(resolver.counters)
             self._begin("autopilots")
