@@ -148,11 +148,13 @@ async def import_chat(
     *,
     progress: ProgressCallback | None = None,
     phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
     """Import one export; raises KhalaError subclasses with their exit codes.
 
     `progress` hears the publisher's tables as they are read; `phases` is shown the stages'
-    phases as they run (store, derive ..., write rows)."""
+    phases as they run (store, derive ..., write rows); `started` is called once the export,
+    the database and the broker have been checked and the work begins."""
     # An invalid source fails here, before any write.
     with open_export(
         source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
@@ -160,8 +162,8 @@ async def import_chat(
         export.verify(read_tables(options.skip_blueprints))
         workos = await _check_workos(settings) if options.resolve_workos_users else None
         if options.dry_run:
-            return await _dry_run(settings, export, options, workos, phases)
-        return await _write_run(settings, export, options, progress, phases)
+            return await _dry_run(settings, export, options, workos, phases, started)
+        return await _write_run(settings, export, options, progress, phases, started)
 
 
 async def _check_workos(settings: Settings) -> WorkosClient:
@@ -188,6 +190,7 @@ async def _write_run(
     options: ImportOptions,
     progress: ProgressCallback | None,
     phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
     deadline = options.deadline_s
     async with _engine(settings.database_url) as engine:
@@ -220,6 +223,8 @@ async def _write_run(
                     deadline_s=deadline,
                 )
 
+            if started is not None:
+                started()
             return await _run_stages(
                 live, engine, export, run_id, options, progress, report, phases
             )
@@ -486,12 +491,15 @@ async def _dry_run(
     options: ImportOptions,
     workos: WorkosClient | None,
     phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
     report = ImportReport(source=str(export.path), options=options, sha256=export.sha256())
     async with _engine(settings.database_url) as real:
         tables = await with_retries(
             lambda: _table_names(real), what="the database", deadline_s=options.deadline_s
         )
+        if started is not None:
+            started()
         has_laravel = all(t in tables for t in LARAVEL.tables)
         ledger = real if all(t in tables for t in IMPORTER.tables) else None
         with tempfile.TemporaryDirectory(prefix="khala-dry-run-") as scratch_dir:

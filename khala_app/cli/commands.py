@@ -170,11 +170,16 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
         deadline_s=settings.retry_deadline_s,
     )
     source = args.export or SAMPLE_EXPORT
-    if not args.json:  # the opening lines as the work starts, not after it
-        sys.stdout.write("\n".join(header_lines(str(source), options)) + "\n")
-        sys.stdout.flush()
+
+    def started() -> None:  # the opening lines as the work starts, not after it
+        if not args.json:
+            sys.stdout.write("\n".join(header_lines(str(source), options)) + "\n")
+            sys.stdout.flush()
+
     with _phases(source) as (phases, progress):
-        report = _run(run_import(settings, source, options, progress=progress, phases=phases))
+        report = _run(
+            run_import(settings, source, options, progress=progress, phases=phases, started=started)
+        )
     _emit(args, report.to_json(), result_lines(report))
     return 0
 
