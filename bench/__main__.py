@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         default="100k,1M",
         help="comma-separated export sizes in documents (default 100k,1M)",
     )
+    parser.add_argument(
+        "--shapes",
+        default="default,edge-cases",
+        help="export shapes: default (generate's), edge-cases (generate --edge-cases: repeated"
+        " keys, bad lines, keyless documents; first import and re-import only)"
+        " (default: both)",
+    )
     parser.add_argument("--quick", action="store_true", help=f"smoke run: --sizes {QUICK}")
     parser.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
     parser.add_argument(
@@ -53,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [parse_size(s) for s in (QUICK if args.quick else args.sizes).split(",")]
     except ValueError as exc:
         parser.error(str(exc))
+    shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
+    if not shapes or set(shapes) - {"default", "edge-cases"}:
+        parser.error(f"--shapes: choose from default, edge-cases (got {args.shapes!r})")
     # SIGTERM unwinds like Ctrl-C, so the broker, PostgreSQL and any child are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     began = time.monotonic()
@@ -65,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             profile=args.profile,
             step_timeout=args.step_timeout,
             command=command_line(args_list),
+            shapes=shapes,
         )
     )
     print(f"total {elapsed(began)}", file=sys.stderr)

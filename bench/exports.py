@@ -6,7 +6,11 @@ lightningInvoices, `_tables`, README) are in the ZIP too, as in a real Convex ex
 ignored by every path. The generator is driven by a user count, so the harness calibrates
 documents per user on a small export first.
 
-The cache key holds the size, the seed and a hash of `producers/generator.py`: a changed
+Two shapes: the generator's default one, and `edge_cases` (`generate --edge-cases`: repeated
+document keys, rejected lines, documents without their key, in the proportions a real export
+shows them), which is what re-imports must stay fast on.
+
+The cache key holds the size, the shape, the seed and a hash of `producers/generator.py`: a changed
 generator regenerates. Generation runs as `khala-stream generate` in a child process, so its
 time and peak RSS are measured too (issue #5 item 1: the generator must stream).
 """
@@ -68,6 +72,12 @@ class Export:
     generate_seconds: float | None
     generate_peak_rss_kb: int | None
     cached: bool
+    edge_cases: bool = False
+
+    @property
+    def label(self) -> str:
+        """`100k`, or `100k edge` for the edge-case shape."""
+        return size_label(self.size) + (" edge" if self.edge_cases else "")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -84,29 +94,32 @@ def _imported_documents(counts: dict[str, int]) -> int:
     return sum(counts.get(t, 0) for t in SOURCE_TABLES)
 
 
-def _docs_per_user(seed: int, key: str) -> float:
+def _docs_per_user(seed: int, key: str, edge_cases: bool) -> float:
     meta = CACHE / f"calibration-s{seed}-{key}.json"
     if meta.exists():
         return float(json.loads(meta.read_text())["docs_per_user"])
     with tempfile.TemporaryDirectory(prefix="khala-bench-cal-", dir="/tmp") as tmp:
-        made = generate_export(Path(tmp) / "cal.zip", users=_CALIBRATION_USERS, seed=seed)
+        made = generate_export(
+            Path(tmp) / "cal.zip", users=_CALIBRATION_USERS, seed=seed, edge_cases=edge_cases
+        )
     ratio = _imported_documents(made.counts) / _CALIBRATION_USERS
     CACHE.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps({"docs_per_user": ratio, "users": _CALIBRATION_USERS}))
     return ratio
 
 
-def ensure_export(size: int, seed: int, *, log_dir: Path) -> Export:
+def ensure_export(size: int, seed: int, *, edge_cases: bool = False, log_dir: Path) -> Export:
     """The cached export of about `size` documents, generating it if needed."""
+    shape = "-edge" if edge_cases else ""
     key = _generator_hash()
-    path = CACHE / f"export-{size_label(size)}-s{seed}-{key}.zip"
+    path = CACHE / f"export-{size_label(size)}{shape}-s{seed}-{key}.zip"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         return Export(**{**meta, "path": path, "cached": True})
-    users = max(1, round(size / _docs_per_user(seed, key)))
+    users = max(1, round(size / _docs_per_user(seed, key + shape, edge_cases)))
     CACHE.mkdir(parents=True, exist_ok=True)
-    for stale in CACHE.glob(f"export-{size_label(size)}-s{seed}-*"):
+    for stale in CACHE.glob(f"export-{size_label(size)}{shape}-s{seed}-*"):
         stale.unlink()  # an older generator's export of the same size
     measured = run_measured(
         [
@@ -120,12 +133,13 @@ def ensure_export(size: int, seed: int, *, log_dir: Path) -> Export:
             str(users),
             "--seed",
             str(seed),
+            *(["--edge-cases"] if edge_cases else []),
             "--json",
         ],
         env=os.environ,
         cwd=REPO_ROOT,
         log_dir=log_dir,
-        label=f"generate-{size_label(size)}",
+        label=f"generate-{size_label(size)}{shape}",
     )
     if not measured.ok:
         raise RuntimeError(f"generating the {size_label(size)} export failed:\n{measured.stderr}")
@@ -142,6 +156,7 @@ def ensure_export(size: int, seed: int, *, log_dir: Path) -> Export:
         generate_seconds=measured.seconds,
         generate_peak_rss_kb=measured.peak_rss_kb,
         cached=False,
+        edge_cases=edge_cases,
     )
     meta = export.to_json()
     meta.pop("path")

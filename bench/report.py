@@ -120,7 +120,7 @@ def format_report(run: RunResult) -> list[str]:
             rate = s.rate(path)
             rows.append(
                 [
-                    size_label(s.size),
+                    s.export.label,
                     path,
                     f"{s.export.documents:,}",
                     f"{r.seconds:.1f}" if r.ok and r.seconds is not None else "failed",
@@ -132,7 +132,7 @@ def format_report(run: RunResult) -> list[str]:
             )
     lines = _table(rows, right={2, 3, 4, 5, 6, 7})
     brokers = [
-        f"{size_label(s.size)} {_mb(s.broker_peak_rss_kb)} MB"
+        f"{s.export.label} {_mb(s.broker_peak_rss_kb)} MB"
         for s in run.sizes
         if s.broker_peak_rss_kb is not None
     ]
@@ -142,7 +142,7 @@ def format_report(run: RunResult) -> list[str]:
         for r in s.paths.values():
             if len(r.processes) > 1:
                 each = ", ".join(f"{p['name']} {p['peak_kb'] / 1024:.0f}" for p in r.processes)
-                lines.append(f"{size_label(s.size)} {r.path}: peak RSS per process (MB): {each}")
+                lines.append(f"{s.export.label} {r.path}: peak RSS per process (MB): {each}")
     lines += _cpu(run)
     lines += ["", *_checks(run), "", *_details(run)]
     return lines
@@ -157,9 +157,7 @@ def _cpu(run: RunResult) -> list[str]:
             if r.ok and cpu:
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
                 total = sum(cpu.values())
-                lines.append(
-                    f"{size_label(s.size)} {r.path}: CPU seconds: {parts} (sum {total:.1f})"
-                )
+                lines.append(f"{s.export.label} {r.path}: CPU seconds: {parts} (sum {total:.1f})")
     return lines
 
 
@@ -167,26 +165,65 @@ def _verdict(ok: bool | None) -> str:
     return "n/a " if ok is None else ("PASS" if ok else "FAIL")
 
 
+def _cpu_sum(result: PathResult | None) -> float | None:
+    cpu = result.extra.get("cpu_seconds") if result is not None and result.ok else None
+    return float(sum(cpu.values())) if cpu else None
+
+
 def _checks(run: RunResult) -> list[str]:
-    lines = ["targets (issue #5):"]
+    """Issue #23's targets. The first import is judged against the two-trip floor (the
+    product's shape through the same broker, without its guarantees) at 1M documents; below
+    that the ratios are shown, not judged. The direct path stays as information."""
+    lines = ["targets (issue #23):"]
     for s in run.sizes:
-        label = size_label(s.size)
-        first, base, again = s.rate(KAFKA_FIRST), s.rate(DIRECT), s.rate(KAFKA_AGAIN)
-        ratio = first / base if first is not None and base else None
-        text = "-" if ratio is None else f"{ratio:.2f}×"
-        lines.append(
-            f"  {_verdict(None if ratio is None else ratio >= 0.5)}  {label}: first import"
-            f" ≥ 0.5× baseline (aim 0.8×): {text}"
-        )
+        label = s.export.label
+        first, again = s.rate(KAFKA_FIRST), s.rate(KAFKA_AGAIN)
+        judged = s.size >= 1_000_000
+        if not s.export.edge_cases:
+            floor = s.rate(FLOOR_TWO)
+            ratio = first / floor if first is not None and floor else None
+            lines.append(
+                f"  {_verdict(None if ratio is None or not judged else ratio >= 0.8)}  {label}:"
+                f" first import ≥ 0.8× the two-trip floor's throughput at 1M:"
+                f" {'-' if ratio is None else f'{ratio:.2f}×'}"
+                f" (× direct: {_ratio(first, s.rate(DIRECT))})"
+            )
+            ours, theirs = _cpu_sum(s.paths.get(KAFKA_FIRST)), _cpu_sum(s.paths.get(FLOOR_TWO))
+            cpu = ours / theirs if ours is not None and theirs else None
+            lines.append(
+                f"  {_verdict(None if cpu is None or not judged else cpu <= 1.25)}  {label}:"
+                f" first import's CPU (ours + broker + PostgreSQL) ≤ 1.25× the floor's at 1M:"
+                f" {'-' if cpu is None else f'{cpu:.2f}×'}"
+                f" ({'-' if ours is None else f'{ours:.1f}'} against"
+                f" {'-' if theirs is None else f'{theirs:.1f}'} CPU-s)"
+            )
+        need = 5.0 if judged else 3.0
         speedup = again / first if again is not None and first else None
-        written = s.paths.get(KAFKA_AGAIN)
-        n = None if written is None else written.extra.get("rows_written")
-        text = "-" if speedup is None else f"{speedup:.1f}×"
+        second = s.paths.get(KAFKA_AGAIN)
+        n = None if second is None else second.extra.get("rows_written")
         lines.append(
-            f"  {_verdict(None if speedup is None else speedup >= 3.0 and n == 0)}  {label}:"
-            f" re-import ≥ 3× faster than first import and writes no row: {text},"
-            f" rows written {'-' if n is None else n}"
+            f"  {_verdict(None if speedup is None else speedup >= need and n == 0)}  {label}:"
+            f" re-import ≥ {need:.0f}× faster than the first import and writes no row:"
+            f" {'-' if speedup is None else f'{speedup:.1f}×'}, rows written"
+            f" {'-' if n is None else n}"
         )
+        locks = [
+            r.extra["deadlocks"]
+            for r in (s.paths.get(KAFKA_FIRST), second)
+            if r is not None and "deadlocks" in r.extra
+        ]
+        lines.append(
+            f"  {_verdict(None if not locks else sum(locks) == 0)}  {label}: no deadlock"
+            f" (pg_stat_database.deadlocks, first import and re-import):"
+            f" {'-' if not locks else sum(locks)}"
+        )
+        documents = second.extra.get("documents") if second is not None else None
+        if isinstance(documents, dict):
+            moved = {t: c for t, c in documents.items() if c.get("inserted") or c.get("updated")}
+            lines.append(
+                f"  {_verdict(not moved)}  {label}: every document key of the re-import"
+                " counted unchanged" + ("" if not moved else f" (not: {', '.join(sorted(moved))})")
+            )
     lines += _rss_checks(run)
     return lines
 
@@ -195,7 +232,7 @@ def _rss_checks(run: RunResult) -> list[str]:
     """The memory target, for each khala-stream process of a path: its peak at the largest
     size, and its growth over its own peak at the smallest."""
     lines: list[str] = []
-    by_size = {s.size: s for s in run.sizes}
+    by_size = {s.size: s for s in run.sizes if not s.export.edge_cases}
     big = by_size.get(max(by_size)) if by_size else None
     small = by_size.get(min(by_size)) if by_size else None
     if big is None or small is None:
@@ -241,7 +278,7 @@ def _peaks_by_process(result: PathResult) -> dict[str, int]:
 def _details(run: RunResult) -> list[str]:
     lines = []
     for s in run.sizes:
-        label = size_label(s.size)
+        label = s.export.label
         e = s.export
         generated = (
             f"generated in {e.generate_seconds:.0f} s"

@@ -77,6 +77,7 @@ class Options:
     profile: bool
     step_timeout: float
     command: str
+    shapes: tuple[str, ...] = ("default", "edge-cases")
 
 
 def _log(message: str) -> None:
@@ -177,7 +178,7 @@ def _json_out(measured: Measured) -> dict[str, Any]:
 
 def _kafka(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str] | None:
     """Steps 1 and 2; returns the Kafka database's fingerprints (None if the import failed)."""
-    label = size_label(export.size)
+    label = export.label
     fingerprints: dict[str, str] | None = None
     with fresh_broker() as broker, ctx.database("bench_kafka") as db:
         broker_sampler = TreeSampler(broker.pid, interval=0.5).start()
@@ -187,10 +188,12 @@ def _kafka(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str] 
         try:
             _log(f"{label}: {KAFKA_FIRST} ({export.documents:,} documents)")
             load = os.getloadavg()[0]
+            deadlocks = verify.deadlocks(dsn)
             first = ctx.measure(argv, env, f"{label}-kafka-first", broker.pid)
             r1 = result.paths[KAFKA_FIRST] = _path_result(ctx, KAFKA_FIRST, first, load)
             r1.rows = verify.counts(dsn)
             r1.extra["report"] = _json_out(first).get("rows_written")
+            r1.extra["deadlocks"] = verify.deadlocks(dsn) - deadlocks
             _log(f"{label}: {KAFKA_FIRST}: {_outcome(r1)}")
             if not r1.ok:
                 return None
@@ -198,8 +201,11 @@ def _kafka(ctx: _Context, export: Export, result: SizeResult) -> dict[str, str] 
             mark = verify.mark(dsn)
             _log(f"{label}: {KAFKA_AGAIN}")
             load = os.getloadavg()[0]
+            deadlocks = verify.deadlocks(dsn)
             again = ctx.measure(argv, env, f"{label}-kafka-again", broker.pid)
             r2 = result.paths[KAFKA_AGAIN] = _path_result(ctx, KAFKA_AGAIN, again, load)
+            r2.extra["deadlocks"] = verify.deadlocks(dsn) - deadlocks
+            r2.extra["documents"] = _json_out(again).get("documents")
             r2.rows = verify.counts(dsn)
             written = verify.written_since(dsn, mark)
             deleted = sum(max(0, r1.rows[t] - r2.rows.get(t, 0)) for t in r1.rows)
@@ -336,6 +342,15 @@ def run(options: Options) -> RunResult:
         ctx = _Context(server, options, log_dir)
         exports: list[Export] = []
         for size in options.sizes:
+            if "edge-cases" in options.shapes:
+                # Only the product's own paths: the others do not collapse repeated keys.
+                _log(f"{size_label(size)} edge: export (cached under .cache/bench/)")
+                edge = ensure_export(size, options.seed, edge_cases=True, log_dir=log_dir)
+                edge_result = SizeResult(size=size, export=edge)
+                result.sizes.append(edge_result)
+                _kafka(ctx, edge, edge_result)
+            if "default" not in options.shapes:
+                continue
             _log(f"{size_label(size)}: export (cached under .cache/bench/)")
             export = ensure_export(size, options.seed, log_dir=log_dir)
             exports.append(export)

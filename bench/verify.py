@@ -76,3 +76,9 @@ def written_since(dsn: str, xid: int, *, importer: bool = False) -> dict[str, in
         [f'SELECT count(*) FROM "{t}" WHERE xmin::text::bigint >= {xid}' for t in tables],
     )
     return {t: int(v) for t, v in zip(tables, values, strict=True) if v or not importer}
+
+
+def deadlocks(dsn: str) -> int:
+    """Deadlocks PostgreSQL has detected in this database since the server started."""
+    query = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    return int(_query(dsn, [query])[0] or 0)

@@ -2,7 +2,9 @@
 
 Rows the database refused are retried through the sink; a replayed letter is remembered in
 `khala_import_replayed` and no longer listed. Bad source lines cannot be retried from their
-bytes: they need a corrected export.
+bytes: they need a corrected export. Neither can records a stage set aside (undecodable, or
+changes the sink must not apply): no run will ever send them as they are, so they are left
+listed, with the topic, partition and offset they were read at, for someone to look into.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.config import KafkaSettings
-from khala_stream.contract.codec import decode_change
+from khala_stream.contract import RowChange
+from khala_stream.contract.codec import CodecError, decode_change
 from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.db.importer_tables import REPLAYED, RUNS
 from khala_stream.dead_letters import StoredDeadLetter, read_dead_letters
+from sinks.change_rules import forbidden
 from sinks.sql_sink import SqlSink
 
 
@@ -114,17 +118,32 @@ def summarise(
                 "export_source": sources.get(s.letter.run_id)
                 if s.letter.run_id is not None
                 else None,
+                "source_topic": s.letter.source_topic,
+                "source_partition": s.letter.source_partition,
+                "source_offset": s.letter.source_offset,
             }
             for s in letters
         ],
     }
 
 
+def _retryable(letter: DeadLetter) -> RowChange | None:
+    """The change a refused row's letter holds, or None when it is not one to retry. The
+    dead-letter topic is no more trusted than the changes topic: a letter's change passes the
+    sink's rules before it is applied."""
+    if letter.reason_code != "db_refused":
+        return None
+    try:
+        change = decode_change(letter.raw)
+    except CodecError:
+        return None
+    return change if forbidden(change) is None else None
+
+
 async def replay(kafka: KafkaSettings, engine: AsyncEngine, topic: str) -> ReplayResult:
     pending = await _pending_copies(kafka, engine, topic)
-    result = ReplayResult(not_retryable=sum(1 for c in pending if c[0].letter.stage != "sink"))
-    rows = [(c, decode_change(c[0].letter.raw)) for c in pending if c[0].letter.stage == "sink"]
-    result.retried = len(rows)
+    rows = [(c, change) for c in pending if (change := _retryable(c[0].letter)) is not None]
+    result = ReplayResult(retried=len(rows), not_retryable=len(pending) - len(rows))
     if not rows:
         return result
     outcome = await SqlSink(engine).apply([change for _, change in rows])

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_app.guards import check_workos_key, refuse_empty
 from khala_app.topic_owner import prepare_topics
 from khala_stream import import_runs
 from khala_stream.backpressure import Backpressure
@@ -38,11 +39,11 @@ from khala_stream.contract import (
     Topics,
     read_tables,
 )
-from khala_stream.contract.documents import document_hash, document_key
+from khala_stream.contract.documents import document_hash, document_key, keyless_key
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
-from khala_stream.errors import RuntimeFailure, WorkosKeyError
+from khala_stream.errors import RuntimeFailure
 from khala_stream.progress import (
     PROGRESS_EVENTS_ENV,
     STORE_PHASE,
@@ -54,7 +55,14 @@ from khala_stream.progress import (
 from khala_stream.runtime import end_offsets, with_retries
 from processors import store
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, DELETED_WITH, Derivation, PhaseProgress, RunOptions
+from processors.derive import (
+    COUNTER_KEYS,
+    DELETED_WITH,
+    Derivation,
+    PhaseProgress,
+    RunOptions,
+    withheld_deletes,
+)
 from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
@@ -73,6 +81,8 @@ class ImportOptions:
     resolve_workos_users: bool = False
     skip_blueprints: bool = False
     propagate_deletes: bool = False
+    allow_empty: bool = False
+    """--replace of an export without a single document (it empties the chat tables)."""
     deadline_s: float = 120.0
     """How long to wait for an unreachable database or broker before exit 1."""
 
@@ -93,12 +103,14 @@ class ImportReport:
     missing_key: dict[str, int] = field(default_factory=dict)
     refused: list[tuple[str, str, str]] = field(default_factory=list)
     ignored_tables: list[str] = field(default_factory=list)
+    deletes_withheld: dict[str, str] = field(default_factory=dict)
+    """--propagate-deletes: the tables that deleted nothing, and why."""
 
-    @property
-    def vanished_name(self) -> str:
-        """What the documents missing from this export are called: they are deleted only with
-        --propagate-deletes, and a dry run deletes nothing."""
-        if not self.options.propagate_deletes:
+    def vanished_name(self, table: str) -> str:
+        """What the documents of `table` missing from this export are called: they are
+        deleted only with --propagate-deletes (and not from a table whose deletes are
+        withheld), and a dry run deletes nothing."""
+        if not self.options.propagate_deletes or table in self.deletes_withheld:
             return "not_in_export"
         return "would_delete" if self.options.dry_run else "deleted"
 
@@ -110,7 +122,7 @@ class ImportReport:
                 "inserted": int(stats.get("inserted", 0)),
                 "updated": int(stats.get("updated", 0)),
                 "unchanged": int(stats.get("unchanged", 0)),
-                self.vanished_name: int(stats.get("deleted", 0)),
+                self.vanished_name(table): int(stats.get("deleted", 0)),
             }
             for table, stats in self.documents.items()
         }
@@ -138,6 +150,7 @@ class ImportReport:
             "missing_key": self.missing_key,
             "refused_rows": [{"table": t, "key": k, "reason": r} for t, k, r in self.refused],
             "ignored_tables": self.ignored_tables,
+            "deletes_withheld": self.deletes_withheld,
         }
 
 
@@ -157,22 +170,18 @@ async def import_chat(
     the database and the broker have been checked and the work begins."""
     # An invalid source fails here, before any write.
     with open_export(
-        source, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        source,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(read_tables(options.skip_blueprints))
-        workos = await _check_workos(settings) if options.resolve_workos_users else None
+        if options.replace and not options.allow_empty:
+            refuse_empty(export, read_tables(options.skip_blueprints))
+        workos = await check_workos_key(settings) if options.resolve_workos_users else None
         if options.dry_run:
             return await _dry_run(settings, export, options, workos, phases, started)
         return await _write_run(settings, export, options, progress, phases, started)
-
-
-async def _check_workos(settings: Settings) -> WorkosClient:
-    key = settings.workos_api_key
-    if key is None:
-        raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
-    async with WorkosClient(api_key=key.reveal(), base_url=settings.workos_base_url) as client:
-        await client.check_key()
-    return client
 
 
 @contextlib.asynccontextmanager
@@ -462,6 +471,9 @@ def _fill_from_published(report: ImportReport, published: dict[str, Any]) -> Non
     report.missing_key = published.get("missing_key", {})
     report.rejected_lines = [(f, int(n), r) for f, n, r in published.get("rejected_lines", [])]
     report.ignored_tables = published.get("ignored_tables", [])
+    if report.options.propagate_deletes:
+        tables = read_tables(report.options.skip_blueprints)
+        report.deletes_withheld = withheld_deletes(published, tables)
 
 
 # -- dry run ---------------------------------------------------------------------------------
@@ -531,6 +543,7 @@ async def _dry_run(
                             replace=options.replace,
                             skip_blueprints=options.skip_blueprints,
                             propagate_deletes=options.propagate_deletes,
+                            withheld_deletes=report.deletes_withheld,
                         ),
                         documents=scratch,
                         view=TargetView(view, replace=options.replace, ledger=with_ledger),
@@ -548,7 +561,7 @@ async def _dry_run(
         # The scratch store holds this export only: what vanished is counted in the real
         # ledger, and a real run sends one delete per vanished document and row table.
         for table, stats in report.documents.items():
-            if not stats["deleted"]:
+            if not stats["deleted"] or table in report.deletes_withheld:
                 continue
             for target in DELETED_WITH[table]:
                 report.written[target] = report.written.get(target, 0) + stats["deleted"]
@@ -613,7 +626,9 @@ async def _load_scratch(
             key = document_key(table, item.doc, digest)
             if key is None:
                 missing[table] += 1
-                continue
+                key = keyless_key(table, item.line, digest)  # as the publisher does
+                if key is None:
+                    continue
             batch.append(
                 store.IncomingDocument(
                     run_id=run_id,
@@ -642,6 +657,7 @@ async def _load_scratch(
         "missing_key": dict(missing),
         "rejected_lines": lines,
         "ignored_tables": sorted(t for t in export.tables if t not in SOURCE_TABLES),
+        "tables": sorted(t for t in export.tables if t in SOURCE_TABLES),
     }
 
 
@@ -661,6 +677,7 @@ async def _document_stats(
                     await conn.execute(
                         sa.select(c.doc_key, c.content_hash)
                         .where(c.source_table == table, c.export_seq == run_id, c.doc_key > last)
+                        .where(store.keyed(c.doc_key))
                         .order_by(c.doc_key)
                         .limit(2000)
                     )
@@ -682,7 +699,10 @@ async def _document_stats(
         if ledger is not None:
             async with ledger.connect() as conn:
                 total = await conn.scalar(
-                    sa.select(sa.func.count()).select_from(DOCUMENTS).where(c.source_table == table)
+                    sa.select(sa.func.count())
+                    .select_from(DOCUMENTS)
+                    .where(c.source_table == table)
+                    .where(store.keyed(c.doc_key))
                 )
             counts["deleted"] = int(total or 0) - counts["updated"] - counts["unchanged"]
         stats[table] = counts

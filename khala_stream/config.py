@@ -79,7 +79,9 @@ class Settings:
     max_entry_bytes: int = 8 << 30
     """Largest uncompressed size of one export table (a larger one is refused as a bomb)."""
     max_ratio: float = 200.0
-    """Largest uncompressed/compressed ratio of one export table above 1 MiB."""
+    """Largest uncompressed/compressed ratio of one export table above 64 MiB."""
+    max_total_bytes: int = 32 << 30
+    """Largest uncompressed size of the source tables together."""
     retry_deadline_s: float = 120.0
     """How long the stages wait for an unreachable database or broker before exit 1."""
     derive_lease_s: float = 30.0
@@ -136,6 +138,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         retry_deadline_s=float(_positive(env, "KHALA_RETRY_DEADLINE_SECONDS", 120)),
         max_entry_bytes=_positive(env, "KHALA_MAX_ENTRY_BYTES", 8 << 30),
         max_ratio=float(_positive(env, "KHALA_MAX_RATIO", 200)),
+        max_total_bytes=_positive(env, "KHALA_MAX_TOTAL_BYTES", 32 << 30),
     )
 
 

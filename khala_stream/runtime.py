@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.db.errors import is_transient
+from khala_stream.db.errors import describe, is_transient
 from khala_stream.db.offsets import load_offsets, rewind
 from khala_stream.errors import RuntimeFailure, TransientError
 
@@ -57,12 +57,16 @@ async def with_retries(
             waited = time.monotonic() - started
             if waited >= deadline_s:
                 raise RuntimeFailure(
-                    f"gave up waiting for {what} after {waited:.0f}s: {exc}"
+                    f"gave up waiting for {what} after {waited:.0f}s: {describe(exc)}"
                 ) from exc
             delay = min(random.uniform(0, min(cap_s, base_s * 2**attempt)), deadline_s - waited)
             attempt += 1
             logger.warning(
-                "waiting for %s (attempt %d, retry in %.1fs): %s", what, attempt, delay, exc
+                "waiting for %s (attempt %d, retry in %.1fs): %s",
+                what,
+                attempt,
+                delay,
+                describe(exc),
             )
             await asyncio.sleep(delay)
 

@@ -126,6 +126,33 @@ DELETED_WITH: Final[dict[str, tuple[DestinationTable, ...]]] = {
 }
 
 
+def withheld_deletes(published: Mapping[str, Any], tables: Sequence[str]) -> dict[str, str]:
+    """The tables of `tables` whose vanished documents must not be deleted, with the reason.
+
+    `published` is what the publisher (or the dry run's reading) reports about the export.
+    Only a table that is present and read whole may lose documents: a line the reader
+    rejected (not UTF-8, not JSON, too long ...) or a document without its key may be any
+    document of its table, and its key cannot be known, so a table with one of them deletes
+    nothing; a table missing from the export deletes nothing either. Their documents stay in
+    the store, so a later complete export deletes what is really gone.
+    """
+    present = set(published.get("tables", tables))
+    rejected: Mapping[str, int] = published.get("rejected", {})
+    keyless: Mapping[str, int] = published.get("missing_key", {})
+    withheld: dict[str, str] = {}
+    for table in tables:
+        if table not in present:
+            withheld[table] = "missing from the export"
+        elif rejected.get(table) or keyless.get(table):
+            reasons = []
+            if rejected.get(table):
+                reasons.append(f"{rejected[table]} rejected lines")
+            if keyless.get(table):
+                reasons.append(f"{keyless[table]} documents without their key")
+            withheld[table] = " and ".join(reasons)
+    return withheld
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunOptions:
     run_id: int
@@ -134,6 +161,8 @@ class RunOptions:
     replace: bool = False
     skip_blueprints: bool = False
     propagate_deletes: bool = False
+    withheld_deletes: Mapping[str, str] = field(default_factory=dict)
+    """Tables whose vanished documents are kept, with why (`withheld_deletes`)."""
 
 
 @dataclass(slots=True)
@@ -680,8 +709,13 @@ class Derivation:
                 self.result.documents = await store.table_changes(conn, run_id, read)
         if not self.options.propagate_deletes:
             return
+        withheld = self.options.withheld_deletes
+        for table, reason in withheld.items():
+            logger.warning("run %d: no deletes from %s: %s", run_id, table, reason)
         async with self._documents.begin() as conn:
-            vanished = {t: await store.vanished_keys(conn, t, run_id) for t in read}
+            vanished = {
+                t: await store.vanished_keys(conn, t, run_id) for t in read if t not in withheld
+            }
             for table, keys in vanished.items():
                 await self.emit(
                     [self.change(t, "delete", k, {}) for t in DELETED_WITH[table] for k in keys]
@@ -713,4 +747,5 @@ __all__ = [
     "Derivation",
     "Derived",
     "RunOptions",
+    "withheld_deletes",
 ]

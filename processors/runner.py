@@ -35,11 +35,11 @@ from khala_stream.contract import (
     read_tables,
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
-from khala_stream.contract.documents import read_headers
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
 from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
+from khala_stream.dead_letters import set_aside_records
 from khala_stream.errors import TransientError, WorkosKeyError
 from khala_stream.progress import StageStatus, consumer_lag
 from khala_stream.runtime import (
@@ -52,9 +52,16 @@ from khala_stream.runtime import (
 )
 from processors import store, unchanged
 from processors.autopilots import parse_allowed_hosts
-from processors.derive import COUNTER_KEYS, Derivation, Derived, RunOptions
+from processors.derive import (
+    COUNTER_KEYS,
+    Derivation,
+    Derived,
+    RunOptions,
+    withheld_deletes,
+)
 from processors.identity import WorkosLookup
 from processors.lookups import SqlUserIds, TargetView
+from processors.screening import screen_documents
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import SqlWorkosCache, resolve_with_cache
 
@@ -258,21 +265,10 @@ class Processor:
     async def _apply(
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> dict[TopicPartition, int]:
-        documents: list[store.IncomingDocument] = []
-        for records in batch.values():
-            for r in records:
-                provenance = read_headers(r.headers)
-                documents.append(
-                    store.IncomingDocument(
-                        run_id=provenance.run_id,
-                        table=provenance.table,
-                        key=(r.key or b"").decode(),
-                        line=provenance.line,
-                        content_hash=provenance.content_hash,
-                        doc_id=provenance.doc_id,
-                        raw=r.value or b"",
-                    )
-                )
+        screened = screen_documents(batch, self._topics)
+        documents = screened.documents
+        # What cannot be stored is set aside, acknowledged before the positions move past it.
+        await set_aside_records(self._producer, self._topics.dead_letters, screened.letters)
         group = self._topics.processor_group
         positions: dict[TopicPartition, int] = {}
         async with self._engine.begin() as conn:
@@ -393,6 +389,7 @@ class Processor:
             replace=flags.replace,
             skip_blueprints=flags.skip_blueprints,
             propagate_deletes=flags.propagate_deletes,
+            withheld_deletes=withheld_deletes(run.published, read_tables(flags.skip_blueprints)),
         )
         fingerprint = unchanged.fingerprint(
             options, resolve_workos_users=flags.resolve_workos_users
@@ -459,10 +456,16 @@ class Processor:
         statistics: dict[str, store.TableChanges],
     ) -> Derived:
         flags = run.flags
-        if flags.replace:
-            await self._truncate_first(run.id, out)
         async with contextlib.AsyncExitStack() as stack:
-            workos = await self._workos_lookup(stack) if flags.resolve_workos_users else None
+            # The WorkOS key is checked before the truncation: a missing or refused key must
+            # not leave the chat tables empty.
+            workos = (
+                await self._workos_lookup(stack, check=flags.replace)
+                if flags.resolve_workos_users
+                else None
+            )
+            if flags.replace:
+                await self._truncate_first(run.id, out)
             derivation = Derivation(
                 options=options,
                 documents=self._engine,
@@ -499,13 +502,19 @@ class Processor:
             polls += 1
             await asyncio.sleep(0.2)
 
-    async def _workos_lookup(self, stack: contextlib.AsyncExitStack) -> WorkosLookup:
+    async def _workos_lookup(
+        self, stack: contextlib.AsyncExitStack, *, check: bool
+    ) -> WorkosLookup:
+        """The run's WorkOS look-ups; `check`: ask WorkOS whether it takes the key first (one
+        request; a refused key is a WorkosKeyError, exit 2)."""
         key = self._settings.workos_api_key
         if key is None:
             raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
         client = await stack.enter_async_context(
             WorkosClient(api_key=key.reveal(), base_url=self._settings.workos_base_url)
         )
+        if check:
+            await client.check_key()
         cache = SqlWorkosCache(self._engine)
 
         async def lookup(ids: Sequence[str]) -> dict[str, WorkosUser | None]:

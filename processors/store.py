@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from khala_stream.contract.documents import KEYLESS_PREFIX
 from khala_stream.db.errors import sqlstate
 from khala_stream.db.importer_tables import APPLIED, DOCUMENTS
 from khala_stream.db.queries import copy_rows, insert_for, one_of, staged
@@ -69,13 +70,17 @@ _COLUMNS: tuple[str, ...] = (
 
 
 def _latest(documents: Iterable[IncomingDocument]) -> list[IncomingDocument]:
-    """Per key the newest version: a later export wins, then a later line (SPEC §8.2)."""
+    """Per key the newest version: a later export wins, then a later line (SPEC §8.2).
+
+    Sorted by (table, key): every writer of the store (this upsert and the publisher's marking
+    in `producers/ledger.py`) locks its rows in that one order, so they cannot deadlock.
+    """
     best: dict[tuple[str, str], IncomingDocument] = {}
     for d in documents:
         current = best.get((d.table, d.key))
         if current is None or (d.run_id, d.line) > (current.run_id, current.line):
             best[(d.table, d.key)] = d
-    return list(best.values())
+    return [best[k] for k in sorted(best)]
 
 
 def _upsert(insert: Any) -> Any:
@@ -119,7 +124,8 @@ async def apply_documents(
             # more to build and to parse than to execute.
             async with staged(conn, DOCUMENTS.name, _COLUMNS, _rows(latest)) as name:
                 stage = sa.table(name, *(sa.column(c) for c in _COLUMNS))
-                insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), sa.select(stage))
+                ordered = sa.select(stage).order_by(stage.c.source_table, stage.c.doc_key)
+                insert = postgresql.insert(DOCUMENTS).from_select(list(_COLUMNS), ordered)
                 await conn.execute(_upsert(insert))
     else:
         await conn.execute(
@@ -235,8 +241,10 @@ async def documents_by_key(
 async def table_changes(
     conn: AsyncConnection, run_id: int, tables: Iterable[str]
 ) -> dict[str, TableChanges]:
-    """Inserted / updated / unchanged documents of this run and documents that vanished."""
+    """Inserted / updated / unchanged documents of this run and documents that vanished
+    (keyless ones are no documents here: they were set aside)."""
     c = DOCUMENTS.c
+    own_key = keyed(c.doc_key)
     seen = await conn.execute(
         sa.select(
             c.source_table,
@@ -246,13 +254,13 @@ async def table_changes(
             ),
             sa.func.sum(sa.case((c.changed_seq < run_id, 1), else_=0)),
         )
-        .where(c.export_seq == run_id)
+        .where(c.export_seq == run_id, own_key)
         .group_by(c.source_table)
     )
     counts = {t: [int(i or 0), int(u or 0), int(n or 0), 0] for t, i, u, n in seen.all()}
     gone = await conn.execute(
         sa.select(c.source_table, sa.func.count())
-        .where(c.export_seq < run_id)
+        .where(c.export_seq < run_id, own_key)
         .group_by(c.source_table)
     )
     for table, n in gone.all():
@@ -263,10 +271,18 @@ async def table_changes(
 async def vanished_keys(conn: AsyncConnection, table: str, run_id: int) -> list[str]:
     result = await conn.execute(
         sa.select(DOCUMENTS.c.doc_key).where(
-            DOCUMENTS.c.source_table == table, DOCUMENTS.c.export_seq < run_id
+            DOCUMENTS.c.source_table == table,
+            DOCUMENTS.c.export_seq < run_id,
+            keyed(DOCUMENTS.c.doc_key),
         )
     )
     return [k for (k,) in result.all()]
+
+
+def keyed(doc_key: Any) -> Any:
+    """Documents with their own key: a keyless one is in the store only to be read by the
+    derivation (a message's title seed), never counted as a document nor deleted as one."""
+    return sa.not_(doc_key.startswith(KEYLESS_PREFIX, autoescape=True))
 
 
 async def forget(conn: AsyncConnection, table: str, keys: Sequence[str]) -> None:

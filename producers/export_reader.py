@@ -31,6 +31,11 @@ from khala_stream.errors import InvalidExportError
 __all__ = [
     "DEFAULT_MAX_ENTRY_BYTES",
     "DEFAULT_MAX_RATIO",
+    "DEFAULT_MAX_TOTAL_BYTES",
+    "HOLDS_NUL",
+    "MAX_DEPTH",
+    "RATIO_FROM_BYTES",
+    "TOO_DEEP",
     "ExportSource",
     "RejectedLine",
     "SourceDocument",
@@ -38,6 +43,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_ENTRY_BYTES: Final = 8 * 2**30
+DEFAULT_MAX_TOTAL_BYTES: Final = 32 * 2**30
 DEFAULT_MAX_RATIO: Final = 200.0
 
 TABLE_FILE: Final = "documents.jsonl"
@@ -46,9 +52,18 @@ MAX_LINE_BYTES: Final = 32 << 20
 """The longest line read as a document. A Convex document takes at most 1 MiB; a line's dead
 letter (base64 and provenance) must still fit one broker message (64 MiB)."""
 _OVERLONG_KEPT: Final = 1 << 20  # of a longer line, what its dead letter shows
-# Small entries may legitimately compress far beyond any sane ratio (a run of blank lines,
-# a repeated row); the ratio guard only matters once an entry inflates to something large.
-_RATIO_GRACE_BYTES: Final = 1 << 20
+RATIO_FROM_BYTES: Final = 2 * MAX_LINE_BYTES
+"""A decompression bomb is a matter of inflated size: an entry is refused when it inflates past
+`max_entry_bytes`, or all source tables together past `max_total_bytes`. The ratio is a guard
+for large entries only: below 64 MiB an entry may compress as well as it likes (a few MiB of
+repetitive text, a run of blank lines), since reading it costs well under a second."""
+MAX_DEPTH: Final = 64
+"""The deepest a document may nest (the line's object is level 1). The product hashes, publishes
+and stores a document by re-encoding it (orjson refuses past 254 levels) and embeds some of its
+values a few levels deeper in rows (a receipt's `json` in a run event's payload), so the limit
+keeps well clear of that; real documents nest a handful of levels."""
+TOO_DEEP: Final = f"nested deeper than {MAX_DEPTH} levels"
+HOLDS_NUL: Final = "holds a NUL character (\\u0000), which PostgreSQL cannot store"
 _BOM: Final = b"\xef\xbb\xbf"
 _NO_CHAT_TABLES: Final = "holds none of the chat tables users, threads, runs, messages, receipts"
 _DRIVE: Final = re.compile(r"^[A-Za-z]:")
@@ -207,22 +222,73 @@ def _parse_lines(
             line = line[:-1]
         if not line.strip():  # bytes.strip() strips ASCII whitespace only
             continue
-        reason: str
-        try:
-            value = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                reason = "invalid UTF-8"
-            else:
-                reason = f"invalid JSON: {exc}"
+        document, reason = _parse_document(line)
+        if document is not None:
+            yield SourceDocument(table=table, entry=entry, line=number, raw=line, doc=document)
         else:
-            if isinstance(value, dict):
-                yield SourceDocument(table=table, entry=entry, line=number, raw=line, doc=value)
-                continue
-            reason = f"not a JSON object ({_describe(value)})"
-        yield RejectedLine(table=table, entry=entry, line=number, raw=line, reason=reason)
+            yield RejectedLine(table=table, entry=entry, line=number, raw=line, reason=reason)
+
+
+def _parse_document(line: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The one parse rule for a line (SPEC §8.1): (the document, "") or (None, why not).
+
+    A document is a JSON object nested at most `MAX_DEPTH` levels, with no NUL character in
+    any of its strings: anything the product could not hash, publish and store is refused
+    here, with its reason, never later.
+    """
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "invalid UTF-8"
+        if str(exc).startswith("depth limit exceeded"):  # orjson's own limit, 1,024 levels
+            return None, TOO_DEEP
+        return None, f"invalid JSON: {exc}"
+    if not isinstance(value, dict):
+        return None, f"not a JSON object ({_describe(value)})"
+    # Only a line with enough brackets can nest that deep: the count is C-speed, the walk not.
+    if line.count(b"{") + line.count(b"[") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):
+        return None, TOO_DEEP
+    # JSON can only spell U+0000 as this escape (its text may be an escaped backslash too).
+    if b"\\u0000" in line and _holds_nul(value):
+        return None, HOLDS_NUL
+    return value, ""
+
+
+def _holds_nul(value: object) -> bool:
+    """Whether any string of a parsed value, keys included, holds U+0000 (no recursion)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\0" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether a parsed value nests more than `limit` objects and arrays (no recursion)."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            pending.extend((child, depth + 1) for child in item.values() if _nests(child))
+        elif isinstance(item, list):
+            pending.extend((child, depth + 1) for child in item if _nests(child))
+    return False
+
+
+def _nests(value: object) -> bool:
+    return isinstance(value, dict | list)
 
 
 class _CountingReader:
@@ -254,7 +320,7 @@ class _CountingReader:
                 self._path,
                 f"entry {self._entry} inflates beyond {self._max_entry_bytes} bytes; refused",
             )
-        if self.count > _RATIO_GRACE_BYTES and self.count / self._compressed > self._max_ratio:
+        if self.count > RATIO_FROM_BYTES and self.count / self._compressed > self._max_ratio:
             raise InvalidExportError(
                 self._path,
                 f"entry {self._entry} inflates more than {self._max_ratio:g}x; refused",
@@ -382,7 +448,9 @@ class ExportSource:
             return
         if self.kind == "folder":
             try:
-                with (self.path / entry).open("rb") as handle:
+                # No link is followed, even one made after the export was opened.
+                fd = os.open(self.path / entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                with os.fdopen(fd, "rb") as handle:
                     yield from _parse_lines(table, entry, handle)
             except OSError as exc:
                 raise InvalidExportError(self.path, f"cannot read {entry}: {exc}") from exc
@@ -414,7 +482,7 @@ def _check_declared(path: Path, info: zipfile.ZipInfo, max_entry: int, max_ratio
         raise InvalidExportError(
             path, f"entry {info.filename} declares {size} bytes (limit {max_entry}); refused"
         )
-    if size > _RATIO_GRACE_BYTES and size / max(packed, 1) > max_ratio:
+    if size > RATIO_FROM_BYTES and size / max(packed, 1) > max_ratio:
         raise InvalidExportError(
             path,
             f"entry {info.filename} declares a {size / max(packed, 1):.0f}x compression ratio "
@@ -422,7 +490,9 @@ def _check_declared(path: Path, info: zipfile.ZipInfo, max_entry: int, max_ratio
         )
 
 
-def _open_zip(path: Path, max_entry_bytes: int, max_ratio: float) -> ExportSource:
+def _open_zip(
+    path: Path, max_entry_bytes: int, max_ratio: float, max_total_bytes: int
+) -> ExportSource:
     try:
         with path.open("rb") as handle:
             magic = handle.read(4)
@@ -446,6 +516,13 @@ def _open_zip(path: Path, max_entry_bytes: int, max_ratio: float) -> ExportSourc
                 infos[table] = info
         if not CHAT_TABLES.intersection(infos):
             raise InvalidExportError(path, _NO_CHAT_TABLES)
+        total = sum(info.file_size for table, info in infos.items() if table in SOURCE_TABLES)
+        if total > max_total_bytes:
+            raise InvalidExportError(
+                path,
+                f"the source tables declare {total} bytes in all (limit {max_total_bytes});"
+                " refused as a decompression bomb",
+            )
         for table, info in infos.items():
             # Only what the importer reads can make the export unusable; an ignored
             # table's oversize entry is checked if and when someone reads it.
@@ -479,27 +556,41 @@ def _probe_entry(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo) ->
 
 
 def _open_folder(path: Path) -> ExportSource:
-    found: dict[str, list[tuple[tuple[str, ...], Path]]] = {}
+    """An unpacked export: one `<table>/documents.jsonl` per table, under one folder.
+
+    Refused: any symbolic link inside (an export unpacked from a ZIP holds none, and a link
+    may lead anywhere: another user's files, a device, a table of another export), and a
+    folder holding more than one export (table files under several parents), which would
+    otherwise mix or silently pick one of them.
+    """
+    found: dict[str, Path] = {}
+    roots: set[tuple[str, ...]] = set()  # the folders holding source tables: one export's
     try:
         for root, dirs, files in os.walk(path, onerror=_raise):
-            dirs.sort()  # deterministic walk; the final choice is sorted again below
-            if TABLE_FILE not in files or Path(root) == path:
+            dirs.sort()  # deterministic walk and messages
+            here = Path(root)
+            for name in sorted(dirs + files):
+                if (here / name).is_symlink():
+                    link = (here / name).relative_to(path)
+                    raise InvalidExportError(
+                        path, f"{link} is a symbolic link; a folder export must hold its own files"
+                    )
+            if TABLE_FILE not in files or here == path or not (here / TABLE_FILE).is_file():
                 continue
-            file = Path(root) / TABLE_FILE
-            if not file.is_file():
-                continue
-            relative = file.relative_to(path)
-            found.setdefault(relative.parts[-2], []).append((relative.parts, file))
+            relative = (here / TABLE_FILE).relative_to(path)
+            table = relative.parts[-2]
+            if table in SOURCE_TABLES:
+                roots.add(relative.parts[:-2])
+            found.setdefault(table, here / TABLE_FILE)  # an ignored table: the first one
     except OSError as exc:
         raise InvalidExportError(path, f"cannot read: {exc}") from exc
-    tables: dict[str, str] = {}
-    files_by_table: dict[str, Path] = {}
-    for table in sorted(found):
-        candidates = sorted(found[table])
-        direct = [c for c in candidates if len(c[0]) == 2]
-        parts, file = (direct or candidates)[0]
-        tables[table] = "/".join(parts)
-        files_by_table[table] = file
+    if len(roots) > 1:
+        names = ", ".join("/".join(parts) or "." for parts in sorted(roots))
+        raise InvalidExportError(
+            path, f"holds more than one export ({names}); give the folder of one of them"
+        )
+    files_by_table = {table: found[table] for table in sorted(found)}
+    tables = {t: "/".join(f.relative_to(path).parts) for t, f in files_by_table.items()}
     if not CHAT_TABLES.intersection(tables):
         raise InvalidExportError(path, _NO_CHAT_TABLES)
     try:
@@ -528,8 +619,15 @@ def open_export(
     *,
     max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
     max_ratio: float = DEFAULT_MAX_RATIO,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
 ) -> ExportSource:
-    """Open a ZIP or folder export; raise `InvalidExportError` when it cannot be imported."""
+    """Open a ZIP or folder export; raise `InvalidExportError` when it cannot be imported.
+
+    A ZIP's entries are refused as a decompression bomb past `max_entry_bytes` each, past
+    `max_total_bytes` for the source tables together, and past `max_ratio` once an entry is
+    larger than `RATIO_FROM_BYTES` (zipfile never inflates an entry beyond its declared size,
+    so the declared sizes bound what reading can cost; the reading count re-checks them).
+    """
     source = Path(path)
     try:
         mode = source.stat().st_mode
@@ -540,5 +638,5 @@ def open_export(
     if stat.S_ISDIR(mode):
         return _open_folder(source)
     if stat.S_ISREG(mode):
-        return _open_zip(source, max_entry_bytes, max_ratio)
+        return _open_zip(source, max_entry_bytes, max_ratio, max_total_bytes)
     raise InvalidExportError(source, "neither a file nor a folder")

@@ -1,6 +1,8 @@
 """The `publish` stage: every document of an export to its source topic, with provenance.
 
-Bad lines and documents without a key go to the dead-letter topic with their raw bytes.
+Bad lines and documents without a key go to the dead-letter topic with their raw bytes; a
+message without its key is also published under its line and content (`keyless_key`): it
+still seeds its thread's title.
 Incremental publishing sends only new and changed documents; an unchanged one (same content
 hash in the ledger) is marked as part of this export in the ledger instead (SPEC §5).
 """
@@ -29,6 +31,7 @@ from khala_stream.contract.documents import (
     document_hash,
     document_headers,
     document_key,
+    keyless_key,
 )
 from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.db.queries import stored_before
@@ -36,8 +39,14 @@ from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.progress import ProgressCallback
 from khala_stream.runtime import with_retries
 from producers.batches import PartitionedBatches
-from producers.export_reader import ExportSource, RejectedLine, SourceDocument
-from producers.ledger import mark_unchanged
+from producers.export_reader import (
+    HOLDS_NUL,
+    TOO_DEEP,
+    ExportSource,
+    RejectedLine,
+    SourceDocument,
+)
+from producers.ledger import Marking, mark_unchanged
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +54,7 @@ _BATCH = 2000
 _BATCH_BYTES = 1 << 20  # of raw lines: parsed, a batch takes several times that (3 are alive)
 _YIELD_EVERY = 100
 _AHEAD = 2  # batches marked and sent while the next is read
+_MAX_HELD = 20_000  # lines held back at most (see `_send`)
 """Called with (table, lines read so far) as publishing goes."""
 
 
@@ -88,6 +98,10 @@ def reason_code(rejected: RejectedLine) -> ReasonCode:
         return "not_object"
     if rejected.reason.startswith("line too long"):
         return "too_long"
+    if rejected.reason == TOO_DEEP:
+        return "too_deep"
+    if rejected.reason == HOLDS_NUL:
+        return "holds_nul"
     return "invalid_json"
 
 
@@ -117,6 +131,9 @@ class Publisher:
         self._deadline = deadline_s
         self._again = False
         self._backpressure = backpressure
+        # Per table, lines held back because a later line of their key is most likely coming
+        # (the store holds that key from a later line); see `_send`.
+        self._held: dict[str, tuple[str, SourceDocument]] = {}
 
     async def _stored(self, table: str, run_id: int) -> bool:
         async with self._engine.connect() as conn:
@@ -197,6 +214,10 @@ class Publisher:
             await self._queue(pipeline, table, batch, letters, report, marking)
             for task in pipeline:
                 await task
+            # Held lines whose key did not come again are the last of their key: they count.
+            held = [(key, digest, item) for key, (digest, item) in self._held.items()]
+            self._held.clear()
+            await self._emit(table, held, report)
         finally:
             for task in pipeline:
                 task.cancel()  # after a failure: the batches behind it
@@ -251,7 +272,8 @@ class Publisher:
                 field_name = DOCUMENT_KEYS[table]  # type: ignore[index]
                 reason = f"no string {field_name!r}: the document cannot be identified"
                 letters.append(self._letter(item, "missing_key", reason, report))
-            else:
+                key = keyless_key(table, item.line, digest)  # still read for the titles
+            if key is not None:
                 keyed.append((key, digest, item))
                 order.update(orjson.dumps(key))  # JSON strings: concatenated, still unambiguous
         after = pipeline[-1] if pipeline else None
@@ -270,28 +292,56 @@ class Publisher:
         read: int,
         letters: list[DeadLetter],
         report: PublishReport,
-        marking: bool,
+        marking_on: bool,
         after: asyncio.Task[None] | None = None,
     ) -> None:
         """Mark what is unchanged of the (key, content hash, document)s of `read` documents,
         then, once the batch `after` is sent, send the rest."""
         started = time.monotonic()
-        unchanged: set[tuple[str, int]] = set()
-        if marking and keyed:
+        marking = Marking()
+        if marking_on and keyed:
             documents = [(k, d, i.line) for k, d, i in keyed]
-            unchanged = await self._db(
+            marking = await self._db(
                 lambda: mark_unchanged(self._engine, table, report.run_id, documents)
             )
         if after is not None:
             await after
-        if unchanged:
-            report.unchanged[table] += len(unchanged)
+        # From here on batches take turns in file order. Only the last line of a key counts
+        # (SPEC §8.2): a line whose key comes again is dropped, whether that later line is in
+        # this batch or further on. A line the ledger knows from a later line is held until
+        # its key comes again or the table ends, so an unchanged repeated key costs nothing.
+        last_line = {key: item.line for key, _, item in keyed}
+        outgoing: list[tuple[str, str, SourceDocument]] = []
+        for key, digest, item in keyed:
+            self._held.pop(key, None)
+            if last_line[key] != item.line:
+                continue
+            if (key, item.line) in marking.unchanged:
+                report.unchanged[table] += 1
+            elif key in marking.later:
+                self._held[key] = (digest, item)
+            else:
+                outgoing.append((key, digest, item))
+        while len(self._held) > _MAX_HELD:  # bounded memory: the oldest goes out now
+            oldest = next(iter(self._held))
+            outgoing.append((oldest, *self._held.pop(oldest)))
+        topic, ends = await self._emit(table, outgoing, report)
+        if letters and not self._again:
+            await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
+            for code, n in Counter(letter.reason_code for letter in letters).items():
+                metrics.dead_letters("publish", code, n)
+        if self._backpressure and ends:
+            await self._backpressure.wait(topic, ends)
+        elapsed = time.monotonic() - started
+        metrics.record_batch("publish", {table: read + len(letters)}, elapsed)
+
+    async def _emit(
+        self, table: str, outgoing: list[tuple[str, str, SourceDocument]], report: PublishReport
+    ) -> tuple[str, dict[int, int]]:
+        """Send (key, content hash, document)s to the table's topic; the end offsets reached."""
         topic = self._topics.source(table)
         batches = await PartitionedBatches.for_topic(self._producer, topic)
-        sent = 0
-        for key, digest, item in keyed:
-            if (key, item.line) in unchanged:
-                continue
+        for key, digest, item in outgoing:
             provenance = Provenance(
                 export_sha256=report.sha256,
                 run_id=report.run_id,
@@ -301,16 +351,8 @@ class Publisher:
                 content_hash=digest,
             )
             await batches.add(key.encode(), item.raw, document_headers(provenance))
-            sent += 1
-        if sent:
-            report.published[table] += sent
-        if letters and not self._again:
-            await publish_dead_letters(self._producer, self._topics.dead_letters, letters)
-            for code, n in Counter(letter.reason_code for letter in letters).items():
-                metrics.dead_letters("publish", code, n)
+        if outgoing:
+            report.published[table] += len(outgoing)
         ends = await batches.flush()
-        metrics.record_output("publish", {table: sent})
-        if self._backpressure and ends:
-            await self._backpressure.wait(topic, ends)
-        elapsed = time.monotonic() - started
-        metrics.record_batch("publish", {table: read + len(letters)}, elapsed)
+        metrics.record_output("publish", {table: len(outgoing)})
+        return topic, ends

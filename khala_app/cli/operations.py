@@ -53,7 +53,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument("--group", help="only this group: process, sink, or a full group name")
-    p.add_argument("--watch", action="store_true", help="keep sampling and redraw the table")
+    p.add_argument(
+        "--partitions",
+        action="store_true",
+        help="also show each group's partitions as a table (default: one line per group)",
+    )
+    p.add_argument("--watch", action="store_true", help="keep sampling and redraw")
     p.add_argument(
         "--samples",
         type=int,
@@ -69,6 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_metrics_flags(p)
     p.add_argument("--json", action="store_true", help="JSON (one object per line with --watch)")
+    _add_check_flags(p)
     p.set_defaults(handler=lag)
 
     p = sub.add_parser(
@@ -84,6 +90,47 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--save", type=Path, metavar="FILE", help="also write this snapshot to FILE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=counts)
+
+
+def _add_check_flags(p: argparse.ArgumentParser) -> None:
+    from khala_stream.lag.check import DEFAULT_CRIT_SECONDS, DEFAULT_WARN_SECONDS
+
+    check = p.add_argument_group(
+        "monitoring check",
+        "--check prints one line (LAG OK|WARNING|CRITICAL|UNKNOWN - ...) and exits 0 OK, "
+        "1 WARNING (a Burrow WARN, or a warning limit reached), 2 CRITICAL (STOP, STALL, "
+        "REWIND, or a critical limit reached), 3 UNKNOWN (broker unreachable, bad options), "
+        "as Nagios-style checks and cron expect",
+    )
+    check.add_argument("--check", action="store_true", help="judge the lag as a monitoring check")
+    check.add_argument(
+        "--warn-seconds",
+        type=float,
+        default=DEFAULT_WARN_SECONDS,
+        metavar="S",
+        help=f"WARNING when a group's oldest unconsumed message is S seconds old or more "
+        f"(default {DEFAULT_WARN_SECONDS:g}; >= 0)",
+    )
+    check.add_argument(
+        "--crit-seconds",
+        type=float,
+        default=DEFAULT_CRIT_SECONDS,
+        metavar="S",
+        help=f"CRITICAL at S seconds or more (default {DEFAULT_CRIT_SECONDS:g}, as the "
+        "KhalaLagTooOld alert; >= --warn-seconds)",
+    )
+    check.add_argument(
+        "--warn-lag",
+        type=int,
+        metavar="N",
+        help="WARNING when a group's total lag is N messages or more (default: no limit; >= 0)",
+    )
+    check.add_argument(
+        "--crit-lag",
+        type=int,
+        metavar="N",
+        help="CRITICAL at N messages or more (default: no limit; >= --warn-lag)",
+    )
 
 
 def add_metrics_flags(p: argparse.ArgumentParser) -> None:
@@ -141,6 +188,8 @@ def _serve(port: int, host: str) -> MetricsServer:
 
 # ------------------------------------------------------------------ lag
 def lag(args: argparse.Namespace, settings: Settings) -> int:
+    if args.check:
+        return _check(args, settings)
     from khala_app.cli import run_async
 
     samples: int | None = args.samples
@@ -159,6 +208,7 @@ def lag(args: argparse.Namespace, settings: Settings) -> int:
                 window=samples or _WATCH_WINDOW,
                 interval_s=interval or _WATCH_INTERVAL_S,
                 as_json=args.json,
+                partitions=args.partitions,
                 metrics_port=args.metrics_port,
                 metrics_host=args.metrics_host,
             )
@@ -172,8 +222,61 @@ def lag(args: argparse.Namespace, settings: Settings) -> int:
             interval_s=interval or _ONE_SHOT_INTERVAL_S,
         )
     )
-    _print(args.json, report.to_json(), lag_lines(report))
+    _print(args.json, report.to_json(), lag_lines(report, partitions=args.partitions))
     return 0
+
+
+def _check(args: argparse.Namespace, settings: Settings) -> int:
+    """`lag --check`: one plugin line on stdout; anything that stops the check is UNKNOWN."""
+    from khala_app.cli import run_async
+    from khala_stream.errors import KhalaError
+    from khala_stream.lag import CheckResult, Thresholds, check_report, unknown
+
+    limits = Thresholds(
+        warn_seconds=args.warn_seconds,
+        crit_seconds=args.crit_seconds,
+        warn_lag=args.warn_lag,
+        crit_lag=args.crit_lag,
+    )
+    problems = limits.problems()
+    if args.watch:
+        problems.append("--check judges one burst of samples; it does not take --watch")
+    if args.metrics_port is not None:
+        problems.append("--check does not serve metrics (--metrics-port)")
+    if args.samples is not None and args.samples < 1:
+        problems.append("--samples must be at least 1")
+    if args.interval is not None and args.interval <= 0:
+        problems.append("--interval must be above 0")
+    result: CheckResult
+    report: LagReport | None = None
+    if problems:
+        result = unknown("; ".join(problems))
+    else:
+        try:
+            taken: LagReport = run_async(
+                one_shot_lag(
+                    settings,
+                    group=args.group,
+                    samples=args.samples or _ONE_SHOT_SAMPLES,
+                    interval_s=args.interval or _ONE_SHOT_INTERVAL_S,
+                )
+            )
+        except (KhalaError, RuntimeError, OSError) as exc:
+            # RuntimeError: the embedded broker did not start.
+            result = unknown(str(exc))
+        else:
+            report, result = taken, check_report(taken, limits)
+    if args.json:
+        data: dict[str, Any] = {
+            "state": result.state,
+            "exit_code": result.exit_code,
+            "summary": result.summary,
+            "report": None if report is None else report.to_json(),
+        }
+        sys.stdout.write(orjson.dumps(data).decode() + "\n")
+    else:
+        sys.stdout.write(result.summary + "\n")
+    return result.exit_code
 
 
 async def one_shot_lag(
@@ -199,6 +302,7 @@ async def watch_lag(
     window: int,
     interval_s: float,
     as_json: bool,
+    partitions: bool = False,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     rounds: int | None = None,
@@ -217,7 +321,7 @@ async def watch_lag(
             groups = prefix_groups(live.topic_prefix, group)
             try:
                 async with LagSampler(live.kafka, groups, window=window) as sampler:
-                    with _Screen(live_display) as screen:
+                    with _Screen(live_display, partitions) as screen:
                         done = 0
                         while rounds is None or done < rounds:
                             if done:
@@ -244,8 +348,9 @@ async def watch_lag(
 class _Screen:
     """Redraws in place on a terminal (rich Live); appends plain blocks otherwise."""
 
-    def __init__(self, live: bool) -> None:
+    def __init__(self, live: bool, partitions: bool) -> None:
         self._live_enabled = live
+        self._partitions = partitions
         self._live: Any = None
 
     def __enter__(self) -> _Screen:
@@ -264,9 +369,11 @@ class _Screen:
         if as_json:
             sys.stdout.write(orjson.dumps(report.to_json()).decode() + "\n")
         elif self._live is not None:
-            self._live.update(_rich_table(report), refresh=True)
+            self._live.update(_rich_table(report, self._partitions), refresh=True)
+        elif self._partitions:
+            sys.stdout.write("\n".join([*lag_lines(report, partitions=True), ""]) + "\n")
         else:
-            sys.stdout.write("\n".join([*lag_lines(report), ""]) + "\n")
+            sys.stdout.write("\n".join(lag_lines(report)) + "\n")
         sys.stdout.flush()
 
 
@@ -315,8 +422,11 @@ def _partition_rows(report: LagReport) -> list[tuple[str, list[tuple[str, ...]]]
     return out
 
 
-def lag_lines(report: LagReport) -> list[str]:
-    """The report as aligned plain text: a line per group, then its partitions."""
+def lag_lines(report: LagReport, *, partitions: bool = False) -> list[str]:
+    """The report as plain text: a line per group; with `partitions`, a title and each group's
+    partitions as an aligned table under its line."""
+    if not partitions:
+        return [header for header, _ in _partition_rows(report)]
     lines = [f"consumer lag over {report.samples} samples"]
     for header, rows in _partition_rows(report):
         lines.append(header)
@@ -334,7 +444,7 @@ def lag_lines(report: LagReport) -> list[str]:
     return lines
 
 
-def _rich_table(report: LagReport) -> Table:
+def _rich_table(report: LagReport, partitions: bool) -> Table:
     from rich.table import Table
 
     styles = {"OK": "green", "WARN": "yellow", "STALL": "red", "STOP": "red", "REWIND": "magenta"}
@@ -354,6 +464,8 @@ def _rich_table(report: LagReport) -> Table:
             _seconds(g.time_to_drain),
             f"[bold {colour}]{g.status}",
         )
+        if not partitions:
+            continue
         for row in rows:
             table.add_row(f"  {row[0]}", *row[1:-1], f"[{styles.get(row[-1], 'white')}]{row[-1]}")
         table.add_section()

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from khala_app.pipeline import ImportOptions, ImportReport
+from khala_stream.terminal import printable
 
 
 def print_json(value: Any) -> None:
@@ -24,7 +25,7 @@ def header_lines(source: str, options: ImportOptions) -> list[str]:
     o = options
     return [
         "Khala chat import starting...",
-        f"  source: {source}",
+        f"  source: {printable(source)}",
         f"  mode: {'dry-run' if o.dry_run else 'write'}",
         f"  replace: {'yes' if o.replace else 'no'}",
         f"  resolve_workos_users: {'yes' if o.resolve_workos_users else 'no'}",
@@ -76,15 +77,22 @@ def result_lines(report: ImportReport) -> list[str]:
     rejected = sum(report.rejected.values())
     if rejected:
         lines.append(f"  rejected lines: {rejected} ({set_aside})")
-        lines += [f"    {f}:{n}: {r}" for f, n, r in report.rejected_lines]
+        lines += [f"    {printable(f)}:{n}: {r}" for f, n, r in report.rejected_lines]
     missing = sum(report.missing_key.values())
     if missing:
         lines.append(f"  documents without a key: {missing} ({set_aside})")
+    for table, reason in report.deletes_withheld.items():
+        kept = report.documents.get(table, {}).get("deleted", 0)
+        if kept:  # a table that lost nothing has nothing to withhold
+            lines.append(
+                f"  no deletes from {table} (--propagate-deletes): {reason};"
+                f" its {kept} vanished documents are kept"
+            )
     if report.refused:
         lines.append(
             f"  rows refused by the database: {len(report.refused)} (see `khala-stream dlq list`)"
         )
-        lines += [f"    {t} {k}: {r}" for t, k, r in report.refused[:50]]
+        lines += [f"    {t} {printable(k)}: {printable(r)}" for t, k, r in report.refused[:50]]
     lines.append(
         "Dry-run completed: no database writes were performed."
         if o.dry_run

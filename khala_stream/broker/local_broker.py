@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from khala_stream.errors import UsageError
 from khala_stream.processes import pid_alive
 
 __all__ = ["LocalBroker", "find_broker_binary", "start_local_broker", "stop_pid"]
@@ -38,13 +39,17 @@ _LOG_TAIL_LINES = 20
 
 
 def find_broker_binary() -> Path:
-    """Return the noida-db executable shipped inside the installed ``noida_db`` package."""
+    """Return the noida-db executable shipped inside the installed ``noida_db`` package.
+
+    Raises UsageError (exit 2) when the package is absent: it is installed only where PyPI has
+    a wheel for it (see pyproject.toml), and elsewhere the user must name a broker.
+    """
     try:
         candidate = Path(str(files("noida_db").joinpath(_BINARY_NAME)))
     except ModuleNotFoundError as exc:
-        raise RuntimeError(
-            "the embedded Kafka broker needs the 'noida-db==0.2.3' package "
-            "(pip install noida-db==0.2.3), or set KAFKA_BOOTSTRAP_SERVERS to a real broker"
+        raise UsageError(
+            "no Kafka broker: the embedded one (noida-db) is not installed on this platform; "
+            "set KAFKA_BOOTSTRAP_SERVERS to your brokers (host:port)"
         ) from exc
     if not candidate.is_file():
         raise RuntimeError(f"noida-db binary not found at {candidate}")
@@ -329,6 +334,9 @@ def _main(argv: list[str] | None = None) -> int:
                 print(f"stopped broker pid {args.pid}", file=sys.stderr)
             else:
                 print(f"broker pid {args.pid} was not running", file=sys.stderr)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

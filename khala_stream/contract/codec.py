@@ -53,18 +53,63 @@ def _change_dict(change: RowChange) -> dict[str, Any]:
     return payload
 
 
-def _change_from(raw: dict[str, Any]) -> RowChange:
-    src = raw.get("src")
+class CodecError(ValueError):
+    """Bytes that are not what the contract says a message holds; the message says why."""
+
+
+_RUN_IDS: Final = range(1, 2**31)  # the run tables' ids are 32-bit integers
+
+
+def _run_id(value: Any) -> int:
+    if type(value) is not int or value not in _RUN_IDS:
+        raise CodecError(f"run {value!r} is not a run id")
+    return value
+
+
+def _source_ref(src: Any) -> SourceRef | None:
+    if src is None:
+        return None
+    if not (
+        isinstance(src, list)
+        and len(src) == 3
+        and isinstance(src[0], str)
+        and type(src[1]) is int
+        and (src[2] is None or isinstance(src[2], str))
+    ):
+        raise CodecError("a change's source is not [table, line, _id]")
+    return SourceRef(table=src[0], line=src[1], doc_id=src[2])
+
+
+def _change_from(raw: Any) -> RowChange:
+    """A decoded change, its types checked (which tables, operations and columns a sink may
+    apply is its own rule, not the codec's)."""
+    if not isinstance(raw, dict):
+        raise CodecError("a change is not a JSON object")
+    table, op, key = raw.get("table"), raw.get("op"), raw.get("key")
+    values, digest, version = raw.get("values") or {}, raw.get("hash"), raw.get("v", 1)
+    if not (isinstance(table, str) and isinstance(op, str) and isinstance(key, str)):
+        raise CodecError("a change's table, op and key are not all strings")
+    if not isinstance(values, dict):
+        raise CodecError("a change's values are not a JSON object")
+    if not (digest is None or isinstance(digest, str)) or type(version) is not int:
+        raise CodecError("a change's hash or version has the wrong type")
     return RowChange(
-        run_id=int(raw["run"]),
-        table=raw["table"],
-        op=raw["op"],
-        key=raw["key"],
-        values=raw.get("values") or {},
-        row_hash=raw.get("hash"),
-        source=SourceRef(table=src[0], line=int(src[1]), doc_id=src[2]) if src else None,
-        schema_version=int(raw.get("v", 1)),
+        run_id=_run_id(raw.get("run")),
+        table=table,  # type: ignore[arg-type]
+        op=op,  # type: ignore[arg-type]
+        key=key,
+        values=values,
+        row_hash=digest,
+        source=_source_ref(raw.get("src")),
+        schema_version=version,
     )
+
+
+def _json(data: bytes | str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError(f"not JSON: {exc}") from None
 
 
 def encode_change(change: RowChange) -> bytes:
@@ -72,12 +117,17 @@ def encode_change(change: RowChange) -> bytes:
 
 
 def decode_change(data: bytes) -> RowChange:
-    return _change_from(orjson.loads(data))
+    """One encoded change; CodecError for anything else."""
+    return _change_from(_json(data))
 
 
 def decode_changes(data: bytes) -> list[RowChange]:
-    """A message of the changes topic: a JSON array of encoded changes (README)."""
-    return [_change_from(raw) for raw in orjson.loads(data)]
+    """A message of the changes topic: a JSON array of encoded changes (README); CodecError
+    for anything else."""
+    changes = _json(data)
+    if not isinstance(changes, list):
+        raise CodecError("a changes message is not a JSON array")
+    return [_change_from(raw) for raw in changes]
 
 
 # The headers that mark a changes message as a `RowBatch` (any other message is a JSON array
@@ -146,25 +196,48 @@ def row_batch_headers(batch: RowBatch) -> list[tuple[str, bytes]]:
 
 
 def read_row_batch(headers: Headers, value: bytes) -> RowBatch | None:
-    """The `RowBatch` a changes message holds, or None for an array of encoded changes."""
+    """The `RowBatch` a changes message holds, or None for an array of encoded changes;
+    CodecError for headers that are not a batch's (its rows are checked by
+    `row_batch_changes`)."""
     found = dict(headers)
     table = found.get(_BATCH_TABLE)
     if table is None:
         return None
+    run, columns = found.get(_BATCH_RUN), found.get(_BATCH_COLUMNS)
+    if run is None or columns is None:
+        raise CodecError(f"a row batch without its {_BATCH_RUN} or {_BATCH_COLUMNS} header")
+    try:
+        names, run_id = table.decode(), _run_id(int(run))
+        column_names = tuple(columns.decode().split(","))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CodecError(f"a row batch's headers cannot be read: {exc}") from None
     return RowBatch(
-        run_id=int(found[_BATCH_RUN]),
-        table=table.decode(),  # type: ignore[arg-type]
-        columns=tuple(found[_BATCH_COLUMNS].decode().split(",")),
+        run_id=run_id,
+        table=names,  # type: ignore[arg-type]
+        columns=column_names,
         rows=value,
         new=found.get(_BATCH_NEW) == b"1",
     )
 
 
+_LEDGER_MEMBERS: Final = ("_k", "_h", "_s")
+
+
 def row_batch_changes(batch: RowBatch) -> list[RowChange]:
-    """A `RowBatch` as the upsert changes it stands for."""
+    """A `RowBatch` as the upsert changes it stands for; CodecError for rows that are not
+    objects with a ledger key, hash and source, or hold a column the batch does not name."""
+    rows = _json(batch.rows)
+    if not isinstance(rows, list):
+        raise CodecError("a row batch is not a JSON array")
+    named = {*batch.columns, *_LEDGER_MEMBERS}
     changes = []
-    for values in orjson.loads(batch.rows):
-        key, digest, (table, line, doc_id) = values.pop("_k"), values.pop("_h"), values.pop("_s")
+    for values in rows:
+        if not isinstance(values, dict) or not named.issuperset(values):
+            raise CodecError("a row batch's row is not an object of the batch's columns")
+        key, digest = values.pop("_k", None), values.pop("_h", None)
+        source = _source_ref(values.pop("_s", None))
+        if not isinstance(key, str) or not isinstance(digest, str) or source is None:
+            raise CodecError("a row batch's row lacks its ledger key, hash or source")
         changes.append(
             RowChange(
                 run_id=batch.run_id,
@@ -173,7 +246,7 @@ def row_batch_changes(batch: RowBatch) -> list[RowChange]:
                 key=key,
                 values=values,
                 row_hash=digest,
-                source=SourceRef(table=table, line=line, doc_id=doc_id),
+                source=source,
             )
         )
     return changes

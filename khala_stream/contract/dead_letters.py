@@ -13,10 +13,14 @@ ReasonCode = Literal[
     "invalid_json",  # a line that is not JSON
     "not_object",  # JSON, but not an object
     "too_long",  # a line longer than a document may be (its first bytes are kept)
+    "too_deep",  # an object nested deeper than a document may be
+    "holds_nul",  # a string holding U+0000, which PostgreSQL text cannot store
     "missing_key",  # an object without the key field of its table
     "db_refused",  # a row the database refused (too long, out of range, ...)
+    "undecodable_record",  # a topic record its stage cannot decode (bad headers or value)
+    "forbidden_change",  # a change the sink must not apply (table, operation or column)
 ]
-Stage = Literal["publish", "sink"]
+Stage = Literal["publish", "process", "sink"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,16 +29,26 @@ class DeadLetter:
     reason_code: ReasonCode
     reason: str
     raw: bytes
-    """The line's bytes (publish) or the encoded RowChange (sink)."""
+    """The line's bytes (publish), the encoded RowChange (db_refused), or the record's value
+    (undecodable_record, forbidden_change)."""
     table: str
     entry: str | None = None
     line: int | None = None
     doc_id: str | None = None
     export_sha256: str | None = None
     run_id: int | None = None
+    # Where a record a stage set aside was read (undecodable_record, forbidden_change).
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
 
     @property
     def location(self) -> str:
+        if self.source_topic is not None:
+            return (
+                f"{self.source_topic} partition {self.source_partition}"
+                f" offset {self.source_offset}"
+            )
         where = self.entry or self.table
         return f"{where}:{self.line}" if self.line is not None else where
 
@@ -53,6 +67,9 @@ def encode_dead_letter(letter: DeadLetter) -> bytes:
             "doc_id": letter.doc_id,
             "export_sha256": letter.export_sha256,
             "run_id": letter.run_id,
+            "source_topic": letter.source_topic,
+            "source_partition": letter.source_partition,
+            "source_offset": letter.source_offset,
         }
     )
 
@@ -70,4 +87,7 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
         doc_id=raw.get("doc_id"),
         export_sha256=raw.get("export_sha256"),
         run_id=raw.get("run_id"),
+        source_topic=raw.get("source_topic"),
+        source_partition=raw.get("source_partition"),
+        source_offset=raw.get("source_offset"),
     )

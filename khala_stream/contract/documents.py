@@ -37,19 +37,50 @@ def document_headers(p: Provenance) -> list[tuple[str, bytes]]:
     ]
 
 
+class ProvenanceError(ValueError):
+    """Headers that are not a document's provenance; the message says which and why."""
+
+
+_HASH_CHARS = frozenset("0123456789abcdef")
+
+
 def read_headers(headers: Sequence[tuple[str, bytes]]) -> Provenance:
-    """The provenance of a document message, from its headers."""
+    """The provenance of a document message, from its headers; ProvenanceError when one is
+    missing or malformed (what the store could not hold: a run or line that is not a 32-bit
+    count, a table name that is not a source table, a hash that is not a sha256)."""
     h = {k: v for k, v in headers}
-    doc_id = h.get("khala-id", b"").decode() or None
-    provenance = Provenance(
-        export_sha256=h["khala-export"].decode(),
-        run_id=int(h["khala-run"]),
-        table=h["khala-table"].decode(),
-        line=int(h["khala-line"]),
-        doc_id=doc_id,
-        content_hash=h["khala-hash"].decode(),
+
+    def text(name: str) -> str:
+        value = h.get(name)
+        if value is None:
+            raise ProvenanceError(f"no {name} header")
+        try:
+            decoded = value.decode()
+        except UnicodeDecodeError:
+            raise ProvenanceError(f"the {name} header is not UTF-8") from None
+        if "\0" in decoded:
+            raise ProvenanceError(f"the {name} header holds a NUL character")
+        return decoded
+
+    def count(name: str, lowest: int) -> int:
+        value = text(name)
+        if not value.isascii() or not value.isdigit() or not lowest <= int(value) < 2**31:
+            raise ProvenanceError(f"the {name} header {value[:40]!r} is not a number")
+        return int(value)
+
+    table, digest = text("khala-table"), text("khala-hash")
+    if table not in DOCUMENT_KEYS:
+        raise ProvenanceError(f"the khala-table header {table[:40]!r} is not a source table")
+    if len(digest) != 64 or not _HASH_CHARS.issuperset(digest):
+        raise ProvenanceError("the khala-hash header is not a sha256")
+    return Provenance(
+        export_sha256=text("khala-export"),
+        run_id=count("khala-run", 1),
+        table=table,
+        line=count("khala-line", 0),
+        doc_id=(text("khala-id") if "khala-id" in h else "") or None,
+        content_hash=digest,
     )
-    return provenance
 
 
 def string_field(doc: dict[str, Any], name: str) -> str | None:
@@ -70,6 +101,26 @@ def document_key(table: str, doc: dict[str, Any], digest: str) -> str | None:
     if key is None and table == "receipts":
         return f"content:{digest}"
     return key
+
+
+def has_key(table: str, doc: dict[str, Any]) -> bool:
+    """Whether `document_key` finds a key (without hashing the document)."""
+    return table == "receipts" or string_field(doc, DOCUMENT_KEYS[table]) is not None  # type: ignore[index]
+
+
+# A leading space: keys are trimmed (`string_field`), so no real key can be taken for one.
+KEYLESS_PREFIX = " keyless:"
+
+
+def keyless_key(table: str, line: int, digest: str) -> str | None:
+    """Where a keyless document still goes to the store, or None when it is only set aside.
+
+    A message without `messageId` writes no row, but seeds its thread's title as the
+    reference's title scan does (SPEC §3.15): it is stored under its line and content (two
+    equal lines stay two rows, so ties still go to the first in file order), and the store
+    never counts or deletes it as a document (`processors.store.keyed`).
+    """
+    return f"{KEYLESS_PREFIX}{line}:{digest}" if table == "messages" else None
 
 
 def document_hash(doc: dict[str, Any]) -> str:

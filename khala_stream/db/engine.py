@@ -14,6 +14,7 @@ import asyncio
 import sqlite3
 import time
 from contextlib import closing
+from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -24,8 +25,9 @@ from sqlalchemy.util import await_only
 
 from khala_stream.db.importer_tables import IMPORTER
 from khala_stream.db.laravel_tables import LARAVEL
+from khala_stream.errors import UsageError
 
-__all__ = ["create_engine", "dialect_name", "init_db"]
+__all__ = ["create_engine", "database_url", "dialect_name", "init_db"]
 
 _DRIVERS = {
     "postgresql": "postgresql+asyncpg",
@@ -37,11 +39,44 @@ _DRIVERS = {
 }
 
 
-def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """An async engine for `url`; plain `postgresql://` / `sqlite://` get the async driver."""
-    parsed = make_url(url)
+_SUPPORTED = "use postgresql+asyncpg://… or sqlite+aiosqlite:///…"
+
+
+def database_url(url: str) -> sa.URL:
+    """`url` parsed, with the async driver for plain `postgresql://` / `sqlite://`.
+
+    Raises UsageError (exit 2) for a URL that is not one, another database, or a SQLite file in
+    a folder that does not exist; the message never repeats the URL (it may hold a password).
+    """
+    try:
+        parsed = make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        raise UsageError(f"DATABASE_URL is not a database URL: {_SUPPORTED}") from None
     parsed = parsed.set(drivername=_DRIVERS.get(parsed.drivername, parsed.drivername))
     backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "sqlite") or parsed.drivername not in _DRIVERS.values():
+        raise UsageError(f"DATABASE_URL: unsupported database {parsed.drivername!r}: {_SUPPORTED}")
+    database = parsed.database or ""
+    if (
+        backend == "sqlite"
+        and database not in ("", ":memory:")
+        and not database.startswith("file:")
+    ):
+        folder = Path(database).expanduser().absolute().parent
+        if not folder.is_dir():
+            raise UsageError(f"DATABASE_URL: the SQLite file's folder does not exist: {folder}")
+    return parsed
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine for `url` (see `database_url`; UsageError for a bad one).
+
+    Statements' parameters never appear in an error's text (`hide_parameters`): they hold
+    emails, names and message text.
+    """
+    parsed = database_url(url)
+    backend = parsed.get_backend_name()
+    kwargs.setdefault("hide_parameters", True)
     if backend == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
         # asyncpg prepares every statement, and PostgreSQL switches a prepared statement to a
@@ -53,11 +88,9 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             "plan_cache_mode", "force_custom_plan"
         )
         return create_async_engine(parsed, **kwargs)
-    if backend == "sqlite":
-        engine = create_async_engine(parsed, **kwargs)
-        _configure_sqlite(engine)
-        return engine
-    raise ValueError(f"unsupported database {backend!r}: use PostgreSQL or SQLite")
+    engine = create_async_engine(parsed, **kwargs)
+    _configure_sqlite(engine)
+    return engine
 
 
 _BUSY_TIMEOUT_S = 30

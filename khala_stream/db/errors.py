@@ -8,13 +8,21 @@ never from message text.
 from __future__ import annotations
 
 import importlib
+import re
 import sqlite3
 from collections.abc import Iterator
 from typing import Final
 
 import sqlalchemy.exc as sa_exc
 
-__all__ = ["is_refusal", "is_transient", "refusal_reason", "sqlstate"]
+__all__ = [
+    "describe",
+    "is_database_error",
+    "is_refusal",
+    "is_transient",
+    "refusal_reason",
+    "sqlstate",
+]
 
 # SQLite primary result codes (https://sqlite.org/rescode.html).
 _SQLITE_BUSY: Final = 5
@@ -145,19 +153,114 @@ def is_refusal(exc: BaseException) -> bool:
 
 
 def refusal_reason(exc: BaseException) -> str:
-    """The database's own short message, e.g. `value too long for type character varying(36)`."""
+    """The database's own short message without any value, e.g. `value too long for type
+    character varying(36)`: it goes to logs, the dead-letter topic and `--json` (see
+    `describe`)."""
+    return _message(exc)
+
+
+def describe(exc: BaseException) -> str:
+    """One line about a database failure that names the SQLSTATE, table, column and
+    constraint and never a value: safe for logs, errors and the dead-letter topic.
+
+    SQLAlchemy's text of an error carries the statement's parameters and asyncpg's carries the
+    server's DETAIL (`Key (email)=(...) already exists`), both personal data; this builds the
+    line from the structured fields and the primary message only. Other errors (broker,
+    network) are described by their own first line.
+    """
+    if not is_database_error(exc):
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    where = []
+    state = sqlstate(exc)
+    if state is not None:
+        where.append(f"SQLSTATE {state}")
+    for err in _chain(exc):
+        for attr in ("table_name", "column_name", "constraint_name"):
+            value = getattr(err, attr, None)
+            if isinstance(value, str) and value:
+                where.append(f"{attr.removesuffix('_name')} {value}")
+        if where[1:]:
+            break
+    message = _message(exc)
+    return f"{message} ({', '.join(where)})" if where else message
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """True when a database driver's or SQLAlchemy's error is anywhere in the chain."""
+    return any(
+        isinstance(err, sa_exc.SQLAlchemyError | sqlite3.Error)
+        or type(err).__module__.startswith("asyncpg")
+        for err in _chain(exc)
+    )
+
+
+# A value the message quotes: anything in quotes, or after the first `: ` of a data exception
+# (`invalid input syntax for type integer: "x"`, `... argument $3: 'x' (expected str, got int)`).
+_QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"")
+_ARGUMENT: Final = re.compile(r"^(invalid input for query argument \$(\d+))(?: in element .*?)?: ")
+_INSERT: Final = re.compile(r"INSERT INTO (\w+) \(([^)]*)\) VALUES \(([^)]*)\)", re.I)
+
+
+def _message(exc: BaseException) -> str:
     for err in _chain(exc):
         if type(err).__module__.startswith("asyncpg"):
             # A server error's `message` is the primary message alone (no DETAIL, no class).
             message = getattr(err, "message", None)
-            text = message if isinstance(message, str) and message else str(err)
-            return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+            text = (
+                message
+                if isinstance(message, str) and message
+                else str(err.args[0] if err.args else "")
+            )
+            text = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+            if _ARGUMENT.match(text):  # asyncpg's own, raised before the server saw it
+                return _client_data_error(exc, err, text)
+            state = getattr(err, "sqlstate", None)
+            if isinstance(state, str) and state.startswith("22"):
+                return _without_values(err, text)
+            return text
         if isinstance(err, sqlite3.Error):
-            return str(err)
+            return str(err)  # SQLite names columns and constraints, never values
     for err in _chain(exc):
         if not isinstance(err, sa_exc.SQLAlchemyError):
             text = str(err).strip()
             if text:
-                return text.splitlines()[0]
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+                return _QUOTED.sub("'…'", text.splitlines()[0])
+    return type(exc).__name__
+
+
+def _without_values(err: BaseException, text: str) -> str:
+    """A data exception's message with quoted values dropped; identifiers the error names in
+    its fields (table, column, constraint, type) stay."""
+    names = {
+        getattr(err, a, None)
+        for a in ("table_name", "column_name", "constraint_name", "data_type_name")
+    }
+    kept = _QUOTED.sub(lambda m: m.group() if m.group()[1:-1] in names else "…", text)
+    head, _, _ = kept.partition(": ")
+    return head
+
+
+def _client_data_error(exc: BaseException, err: BaseException, text: str) -> str:
+    """asyncpg's own `invalid input for query argument $3: 'value' (expected str, got int)`:
+    the argument's column (from the INSERT statement) and the kind of problem, no value."""
+    match = _ARGUMENT.match(text)
+    assert match is not None
+    head = match.group(1)
+    statement = next(
+        (e.statement for e in _chain(exc) if isinstance(e, sa_exc.StatementError) and e.statement),
+        None,
+    )
+    insert = _INSERT.search(statement or "")
+    if insert is not None:
+        columns = [c.strip().strip('"') for c in insert.group(2).split(",")]
+        values = [v.strip().split("::")[0] for v in insert.group(3).split(",")]  # `$3::INTEGER`
+        position = f"${match.group(2)}"
+        if position in values and len(values) == len(columns):
+            head = f"invalid input for {insert.group(1)}.{columns[values.index(position)]}"
+    cause = err.__cause__
+    if cause is None:
+        return head
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    kind = detail if detail and not _QUOTED.search(detail) else type(cause).__name__
+    return f"{head} ({kind})"

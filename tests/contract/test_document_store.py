@@ -9,6 +9,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_stream.contract.documents import keyless_key
 from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth
 from processors import store
@@ -142,3 +143,41 @@ def test_a_growing_store_keeps_the_marking_on_the_primary_key(pg_url: str) -> No
     # ... and with them: one probe of the primary key per marked document.
     assert "khala_import_documents_pkey" in after
     assert "export_seq_line_index" not in after
+
+
+def test_keyless_documents_are_read_back_but_never_counted_or_vanished(db_url: str) -> None:
+    """Issue 22 item 8: a message without `messageId` is in the store for the title scan only;
+    the document statistics and --propagate-deletes never see it (a `%` or `_` in a real key
+    is no wildcard for that)."""
+
+    def message(key: str, line: int, run_id: int) -> store.IncomingDocument:
+        raw = orjson.dumps({"threadId": "t", "role": "user", "text": key})
+        return store.IncomingDocument(
+            run_id=run_id,
+            table="messages",
+            key=key,
+            line=line,
+            content_hash=hashlib.sha256(raw).hexdigest(),
+            doc_id=None,
+            raw=raw,
+        )
+
+    keyless = keyless_key("messages", 1, "d" * 64)
+    assert keyless is not None and keyless_key("users", 1, "d" * 64) is None
+    assert not keyless.startswith(tuple("0123456789abcdefghijklmnopqrstuvwxyz_%"))
+
+    async def body(engine: AsyncEngine) -> None:
+        await _apply(engine, [message(keyless, 1, 1), message("m_1", 2, 1), message("%x", 3, 1)])
+        pages = [d async for page in store.iter_pages(engine, "messages", 1) for d in page]
+        assert [d.key for d in pages] == [keyless, "m_1", "%x"]  # the derivation reads all
+        async with engine.connect() as conn:
+            changes = await store.table_changes(conn, 1, ["messages"])
+        assert changes["messages"] == store.TableChanges(inserted=2)
+        # The next export holds none of them: only the keyed ones vanished.
+        async with engine.connect() as conn:
+            changes = await store.table_changes(conn, 2, ["messages"])
+            vanished = await store.vanished_keys(conn, "messages", 2)
+        assert changes["messages"] == store.TableChanges(deleted=2)
+        assert sorted(vanished) == ["%x", "m_1"]
+
+    run_on(db_url, body)

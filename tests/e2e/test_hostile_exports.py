@@ -469,6 +469,7 @@ def test_a_table_present_twice_the_later_zip_entry_wins(
         "entry": "a-new/users/documents.jsonl",
         "documents": 1,
         "rejected": 0,
+        "missing_key": 0,
     }
     ok(khala(["import-chat", str(export)], env))
     (user,) = rows(sqlite_url, "users")

@@ -214,7 +214,7 @@ async def produce(
                     marked = await mark_unchanged(
                         engine, d.table, run_id, [(d.key, d.digest, d.line)]
                     )
-                    if (d.key, d.line) in marked:
+                    if (d.key, d.line) in marked.unchanged:
                         continue
             provenance = Provenance(
                 export_sha256=export.sha256,

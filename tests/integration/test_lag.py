@@ -204,12 +204,29 @@ def test_lag_command(kafka_bootstrap: str, topic_prefix: str, sqlite_url: str) -
     assert groups[f"{topic_prefix}.sink"]["total_lag"] == sum(ends.values())
     assert groups[f"{topic_prefix}.process"]["partitions"] == []
 
+    # The default view: one line per group, process then sink.
     text = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert text.returncode == 0, text.stderr
-    assert f"{topic_prefix}.sink: STOP" in text.stdout
-    assert "COMMITTED" in text.stdout
+    lines = text.stdout.splitlines()
+    assert len(lines) == 2, text.stdout
+    assert lines[0] == f"{topic_prefix}.process: OK"
+    assert lines[1].startswith(f"{topic_prefix}.sink: STOP (lag {sum(ends.values())}, oldest ")
+
+    # --partitions: each group's partitions as a table under its line.
+    table = subprocess.run(
+        [*command, "--partitions"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert table.returncode == 0, table.stderr
+    assert "COMMITTED" in table.stdout
+    rows = [r.split() for r in table.stdout.splitlines() if r.startswith(f"  {topic}")]
+    assert sorted((int(r[1]), int(r[4])) for r in rows) == sorted(ends.items())
 
 
 def _cli(env: dict[str, str], *args: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from khala_app.cli import _commands, _parser
 
-_RANGE = re.compile(r"at least \d|above \d|between \d+ and \d+|\d or more")
+_RANGE = re.compile(r"at least \d|above \d|between \d+ and \d+|\d or more|>= ?[-\w]")
 
 
 def _options() -> list[tuple[str, argparse.Action]]:
@@ -93,5 +93,5 @@ def test_a_value_given_before_the_command_is_not_reset_by_its_defaults() -> None
 
 def test_out_of_range_numbers_are_usage_errors() -> None:
     with pytest.raises(SystemExit) as exit_:
-        _parser().parse_args(["generate", "--out", "x.zip", "--users", "0"])
+        _parser().parse_args(["generate", "--out", "x.zip", "--users", "-1"])
     assert exit_.value.code == 2

@@ -2,8 +2,8 @@
 with the metrics khala_stream.metrics defines.
 
 Structure is checked here always. With promtool on PATH the rules, the alert unit tests, the
-scrape config and every dashboard expression are also checked by Prometheus's own parser;
-KHALA_REQUIRE_PROMTOOL=1 turns a missing promtool into a failure (for CI images that have it).
+scrape config and every dashboard expression are also checked by Prometheus's own parser. In CI
+(CI set; .ci/run installs promtool) or with KHALA_REQUIRE_PROMTOOL=1 a missing promtool fails.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +181,28 @@ def test_configmap_holds_no_secret() -> None:
 
 
 # ------------------------------------------------------------------ promtool
+def promtool_required(environ: Mapping[str, str]) -> bool:
+    """CI (CI set, as .ci/run runs) or KHALA_REQUIRE_PROMTOOL=1: a missing promtool fails."""
+    ci = environ.get("CI", "").lower() not in ("", "0", "false", "no")
+    return ci or environ.get("KHALA_REQUIRE_PROMTOOL") == "1"
+
+
 def _promtool() -> str | None:
     found = shutil.which("promtool")
-    if found is None and os.environ.get("KHALA_REQUIRE_PROMTOOL") == "1":
-        pytest.fail("promtool not found but KHALA_REQUIRE_PROMTOOL=1 (apt-get install prometheus)")
+    if found is None and promtool_required(os.environ):
+        pytest.fail(
+            "promtool not found, and CI or KHALA_REQUIRE_PROMTOOL=1 requires it "
+            "(.ci/run installs it from Debian's prometheus package)"
+        )
     return found
+
+
+def test_promtool_required_in_ci() -> None:
+    assert promtool_required({"CI": "true"})
+    assert promtool_required({"CI": "1", "KHALA_REQUIRE_PROMTOOL": "0"})
+    assert promtool_required({"KHALA_REQUIRE_PROMTOOL": "1"})
+    assert not promtool_required({})
+    assert not promtool_required({"CI": "false"})
 
 
 def _check(*args: str) -> None:

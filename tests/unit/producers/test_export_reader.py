@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 import producers.export_reader as reader
+from khala_stream.contract.documents import document_hash
 from khala_stream.errors import InvalidExportError
 from producers.export_reader import ExportSource, RejectedLine, SourceDocument, open_export
 from producers.publisher import reason_code
@@ -330,6 +331,83 @@ def test_stored_and_deflated_entries_read_the_same(tmp_path: Path) -> None:
             assert [d.doc for d in docs(list(source.iter_table("users")))] == [{"a": 1}, {"b": 2}]
 
 
+# --------------------------------------------------------------------------- nesting
+
+
+def nested(levels: int, *, key: str = "meta") -> bytes:
+    """A document whose `key` nests objects and arrays so the line nests `levels` deep."""
+    inner = b"1"
+    for level in range(levels - 1):  # the line's own object is the last level
+        inner = b"[" + inner + b"]" if level % 2 else b'{"x":' + inner + b"}"
+    return b'{"_id":"d","userId":"user_1","messageId":"m","' + key.encode() + b'":' + inner + b"}"
+
+
+def depth_of(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((depth_of(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((depth_of(v) for v in value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("table", ["users", "messages"])
+@pytest.mark.parametrize("levels", [65, 300, 900, 1100])
+def test_a_document_nested_too_deep_is_a_rejected_line(
+    tmp_path: Path, table: str, levels: int
+) -> None:
+    """Issue 22 item 1: refused by the reader with its reason, never an error while hashing
+    (orjson encodes 254 levels at most, and decodes 1,024)."""
+    line = nested(levels)
+    good = b'{"_id":"ok","userId":"user_2","messageId":"n"}'
+    items = one_table(tmp_path, good + b"\n" + line + b"\n", table)
+    (kept,) = docs(items)
+    (bad,) = rejected(items)
+    assert (kept.line, bad.line, bad.raw) == (1, 2, line)
+    assert bad.reason == f"nested deeper than {reader.MAX_DEPTH} levels" == reader.TOO_DEEP
+    assert reason_code(bad) == "too_deep"
+
+
+def test_a_document_nested_to_the_limit_is_kept_and_can_be_hashed(tmp_path: Path) -> None:
+    line = nested(reader.MAX_DEPTH)
+    (doc,) = docs(one_table(tmp_path, line + b"\n"))
+    assert depth_of(doc.doc) == reader.MAX_DEPTH
+    # What the product does with a document: hash it, and embed it a few levels deeper.
+    assert len(document_hash(doc.doc)) == 64
+    orjson.dumps({"values": {"payload": {"json": doc.doc}}})
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"messageId": "m\u0000x"},  # a key: PostgreSQL text cannot store it
+        {"messageId": "m", "text": "a\u0000b"},
+        {"messageId": "m", "meta": {"k\u0000": 1}},  # a field name, nested
+        {"messageId": "m", "meta": [["\u0000"]]},
+    ],
+)
+def test_a_document_holding_nul_is_a_rejected_line(
+    tmp_path: Path, document: dict[str, object]
+) -> None:
+    line = orjson.dumps(document)
+    assert b"\\u0000" in line
+    (bad,) = rejected(one_table(tmp_path, line + b"\n", "messages"))
+    assert bad.reason == "holds a NUL character (\\u0000), which PostgreSQL cannot store"
+    assert reason_code(bad) == "holds_nul"
+
+
+def test_an_escaped_backslash_before_u0000_is_no_nul(tmp_path: Path) -> None:
+    line = orjson.dumps({"messageId": "m", "text": "C:\\u0000"})
+    assert b"\\\\u0000" in line
+    (doc,) = docs(one_table(tmp_path, line + b"\n", "messages"))
+    assert doc.doc["text"] == "C:\\u0000"
+
+
+def test_brackets_inside_strings_are_not_nesting(tmp_path: Path) -> None:
+    line = orjson.dumps({"userId": "user_1", "text": "[{" * 500})
+    (doc,) = docs(one_table(tmp_path, line + b"\n"))
+    assert doc.doc["text"] == "[{" * 500
+
+
 # --------------------------------------------------------------------------- folders
 
 
@@ -339,26 +417,92 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-def test_folder_mode_direct_and_nested_tables(tmp_path: Path) -> None:
+def test_folder_mode_one_nested_export(tmp_path: Path) -> None:
     root = tmp_path / "export"
-    write(root / "users" / "documents.jsonl", b'{"direct": true}\n')
-    write(root / "a" / "users" / "documents.jsonl", b'{"nested": true}\n')
-    write(root / "z" / "threads" / "documents.jsonl", b'{"z": 1}\n')
-    write(root / "b" / "threads" / "documents.jsonl", b'{"b": 1}\n')
+    write(root / "export-2026" / "users" / "documents.jsonl", b'{"nested": true}\n')
+    write(root / "export-2026" / "threads" / "documents.jsonl", b'{"b": 1}\n')
+    write(root / "export-2026" / "messageParts" / "documents.jsonl", b"{}\n")
     write(root / "documents.jsonl", b"{}\n")  # at the root: no table
     write(root / "README.md", b"hi")
-    (root / "runs" / "documents.jsonl").mkdir(parents=True)  # a folder, not a file
+    (root / "export-2026" / "runs" / "documents.jsonl").mkdir(parents=True)  # not a file
     with open_export(root) as source:
         assert source.kind == "folder"
-        # The direct path wins; otherwise the first match in sorted path order.
         assert source.tables == {
-            "threads": "b/threads/documents.jsonl",
-            "users": "users/documents.jsonl",
+            "messageParts": "export-2026/messageParts/documents.jsonl",
+            "threads": "export-2026/threads/documents.jsonl",
+            "users": "export-2026/users/documents.jsonl",
         }
-        assert [d.doc for d in docs(list(source.iter_table("users")))] == [{"direct": True}]
-        assert [d.doc for d in docs(list(source.iter_table("threads")))] == [{"b": 1}]
+        assert [d.doc for d in docs(list(source.iter_table("users")))] == [{"nested": True}]
         items = list(source.iter_table("threads"))
         assert isinstance(items[0], SourceDocument) and items[0].line == 1
+
+
+@pytest.mark.parametrize(
+    ("layout", "named", "one"),
+    [
+        (["a/users", "b/threads"], "a, b", "b"),  # two exports side by side
+        (["users", "threads", "backup/users"], "., backup", "backup"),  # a copy inside
+        (["users", "a/users", "z/threads"], "., a, z", "z"),
+    ],
+)
+def test_a_folder_with_more_than_one_export_is_refused(
+    tmp_path: Path, layout: list[str], named: str, one: str
+) -> None:
+    """Issue 22 item 7: no silent pick of the first one found; each export is named."""
+    root = tmp_path / "export"
+    for table in layout:
+        write(root / table / "documents.jsonl", b'{"userId": "u"}\n')
+    with pytest.raises(InvalidExportError) as exc:
+        open_export(root)
+    assert reason_of(exc) == f"holds more than one export ({named}); give the folder of one of them"
+    with open_export(root / one) as source:  # the folder of one of them opens
+        assert source.kind == "folder" and len(source.tables) == 1
+
+
+def test_other_tables_beside_the_export_do_not_count_as_a_second_export(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    write(root / "users" / "documents.jsonl", b'{"userId": "u"}\n')
+    write(root / "_components" / "x" / "lightningInvoices" / "documents.jsonl", b"{}\n")
+    with open_export(root) as source:
+        assert set(source.tables) == {"users", "lightningInvoices"}
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "users/documents.jsonl",  # a table file pointing out of the export
+        "threads",  # a table folder pointing out of the export
+        "users/inside.jsonl",  # even a link that stays inside, to a file never read
+    ],
+)
+def test_symbolic_links_in_a_folder_export_are_refused(tmp_path: Path, link: str) -> None:
+    """Issue 22 item 7: a link may lead anywhere (another user's file, a device, a table of
+    another export); an export unpacked from a ZIP holds none, so every link is refused."""
+    outside = tmp_path / "outside"
+    write(outside / "documents.jsonl", b'{"userId": "secret"}\n')
+    root = tmp_path / "export"
+    write(root / "messages" / "documents.jsonl", b'{"messageId": "m"}\n')
+    (root / "users").mkdir()
+    target = outside / "documents.jsonl"
+    if link == "threads":
+        target = outside
+    elif link == "users/inside.jsonl":
+        target = root / "messages" / "documents.jsonl"
+    os.symlink(target, root / link)
+    with pytest.raises(InvalidExportError) as exc:
+        open_export(root)
+    assert reason_of(exc) == f"{link} is a symbolic link; a folder export must hold its own files"
+
+
+def test_a_table_file_swapped_for_a_link_after_opening_is_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    table = write(root / "users" / "documents.jsonl", b'{"userId": "u"}\n')
+    secret = write(tmp_path / "secret.jsonl", b'{"userId": "secret"}\n')
+    with open_export(root) as source:
+        table.unlink()
+        os.symlink(secret, table)
+        with pytest.raises(InvalidExportError, match="cannot read users/documents.jsonl"):
+            list(source.iter_table("users"))
 
 
 def test_folder_sha256_size_and_snapshot(tmp_path: Path) -> None:
@@ -471,8 +615,12 @@ def test_declared_size_over_the_limit_is_refused(tmp_path: Path) -> None:
     assert "refused" in reason_of(exc)
 
 
+BLANK_MIB = b" " * (2**20 - 1) + b"\n"  # a MiB of blank line: deflates about 1000x
+
+
 def test_compression_ratio_bomb_is_refused(tmp_path: Path) -> None:
-    path = make_zip(tmp_path / "bomb.zip", {"users/documents.jsonl": b" " * (16 * 2**20)})
+    """A large entry (past RATIO_FROM_BYTES) with a bomb's ratio is refused up front."""
+    path = make_zip(tmp_path / "bomb.zip", {"users/documents.jsonl": BLANK_MIB * 72})
     info = zipfile.ZipFile(path).getinfo("users/documents.jsonl")
     assert info.file_size / info.compress_size > 200
     with pytest.raises(InvalidExportError) as exc:
@@ -486,12 +634,43 @@ def test_compression_ratio_bomb_is_refused(tmp_path: Path) -> None:
 def test_an_ignored_table_is_checked_when_read(tmp_path: Path) -> None:
     path = make_zip(
         tmp_path / "e.zip",
-        {"users/documents.jsonl": b"{}\n", "messageParts/documents.jsonl": b" " * (16 * 2**20)},
+        {"users/documents.jsonl": b"{}\n", "messageParts/documents.jsonl": BLANK_MIB * 72},
     )
     with open_export(path) as source:
         assert source.has_table("messageParts")
         with pytest.raises(InvalidExportError, match="messageParts/documents.jsonl"):
             list(source.iter_table("messageParts"))
+
+
+def test_a_compressible_line_of_a_few_mib_is_no_bomb(tmp_path: Path) -> None:
+    """Issue 22 item 6: one 8 MiB line of repetitive text (about 400x) is a document."""
+    text = "all work and no play " * (8 * 2**20 // 21)
+    line = orjson.dumps({"userId": "user_1", "bio": text})
+    path = make_zip(tmp_path / "e.zip", {"users/documents.jsonl": line + b"\n"})
+    info = zipfile.ZipFile(path).getinfo("users/documents.jsonl")
+    assert info.file_size > 8 * 2**20 - 64
+    assert info.file_size / info.compress_size > 2 * reader.DEFAULT_MAX_RATIO
+    with open_export(path) as source:
+        source.verify(["users"])
+        (doc,) = docs(list(source.iter_table("users")))
+    assert doc.doc["bio"] == text
+
+
+def test_the_source_tables_together_are_limited_in_inflated_size(tmp_path: Path) -> None:
+    """Each entry within its limit, all of them together past the total: refused up front."""
+    rows = b'{"a":1}\n' * 1000
+    path = make_zip(
+        tmp_path / "e.zip",
+        {"users/documents.jsonl": rows, "threads/documents.jsonl": rows, "x/documents.jsonl": rows},
+    )
+    with pytest.raises(InvalidExportError) as exc:
+        open_export(path, max_total_bytes=len(rows) * 2 - 1)
+    assert reason_of(exc) == (
+        f"the source tables declare {len(rows) * 2} bytes in all (limit {len(rows) * 2 - 1});"
+        " refused as a decompression bomb"
+    )
+    with open_export(path, max_total_bytes=len(rows) * 2) as source:  # `x` is no source table
+        assert source.has_table("x")
 
 
 def test_inflated_bytes_are_counted_while_streaming(

@@ -14,7 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from khala_stream.errors import InvalidExportError
-from producers.export_reader import RejectedLine, SourceDocument, open_export
+from producers.export_reader import (
+    HOLDS_NUL,
+    TOO_DEEP,
+    RejectedLine,
+    SourceDocument,
+    open_export,
+)
 
 # FUZZ_EXAMPLES=20000 for a long run.
 FUZZ = settings(
@@ -131,6 +137,6 @@ def test_arbitrary_documents_jsonl(content: bytes, as_zip: bool) -> None:
         else:
             assert isinstance(item, RejectedLine)
             assert item.entry == "users/documents.jsonl"
-            assert item.reason == "invalid UTF-8" or item.reason.startswith(
+            assert item.reason in ("invalid UTF-8", TOO_DEEP, HOLDS_NUL) or item.reason.startswith(
                 ("invalid JSON: ", "not a JSON object (")
             )

@@ -38,15 +38,17 @@ def test_rejected_lines_are_listed_with_location_and_reason(tmp_path: Path) -> N
     root = tmp_path / "export"
     (root / "users").mkdir(parents=True)
     (root / "users" / "documents.jsonl").write_bytes(b'{"userId":"u1"}\n\n[1]\n{"x":\n')
-    (root / "deep" / "messages").mkdir(parents=True)
-    (root / "deep" / "messages" / "documents.jsonl").write_bytes(b'"s"\r\n{"m":1}\n')
+    (root / "messages").mkdir(parents=True)
+    (root / "messages" / "documents.jsonl").write_bytes(b'"s"\r\n{"m":1}\n')
     (root / "messageParts").mkdir()
     (root / "messageParts" / "documents.jsonl").write_bytes(b"garbage that is never read\n")
     report = validate_export(root)
     assert report.kind == "folder"
     assert report.tables == {
         "users": TableReport(entry="users/documents.jsonl", documents=1, rejected=2),
-        "messages": TableReport(entry="deep/messages/documents.jsonl", documents=1, rejected=1),
+        "messages": TableReport(
+            entry="messages/documents.jsonl", documents=1, rejected=1, missing_key=1
+        ),
     }
     assert report.ignored_tables == ["messageParts"]
     assert report.rejected[0] == RejectedRecord(
@@ -55,7 +57,7 @@ def test_rejected_lines_are_listed_with_location_and_reason(tmp_path: Path) -> N
     assert (report.rejected[1].line, report.rejected[1].reason[:14]) == (4, "invalid JSON: ")
     assert report.rejected[2] == RejectedRecord(
         table="messages",
-        entry="deep/messages/documents.jsonl",
+        entry="messages/documents.jsonl",
         line=1,
         reason="not a JSON object (string)",
     )
@@ -63,9 +65,11 @@ def test_rejected_lines_are_listed_with_location_and_reason(tmp_path: Path) -> N
     lines = report.lines()
     assert lines[1] == f"Size: {report.size_bytes} bytes"
     assert lines[2] == f"sha256: {report.sha256}"
-    assert any("users" in line and "1 documents, 2 rejected" in line for line in lines)
+    assert "  users     1 documents, 2 rejected, 0 without a key" in lines
+    assert "  messages  1 documents, 1 rejected, 1 without a key" in lines
+    assert "Set aside by an import: 4 (in the dead-letter topic)" in lines
     assert "users/documents.jsonl:3: not a JSON object (array)" in lines
-    assert lines[-1] == "deep/messages/documents.jsonl:1: not a JSON object (string)"
+    assert lines[-1] == "messages/documents.jsonl:1: not a JSON object (string)"
     assert lines.index("users/documents.jsonl:3: not a JSON object (array)") > lines.index(
         "Rejected lines: 3"
     )
@@ -77,7 +81,9 @@ def test_rejected_lines_are_listed_with_location_and_reason(tmp_path: Path) -> N
         "entry": "users/documents.jsonl",
         "documents": 1,
         "rejected": 2,
+        "missing_key": 0,
     }
+    assert (data["missing_key_total"], data["set_aside"]) == (1, 4)
     assert data["rejected"][0] == {
         "table": "users",
         "entry": "users/documents.jsonl",

@@ -1,0 +1,51 @@
+"""Checks made before anything is written, on every path that writes (import-chat, publish).
+
+Light on imports on purpose: the publish stage runs them without loading the processors
+(the WorkOS client is imported only when users are to be resolved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from khala_stream.config import Settings
+from khala_stream.contract.documents import document_hash, document_key
+from khala_stream.errors import UsageError, WorkosKeyError
+from producers.export_reader import ExportSource, RejectedLine
+
+if TYPE_CHECKING:
+    from processors.workos import WorkosClient
+
+
+def refuse_empty(export: ExportSource, tables: Sequence[str]) -> None:
+    """UsageError (exit 2) when no table of `tables` holds a single document with its key:
+    `--replace` would empty the chat tables and import nothing (`--allow-empty` to do so).
+
+    Reads until the first document, so a real export costs one line."""
+    for table in tables:
+        # closing: the entry is left after its first document, and must not stay open.
+        with contextlib.closing(export.iter_table(table)) as items:  # type: ignore[type-var]
+            for item in items:
+                if isinstance(item, RejectedLine):
+                    continue
+                if document_key(table, item.doc, document_hash(item.doc)) is not None:
+                    return
+    raise UsageError(
+        f"{export.path}: --replace of an export without a single document would empty the chat"
+        " tables; nothing was written (add --allow-empty if that is what you want)"
+    )
+
+
+async def check_workos_key(settings: Settings) -> WorkosClient:
+    """WorkosKeyError (exit 2) unless WORKOS_API_KEY is set and WorkOS accepts it (one
+    request); the client it returns is closed."""
+    from processors.workos import WorkosClient
+
+    key = settings.workos_api_key
+    if key is None:
+        raise WorkosKeyError("--resolve-workos-users needs WORKOS_API_KEY in the environment")
+    async with WorkosClient(api_key=key.reveal(), base_url=settings.workos_base_url) as client:
+        await client.check_key()
+    return client
