@@ -69,6 +69,9 @@ def result_lines(report: ImportReport) -> list[str]:
         lines.append(f"  {written_label}: {written}")
     else:
         lines.append(f"  {written_label}: none (nothing changed)")
+    if report.ignored_tables:  # in the export, not read by the importer
+        ignored = ", ".join(printable(t) for t in report.ignored_tables)
+        lines.append(f"  other tables, not imported: {ignored}")
     set_aside = (
         "a real run would set them aside in the dead-letter topic"
         if o.dry_run

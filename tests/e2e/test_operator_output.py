@@ -21,7 +21,7 @@ _COUNTER = re.compile(r"^  ([a-z_]+):\s+(\d+)$")
 
 def _facts(result: CliResult) -> dict[str, Any]:
     """The facts of a text summary, under the names --json uses."""
-    facts: dict[str, Any] = {"counters": result.counters, "documents": {}}
+    facts: dict[str, Any] = {"counters": result.counters, "documents": {}, "ignored_tables": []}
     written: dict[str, int] = {}
     for line in result.stdout.splitlines():
         if line.startswith("  documents ") and "=" in line:
@@ -30,6 +30,8 @@ def _facts(result: CliResult) -> dict[str, Any]:
         elif match := re.match(r"^  (rows written|rows a real run would write): (.*)$", line):
             written = {} if match[2].startswith("none") else _pairs(match[2])
             facts["label"] = match[1]
+        elif line.startswith("  other tables, not imported: "):
+            facts["ignored_tables"] = line.split(": ", 1)[1].split(", ")
         elif match := re.match(r"^  rejected lines: (\d+) \((.*)\)$", line):
             facts["rejected"] = int(match[1])
             facts["set_aside"] = match[2] == "set aside in the dead-letter topic"
@@ -49,6 +51,7 @@ def _json_facts(data: dict[str, Any]) -> dict[str, Any]:
         "written": data["rows_a_real_run_would_write" if dry else "rows_written"],
         "rejected": sum(data["rejected_lines"]["per_table"].values()),
         "set_aside": data["set_aside_in_dead_letter_topic"],
+        "ignored_tables": data["ignored_tables"],
     }
 
 
@@ -124,6 +127,7 @@ def test_json_carries_the_same_facts_as_the_text(
     facts = _facts(text)
     assert facts.pop("label") == "rows written" and facts["written"]
     assert facts["set_aside"] is True and facts["rejected"] == 7
+    assert "messageParts" in facts["ignored_tables"]
     assert _json_facts(orjson.loads(as_json.stdout)) == facts
     # The opening lines come first, before any of the work's output.
     assert text.stdout.startswith("Khala chat import starting...\n  source: ")
