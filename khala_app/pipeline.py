@@ -44,6 +44,7 @@ from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.errors import RuntimeFailure
+from khala_stream.processes import PARENT_ENV
 from khala_stream.progress import (
     PROGRESS_EVENTS_ENV,
     STORE_PHASE,
@@ -260,6 +261,7 @@ async def _run_stages(
         "KHALA_TRIM_CONSUMED": "1" if settings.kafka.trim_consumed else "0",
         "DATABASE_URL": settings.database_url,
         "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(options.deadline_s))),
+        PARENT_ENV: str(os.getpid()),  # they stop by themselves if this process dies
     }
     if phases is not None:  # the stages tell their progress on stdout, shown here
         env[PROGRESS_EVENTS_ENV] = "1"
@@ -406,6 +408,11 @@ async def _start_stage(
     return name, child
 
 
+_STAGE_STOP_S = 5.0
+"""How long a stage child may take to stop on SIGTERM (it cancels its work after
+khala_app.lifecycle.STOP_GRACE_S) before SIGKILL: the whole import stops within 10 s."""
+
+
 async def _relay_progress(
     child: asyncio.subprocess.Process, phases: PhaseDisplay | None, published: dict[str, int]
 ) -> None:
@@ -433,7 +440,7 @@ async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = Fals
         child.terminate()
     if child.returncode is None:
         try:
-            await asyncio.wait_for(child.wait(), timeout=30)
+            await asyncio.wait_for(child.wait(), timeout=_STAGE_STOP_S)
         except TimeoutError:
             child.kill()
             await child.wait()

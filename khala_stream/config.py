@@ -76,6 +76,8 @@ class Settings:
     l402_allowlist_hosts: str = DEFAULT_L402_HOSTS
     broker_home: str = ".khala"
     """Where the embedded broker keeps its data, next to the default SQLite file."""
+    broker_idle_s: float = 60.0
+    """How long the embedded broker runs on once no command uses it (one that was killed)."""
     max_entry_bytes: int = 8 << 30
     """Largest uncompressed size of one export table (a larger one is refused as a bomb)."""
     max_ratio: float = 200.0
@@ -134,6 +136,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         workos_base_url=env.get("WORKOS_BASE_URL") or DEFAULT_WORKOS_BASE_URL,
         l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
+        broker_idle_s=float(_positive(env, "KHALA_BROKER_IDLE_SECONDS", 60)),
         derive_lease_s=float(_positive(env, "KHALA_DERIVE_LEASE_SECONDS", 30)),
         retry_deadline_s=float(_positive(env, "KHALA_RETRY_DEADLINE_SECONDS", 120)),
         max_entry_bytes=_positive(env, "KHALA_MAX_ENTRY_BYTES", 8 << 30),

@@ -7,7 +7,6 @@ from the environment. Heavy imports happen inside the command functions.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import re
@@ -131,6 +130,21 @@ def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from khala_app.lifecycle import Interrupted, stop_signals
+    from khala_stream.processes import PARENT_ENV, stop_with_parent
+
+    parent = os.environ.pop(PARENT_ENV, "")
+    if parent.isdigit():  # a stage child of import-chat: it ends with its parent
+        stop_with_parent(int(parent))
+    with stop_signals():
+        try:
+            return _main(argv)
+        except Interrupted as exc:
+            print(f"khala-stream: stopped by {exc}", file=sys.stderr)
+            return exc.exit_code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # -v / -vv raise our own loggers only: libraries' debug output carries message values,
@@ -202,6 +216,11 @@ def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
     return replace(settings, **changes) if changes else settings
 
 
-def run_async(coro: Any) -> Any:
-    """The one place where the event loop starts."""
-    return asyncio.run(coro)
+def run_async(coro: Any, *, on_signal: Callable[[], None] | None = None) -> Any:
+    """The one place where the event loop starts; SIGTERM/SIGINT stop it (khala_app.lifecycle).
+
+    `on_signal`: a long-running service's graceful stop, tried first.
+    """
+    from khala_app.lifecycle import run_until_signalled
+
+    return run_until_signalled(coro, on_signal=on_signal)

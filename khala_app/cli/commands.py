@@ -136,10 +136,10 @@ def _import_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, *, on_signal: Callable[[], None] | None = None) -> Any:
     from khala_app.cli import run_async
 
-    return run_async(coro)
+    return run_async(coro, on_signal=on_signal)
 
 
 def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
@@ -297,10 +297,11 @@ def publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _stage(
-    args: argparse.Namespace, settings: Settings, kind: Literal["process", "sink"]
+    args: argparse.Namespace,
+    settings: Settings,
+    kind: Literal["process", "sink"],
+    stop: asyncio.Event,
 ) -> None:
-    import signal
-
     from khala_app.cli import operations
     from khala_app.topic_owner import prepare_topics
     from khala_stream.broker.clients import broker_session
@@ -309,10 +310,6 @@ async def _stage(
     from khala_stream.progress import StageStatus
     from khala_stream.runtime import with_retries
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)  # a signal asks for a stop at a batch boundary
     engine = create_engine(settings.database_url)
     deadline = settings.retry_deadline_s
     try:
@@ -341,12 +338,14 @@ async def _stage(
 
 
 def process(args: argparse.Namespace, settings: Settings) -> int:
-    _run(_stage(args, settings, "process"))
+    stop = asyncio.Event()  # a signal asks for a stop at a batch boundary first
+    _run(_stage(args, settings, "process", stop), on_signal=stop.set)
     return 0
 
 
 def sink(args: argparse.Namespace, settings: Settings) -> int:
-    _run(_stage(args, settings, "sink"))
+    stop = asyncio.Event()
+    _run(_stage(args, settings, "sink", stop), on_signal=stop.set)
     return 0
 
 

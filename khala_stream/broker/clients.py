@@ -195,31 +195,17 @@ async def broker_session(settings: Settings) -> AsyncIterator[Settings]:
     """Settings with a reachable broker: the configured one, or the embedded broker (SPEC §7).
 
     The embedded broker keeps its data under `settings.broker_home`, beside the default SQLite
-    database, so that the consumer positions stored in the database stay meaningful.
+    database, so that the consumer positions stored in the database stay meaningful. One broker
+    runs per home, shared by the commands using it, and stops after the last (broker/keeper.py).
     """
     if settings.kafka.bootstrap_servers is not None:
         yield settings
         return
-    from khala_stream.broker.local_broker import running_broker, start_local_broker
+    from khala_stream.broker.keeper import shared_broker
 
-    home = Path(settings.broker_home) / "broker"
-    home.mkdir(parents=True, exist_ok=True)
-    pid_file = home / "broker.pid"
-    # Another command (an import in progress, say) already runs the broker on this data:
-    # share it rather than start a second broker on the same files.
     trim = settings.kafka.trim_consumed is not False  # on by default here (see KafkaSettings)
-    shared = running_broker(pid_file)
-    if shared is not None:
-        kafka = replace(settings.kafka, bootstrap_servers=shared, trim_consumed=trim)
-        yield settings.with_overrides(kafka=kafka)
-        return
-    broker = start_local_broker(home / "data")
-    pid_file.write_text(f"{broker.pid} {broker.port}\n")
-    logger.info("embedded broker started on %s", broker.bootstrap)
-    try:
+    home = Path(settings.broker_home) / "broker"
+    async with shared_broker(home, idle_s=settings.broker_idle_s) as bootstrap:
         yield settings.with_overrides(
-            kafka=replace(settings.kafka, bootstrap_servers=broker.bootstrap, trim_consumed=trim)
+            kafka=replace(settings.kafka, bootstrap_servers=bootstrap, trim_consumed=trim)
         )
-    finally:
-        broker.stop()
-        pid_file.unlink(missing_ok=True)

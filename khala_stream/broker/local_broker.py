@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -28,14 +29,53 @@ from types import TracebackType
 from typing import Self
 
 from khala_stream.errors import UsageError
-from khala_stream.processes import pid_alive
+from khala_stream.processes import die_with_parent, pid_alive
 
-__all__ = ["LocalBroker", "find_broker_binary", "start_local_broker", "stop_pid"]
+__all__ = [
+    "BrokerBusy",
+    "LocalBroker",
+    "data_dir_in_use",
+    "find_broker_binary",
+    "start_local_broker",
+    "stop_pid",
+]
 
 HOST = "127.0.0.1"  # loopback only: the broker has no authentication
 _BINARY_NAME = "noida-db"
 _POLL_INTERVAL = 0.1
 _LOG_TAIL_LINES = 20
+_LOCK_NAME = "broker.lock"
+"""In the data folder; the running broker holds an exclusive flock on it for its whole life."""
+
+
+class BrokerBusy(RuntimeError):
+    """Another broker already runs on this data folder."""
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """An fd holding the data folder's exclusive lock; BrokerBusy if another broker has it."""
+    fd = os.open(data_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BrokerBusy(f"another embedded broker already runs on {data_dir}") from None
+    return fd
+
+
+def data_dir_in_use(data_dir: Path) -> bool:
+    """Whether a broker runs on `data_dir` (it holds the folder's lock), started by anyone."""
+    try:
+        fd = os.open(Path(data_dir) / _LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def find_broker_binary() -> Path:
@@ -239,9 +279,13 @@ def start_local_broker(
     port: int | None = None,
     timeout: float = 120.0,
     log_path: Path | None = None,
+    with_parent: bool = False,
 ) -> LocalBroker:
     """Start noida-db (Kafka service only) on 127.0.0.1 and wait until it answers Metadata.
 
+    At most one broker runs on a data folder: noida-db inherits an exclusive lock on a file in
+    it, which the kernel releases only when noida-db has exited; BrokerBusy if it is taken.
+    `with_parent`: noida-db gets SIGTERM (and saves its snapshot) when this process dies.
     Output goes to ``log_path`` (default: ``broker.log`` next to ``data_dir``), appended so that
     the history of restarts stays readable. Raises RuntimeError naming the log on failure.
     """
@@ -256,6 +300,7 @@ def start_local_broker(
         raise RuntimeError(f"cannot start the local Kafka broker: {HOST}:{port} is already in use")
 
     binary = find_broker_binary()
+    lock = _lock_data_dir(data_dir)
     command = [
         str(binary),
         "start",
@@ -268,18 +313,24 @@ def start_local_broker(
         "--data-dir",
         str(data_dir),
     ]
-    with open(log_path, "ab") as log_file:
-        log_file.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n".encode())
-        log_file.flush()
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            # Own session: a Ctrl-C aimed at the caller must not kill the broker before the
-            # caller's cleanup has stopped it cleanly (SIGTERM writes the snapshot).
-            start_new_session=True,
-        )
+    try:
+        with open(log_path, "ab") as log_file:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            log_file.write(f"--- {stamp} {' '.join(command)}\n".encode())
+            log_file.flush()
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                # Own session: a Ctrl-C aimed at the caller must not kill the broker before the
+                # caller's cleanup has stopped it cleanly (SIGTERM writes the snapshot).
+                start_new_session=True,
+                pass_fds=(lock,),  # the lock lives exactly as long as noida-db
+                preexec_fn=die_with_parent() if with_parent else None,
+            )
+    finally:
+        os.close(lock)
     broker = LocalBroker(proc, port, data_dir, log_path)
 
     started = time.monotonic()
@@ -350,10 +401,10 @@ if __name__ == "__main__":
 def running_broker(pid_file: Path) -> str | None:
     """The bootstrap address of an embedded broker another process started, if it answers.
 
-    `pid_file` holds `PID PORT`; a stale or foreign one is ignored.
+    `pid_file` holds `PID PORT ...` (noida-db's pid first); a stale or foreign one is ignored.
     """
     try:
-        pid_text, port_text = pid_file.read_text().split()
+        pid_text, port_text = pid_file.read_text().split()[:2]
         pid, port = int(pid_text), int(port_text)
     except (OSError, ValueError):
         return None
