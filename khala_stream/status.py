@@ -152,7 +152,7 @@ async def read_status(
 
 def _run_status(row: sa.Row[Any], stored: dict[str, int], sink_at: dict[int, int]) -> RunStatus:
     run = import_runs.from_row(row)
-    published: dict[str, int] = dict(run.published.get("published", {}))
+    published: dict[str, int] = dict(run.manifest.published) if run.manifest else {}
     changes = applied = None
     waiting: str | None
     if run.status == "derived":
@@ -240,7 +240,7 @@ async def waiting_for_sink(engine: AsyncEngine, topics: Topics) -> Waiting | Non
                 )
             )
             stored = {t: int(n) for t, n in rows.all()}
-        expected: dict[str, int] = run.published.get("published", {})
+        expected = run.manifest.published if run.manifest is not None else {}
         missing = sum(max(0, n - stored.get(t, 0)) for t, n in expected.items())
         if missing:
             reason = f"run {run.id}: {missing} published document(s) are not on the broker"

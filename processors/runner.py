@@ -34,12 +34,14 @@ from khala_stream.contract import (
     read_tables,
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
+from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
 from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
 from khala_stream.dead_letters import set_aside_records
 from khala_stream.errors import TransientError, WorkosKeyError
+from khala_stream.progress import StageStatus, consumer_lag
 from khala_stream.runtime import (
     Batch,
     NeedsStage,
@@ -56,7 +58,7 @@ from processors.derive import (
     COUNTER_KEYS,
     Derivation,
     Derived,
-    RunOptions,
+    RunContext,
     withheld_deletes,
 )
 from processors.identity import WorkosLookup
@@ -94,12 +96,14 @@ class KafkaChangeOutput:
         run_id: int,
         chunk_bytes: int = 512 * 1024,
         backpressure: Backpressure | None = None,
+        status: StageStatus | None = None,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._run_id = run_id
         self._chunk_bytes = chunk_bytes
         self._backpressure = backpressure
+        self._status = status
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._pending: list[asyncio.Future[Any]] = []
@@ -108,6 +112,8 @@ class KafkaChangeOutput:
 
     async def emit(self, changes: Sequence[RowChange]) -> None:
         metrics.record_output("process", Counter(c.table for c in changes))
+        if self._status is not None:
+            self._status.sent(len(changes))
         for change in changes:
             encoded = encode_change(change)
             if self._buffer and self._buffered + len(encoded) > _CHANGES_CHUNK:
@@ -119,6 +125,8 @@ class KafkaChangeOutput:
         self, table: DestinationTable, rows: Sequence[RowUpsert], *, new: bool = False
     ) -> None:
         metrics.record_output("process", {table: len(rows)})
+        if self._status is not None:
+            self._status.sent(len(rows))
         for batch in row_batches(self._run_id, table, rows, self._chunk_bytes, new=new):
             await self._send(batch.rows, row_batch_headers(batch))
 
@@ -174,8 +182,11 @@ class Processor:
         *,
         batch_records: int = 5000,
         db_deadline_s: float = 300.0,
+        status: StageStatus | None = None,
     ) -> None:
+        """`status`: the stage's counters and progress (a periodic INFO line by default)."""
         self._settings = settings
+        self.status = status or StageStatus("process")
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
         self.name = "process"
@@ -207,7 +218,10 @@ class Processor:
         runner: StageRunner[ScreenedDocuments] = StageRunner(
             self, self._settings.kafka, self._engine, self._retries, stop
         )
-        return await runner.run(until_idle=until_idle)
+        try:
+            return await runner.run(until_idle=until_idle)
+        finally:
+            await self.status.stop()
 
     # ------------------------------------------------------------------ the Stage plug-in
 
@@ -242,10 +256,12 @@ class Processor:
         self._stored.added(by_table)
         await self._retries.database(self._stored.refresh_if_due)
         metrics.record_batch("process", by_table, seconds)
+        self.status.stored(sum(by_table.values()))
         logger.debug("stored documents: %s", dict(by_table))
 
     def attach(self, clients: StageClients) -> None:
         self._clients = clients
+        self.status.start(functools.partial(consumer_lag, clients.consumer))
 
     async def between(self, *, until_idle: bool) -> bool:
         """Derive what is ready; True while a run is derived, or ready but claimed by another
@@ -288,7 +304,7 @@ class Processor:
             ready = []
             for run in await import_runs.published_runs(conn):
                 applied = await store.applied_counts(conn, run.id)
-                expected: dict[str, int] = run.published.get("published", {})
+                expected = run.manifest.published if run.manifest is not None else {}
                 if all(applied.get(t, 0) >= n for t, n in expected.items()):
                     ready.append(run)
         busy = False
@@ -367,25 +383,26 @@ class Processor:
             await out.pad(short)
 
     async def _derive(self, run: import_runs.ImportRun, producer: AIOKafkaProducer) -> None:
-        flags = run.flags
         logger.info("deriving run %d", run.id)
         out = KafkaChangeOutput(
-            producer, self._topics.changes, run.id, backpressure=self._backpressure
+            producer,
+            self._topics.changes,
+            run.id,
+            backpressure=self._backpressure,
+            status=self.status,
         )
         out.stop = self._stop
-        options = RunOptions(
+        # Runs are derived once published, with their manifest (an empty one stands in).
+        manifest = run.manifest or PublishManifest(run_id=run.id, export_sha256=run.export_sha256)
+        context = RunContext(
             run_id=run.id,
             snapshot_ms=run.snapshot_ms or 0,
             allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
-            replace=flags.replace,
-            skip_blueprints=flags.skip_blueprints,
-            propagate_deletes=flags.propagate_deletes,
-            withheld_deletes=withheld_deletes(run.published, read_tables(flags.skip_blueprints)),
+            options=run.options,
+            withheld_deletes=withheld_deletes(manifest, read_tables(run.options.skip_blueprints)),
         )
-        fingerprint = unchanged.fingerprint(
-            options, resolve_workos_users=flags.resolve_workos_users
-        )
-        work = asyncio.ensure_future(self._derive_claimed(run, options, fingerprint, out))
+        fingerprint = unchanged.fingerprint(context)
+        work = asyncio.ensure_future(self._derive_claimed(run, context, fingerprint, out))
         beat = asyncio.ensure_future(self._heartbeat(run.id))
         try:
             await asyncio.wait({work, beat}, return_when=asyncio.FIRST_COMPLETED)
@@ -399,13 +416,15 @@ class Processor:
             logger.warning("run %d: the claim on it is gone (%s); stopped", run.id, _CLAIM_GONE)
             return
         result, reused, ends = work.result()
-        counters: dict[str, Any] = dict(result.counters)
-        counters["written"] = result.written
-        counters["documents"] = {t: asdict(c) for t, c in result.documents.items()}
-        counters[unchanged.OPTIONS_KEY] = fingerprint
-        counters[unchanged.SKIPPED_KEY] = reused
+        summary = DerivationSummary(
+            counters=dict(result.counters),
+            written=result.written,
+            documents={t: asdict(c) for t, c in result.documents.items()},
+            fingerprint=fingerprint,
+            skipped=reused,
+        )
         if not await import_runs.mark_derived(
-            self._engine, run.id, self._worker, counters=counters, changes_end=ends
+            self._engine, run.id, self._worker, summary=summary, changes_end=ends
         ):
             logger.warning("run %d: the claim on it is gone (%s)", run.id, _CLAIM_GONE)
             return
@@ -415,7 +434,7 @@ class Processor:
     async def _derive_claimed(
         self,
         run: import_runs.ImportRun,
-        options: RunOptions,
+        context: RunContext,
         fingerprint: dict[str, Any],
         out: KafkaChangeOutput,
     ) -> tuple[Derived, bool, dict[int, int]]:
@@ -427,7 +446,7 @@ class Processor:
         await self._cover_lost_offsets(run, out)
         async with self._engine.connect() as conn:
             documents = await store.table_changes(
-                conn, run.id, read_tables(run.flags.skip_blueprints)
+                conn, run.id, read_tables(run.options.skip_blueprints)
             )
             reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
         if reused is not None:
@@ -436,17 +455,17 @@ class Processor:
             result.documents = documents
         else:
             await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
-            result = await self._derive_all(run, options, out, documents)
+            result = await self._derive_all(run, context, out, documents)
         return result, reused is not None, await out.drain()
 
     async def _derive_all(
         self,
         run: import_runs.ImportRun,
-        options: RunOptions,
+        context: RunContext,
         out: KafkaChangeOutput,
         statistics: dict[str, store.TableChanges],
     ) -> Derived:
-        flags = run.flags
+        flags = run.options
         async with contextlib.AsyncExitStack() as stack:
             # The WorkOS key is checked before the truncation: a missing or refused key must
             # not leave the chat tables empty.
@@ -458,16 +477,20 @@ class Processor:
             if flags.replace:
                 await self._truncate_first(run, out)
             derivation = Derivation(
-                options=options,
+                context=context,
                 documents=self._engine,
                 view=TargetView(self._engine, replace=flags.replace),
                 user_ids=SqlUserIds(self._engine),
                 workos=workos,
                 out=out,
                 statistics=statistics,
+                progress=self._derive_progress,
             )
             result = await derivation.run()
         return result
+
+    def _derive_progress(self, phase: str, done: int, total: int | None, finished: bool) -> None:
+        self.status.phase(f"derive {phase}", done, total, finished)
 
     async def _truncate_first(self, run: import_runs.ImportRun, out: KafkaChangeOutput) -> None:
         """--replace: the sink empties the six chat tables before any row of this run lands.
@@ -479,7 +502,7 @@ class Processor:
         Truncating again would make `process --until-idle` and `sink --until-idle` in turn
         truncate for ever.
         """
-        if import_runs.truncated(run):
+        if await import_runs.truncated(self._engine, run):
             return
         truncates = [
             RowChange(run_id=run.id, table=t, op="truncate", key="") for t in REPLACED_TABLES

@@ -7,6 +7,7 @@ the same transaction; refused rows reach the dead-letter topic before their offs
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.db.importer_tables import ROWS
 from khala_stream.db.statistics import Growth
 from khala_stream.dead_letters import publish_dead_letters, set_aside_records
+from khala_stream.progress import StageStatus, consumer_lag
 from khala_stream.runtime import Batch, Retries, StageClients, StageRunner, Waiting
 from sinks.screening import ScreenedChanges, screen_changes
 from sinks.sql_sink import OffsetAdvance, Refusal, SqlSink
@@ -53,8 +55,11 @@ class SinkService:
         *,
         batch_records: int = 8,
         db_deadline_s: float = 300.0,
+        status: StageStatus | None = None,
     ) -> None:
+        """`status`: the stage's counters and progress (a periodic INFO line by default)."""
         self._settings = settings
+        self.status = status or StageStatus("sink")
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
         self.name = "sink"
@@ -78,7 +83,10 @@ class SinkService:
         runner: StageRunner[ScreenedChanges] = StageRunner(
             self, self._settings.kafka, self._engine, self._retries, stop
         )
-        return await runner.run(until_idle=until_idle)
+        try:
+            return await runner.run(until_idle=until_idle)
+        finally:
+            await self.status.stop()
 
     # ------------------------------------------------------------------ the Stage plug-in
 
@@ -123,6 +131,7 @@ class SinkService:
         handled = Counter(result.rows) + Counter(r.change.table for r in result.refused)
         metrics.record_batch("sink", handled, time.monotonic() - started)
         metrics.record_output("sink", result.rows)
+        self.status.applied(sum(len(r) for r in batch.values()), sum(handled.values()))
         logger.debug("applied changes: %s", result.rows)
         return {tp: records[-1].offset + 1 for tp, records in batch.items()}
 
@@ -131,6 +140,7 @@ class SinkService:
 
     def attach(self, clients: StageClients) -> None:
         self._clients = clients
+        self.status.start(functools.partial(consumer_lag, clients.consumer))
 
     async def between(self, *, until_idle: bool) -> bool:
         return False  # the sink has no work besides its batches

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from khala_stream.contract.runs import DerivationSummary
 from khala_stream.db.importer_tables import REFUSALS, RUNS
 from khala_stream.db.laravel_tables import TABLES
-from processors.unchanged import SKIPPED_KEY
 from producers.generator import generate_export, load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import env_for, json_value, khala, ok, rows, run_db, versions
 from tests.e2e.snapshot import assert_same_tables, table_snapshot
@@ -81,8 +81,8 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     # The same newer export through import-chat: now nothing is new.
     result = ok(khala(["import-chat", str(v2)], env))
     stats = _doc_stats(result.stdout)
-    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "deleted": 0}
-    assert stats["receipts"]["deleted"] == 1  # reported, not deleted
+    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "not_in_export": 0}
+    assert stats["receipts"]["not_in_export"] == 1  # reported, not deleted
     assert "rows written: none" in result.stdout
 
     (thread,) = rows(pg_url, "threads")
@@ -98,7 +98,8 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     assert len(rows(pg_url, "run_events")) == 1  # the vanished receipt's event stays
 
     dry = ok(khala(["import-chat", str(v2), "--propagate-deletes", "--dry-run"], env))
-    assert "rows written: run_events=1" in dry.stdout  # what the real run below writes
+    assert "rows a real run would write: run_events=1" in dry.stdout  # the real run below
+    assert _doc_stats(dry.stdout)["receipts"]["would_delete"] == 1
     deleted = ok(khala(["import-chat", str(v2), "--propagate-deletes"], env))
     assert _doc_stats(deleted.stdout)["receipts"]["deleted"] == 1
     assert "rows written: run_events=1" in deleted.stdout
@@ -136,10 +137,10 @@ def test_laravel_edits_of_unchanged_documents_survive_and_deleted_rows_come_back
     assert autopilot["config_version"] == 2  # nothing of the profile was recomputed differently
 
 
-def _latest_counters(db_url: str) -> tuple[dict[str, int], dict[str, Any]]:
+def _latest_counters(db_url: str) -> tuple[dict[str, int], DerivationSummary]:
     run = latest_run(db_url)
-    assert run is not None and run.status == "derived"
-    return run_counters(run), run.counters
+    assert run is not None and run.status == "derived" and run.summary is not None
+    return run_counters(run), run.summary
 
 
 def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
@@ -150,12 +151,12 @@ def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
     env = env_for(kafka_bootstrap, topic_prefix, db_url)
     ok(khala(["import-chat", str(export)], env))
     first, first_raw = _latest_counters(db_url)
-    assert first_raw[SKIPPED_KEY] is False and first["autopilots_created"] == 6
+    assert first_raw.skipped is False and first["autopilots_created"] == 6
     before = table_snapshot(db_url)
 
     again = ok(khala(["import-chat", str(export)], env))
     skipped, skipped_raw = _latest_counters(db_url)
-    assert skipped_raw[SKIPPED_KEY] is True
+    assert skipped_raw.skipped is True
     assert "rows written: none" in again.stdout
     assert table_snapshot(db_url) == before
 
@@ -166,7 +167,7 @@ def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
     run_db(db_url, [sa.delete(messages).where(messages.c.id == gone.id)])
     restored = ok(khala(["import-chat", str(export)], env))
     full, full_raw = _latest_counters(db_url)
-    assert full_raw[SKIPPED_KEY] is False
+    assert full_raw.skipped is False
     assert "rows written: messages=1" in restored.stdout
     assert full == skipped
     assert table_snapshot(db_url) == before
@@ -187,7 +188,7 @@ def test_reimport_after_refused_rows_derives_in_full(
     assert refused > 0, "the edge cases include a row the database refuses"
     ok(khala(["import-chat", str(export)], env))
     again, again_raw = _latest_counters(db_url)
-    assert again_raw[SKIPPED_KEY] is False
+    assert again_raw.skipped is False
     assert _refusals(db_url) == 2 * refused
     settled = ("autopilots_created", "autopilot_profiles_upserted", "autopilot_policies_upserted")
     assert again == first | dict.fromkeys(settled, 0)
@@ -214,7 +215,7 @@ def test_skip_blueprints_neither_reports_nor_forgets_the_blueprints_it_did_not_r
         "inserted": 0,
         "updated": 0,
         "unchanged": 1,
-        "deleted": 0,
+        "not_in_export": 0,
     }
 
 
@@ -246,7 +247,7 @@ def test_the_same_documents_in_another_order_are_derived_again(
     result = ok(khala(["import-chat", str(swapped)], env))
     assert _doc_stats(result.stdout)["blueprints"]["unchanged"] == 2
     _, raw = _latest_counters(db_url)
-    assert raw[SKIPPED_KEY] is False
+    assert raw.skipped is False
     (profile,) = rows(db_url, "autopilot_profiles", "autopilot_id")
     assert profile["autopilot_voice"] == "direct and practical"
 
@@ -397,10 +398,14 @@ def test_propagate_deletes_deletes_only_what_a_fully_read_table_lost(
         for line in withheld:
             assert line in result.stdout.splitlines(), result.stdout
     written = [line for line in real.stdout.splitlines() if line.startswith("  rows written:")]
-    assert written == [
-        line for line in dry.stdout.splitlines() if line.startswith("  rows written:")
+    would = "  rows a real run would write:"  # a dry run writes nothing
+    assert [w.replace("  rows written:", would) for w in written] == [
+        line for line in dry.stdout.splitlines() if line.startswith(would)
     ]
     assert "messages=1" in written[0] and "run_events" not in written[0]
+    # Kept, not deleted: the tables whose deletes were withheld say so in their counts.
+    assert _doc_stats(real.stdout)["receipts"]["not_in_export"] == 3
+    assert _doc_stats(real.stdout)["messages"]["deleted"] == 1
 
     after = _chat_counts(pg_url)
     assert after == {**before, "messages": 6, "agent_conversation_messages": 6}
