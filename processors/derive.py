@@ -21,7 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.contract.changes import RowChange, RowUpsert, SourceRef
 from khala_stream.contract.codec import content_hash
+from khala_stream.contract.runs import PublishManifest
 from khala_stream.contract.tables import DestinationTable, read_tables
+from khala_stream.import_runs import RunOptions
 from processors import store
 from processors.autopilots import (
     PROFILE_COLUMNS,
@@ -121,19 +123,19 @@ DELETED_WITH: Final[dict[str, tuple[DestinationTable, ...]]] = {
 }
 
 
-def withheld_deletes(published: Mapping[str, Any], tables: Sequence[str]) -> dict[str, str]:
+def withheld_deletes(manifest: PublishManifest, tables: Sequence[str]) -> dict[str, str]:
     """The tables of `tables` whose vanished documents must not be deleted, with the reason.
 
-    `published` is what the publisher (or the dry run's reading) reports about the export.
+    `manifest` is what the publisher (or the dry run's reading) reports about the export.
     Only a table that is present and read whole may lose documents: a line the reader
     rejected (not UTF-8, not JSON, too long ...) or a document without its key may be any
     document of its table, and its key cannot be known, so a table with one of them deletes
     nothing; a table missing from the export deletes nothing either. Their documents stay in
     the store, so a later complete export deletes what is really gone.
     """
-    present = set(published.get("tables", tables))
-    rejected: Mapping[str, int] = published.get("rejected", {})
-    keyless: Mapping[str, int] = published.get("missing_key", {})
+    # A manifest stored before it listed the export's tables: take them all as present.
+    present = set(manifest.tables or tables)
+    rejected, keyless = manifest.rejected, manifest.missing_key
     withheld: dict[str, str] = {}
     for table in tables:
         if table not in present:
@@ -149,13 +151,14 @@ def withheld_deletes(published: Mapping[str, Any], tables: Sequence[str]) -> dic
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RunOptions:
+class RunContext:
+    """The run a derivation works on: its id, the export's snapshot time, the L402 hosts
+    allowed, and the options it was published with."""
+
     run_id: int
     snapshot_ms: int
     allowed_hosts: list[str]
-    replace: bool = False
-    skip_blueprints: bool = False
-    propagate_deletes: bool = False
+    options: RunOptions
     withheld_deletes: Mapping[str, str] = field(default_factory=dict)
     """Tables whose vanished documents are kept, with why (`withheld_deletes`)."""
 
@@ -211,7 +214,7 @@ class Derivation:
     def __init__(
         self,
         *,
-        options: RunOptions,
+        context: RunContext,
         documents: AsyncEngine,
         view: TargetView,
         user_ids: UserIds,
@@ -220,7 +223,7 @@ class Derivation:
         statistics: Mapping[str, store.TableChanges] | None = None,
     ) -> None:
         """`statistics`: the run's `store.table_changes`, when the caller has them already."""
-        self.options = options
+        self.context = context
         self.view = view
         self._documents = documents
         self._user_ids = user_ids
@@ -244,7 +247,7 @@ class Derivation:
         source: SourceRef | None = None,
     ) -> RowChange:
         return RowChange(
-            run_id=self.options.run_id,
+            run_id=self.context.run_id,
             table=table,
             op=op,
             key=key,
@@ -283,7 +286,7 @@ class Derivation:
         a crash, and must emit what it emitted the first time (same changes, same counters).
         """
         return (
-            entry is not None and entry.row_hash == digest and entry.run_id != self.options.run_id
+            entry is not None and entry.row_hash == digest and entry.run_id != self.context.run_id
         )
 
     async def refused_again(
@@ -308,7 +311,7 @@ class Derivation:
             for key, digest in rows
             if (r := refusals.get(key)) is not None
             and r.row_hash == digest
-            and r.run_id != self.options.run_id
+            and r.run_id != self.context.run_id
         ]
         if not again:
             return set()
@@ -321,7 +324,7 @@ class Derivation:
         }
 
     def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
-        return store.iter_pages(self._documents, table, self.options.run_id)
+        return store.iter_pages(self._documents, table, self.context.run_id)
 
     def _count(self, key: str, n: int = 1) -> None:
         self.result.counters[key] += n
@@ -333,7 +336,7 @@ class Derivation:
         self.refused_tables = await self.view.refused_tables()
         with Workspace() as self._work:
             resolver = IdentityResolver(
-                run_id=self.options.run_id,
+                run_id=self.context.run_id,
                 view=self.view,
                 user_ids=self._user_ids,
                 workos=self._workos,
@@ -358,7 +361,7 @@ class Derivation:
     # among them, in the order of their first thread.
 
     async def _users(self, resolver: IdentityResolver) -> None:
-        snapshot = self.options.snapshot_ms
+        snapshot = self.context.snapshot_ms
         async for page in self._pages("users"):
             candidates = [
                 Candidate(
@@ -372,7 +375,7 @@ class Derivation:
             await self._resolve(resolver, candidates)
 
     async def _thread_owners(self, resolver: IdentityResolver) -> None:
-        snapshot = self.options.snapshot_ms
+        snapshot = self.context.snapshot_ms
         async for page in self._pages("threads"):
             # anonymous threads are not imported (reference §3.1)
             owned = [(d, o) for d in page if (o := string_field(d.doc, "ownerId")) is not None]
@@ -408,7 +411,7 @@ class Derivation:
     async def _blueprints(self) -> None:
         """Each thread's best blueprint, as key and recency: payloads are large (a few KB
         each), so only the chosen ones are read again, an owner batch at a time."""
-        if self.options.skip_blueprints:
+        if self.context.options.skip_blueprints:
             return
         async for page in self._pages("blueprints"):
             found: list[tuple[str, str, int]] = []
@@ -424,7 +427,7 @@ class Derivation:
 
     async def _autopilot_batch(self, page: list[tuple[str, str | None]]) -> dict[str, Owner]:
         """Owners (WorkOS id, key of the chosen blueprint) → their autopilots' rows."""
-        skip = self.options.skip_blueprints
+        skip = self.context.options.skip_blueprints
         workos_ids = [w for w, _ in page]
         chosen = dict(page)
         users = {w: ResolvedUser(*u) for w, u in self._work.users(workos_ids).items()}
@@ -456,7 +459,7 @@ class Derivation:
             if blueprint is not None:
                 self._count("blueprints_mapped")
             profile = profile_payload(payload, user.name)
-            policy = policy_payload(payload, self.options.allowed_hosts)
+            policy = policy_payload(payload, self.context.allowed_hosts)
             wrote = False
             for table, values, present, ledger in (
                 ("autopilot_profiles", profile, profiles_present, profile_ledger),
@@ -515,7 +518,7 @@ class Derivation:
         summary = profile["persona_summary"]
         tagline = (
             limit(summary, 255)
-            if summary is not None and not self.options.skip_blueprints
+            if summary is not None and not self.context.options.skip_blueprints
             else None
         )
         values = {
@@ -536,7 +539,7 @@ class Derivation:
 
     def _made_by_this_run(self, entry: LedgerEntry | None) -> bool:
         """An autopilot this run created before it crashed: it is derived as new again."""
-        return entry is not None and entry.run_id == self.options.run_id
+        return entry is not None and entry.run_id == self.context.run_id
 
     async def _free_handle(self, base: str, free: set[str]) -> str:
         """The first free handle, against the table and this run's own (reference §5.3)."""
@@ -561,7 +564,7 @@ class Derivation:
             for d, (thread_id, run_id) in keyed:
                 if (owner := owners.get(thread_id)) is None:
                     continue
-                row = run_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
+                row = run_row(run_id, thread_id, d.doc, owner, self.context.snapshot_ms)
                 await pending.add(run_id, row, SourceRef(table="runs", line=d.line, doc_id=run_id))
                 imported.append(run_id)
                 self._count("runs_imported")
@@ -598,7 +601,7 @@ class Derivation:
                     d.doc,
                     owners[thread_id],
                     run_id if run_id in runs else None,
-                    self.options.snapshot_ms,
+                    self.context.snapshot_ms,
                 )
                 source = SourceRef(table="messages", line=d.line, doc_id=message_id)
                 await messages.add(message_id, message, source)
@@ -611,7 +614,7 @@ class Derivation:
     async def _threads(self) -> None:
         thread_rows_out = _Pending(self, "threads")
         conversations = _Pending(self, "agent_conversations")
-        snapshot = self.options.snapshot_ms
+        snapshot = self.context.snapshot_ms
         async for page in self._pages("threads"):
             owners = self._work.owners_of(d.key for d in page)  # anonymous ones are not there
             titles = self._work.titles(owners)
@@ -637,7 +640,7 @@ class Derivation:
             for d, (thread_id, run_id) in keyed:
                 if (owner := owners.get(thread_id)) is None:
                     continue
-                row = event_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
+                row = event_row(run_id, thread_id, d.doc, owner, self.context.snapshot_ms)
                 batch.append((d.key, row, SourceRef(table="receipts", line=d.line, doc_id=d.key)))
                 self._count("events_imported")
             await self._event_batch(batch, linked)
@@ -690,16 +693,16 @@ class Derivation:
 
     async def _vanished(self) -> None:
         """Documents of earlier exports missing from this one: reported; deleted on request."""
-        run_id = self.options.run_id
-        read = read_tables(self.options.skip_blueprints)  # the others are not "vanished"
+        run_id = self.context.run_id
+        read = read_tables(self.context.options.skip_blueprints)  # the others are not "vanished"
         if self._statistics is not None:
             self.result.documents = dict(self._statistics)
         else:
             async with self._documents.connect() as conn:
                 self.result.documents = await store.table_changes(conn, run_id, read)
-        if not self.options.propagate_deletes:
+        if not self.context.options.propagate_deletes:
             return
-        withheld = self.options.withheld_deletes
+        withheld = self.context.withheld_deletes
         for table, reason in withheld.items():
             logger.warning("run %d: no deletes from %s: %s", run_id, table, reason)
         async with self._documents.begin() as conn:
@@ -736,6 +739,6 @@ __all__ = [
     "ChangeOutput",
     "Derivation",
     "Derived",
-    "RunOptions",
+    "RunContext",
     "withheld_deletes",
 ]

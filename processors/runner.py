@@ -35,6 +35,7 @@ from khala_stream.contract import (
     read_tables,
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
+from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
 from khala_stream.db.queries import stored_before
@@ -55,7 +56,7 @@ from processors.derive import (
     COUNTER_KEYS,
     Derivation,
     Derived,
-    RunOptions,
+    RunContext,
     withheld_deletes,
 )
 from processors.identity import WorkosLookup
@@ -282,7 +283,7 @@ class Processor:
             ready = []
             for run in await import_runs.published_runs(conn):
                 applied = await store.applied_counts(conn, run.id)
-                expected: dict[str, int] = run.published.get("published", {})
+                expected = run.manifest.published if run.manifest is not None else {}
                 if all(applied.get(t, 0) >= n for t, n in expected.items()):
                     ready.append(run)
         derived = False
@@ -360,24 +361,21 @@ class Processor:
             await out.pad(short)
 
     async def _derive(self, run: import_runs.ImportRun, producer: AIOKafkaProducer) -> None:
-        flags = run.flags
         logger.info("deriving run %d", run.id)
         out = KafkaChangeOutput(
             producer, self._topics.changes, run.id, backpressure=self._backpressure
         )
-        options = RunOptions(
+        # Runs are derived once published, with their manifest (an empty one stands in).
+        manifest = run.manifest or PublishManifest(run_id=run.id, export_sha256=run.export_sha256)
+        context = RunContext(
             run_id=run.id,
             snapshot_ms=run.snapshot_ms or 0,
             allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
-            replace=flags.replace,
-            skip_blueprints=flags.skip_blueprints,
-            propagate_deletes=flags.propagate_deletes,
-            withheld_deletes=withheld_deletes(run.published, read_tables(flags.skip_blueprints)),
+            options=run.options,
+            withheld_deletes=withheld_deletes(manifest, read_tables(run.options.skip_blueprints)),
         )
-        fingerprint = unchanged.fingerprint(
-            options, resolve_workos_users=flags.resolve_workos_users
-        )
-        work = asyncio.ensure_future(self._derive_claimed(run, options, fingerprint, out))
+        fingerprint = unchanged.fingerprint(context)
+        work = asyncio.ensure_future(self._derive_claimed(run, context, fingerprint, out))
         beat = asyncio.ensure_future(self._heartbeat(run.id))
         try:
             await asyncio.wait({work, beat}, return_when=asyncio.FIRST_COMPLETED)
@@ -391,13 +389,15 @@ class Processor:
             logger.warning("run %d: the claim on it is gone (%s); stopped", run.id, _CLAIM_GONE)
             return
         result, reused, ends = work.result()
-        counters: dict[str, Any] = dict(result.counters)
-        counters["written"] = result.written
-        counters["documents"] = {t: asdict(c) for t, c in result.documents.items()}
-        counters[unchanged.OPTIONS_KEY] = fingerprint
-        counters[unchanged.SKIPPED_KEY] = reused
+        summary = DerivationSummary(
+            counters=dict(result.counters),
+            written=result.written,
+            documents={t: asdict(c) for t, c in result.documents.items()},
+            fingerprint=fingerprint,
+            skipped=reused,
+        )
         if not await import_runs.mark_derived(
-            self._engine, run.id, self._worker, counters=counters, changes_end=ends
+            self._engine, run.id, self._worker, summary=summary, changes_end=ends
         ):
             logger.warning("run %d: the claim on it is gone (%s)", run.id, _CLAIM_GONE)
             return
@@ -407,7 +407,7 @@ class Processor:
     async def _derive_claimed(
         self,
         run: import_runs.ImportRun,
-        options: RunOptions,
+        context: RunContext,
         fingerprint: dict[str, Any],
         out: KafkaChangeOutput,
     ) -> tuple[Derived, bool, dict[int, int]]:
@@ -419,7 +419,7 @@ class Processor:
         await self._cover_lost_offsets(run, out)
         async with self._engine.connect() as conn:
             documents = await store.table_changes(
-                conn, run.id, read_tables(run.flags.skip_blueprints)
+                conn, run.id, read_tables(run.options.skip_blueprints)
             )
             reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
         if reused is not None:
@@ -428,17 +428,17 @@ class Processor:
             result.documents = documents
         else:
             await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
-            result = await self._derive_all(run, options, out, documents)
+            result = await self._derive_all(run, context, out, documents)
         return result, reused is not None, await out.drain()
 
     async def _derive_all(
         self,
         run: import_runs.ImportRun,
-        options: RunOptions,
+        context: RunContext,
         out: KafkaChangeOutput,
         statistics: dict[str, store.TableChanges],
     ) -> Derived:
-        flags = run.flags
+        flags = run.options
         async with contextlib.AsyncExitStack() as stack:
             # The WorkOS key is checked before the truncation: a missing or refused key must
             # not leave the chat tables empty.
@@ -450,7 +450,7 @@ class Processor:
             if flags.replace:
                 await self._truncate_first(run.id, out)
             derivation = Derivation(
-                options=options,
+                context=context,
                 documents=self._engine,
                 view=TargetView(self._engine, replace=flags.replace),
                 user_ids=SqlUserIds(self._engine),

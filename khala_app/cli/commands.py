@@ -14,6 +14,7 @@ from khala_stream.config import Settings
 from khala_stream.terminal import printable
 
 if TYPE_CHECKING:
+    from khala_stream.import_runs import RunOptions
     from khala_stream.progress import ProgressCallback
     from processors.runner import Processor
     from sinks.runner import SinkService
@@ -35,9 +36,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--retry-deadline",
         type=float,
-        default=120.0,
         metavar="SECONDS",
-        help="how long to wait for an unreachable database or broker (default 120)",
+        help="how long to wait for an unreachable database or broker"
+        " (default: KHALA_RETRY_DEADLINE_SECONDS, or 120)",
     )
     p.set_defaults(handler=import_chat)
 
@@ -145,24 +146,40 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def import_chat(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_app.cli.render import summary_lines
-    from khala_app.pipeline import ImportOptions
-    from khala_app.pipeline import import_chat as run_import
-    from producers.sample import SAMPLE_EXPORT
+def _run_options(args: argparse.Namespace, *, incremental: bool) -> RunOptions:
+    from khala_stream.import_runs import RunOptions
 
-    options = ImportOptions(
-        dry_run=args.dry_run,
+    return RunOptions(
         replace=args.replace,
         resolve_workos_users=args.resolve_workos_users,
         skip_blueprints=args.skip_blueprints,
         propagate_deletes=args.propagate_deletes,
-        allow_empty=args.allow_empty,
-        deadline_s=args.retry_deadline,
+        incremental=incremental,
     )
+
+
+def import_chat(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
+    from khala_app.cli.render import summary_lines
+    from khala_app.pipeline import import_chat as run_import
+    from producers.sample import SAMPLE_EXPORT
+
+    if args.retry_deadline is not None:
+        settings = replace(settings, retry_deadline_s=args.retry_deadline)
+    options = _run_options(args, incremental=True)
     source = args.export or SAMPLE_EXPORT
     with _progress(source, enabled=not args.dry_run) as progress:
-        report = _run(run_import(settings, source, options, progress=progress))
+        report = _run(
+            run_import(
+                settings,
+                source,
+                options,
+                dry_run=args.dry_run,
+                allow_empty=args.allow_empty,
+                progress=progress,
+            )
+        )
     _emit(args, report.to_json(), summary_lines(report))
     return 0
 
@@ -185,63 +202,36 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
 
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The publication of `import-chat` on its own (khala_app/publication.py)."""
     from khala_app.cli import operations
     from khala_app.guards import check_workos_key, refuse_empty
-    from khala_app.topic_owner import prepare_topics
-    from khala_stream import import_runs
-    from khala_stream.broker.clients import broker_session, make_producer
-    from khala_stream.contract import Topics, read_tables
-    from khala_stream.db.engine import create_engine, init_db
+    from khala_app.publication import open_run, publish_run
+    from khala_stream.broker.clients import broker_session
+    from khala_stream.contract import read_tables
+    from khala_stream.db.port import open_database
     from producers.export_reader import open_export
-    from producers.publisher import Publisher
 
+    options = _run_options(args, incremental=args.incremental)
     with open_export(
         args.export,
         max_entry_bytes=settings.max_entry_bytes,
         max_ratio=settings.max_ratio,
         max_total_bytes=settings.max_total_bytes,
     ) as export:
-        export.verify(read_tables(args.skip_blueprints))
+        export.verify(read_tables(options.skip_blueprints))
         # Before anything is written: the processor truncates first under --replace.
-        if args.replace and not args.allow_empty:
-            refuse_empty(export, read_tables(args.skip_blueprints))
-        if args.resolve_workos_users:
+        if options.replace and not args.allow_empty:
+            refuse_empty(export, read_tables(options.skip_blueprints))
+        if options.resolve_workos_users:
             await check_workos_key(settings)
-        engine = create_engine(settings.database_url)
-        try:
-            await init_db(engine)
-            async with (
-                broker_session(settings) as live,
-                operations.stage_metrics(args, live, "publish"),
-            ):
-                topics = Topics(live.topic_prefix)
-                await prepare_topics(live.kafka, topics, engine)
-                flags = import_runs.RunFlags(
-                    replace=args.replace,
-                    skip_blueprints=args.skip_blueprints,
-                    resolve_workos_users=args.resolve_workos_users,
-                    propagate_deletes=args.propagate_deletes,
-                    incremental=args.incremental,
-                )
-                run_id = await import_runs.register(
-                    engine, source=str(export.path), sha256=export.sha256(), flags=flags
-                )
-                producer = make_producer(live.kafka)
-                await producer.start()
-                try:
-                    with _progress(args.export, enabled=True) as progress:
-                        report = await Publisher(
-                            producer=producer,
-                            engine=engine,
-                            topics=topics,
-                            incremental=args.incremental,
-                            skip_blueprints=args.skip_blueprints,
-                            progress=progress,
-                        ).publish(export, run_id)
-                finally:
-                    await producer.stop()
-        finally:
-            await engine.dispose()
+        async with (
+            open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db,
+            broker_session(settings) as live,
+            operations.stage_metrics(args, live, "publish"),
+        ):
+            run_id = await open_run(live, db, export, options)
+            with _progress(args.export, enabled=True) as progress:
+                report = await publish_run(live, db, export, run_id, options, progress=progress)
     return {"run_id": run_id, "export_sha256": report.sha256, **report.to_json()}
 
 
@@ -262,22 +252,18 @@ async def _stage(
     stop: asyncio.Event,
 ) -> None:
     from khala_app.cli import operations
-    from khala_app.topic_owner import prepare_topics
+    from khala_app.topic_owner import prepare_topics_waiting
     from khala_stream.broker.clients import broker_session
-    from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
-    from khala_stream.runtime import with_retries
+    from khala_stream.db.port import Database
 
     engine = create_engine(settings.database_url)
     deadline = settings.retry_deadline_s
     try:
-        await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
+        db = Database(engine, deadline)
+        await db.run(init_db)
         async with broker_session(settings) as live, operations.stage_metrics(args, live, kind):
-            await with_retries(
-                lambda: prepare_topics(live.kafka, Topics(live.topic_prefix), engine),
-                what="the broker",
-                deadline_s=deadline,
-            )
+            await prepare_topics_waiting(live, db)
             # Each stage imports only its own side: `import-chat` starts both while it
             # publishes, on the same cores.
             service: Processor | SinkService

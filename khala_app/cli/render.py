@@ -33,13 +33,13 @@ def summary_lines(report: ImportReport) -> list[str]:
     lines = [
         "Khala chat import starting...",
         f"  source: {printable(report.source)}",
-        f"  mode: {'dry-run' if o.dry_run else 'write'}",
+        f"  mode: {'dry-run' if report.dry_run else 'write'}",
         f"  replace: {'yes' if o.replace else 'no'}",
         f"  resolve_workos_users: {'yes' if o.resolve_workos_users else 'no'}",
         f"  import_blueprints: {'no' if o.skip_blueprints else 'yes'}",
         f"  Loaded source rows: {loaded}",
     ]
-    if o.replace and not o.dry_run:
+    if o.replace and not report.dry_run:
         lines.append("  Truncated target chat tables (--replace).")
     lines += ["", "Khala chat import summary:"]
     lines += [counter_line(k, v) for k, v in c.items()]
@@ -78,7 +78,7 @@ def summary_lines(report: ImportReport) -> list[str]:
         lines += [f"    {t} {printable(k)}: {printable(r)}" for t, k, r in report.refused[:50]]
     lines.append(
         "Dry-run completed: no database writes were performed."
-        if o.dry_run
+        if report.dry_run
         else "Import completed successfully."
     )
     return lines

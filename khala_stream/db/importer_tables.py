@@ -39,8 +39,8 @@ RUNS: Final = sa.Table(
     sa.Column("options", sa.Text(), nullable=False),  # JSON
     # 'publishing' | 'published' | 'derived' | 'superseded' | 'failed'
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("expected", sa.Text(), nullable=True),  # JSON: table -> published message count
-    sa.Column("counters", sa.Text(), nullable=True),  # JSON
+    sa.Column("expected", sa.Text(), nullable=True),  # codec: the PublishManifest
+    sa.Column("counters", sa.Text(), nullable=True),  # codec: the DerivationSummary
     sa.Column("changes_end", sa.Text(), nullable=True),  # JSON: partition -> end offset
     sa.Column("snapshot_ms", sa.BigInteger(), nullable=True),
     sa.Column("claim", sa.String(64), nullable=True),

@@ -663,9 +663,10 @@ def generated_export(directory: Path, *, seed: int, users: int) -> Path:
 
 def run_counters(run: import_runs.ImportRun | None) -> dict[str, int]:
     """A derived run's reference counters (those the processors compute)."""
-    if run is None:
+    if run is None or run.summary is None:
         return {}
-    return {k: int(run.counters.get(k, 0)) for k in COUNTER_KEYS if not k.startswith("source_")}
+    counters = run.summary.counters
+    return {k: counters.get(k, 0) for k in COUNTER_KEYS if not k.startswith("source_")}
 
 
 def baseline(

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from khala_stream.contract.runs import DerivationSummary
 from khala_stream.db.importer_tables import REFUSALS, ROWS, RUNS
 from khala_stream.db.laravel_tables import TABLES
-from processors.unchanged import SKIPPED_KEY
 from producers.generator import generate_export, load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import env_for, json_value, khala, ok, rows, run_db, versions
 from tests.e2e.snapshot import assert_same_tables, table_snapshot
@@ -136,10 +136,10 @@ def test_laravel_edits_of_unchanged_documents_survive_and_deleted_rows_come_back
     assert autopilot["config_version"] == 2  # nothing of the profile was recomputed differently
 
 
-def _latest_counters(db_url: str) -> tuple[dict[str, int], dict[str, Any]]:
+def _latest_counters(db_url: str) -> tuple[dict[str, int], DerivationSummary]:
     run = latest_run(db_url)
-    assert run is not None and run.status == "derived"
-    return run_counters(run), run.counters
+    assert run is not None and run.status == "derived" and run.summary is not None
+    return run_counters(run), run.summary
 
 
 def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
@@ -150,12 +150,12 @@ def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
     env = env_for(kafka_bootstrap, topic_prefix, db_url)
     ok(khala(["import-chat", str(export)], env))
     first, first_raw = _latest_counters(db_url)
-    assert first_raw[SKIPPED_KEY] is False and first["autopilots_created"] == 6
+    assert first_raw.skipped is False and first["autopilots_created"] == 6
     before = table_snapshot(db_url)
 
     again = ok(khala(["import-chat", str(export)], env))
     skipped, skipped_raw = _latest_counters(db_url)
-    assert skipped_raw[SKIPPED_KEY] is True
+    assert skipped_raw.skipped is True
     assert "rows written: none" in again.stdout
     assert table_snapshot(db_url) == before
 
@@ -166,7 +166,7 @@ def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
     run_db(db_url, [sa.delete(messages).where(messages.c.id == gone.id)])
     restored = ok(khala(["import-chat", str(export)], env))
     full, full_raw = _latest_counters(db_url)
-    assert full_raw[SKIPPED_KEY] is False
+    assert full_raw.skipped is False
     assert "rows written: messages=1" in restored.stdout
     assert full == skipped
     assert table_snapshot(db_url) == before
@@ -195,7 +195,7 @@ def test_reimport_after_refused_rows_is_skipped_and_refuses_nothing_new(
 
     again_run = ok(khala(["import-chat", str(export)], env))
     again, again_raw = _latest_counters(db_url)
-    assert again_raw[SKIPPED_KEY] is True
+    assert again_raw.skipped is True
     assert _refusals(db_url) == refused
     assert _refused_letters(env) == letters
     assert "rows written: none" in again_run.stdout
@@ -240,7 +240,7 @@ def test_a_changed_value_of_a_refused_row_is_offered_again(
     changed = _with_a_long_id(tmp_path / "b.zip", text="a longer answer now")
     result = ok(khala(["import-chat", str(changed)], env))
     _, raw = _latest_counters(pg_url)
-    assert raw[SKIPPED_KEY] is False
+    assert raw.skipped is False
     assert _refused_keys(pg_url) == {
         (run, table, LONG_ID)
         for run in (1, 3)
@@ -361,7 +361,7 @@ def test_the_same_documents_in_another_order_are_derived_again(
     result = ok(khala(["import-chat", str(swapped)], env))
     assert _doc_stats(result.stdout)["blueprints"]["unchanged"] == 2
     _, raw = _latest_counters(db_url)
-    assert raw[SKIPPED_KEY] is False
+    assert raw.skipped is False
     (profile,) = rows(db_url, "autopilot_profiles", "autopilot_id")
     assert profile["autopilot_voice"] == "direct and practical"
 
@@ -564,8 +564,7 @@ def test_a_messy_export_again_is_unchanged_key_by_key_and_writes_nothing(
     # are settled: not offered again, and the derivation is skipped.
     assert "rows written: none" in again.stdout
     assert _refused(again.stdout) == 0
-    run = latest_run(db_url)
-    assert run is not None and run.counters[SKIPPED_KEY] is True
+    assert _latest_counters(db_url)[1].skipped is True
     assert table_snapshot(db_url) == before
     assert _deadlocks(db_url) == deadlocks
 
