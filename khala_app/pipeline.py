@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_app.guards import check_workos_key, refuse_empty
+from khala_app.guards import checked_export
 from khala_app.publication import open_run, publish_run
 from khala_stream import import_runs
 from khala_stream.broker.clients import broker_session, make_consumer
@@ -46,7 +46,14 @@ from khala_stream.db.port import Database, open_database
 from khala_stream.errors import RuntimeFailure
 from khala_stream.import_runs import RunOptions
 from khala_stream.processes import PARENT_ENV
-from khala_stream.progress import ProgressCallback
+from khala_stream.progress import (
+    PROGRESS_EVENTS_ENV,
+    STORE_PHASE,
+    WRITE_PHASE,
+    PhaseDisplay,
+    PhaseEvent,
+    ProgressCallback,
+)
 from khala_stream.runtime import end_offsets
 from processors import store
 from processors.autopilots import parse_allowed_hosts
@@ -54,6 +61,7 @@ from processors.derive import (
     COUNTER_KEYS,
     DELETED_WITH,
     Derivation,
+    PhaseProgress,
     RunContext,
     withheld_deletes,
 )
@@ -61,7 +69,7 @@ from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import MemoryWorkosCache, SqlWorkosCache, resolve_with_cache
-from producers.export_reader import ExportSource, RejectedLine, open_export
+from producers.export_reader import ExportSource, RejectedLine
 from producers.ledger import stored_hashes
 
 logger = logging.getLogger(__name__)
@@ -87,7 +95,29 @@ class ImportReport:
     deletes_withheld: dict[str, str] = field(default_factory=dict)
     """--propagate-deletes: the tables that deleted nothing, and why."""
 
+    def vanished_name(self, table: str) -> str:
+        """What the documents of `table` missing from this export are called: they are
+        deleted only with --propagate-deletes (and not from a table whose deletes are
+        withheld), and a dry run deletes nothing."""
+        if not self.options.propagate_deletes or table in self.deletes_withheld:
+            return "not_in_export"
+        return "would_delete" if self.dry_run else "deleted"
+
+    def document_stats(self) -> dict[str, dict[str, int]]:
+        """Per source table: inserted, updated, unchanged, and the vanished count under
+        `vanished_name`; the text summary and --json both show these."""
+        return {
+            table: {
+                "inserted": int(stats.get("inserted", 0)),
+                "updated": int(stats.get("updated", 0)),
+                "unchanged": int(stats.get("unchanged", 0)),
+                self.vanished_name(table): int(stats.get("deleted", 0)),
+            }
+            for table, stats in self.documents.items()
+        }
+
     def to_json(self) -> dict[str, Any]:
+        dry = self.dry_run
         return {
             "source": self.source,
             "mode": "dry-run" if self.dry_run else "write",
@@ -97,8 +127,11 @@ class ImportReport:
             "export_sha256": self.sha256,
             "run_id": self.run_id,
             "counters": self.counters,
-            "documents": self.documents,
-            "rows_written": self.written,
+            "documents": self.document_stats(),
+            # A dry run writes nothing: what a real run would write is said as such.
+            "rows_written": {} if dry else self.written,
+            "rows_a_real_run_would_write": self.written if dry else {},
+            "set_aside_in_dead_letter_topic": not dry,
             "rejected_lines": {
                 "per_table": self.rejected,
                 "lines": [{"file": f, "line": n, "reason": r} for f, n, r in self.rejected_lines],
@@ -118,24 +151,24 @@ async def import_chat(
     dry_run: bool = False,
     allow_empty: bool = False,
     progress: ProgressCallback | None = None,
+    phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
     """Import one export; raises KhalaError subclasses with their exit codes. An unreachable
     database or broker is waited for up to `settings.retry_deadline_s`; `allow_empty`: a
-    --replace of an export without a single document (it empties the chat tables)."""
+    --replace of an export without a single document (it empties the chat tables).
+
+    `progress` hears the publisher's tables as they are read; `phases` is shown the stages'
+    phases as they run (store, derive ..., write rows); `started` is called once the export,
+    the database and the broker have been checked and the work begins."""
     # An invalid source fails here, before any write.
-    with open_export(
-        source,
-        max_entry_bytes=settings.max_entry_bytes,
-        max_ratio=settings.max_ratio,
-        max_total_bytes=settings.max_total_bytes,
-    ) as export:
-        export.verify(read_tables(options.skip_blueprints))
-        if options.replace and not allow_empty:
-            refuse_empty(export, read_tables(options.skip_blueprints))
-        workos = await check_workos_key(settings) if options.resolve_workos_users else None
+    async with checked_export(source, settings, options, allow_empty=allow_empty) as (
+        export,
+        workos,
+    ):
         if dry_run:
-            return await _dry_run(settings, export, options, workos)
-        return await _write_run(settings, export, options, progress)
+            return await _dry_run(settings, export, options, workos, phases, started)
+        return await _write_run(settings, export, options, progress, phases, started)
 
 
 @contextlib.asynccontextmanager
@@ -152,6 +185,8 @@ async def _write_run(
     export: ExportSource,
     options: RunOptions,
     progress: ProgressCallback | None,
+    phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
     async with (
         open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db,
@@ -162,7 +197,9 @@ async def _write_run(
         def report() -> Awaitable[ImportReport]:
             return db.run(_report, export, options, run_id)
 
-        return await _run_stages(live, db, export, run_id, options, progress, report)
+        if started is not None:
+            started()
+        return await _run_stages(live, db, export, run_id, options, progress, report, phases)
 
 
 async def _run_stages(
@@ -173,6 +210,7 @@ async def _run_stages(
     options: RunOptions,
     progress: ProgressCallback | None,
     then: Callable[[], Awaitable[ImportReport]],
+    phases: PhaseDisplay | None = None,
 ) -> ImportReport:
     """Publish here while `process` and `sink` run as child processes (one core each), until
     the sink has applied the run; then `then()`, while the stages stop."""
@@ -187,17 +225,33 @@ async def _run_stages(
         "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(settings.retry_deadline_s))),
         PARENT_ENV: str(os.getpid()),  # they stop by themselves if this process dies
     }
-    stages = [await _start_stage(name, env) for name in ("process", "sink")]
+    if phases is not None:  # the stages tell their progress on stdout, shown here
+        env[PROGRESS_EVENTS_ENV] = "1"
+    stages = [
+        await _start_stage(name, env, events=phases is not None) for name in ("process", "sink")
+    ]
+    published: dict[str, int] = {}  # the documents the store will hold: its phase's total
+    relays = [
+        asyncio.ensure_future(_relay_progress(child, phases, published))
+        for _, child in stages
+        if phases is not None
+    ]
     terminated = False
     probe = make_consumer(settings.kafka, group_id=None)
 
-    async def publish(applied: dict[str, int] | None = None) -> None:
+    async def publish(applied: dict[str, int] | None = None) -> int:
+        """Publish (again); the number of documents sent."""
         shown = progress if applied is None else None
-        await publish_run(settings, db, export, run_id, options, progress=shown, applied=applied)
+        report = await publish_run(
+            settings, db, export, run_id, options, progress=shown, applied=applied
+        )
+        return sum(report.published.values())
 
     try:
         await probe.start()
-        await publish()
+        sent = published["documents"] = await publish()
+        if phases is not None:
+            phases.update(PhaseEvent(STORE_PHASE, total=sent))
         next_loss_check = time.monotonic() + _LOSS_CHECK_S
         while True:
             for name, child in stages:
@@ -210,7 +264,14 @@ async def _run_stages(
                 for _, child in stages:
                     child.terminate()  # they stop (waited for below) while `then` runs
                 terminated = True
-                return await then()
+                report = await then()
+                if phases is not None:
+                    # All stored and applied by now; the stages' last events may be in flight.
+                    rows = sum(report.written.values())
+                    phases.update(PhaseEvent(STORE_PHASE, done=sent, total=sent, finished=True))
+                    phases.update(PhaseEvent(WRITE_PHASE, done=rows, total=rows, finished=True))
+                    phases.finish_all()
+                return report
             if time.monotonic() >= next_loss_check:
                 next_loss_check = time.monotonic() + _LOSS_CHECK_S
                 applied = await db.run(_documents_lost, probe, topics, run_id)
@@ -226,6 +287,7 @@ async def _run_stages(
     finally:
         await probe.stop()
         await asyncio.gather(*(_stop_stage(child, terminated) for _, child in stages))
+        await asyncio.gather(*relays, return_exceptions=True)
 
 
 _LOSS_CHECK_S = 5.0
@@ -264,9 +326,13 @@ async def _applied(engine: AsyncEngine, run_id: int, topics: Topics) -> bool:
     )
 
 
-async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.subprocess.Process]:
+async def _start_stage(
+    name: str, env: dict[str, str], *, events: bool = False
+) -> tuple[str, asyncio.subprocess.Process]:
+    """`events`: its stdout is a pipe of progress events (`_relay_progress` reads it)."""
+    out = asyncio.subprocess.PIPE if events else asyncio.subprocess.DEVNULL
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "khala_app", name, env=env, stdout=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "khala_app", name, env=env, stdout=out
     )
     return name, child
 
@@ -274,6 +340,23 @@ async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.sub
 _STAGE_STOP_S = 5.0
 """How long a stage child may take to stop on SIGTERM (it cancels its work after
 khala_app.lifecycle.STOP_GRACE_S) before SIGKILL: the whole import stops within 10 s."""
+
+
+async def _relay_progress(
+    child: asyncio.subprocess.Process, phases: PhaseDisplay | None, published: dict[str, int]
+) -> None:
+    """Show a stage's progress events until its stdout closes (read to the end, so that the
+    stage never blocks on a full pipe). The store is done once it holds what was published."""
+    if child.stdout is None or phases is None:
+        return
+    async for raw in child.stdout:
+        event = PhaseEvent.parse(raw.decode(errors="replace"))
+        if event is None:
+            continue
+        total = published.get("documents")
+        if event.phase == STORE_PHASE and total is not None and (event.done or 0) >= total:
+            event = PhaseEvent(STORE_PHASE, event.done, total, finished=True)
+        phases.update(event)
 
 
 async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = False) -> None:
@@ -364,13 +447,20 @@ class _Discard:
 
 
 async def _dry_run(
-    settings: Settings, export: ExportSource, options: RunOptions, workos: WorkosClient | None
+    settings: Settings,
+    export: ExportSource,
+    options: RunOptions,
+    workos: WorkosClient | None,
+    phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
     report = ImportReport(
         source=str(export.path), options=options, dry_run=True, sha256=export.sha256()
     )
     async with _engine(settings.database_url) as real:
         tables = await Database(real, settings.retry_deadline_s).run(_table_names)
+        if started is not None:
+            started()
         has_laravel = all(t in tables for t in LARAVEL.tables)
         ledger = real if all(t in tables for t in IMPORTER.tables) else None
         with tempfile.TemporaryDirectory(prefix="khala-dry-run-") as scratch_dir:
@@ -379,7 +469,7 @@ async def _dry_run(
                 await init_db(scratch, laravel=not has_laravel)
                 view = real if has_laravel else scratch
                 run_id = 0  # no real run has id 0: everything in the ledger is settled
-                published = await _load_scratch(export, scratch, run_id, options)
+                published = await _load_scratch(export, scratch, run_id, options, phases)
                 _fill_from_published(report, published)
                 report.documents = await _document_stats(
                     scratch, ledger, run_id, read_tables(options.skip_blueprints)
@@ -407,6 +497,7 @@ async def _dry_run(
                         user_ids=MemoryUserIds(view, ledger=with_ledger),
                         workos=lookup,
                         out=_Discard(),
+                        progress=_derive_phases(phases),
                     )
                     result = await derivation.run()
     for name in COUNTER_KEYS:
@@ -445,8 +536,22 @@ def _dry_run_workos(client: WorkosClient, ledger: AsyncEngine | None) -> WorkosL
     return lookup
 
 
+def _derive_phases(phases: PhaseDisplay | None) -> PhaseProgress | None:
+    if phases is None:
+        return None
+
+    def update(phase: str, done: int, total: int | None, finished: bool) -> None:
+        phases.update(PhaseEvent(f"derive {phase}", done, total, finished))
+
+    return update
+
+
 async def _load_scratch(
-    export: ExportSource, scratch: AsyncEngine, run_id: int, options: RunOptions
+    export: ExportSource,
+    scratch: AsyncEngine,
+    run_id: int,
+    options: RunOptions,
+    phases: PhaseDisplay | None = None,
 ) -> PublishManifest:
     """Read the export into the scratch store; count what a real publish would report."""
     source: Counter[str] = Counter()
@@ -455,6 +560,8 @@ async def _load_scratch(
     lines: list[tuple[str, int, str]] = []
     for table in read_tables(options.skip_blueprints):
         batch: list[store.IncomingDocument] = []
+        if phases is not None:
+            phases.update(PhaseEvent(f"read {table}", 0))
         for item in export.iter_table(table):
             if isinstance(item, RejectedLine):
                 rejected[table] += 1
@@ -484,8 +591,13 @@ async def _load_scratch(
                 async with scratch.begin() as conn:
                     await store.apply_documents(conn, batch)
                 batch = []
+                if phases is not None:
+                    phases.update(PhaseEvent(f"read {table}", source[table]))
         async with scratch.begin() as conn:
             await store.apply_documents(conn, batch)
+        if phases is not None:
+            n = source[table]
+            phases.update(PhaseEvent(f"read {table}", n, n, finished=True))
     return PublishManifest(
         run_id=run_id,
         export_sha256=export.sha256(),

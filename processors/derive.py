@@ -13,7 +13,7 @@ value differs from the last computed one, or that are missing from their table, 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -94,6 +94,12 @@ _ROW_TABLES: tuple[DestinationTable, ...] = (
     "agent_conversation_messages",
     "run_events",
 )
+
+
+class PhaseProgress(Protocol):
+    """`(phase, items done, total or None, finished)`: called as a phase goes."""
+
+    def __call__(self, phase: str, done: int, total: int | None, finished: bool) -> None: ...
 
 
 class ChangeOutput(Protocol):
@@ -221,8 +227,10 @@ class Derivation:
         workos: WorkosLookup | None,
         out: ChangeOutput,
         statistics: Mapping[str, store.TableChanges] | None = None,
+        progress: PhaseProgress | None = None,
     ) -> None:
-        """`statistics`: the run's `store.table_changes`, when the caller has them already."""
+        """`statistics`: the run's `store.table_changes`, when the caller has them already;
+        `progress` hears each phase's items done (and total, when known) as it goes."""
         self.context = context
         self.view = view
         self._documents = documents
@@ -233,6 +241,9 @@ class Derivation:
         self.result = Derived()
         self._work: Workspace  # the per-export maps, open while `run` runs
         self.untouched: set[str] = set()  # row tables empty when the derivation began
+        self._progress = progress
+        self._phase: tuple[str, int | None] | None = None  # (name, total) of the current one
+        self._phase_done = 0
         self.refused_tables: set[str] = set()  # tables with refused values (`refused_again`)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -323,8 +334,45 @@ class Derivation:
             if (entry := ledger.get(key)) is None or (entry.run_id or 0) < refusals[key].run_id
         }
 
-    def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
-        return store.iter_pages(self._documents, table, self.context.run_id)
+    async def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
+        async for page in store.iter_pages(self._documents, table, self.context.run_id):
+            yield page
+            self._advance(len(page))
+
+    # -- progress: the reference's phases as they run ---------------------------------------
+
+    def _begin(self, name: str, *tables: str, within: bool = False) -> None:
+        """A new phase over the documents of `tables` (their count is the total, if known);
+        the current one ends, unless the new one runs `within` it."""
+        if not within:
+            self._end()
+        total = None
+        if self._statistics is not None and tables:
+            total = 0
+            for table in tables:
+                stats = self._statistics.get(table)
+                total += stats.inserted + stats.updated + stats.unchanged if stats else 0
+        self._phase, self._phase_done = (name, total), 0
+        if self._progress is not None:
+            self._progress(name, 0, total, False)
+
+    async def _within(self, name: str, table: str, work: Awaitable[None]) -> None:
+        """`work` as a phase of its own inside the current one, which then goes on."""
+        outer = self._phase, self._phase_done
+        self._begin(name, table, within=True)
+        await work
+        self._end()
+        self._phase, self._phase_done = outer
+
+    def _advance(self, n: int) -> None:
+        self._phase_done += n
+        if self._progress is not None and self._phase is not None:
+            self._progress(self._phase[0], self._phase_done, self._phase[1], False)
+
+    def _end(self) -> None:
+        if self._progress is not None and self._phase is not None:
+            self._progress(self._phase[0], self._phase_done, self._phase_done, True)
+        self._phase = None
 
     def _count(self, key: str, n: int = 1) -> None:
         self.result.counters[key] += n
@@ -342,18 +390,27 @@ class Derivation:
                 workos=self._workos,
                 workspace=self._work,
             )
+            self._begin("identities", "users", "threads")
             await self._users(resolver)
-            await self._blueprints()  # before the threads: each owner's pick is made as they come
+            # Blueprints before the threads: each owner's pick is made as they come.
+            if not self.context.options.skip_blueprints:
+                await self._within("blueprints", "blueprints", self._blueprints())
             await self._thread_owners(resolver)
             self._identity_counters(resolver.counters)
+            self._begin("autopilots")
             await self._autopilots()
             # Threads after messages: their titles come from the messages, and one pass over
             # the messages finds them while it emits the message rows (row order across
             # tables does not matter to the sink; each row is emitted once).
+            self._begin("runs", "runs")
             await self._runs()
+            self._begin("messages", "messages")
             await self._messages()
+            self._begin("threads", "threads")
             await self._threads()
+            self._begin("run events", "receipts")
             await self._events()
+            self._end()
         await self._vanished()
         return self.result
 
@@ -424,6 +481,7 @@ class Derivation:
     async def _autopilots(self) -> None:
         for page in self._work.owner_pages(_OWNER_PAGE):
             self._work.set_owners(await self._autopilot_batch(page))
+            self._advance(len(page))
 
     async def _autopilot_batch(self, page: list[tuple[str, str | None]]) -> dict[str, Owner]:
         """Owners (WorkOS id, key of the chosen blueprint) → their autopilots' rows."""

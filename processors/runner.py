@@ -42,6 +42,7 @@ from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
 from khala_stream.dead_letters import set_aside_records
 from khala_stream.errors import TransientError, WorkosKeyError
+from khala_stream.progress import StageStatus, consumer_lag
 from khala_stream.runtime import (
     Poller,
     StoredOffsets,
@@ -94,12 +95,14 @@ class KafkaChangeOutput:
         run_id: int,
         chunk_bytes: int = 512 * 1024,
         backpressure: Backpressure | None = None,
+        status: StageStatus | None = None,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._run_id = run_id
         self._chunk_bytes = chunk_bytes
         self._backpressure = backpressure
+        self._status = status
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._pending: list[asyncio.Future[Any]] = []
@@ -107,6 +110,8 @@ class KafkaChangeOutput:
 
     async def emit(self, changes: Sequence[RowChange]) -> None:
         metrics.record_output("process", Counter(c.table for c in changes))
+        if self._status is not None:
+            self._status.sent(len(changes))
         for change in changes:
             encoded = encode_change(change)
             if self._buffer and self._buffered + len(encoded) > _CHANGES_CHUNK:
@@ -118,6 +123,8 @@ class KafkaChangeOutput:
         self, table: DestinationTable, rows: Sequence[RowUpsert], *, new: bool = False
     ) -> None:
         metrics.record_output("process", {table: len(rows)})
+        if self._status is not None:
+            self._status.sent(len(rows))
         for batch in row_batches(self._run_id, table, rows, self._chunk_bytes, new=new):
             await self._send(batch.rows, row_batch_headers(batch))
 
@@ -171,8 +178,11 @@ class Processor:
         *,
         batch_records: int = 5000,
         db_deadline_s: float = 300.0,
+        status: StageStatus | None = None,
     ) -> None:
+        """`status`: the stage's counters and progress (a periodic INFO line by default)."""
         self._settings = settings
+        self.status = status or StageStatus("process")
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
         self._batch_records = batch_records
@@ -204,6 +214,7 @@ class Processor:
             await consumer.start()
             await self._producer.start()
             await self._probe.start()
+            self.status.start(functools.partial(consumer_lag, consumer))
             while not stop.is_set():
                 batch = await poller.poll()
                 if batch:
@@ -225,6 +236,7 @@ class Processor:
                         self._stored.refresh_if_due, what="the database", deadline_s=self._deadline
                     )
                     metrics.record_batch("process", by_table, time.monotonic() - started)
+                    self.status.stored(sum(by_table.values()))
                     logger.debug("stored documents: %s", dict(by_table))
                 await with_retries(
                     self._derive_lost_again, what="the database", deadline_s=self._deadline
@@ -238,6 +250,7 @@ class Processor:
                     break
             await trimmer.consumed({}, now=True)  # stopping: what is stored, at once
         finally:
+            await self.status.stop()
             await self._probe.stop()
             await self._producer.stop()
             await consumer.stop()
@@ -363,7 +376,11 @@ class Processor:
     async def _derive(self, run: import_runs.ImportRun, producer: AIOKafkaProducer) -> None:
         logger.info("deriving run %d", run.id)
         out = KafkaChangeOutput(
-            producer, self._topics.changes, run.id, backpressure=self._backpressure
+            producer,
+            self._topics.changes,
+            run.id,
+            backpressure=self._backpressure,
+            status=self.status,
         )
         # Runs are derived once published, with their manifest (an empty one stands in).
         manifest = run.manifest or PublishManifest(run_id=run.id, export_sha256=run.export_sha256)
@@ -457,9 +474,13 @@ class Processor:
                 workos=workos,
                 out=out,
                 statistics=statistics,
+                progress=self._derive_progress,
             )
             result = await derivation.run()
         return result
+
+    def _derive_progress(self, phase: str, done: int, total: int | None, finished: bool) -> None:
+        self.status.phase(f"derive {phase}", done, total, finished)
 
     async def _truncate_first(self, run_id: int, out: KafkaChangeOutput) -> None:
         """--replace: the sink empties the six chat tables before any row of this run lands."""

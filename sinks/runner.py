@@ -24,6 +24,7 @@ from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.db.importer_tables import ROWS
 from khala_stream.db.statistics import Growth
 from khala_stream.dead_letters import publish_dead_letters, set_aside_records
+from khala_stream.progress import StageStatus, consumer_lag
 from khala_stream.runtime import (
     Batch,
     Poller,
@@ -62,8 +63,11 @@ class SinkService:
         *,
         batch_records: int = 8,
         db_deadline_s: float = 300.0,
+        status: StageStatus | None = None,
     ) -> None:
+        """`status`: the stage's counters and progress (a periodic INFO line by default)."""
         self._settings = settings
+        self.status = status or StageStatus("sink")
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
         self._sink = SqlSink(engine)
@@ -89,6 +93,7 @@ class SinkService:
             # next one fails to start; stopping one that never started is harmless.
             await consumer.start()
             await producer.start()
+            self.status.start(functools.partial(consumer_lag, consumer))
             while not stop.is_set():
                 batch = await poller.poll()
                 if not batch:
@@ -111,6 +116,7 @@ class SinkService:
                     await stored.reposition()
             await trimmer.consumed({}, now=True)  # stopping: what is applied, at once
         finally:
+            await self.status.stop()
             await producer.stop()
             await consumer.stop()
 
@@ -147,6 +153,7 @@ class SinkService:
             handled = Counter(result.rows) + Counter(r.change.table for r in result.refused)
             metrics.record_batch("sink", handled, time.monotonic() - started)
             metrics.record_output("sink", result.rows)
+            self.status.applied(sum(len(r) for r in batch.values()), sum(handled.values()))
             logger.debug("applied changes: %s", result.rows)
         return result.applied
 

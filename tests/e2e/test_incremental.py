@@ -81,8 +81,8 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     # The same newer export through import-chat: now nothing is new.
     result = ok(khala(["import-chat", str(v2)], env))
     stats = _doc_stats(result.stdout)
-    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "deleted": 0}
-    assert stats["receipts"]["deleted"] == 1  # reported, not deleted
+    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "not_in_export": 0}
+    assert stats["receipts"]["not_in_export"] == 1  # reported, not deleted
     assert "rows written: none" in result.stdout
 
     (thread,) = rows(pg_url, "threads")
@@ -98,7 +98,8 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     assert len(rows(pg_url, "run_events")) == 1  # the vanished receipt's event stays
 
     dry = ok(khala(["import-chat", str(v2), "--propagate-deletes", "--dry-run"], env))
-    assert "rows written: run_events=1" in dry.stdout  # what the real run below writes
+    assert "rows a real run would write: run_events=1" in dry.stdout  # the real run below
+    assert _doc_stats(dry.stdout)["receipts"]["would_delete"] == 1
     deleted = ok(khala(["import-chat", str(v2), "--propagate-deletes"], env))
     assert _doc_stats(deleted.stdout)["receipts"]["deleted"] == 1
     assert "rows written: run_events=1" in deleted.stdout
@@ -329,7 +330,7 @@ def test_skip_blueprints_neither_reports_nor_forgets_the_blueprints_it_did_not_r
         "inserted": 0,
         "updated": 0,
         "unchanged": 1,
-        "deleted": 0,
+        "not_in_export": 0,
     }
 
 
@@ -512,10 +513,14 @@ def test_propagate_deletes_deletes_only_what_a_fully_read_table_lost(
         for line in withheld:
             assert line in result.stdout.splitlines(), result.stdout
     written = [line for line in real.stdout.splitlines() if line.startswith("  rows written:")]
-    assert written == [
-        line for line in dry.stdout.splitlines() if line.startswith("  rows written:")
+    would = "  rows a real run would write:"  # a dry run writes nothing
+    assert [w.replace("  rows written:", would) for w in written] == [
+        line for line in dry.stdout.splitlines() if line.startswith(would)
     ]
     assert "messages=1" in written[0] and "run_events" not in written[0]
+    # Kept, not deleted: the tables whose deletes were withheld say so in their counts.
+    assert _doc_stats(real.stdout)["receipts"]["not_in_export"] == 3
+    assert _doc_stats(real.stdout)["messages"]["deleted"] == 1
 
     after = _chat_counts(pg_url)
     assert after == {**before, "messages": 6, "agent_conversation_messages": 6}
