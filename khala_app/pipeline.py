@@ -400,7 +400,17 @@ async def _report(
             .order_by(REFUSALS.c.id)
         )
         report.refused = [(t, k, r) for t, k, r in rows.all()]
+    report.written = _not_refused(report.written, report.refused)
     return report
+
+
+def _not_refused(written: dict[str, int], refused: list[tuple[str, str, str]]) -> dict[str, int]:
+    """The rows written per table, without those the database refused: they have a line of
+    their own, and were not written."""
+    left = dict(written)
+    for table, _, _ in refused:
+        left[table] = left.get(table, 0) - 1
+    return {table: n for table, n in left.items() if n > 0}
 
 
 def _fill_from_published(report: ImportReport, manifest: PublishManifest) -> None:

@@ -6,7 +6,8 @@ documents back in file order and applies the reference's phases (§3): identitie
 runs, messages (finding the titles on the way), threads, run events; rows of different tables
 are independent, so threads may follow the messages that title them. Only rows whose computed
 value differs from the last computed one, or that are missing from their table, are emitted
-(SPEC §3.8, §8.7).
+(SPEC §3.8, §8.7); a row the database refused is not offered again with the value it refused
+(`Derivation.refused_again`).
 """
 
 from __future__ import annotations
@@ -209,7 +210,10 @@ class _Pending:
             if key in present and self._d.settled(ledger.get(key), digest):
                 continue
             upserts.append(RowUpsert(key, values, digest, source))
-        await self._d.emit_rows(self.table, upserts)
+        refused = await self._d.refused_again(
+            self.table, [(u.key, u.row_hash) for u in upserts], ledger
+        )
+        await self._d.emit_rows(self.table, [u for u in upserts if u.key not in refused])
 
 
 class Derivation:
@@ -240,6 +244,7 @@ class Derivation:
         self._progress = progress
         self._phase: tuple[str, int | None] | None = None  # (name, total) of the current one
         self._phase_done = 0
+        self.refused_tables: set[str] = set()  # tables with refused values (`refused_again`)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -263,6 +268,14 @@ class Derivation:
         )
 
     async def emit(self, changes: Sequence[RowChange]) -> None:
+        refused: set[tuple[str, str]] = set()
+        for table in {c.table for c in changes} & self.refused_tables:
+            upserts = [
+                (c.key, c.row_hash) for c in changes if c.table == table and c.op == "upsert"
+            ]
+            refused.update((table, key) for key in await self.refused_again(table, upserts))
+        if refused:
+            changes = [c for c in changes if c.op != "upsert" or (c.table, c.key) not in refused]
         if not changes:
             return
         for c in changes:
@@ -286,6 +299,40 @@ class Derivation:
         return (
             entry is not None and entry.row_hash == digest and entry.run_id != self.context.run_id
         )
+
+    async def refused_again(
+        self,
+        table: str,
+        rows: Sequence[tuple[str, str | None]],
+        ledger: Mapping[str, LedgerEntry] | None = None,
+    ) -> set[str]:
+        """The keys of these (key, row hash) upserts that the database refused with this very
+        value, with no value of the row written since: settled until something changes (the
+        value, or the cause: `dlq replay` retries the row, SPEC §3.2), so not offered again.
+
+        A refusal by this very run does not count (derived again after a crash: the same
+        changes again), nor one older than the row's ledger entry (a replayed row, or one
+        written with another value since). `ledger`: the rows' entries, when already read.
+        """
+        if table not in self.refused_tables or not rows:
+            return set()
+        refusals = await self.view.refused(table, [key for key, _ in rows])
+        again = [
+            key
+            for key, digest in rows
+            if (r := refusals.get(key)) is not None
+            and r.row_hash == digest
+            and r.run_id != self.context.run_id
+        ]
+        if not again:
+            return set()
+        if ledger is None:
+            ledger = await self.view.ledger(table, again)
+        return {
+            key
+            for key in again
+            if (entry := ledger.get(key)) is None or (entry.run_id or 0) < refusals[key].run_id
+        }
 
     async def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
         async for page in store.iter_pages(self._documents, table, self.context.run_id):
@@ -334,6 +381,7 @@ class Derivation:
 
     async def run(self) -> Derived:
         self.untouched = await self.view.untouched(_ROW_TABLES)
+        self.refused_tables = await self.view.refused_tables()
         with Workspace() as self._work:
             resolver = IdentityResolver(
                 run_id=self.context.run_id,

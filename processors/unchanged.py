@@ -6,9 +6,11 @@ document of this run is the one the previous derivation used, in the same order 
 later line), nothing vanished, the options are the same and every row recorded in the ledger is
 still there, a full derivation would find every row settled and emit nothing (SPEC §5, §8.7).
 So it is skipped: a re-import of an unchanged export costs the publisher's hashing and no pass
-over the documents. Otherwise, and whenever in doubt (WorkOS
-lookups, which may answer differently now; rows the database refused last time, which a
-derivation offers again), the full derivation runs.
+over the documents. Rows the database refused last time do not stand in the way: a derivation
+does not offer a refused value again (`Derivation.refused_again`), and the same documents
+compute the same values. Otherwise, and whenever in doubt (WorkOS lookups, which may answer
+differently now; a refusal recorded without its value's hash: an update, or one recorded
+before refusals kept their hashes), the full derivation runs.
 
 The skipped run reports the previous run's counters of what was read, and zero for what a
 derivation that finds everything settled does not do (create autopilots, upsert profiles and
@@ -83,7 +85,7 @@ async def reusable_counters(
         return None  # reordered (or published before the order was recorded)
     if any(c.get("deleted", 0) for c in summary.documents.values()):
         return None  # the previous derivation did not see every document of the ledger
-    if await _refused(conn, previous.id) or await _rows_missing(conn):
+    if await _unsettled_refusals(conn, previous.id) or await _rows_missing(conn):
         return None
     return {
         key: 0 if key in _WRITES_ONLY else summary.counters.get(key, 0)
@@ -92,8 +94,14 @@ async def reusable_counters(
     }
 
 
-async def _refused(conn: AsyncConnection, run_id: int) -> bool:
-    found = await conn.scalar(sa.select(sa.literal(1)).where(REFUSALS.c.run_id == run_id).limit(1))
+async def _unsettled_refusals(conn: AsyncConnection, run_id: int) -> bool:
+    """Whether the run refused a change a derivation would offer again: one without the
+    refused value's hash (an update or delete, or recorded before refusals kept hashes)."""
+    found = await conn.scalar(
+        sa.select(sa.literal(1))
+        .where(REFUSALS.c.run_id == run_id, REFUSALS.c.row_hash.is_(None))
+        .limit(1)
+    )
     return found is not None
 
 
