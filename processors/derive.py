@@ -518,6 +518,9 @@ class Derivation:
                 self._count("blueprints_mapped")
             profile = profile_payload(payload, user.name)
             policy = policy_payload(payload, self.context.allowed_hosts)
+            current = existing.get(user.id)
+            redo = current is not None and self._made_by_this_run(created_here.get(current.id))
+            new = current is None or redo
             wrote = False
             for table, values, present, ledger in (
                 ("autopilot_profiles", profile, profiles_present, profile_ledger),
@@ -527,6 +530,10 @@ class Derivation:
                 exists = autopilot_id in present
                 # --skip-blueprints never resets a profile or policy (SPEC §3.9).
                 if exists and (skip or self.settled(ledger.get(autopilot_id), digest)):
+                    # A new autopilot's profile or policy that the importer wrote already: an
+                    # attempt killed before its autopilot was applied. It was written for this
+                    # autopilot all the same, which ends at version 2 as after one clean run.
+                    wrote = wrote or (new and ledger.get(autopilot_id) is not None)
                     continue
                 row = {"autopilot_id": autopilot_id, **values, "updated_at": now}
                 if not exists:
@@ -534,10 +541,8 @@ class Derivation:
                 changes.append(self.change(table, "upsert", autopilot_id, row, digest))  # type: ignore[arg-type]
                 self._count(f"{table}_upserted")
                 wrote = True
-            current = existing.get(user.id)
-            redo = current is not None and self._made_by_this_run(created_here.get(current.id))
             version = (current.config_version if current and not redo else 1) + (1 if wrote else 0)
-            if current is None or redo:
+            if new:
                 handle = current.handle if current is not None else None
                 changes.append(
                     await self._new_autopilot(

@@ -606,3 +606,31 @@ def test_only_the_last_line_of_a_repeated_key_counts_on_a_reimport(
     contents = {r["content"] for r in rows(db_url, "messages")}
     assert "the winner, edited" in contents
     assert not any("draft" in c for c in contents)
+
+
+def test_an_autopilot_whose_profile_an_interrupted_run_wrote_ends_at_version_2(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, db_url: str
+) -> None:
+    """An import killed after the sink applied a new autopilot's profile and policy but not
+    the autopilot: the rerun creates it at version 2, as one clean import does, not at 1."""
+    export = _export(tmp_path / "a.zip", load_reference_fixture("fixture-a"))
+    env = env_for(kafka_bootstrap, topic_prefix, db_url)
+    ok(khala(["import-chat", str(export)], env))
+    (autopilot,) = rows(db_url, "autopilots")
+    assert autopilot["config_version"] == 2
+    autopilots = TABLES["autopilots"]
+    run_db(  # what the killed attempt left: the profile and policy with their ledger entries
+        db_url,
+        [
+            sa.delete(autopilots),
+            sa.delete(ROWS).where(ROWS.c.dest_table == "autopilots"),
+        ],
+    )
+    assert len(rows(db_url, "autopilot_profiles", "autopilot_id")) == 1
+    # The rerun derives the owner again (its thread has a new message); blueprint unchanged.
+    newer = _newer(load_reference_fixture("fixture-a"))
+    newer["blueprints"] = load_reference_fixture("fixture-a")["blueprints"]
+    ok(khala(["import-chat", str(_export(tmp_path / "b.zip", newer))], env))
+    (again,) = rows(db_url, "autopilots")
+    assert again["id"] == autopilot["id"]
+    assert again["config_version"] == 2
