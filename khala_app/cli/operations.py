@@ -520,18 +520,23 @@ async def _snapshot(url: str) -> Any:
     except Exception as exc:
         # asyncpg raises its own error, not wrapped, when the database does not exist.
         reason = getattr(exc, "orig", None) or exc
-        if getattr(reason, "sqlstate", None) == _NO_SUCH_DATABASE:
-            from sqlalchemy.engine import make_url
-
-            name = make_url(url).database
-            raise UsageError(
-                f"no database {name!r} on the server (DATABASE_URL); {_CREATE_IT}"
-            ) from None
+        _raise_if_no_database(url, reason)
         if not isinstance(exc, DBAPIError | OSError):
             raise
         raise RuntimeFailure(f"cannot count rows: {type(reason).__name__}: {reason}") from exc
     finally:
         await engine.dispose()
+
+
+def _raise_if_no_database(url: str, reason: BaseException) -> None:
+    """UsageError when `reason` says the server has no database of this name."""
+    if getattr(reason, "sqlstate", None) == _NO_SUCH_DATABASE:
+        from sqlalchemy.engine import make_url
+
+        name = make_url(url).database
+        raise UsageError(
+            f"no database {name!r} on the server (DATABASE_URL); {_CREATE_IT}"
+        ) from None
 
 
 def _print(as_json: bool, data: Any, lines: list[str]) -> None:

@@ -9,8 +9,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
+
 from khala_stream.config import Settings
-from khala_stream.errors import RuntimeFailure
+from khala_stream.errors import RuntimeFailure, UsageError
 
 if TYPE_CHECKING:
     from khala_stream.contract import Topics
@@ -42,17 +44,27 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
 async def _status(settings: Settings) -> Status:
     from sqlalchemy.exc import DBAPIError
 
+    from khala_app.cli.operations import _CREATE_IT, _raise_if_no_database
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine
+    from khala_stream.db.importer_tables import RUNS
     from khala_stream.status import read_status
 
     topics = Topics(settings.topic_prefix)
     ends = await _ends(settings, topics)
     engine = create_engine(settings.database_url)
     try:
+        async with engine.connect() as conn:
+            known = await conn.run_sync(lambda c: sa.inspect(c).has_table(RUNS.name))
+        if not known:  # a database the import never wrote to: nothing to report, say so
+            raise UsageError(f"no import tables in this database (DATABASE_URL); {_CREATE_IT}")
         return await read_status(engine, topics, ends)
-    except (DBAPIError, OSError) as exc:
+    except Exception as exc:
+        # asyncpg raises its own error, not wrapped, when the database does not exist.
         reason = getattr(exc, "orig", None) or exc
+        _raise_if_no_database(settings.database_url, reason)
+        if not isinstance(exc, DBAPIError | OSError):
+            raise
         raise RuntimeFailure(
             f"cannot read the import runs (is this the import's database?):"
             f" {type(reason).__name__}: {reason}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,26 @@ def test_counts_on_a_database_that_does_not_exist_says_how_to_create_it(
         assert line.startswith("khala-stream: error: no database")
         assert "run `khala-stream db init` or an import first" in line
     assert not (tmp_path / "absent.sqlite").exists()
+
+
+def test_status_on_a_missing_or_empty_database_says_how_to_create_it(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_admin_url: str
+) -> None:
+    missing_pg = (
+        make_url(pg_admin_url)
+        .set(drivername="postgresql+asyncpg", database=f"absent_{uuid.uuid4().hex[:8]}")
+        .render_as_string(hide_password=False)
+    )
+    empty = tmp_path / "empty.sqlite"
+    sqlite3.connect(empty).execute("CREATE TABLE other (a INTEGER)").connection.close()
+    for url in (f"sqlite+aiosqlite:///{empty}", missing_pg):
+        for json in ([], ["--json"]):
+            result = khala(["status", *json], env_for(kafka_bootstrap, topic_prefix, url))
+            assert result.exit_code == 2, result.stderr
+            line = result.stderr.strip().splitlines()[-1]
+            assert line.startswith("khala-stream: error: no ")
+            assert "run `khala-stream db init` or an import first" in line
+            assert result.stdout == ""
 
 
 def test_dlq_list_says_which_export_and_run_each_letter_came_from(
