@@ -15,6 +15,8 @@ from khala_stream.config import Settings
 from khala_stream.terminal import printable
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from khala_stream.import_runs import RunOptions
     from khala_stream.progress import PhaseDisplay, ProgressCallback
     from khala_stream.runtime import Waiting
@@ -382,24 +384,44 @@ def db_init(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
-    """Run `action(kafka, engine, dead_letter_topic)` with a broker and the database."""
+async def _with_dead_letters(
+    settings: Settings, action: Any, *, writes: bool = True
+) -> dict[str, Any]:
+    """Run `action(kafka, engine, dead_letter_topic)` with a broker and the database.
+
+    `writes`: the importer's tables are created first; otherwise (a listing) they are not,
+    and `engine` is None when the database has none of them yet (nothing was replayed).
+    """
+    import sqlalchemy as sa
+
     from khala_stream.broker.clients import broker_session
     from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.db.importer_tables import REPLAYED
     from khala_stream.runtime import with_retries
+
+    async def has_replayed() -> bool:
+        async with engine.connect() as conn:
+            found: bool = await conn.run_sync(lambda c: sa.inspect(c).has_table(REPLAYED.name))
+            return found
 
     engine = create_engine(settings.database_url)
     try:
-        await with_retries(
-            lambda: init_db(engine, laravel=False),
-            what="the database",
-            deadline_s=settings.retry_deadline_s,
-        )
+        if writes:
+            await with_retries(
+                lambda: init_db(engine, laravel=False),
+                what="the database",
+                deadline_s=settings.retry_deadline_s,
+            )
+        asked: AsyncEngine | None = engine
+        if not writes and not await with_retries(
+            has_replayed, what="the database", deadline_s=settings.retry_deadline_s
+        ):
+            asked = None
         async with broker_session(settings) as live:
             # Reading the letters and applying them again are both safe to repeat.
             result: dict[str, Any] = await with_retries(
-                lambda: action(live.kafka, engine, Topics(live.topic_prefix).dead_letters),
+                lambda: action(live.kafka, asked, Topics(live.topic_prefix).dead_letters),
                 what="the broker and the database",
                 deadline_s=settings.retry_deadline_s,
             )
@@ -409,13 +431,17 @@ async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
 
 
 def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    from khala_app.cli.operations import _require_database
     from khala_app.dlq import pending_letters, provenance, run_sources, summarise
 
     async def listing(kafka: Any, engine: Any, topic: str) -> dict[str, Any]:
         letters = await pending_letters(kafka, engine, topic)
-        return summarise(letters, await run_sources(engine, letters))
+        sources = await run_sources(engine, letters) if engine is not None else {}
+        return summarise(letters, sources)
 
-    data = _run(_with_dead_letters(settings, listing))
+    # A listing writes nothing: no SQLite file where none was, no tables.
+    _require_database(settings.database_url)
+    data = _run(_with_dead_letters(settings, listing, writes=False))
     lines = [f"{data['total']} dead letters waiting"]
     for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")

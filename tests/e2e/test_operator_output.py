@@ -183,6 +183,25 @@ def test_status_on_a_missing_or_empty_database_says_how_to_create_it(
             assert result.stdout == ""
 
 
+def test_dlq_list_writes_nothing_to_a_missing_or_empty_database(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    absent = tmp_path / "absent.sqlite"
+    result = khala(
+        ["dlq", "list"], env_for(kafka_bootstrap, topic_prefix, f"sqlite+aiosqlite:///{absent}")
+    )
+    assert result.exit_code == 2, result.stderr
+    assert "run `khala-stream db init` or an import first" in result.stderr
+    assert not absent.exists()
+    empty = tmp_path / "empty.sqlite"
+    sqlite3.connect(empty).execute("CREATE TABLE other (a INTEGER)").connection.close()
+    env = env_for(kafka_bootstrap, topic_prefix, f"sqlite+aiosqlite:///{empty}")
+    listed = orjson.loads(ok(khala(["dlq", "list", "--json"], env)).stdout)
+    assert listed["total"] == 0
+    tables = sqlite3.connect(empty).execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    assert [name for (name,) in tables] == ["other"]
+
+
 def test_dlq_list_says_which_export_and_run_each_letter_came_from(
     tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, sqlite_url: str
 ) -> None:
