@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,10 +35,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--retry-deadline",
-        type=float,
-        default=120.0,
+        type=_seconds,
         metavar="SECONDS",
-        help="how long to wait for an unreachable database or broker (default 120)",
+        help="how long to wait for an unreachable database or broker"
+        " (default KHALA_RETRY_DEADLINE_SECONDS, or 120)",
     )
     p.set_defaults(handler=import_chat)
 
@@ -95,6 +96,17 @@ def _count(text: str) -> int:
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds above 0 (argparse: exit 2 with one line otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:  # nan fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
 
 
 def _import_flags(p: argparse.ArgumentParser) -> None:
@@ -158,7 +170,7 @@ def import_chat(args: argparse.Namespace, settings: Settings) -> int:
         skip_blueprints=args.skip_blueprints,
         propagate_deletes=args.propagate_deletes,
         allow_empty=args.allow_empty,
-        deadline_s=args.retry_deadline,
+        deadline_s=args.retry_deadline or settings.retry_deadline_s,
     )
     source = args.export or SAMPLE_EXPORT
     with _progress(source, enabled=not args.dry_run) as progress:

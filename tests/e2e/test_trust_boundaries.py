@@ -45,6 +45,10 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
         ("not a url", ["import-chat", "EXPORT"], "DATABASE_URL is not a database URL"),
         ("not a url", ["dlq", "list"], "DATABASE_URL is not a database URL"),
         (None, ["generate", "--out", "OUT", "--users", "-3"], "argument --users"),
+        *(
+            (None, ["import-chat", "EXPORT", "--retry-deadline", bad], "argument --retry-deadline")
+            for bad in ("nan", "inf", "-1", "0")
+        ),
         (None, ["--database-url", f"postgresql://a:{PASSWORD}@h/d", "db", "init"], "DATABASE_URL"),
         (None, ["db", "init", "--database-url", f"postgresql://a:{PASSWORD}@h/d"], "a:***@h/d"),
     ],
@@ -71,10 +75,16 @@ def test_bad_settings_exit_2_with_one_line(
     assert not (tmp_path / "g.zip").exists()
 
 
-@pytest.mark.parametrize("args", [["db", "init"], ["dlq", "list"], ["dlq", "replay"]])
+@pytest.mark.parametrize(
+    "args", [["db", "init"], ["dlq", "list"], ["dlq", "replay"], ["import-chat", "EXPORT"]]
+)
 def test_unreachable_database_or_broker_exit_1_with_one_line(
     tmp_path: Path, topic_prefix: str, args: list[str]
 ) -> None:
+    """KHALA_RETRY_DEADLINE_SECONDS holds for every command (import-chat's default too)."""
+    export = tmp_path / "a.zip"
+    write_fixture_zip(export, load_reference_fixture("fixture-a"))
+    args = [str(export) if a == "EXPORT" else a for a in args]
     dead_database = f"postgresql+asyncpg://khala:{PASSWORD}@127.0.0.1:9/laravel"
     env = env_for("127.0.0.1:9", topic_prefix, dead_database, KHALA_RETRY_DEADLINE_SECONDS="1")
     line = _one_error_line(khala(args, env, timeout=60), 1)
