@@ -158,6 +158,7 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or int(raw) < 1:
+    # isdigit alone takes "²" too, which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise UsageError(f"{name} must be a positive whole number, not {raw!r}")
     return int(raw)

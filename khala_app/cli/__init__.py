@@ -81,7 +81,10 @@ def _main(argv: Sequence[str] | None) -> int:
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # The stages import-chat starts as child processes log as verbosely as their parent.
-    verbosity = args.verbose or int(os.environ.get("KHALA_VERBOSITY", "0") or 0)
+    inherited = os.environ.get("KHALA_VERBOSITY", "")
+    verbosity = args.verbose or (
+        int(inherited) if inherited.isascii() and inherited.isdigit() else 0
+    )
     os.environ["KHALA_VERBOSITY"] = str(verbosity)
     ours = logging.WARNING - 10 * min(verbosity, 2)
     for name in ("khala_app", "khala_stream", "producers", "processors", "sinks"):

@@ -76,6 +76,32 @@ def test_bad_settings_exit_2_with_one_line(
 
 
 @pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("KHALA_MAX_ENTRY_BYTES", "\u00b2"),
+        ("KHALA_RETRY_DEADLINE_SECONDS", "1.5"),
+        ("KHALA_TOPIC_PARTITIONS", "-2"),
+    ],
+)
+def test_a_bad_number_in_the_environment_exits_2_naming_it(
+    tmp_path: Path, topic_prefix: str, variable: str, value: str
+) -> None:
+    export = tmp_path / "a.zip"
+    write_fixture_zip(export, load_reference_fixture("fixture-a"))
+    env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
+    line = _one_error_line(khala(["validate", str(export)], env | {variable: value}), 2)
+    assert variable in line
+
+
+def test_a_bad_inherited_verbosity_is_no_traceback(tmp_path: Path, topic_prefix: str) -> None:
+    """KHALA_VERBOSITY passes -v on to import-chat's stage children; a stray value is 0."""
+    export = tmp_path / "a.zip"
+    write_fixture_zip(export, load_reference_fixture("fixture-a"))
+    env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
+    ok(khala(["validate", str(export)], env | {"KHALA_VERBOSITY": "abc"}))
+
+
+@pytest.mark.parametrize(
     "args", [["db", "init"], ["dlq", "list"], ["dlq", "replay"], ["import-chat", "EXPORT"]]
 )
 def test_unreachable_database_or_broker_exit_1_with_one_line(
