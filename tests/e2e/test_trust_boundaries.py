@@ -160,10 +160,11 @@ def test_no_private_data_in_errors_under_a_broken_schema(
 # ------------------------------------------------------------------------ --replace guards
 
 
-def _empty_export(path: Path) -> Path:
+def _empty_export(path: Path, blueprints: bytes = b"") -> Path:
     with zipfile.ZipFile(path, "w") as archive:
-        for table in ("users", "threads", "runs", "messages", "receipts", "blueprints"):
+        for table in ("users", "threads", "runs", "messages", "receipts"):
             archive.writestr(f"{table}/documents.jsonl", b"")
+        archive.writestr("blueprints/documents.jsonl", blueprints)
     return path
 
 
@@ -185,10 +186,16 @@ def test_replace_with_an_empty_export_is_refused_unless_allowed(
     before = _imported(tmp_path, env)
     assert before["threads"] and before["messages"] and before["run_events"]
     empty = _empty_export(tmp_path / "empty.zip")
+    # Blueprints fill no chat table: an export of blueprints alone is empty for --replace.
+    blueprint = orjson.dumps({"_id": "bp1", "userId": "user_1", "blueprint": {}}) + b"\n"
+    only_blueprints = _empty_export(tmp_path / "blueprints.zip", blueprint)
     for args in (
         ["import-chat", str(empty), "--replace"],
         ["import-chat", str(empty), "--replace", "--dry-run"],
         ["publish", str(empty), "--replace"],
+        ["import-chat", str(only_blueprints), "--replace"],
+        ["import-chat", str(only_blueprints), "--replace", "--dry-run"],
+        ["publish", str(only_blueprints), "--replace"],
     ):
         line = _one_error_line(khala(args, env), 2)
         assert "without a single document" in line and "--allow-empty" in line
