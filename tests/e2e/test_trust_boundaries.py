@@ -49,6 +49,8 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
             (None, ["import-chat", "EXPORT", "--retry-deadline", bad], "argument --retry-deadline")
             for bad in ("nan", "inf", "-1", "0")
         ),
+        (None, ["lag", "--interval", "nan"], "--interval"),  # was: slept forever
+        (None, ["lag", "--watch", "--interval", "inf"], "--interval"),
         (None, ["--database-url", f"postgresql://a:{PASSWORD}@h/d", "db", "init"], "DATABASE_URL"),
         (None, ["db", "init", "--database-url", f"postgresql://a:{PASSWORD}@h/d"], "a:***@h/d"),
     ],
