@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from khala_stream.errors import UsageError
 
@@ -133,7 +134,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         topic_prefix=env.get("KHALA_TOPIC_PREFIX") or "khala",
         database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
         workos_api_key=Secret(key) if key else None,
-        workos_base_url=env.get("WORKOS_BASE_URL") or DEFAULT_WORKOS_BASE_URL,
+        workos_base_url=_http_url(env, "WORKOS_BASE_URL", DEFAULT_WORKOS_BASE_URL),
         l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
         broker_idle_s=float(_positive(env, "KHALA_BROKER_IDLE_SECONDS", 60)),
@@ -143,6 +144,21 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         max_ratio=float(_positive(env, "KHALA_MAX_RATIO", 200)),
         max_total_bytes=_positive(env, "KHALA_MAX_TOTAL_BYTES", 32 << 30),
     )
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        parts = urlsplit(raw)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # a port that is not a number raises
+    except ValueError:  # that, or an unclosed IPv6 bracket
+        valid = False
+    if not valid:  # the value is not repeated: a URL may hold a password
+        raise UsageError(f"{name} must be an http:// or https:// URL")
+    return raw
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool | None:

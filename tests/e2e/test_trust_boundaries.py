@@ -80,6 +80,8 @@ def test_bad_settings_exit_2_with_one_line(
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
+        ("WORKOS_BASE_URL", "http://[::1"),  # was: exit 1, "unexpected InvalidURL"
+        ("WORKOS_BASE_URL", "not a url"),
         ("KHALA_MAX_ENTRY_BYTES", "\u00b2"),
         ("KHALA_RETRY_DEADLINE_SECONDS", "1.5"),
         ("KHALA_TOPIC_PARTITIONS", "-2"),
