@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from khala_stream.config import Settings, settings_from_env
+from khala_stream.config import Settings, bootstrap_servers, settings_from_env, topic_prefix
 from khala_stream.errors import KhalaError, UsageError
 from khala_stream.terminal import EscapingFormatter, printable
 
@@ -126,7 +126,7 @@ def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
 
     changes: dict[str, Any] = {}
     if args.topic_prefix:
-        changes["topic_prefix"] = args.topic_prefix
+        changes["topic_prefix"] = topic_prefix(args.topic_prefix, "--topic-prefix")
     if args.database_url:
         if _URL_PASSWORD.search(args.database_url):
             raise UsageError(
@@ -135,7 +135,8 @@ def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
             )
         changes["database_url"] = args.database_url
     if args.bootstrap_servers:
-        changes["kafka"] = replace(settings.kafka, bootstrap_servers=args.bootstrap_servers)
+        servers = bootstrap_servers(args.bootstrap_servers, "--bootstrap-servers")
+        changes["kafka"] = replace(settings.kafka, bootstrap_servers=servers)
     return replace(settings, **changes) if changes else settings
 
 

@@ -50,6 +50,8 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
             for bad in ("nan", "inf", "-1", "0")
         ),
         (None, ["lag", "--interval", "nan"], "--interval"),  # was: slept forever
+        (None, ["--topic-prefix", "a/b", "validate", "EXPORT"], "--topic-prefix"),
+        (None, ["--bootstrap-servers", "h:x", "validate", "EXPORT"], "--bootstrap-servers"),
         (None, ["lag", "--watch", "--interval", "inf"], "--interval"),
         (None, ["--database-url", f"postgresql://a:{PASSWORD}@h/d", "db", "init"], "DATABASE_URL"),
         (None, ["db", "init", "--database-url", f"postgresql://a:{PASSWORD}@h/d"], "a:***@h/d"),
@@ -80,6 +82,8 @@ def test_bad_settings_exit_2_with_one_line(
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
+        ("KAFKA_BOOTSTRAP_SERVERS", "host:notaport"),  # was: exit 1, "unexpected ValueError"
+        ("KHALA_TOPIC_PREFIX", "bad prefix/x"),  # was: 160,000 log lines, exit 1 after 40 s
         ("WORKOS_BASE_URL", "http://[::1"),  # was: exit 1, "unexpected InvalidURL"
         ("WORKOS_BASE_URL", "not a url"),
         ("KHALA_MAX_ENTRY_BYTES", "\u00b2"),
@@ -95,6 +99,18 @@ def test_a_bad_number_in_the_environment_exits_2_naming_it(
     env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
     line = _one_error_line(khala(["validate", str(export)], env | {variable: value}), 2)
     assert variable in line
+
+
+def test_a_broker_home_that_cannot_be_made_exits_2_naming_it(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    """KHALA_BROKER_HOME under a file: was exit 1, "unexpected NotADirectoryError"."""
+    (tmp_path / "a-file").write_bytes(b"")
+    env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
+    del env["KAFKA_BOOTSTRAP_SERVERS"]  # the embedded broker
+    env["KHALA_BROKER_HOME"] = str(tmp_path / "a-file" / "home")
+    line = _one_error_line(khala(["dlq", "list"], env), 2)
+    assert "KHALA_BROKER_HOME" in line
 
 
 def test_a_bad_inherited_verbosity_is_no_traceback(tmp_path: Path, topic_prefix: str) -> None:
