@@ -42,6 +42,9 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
         ("not a url", ["db", "init"], "DATABASE_URL is not a database URL"),
         (f"mysql://app:{PASSWORD}@127.0.0.1/app", ["db", "init"], "unsupported database"),
         ("sqlite+aiosqlite:////no/such/folder/k.sqlite", ["db", "init"], "does not exist"),
+        # was: exit 1, "unexpected TypeError" (asyncpg.connect() takes no such argument)
+        (f"postgresql://a:{PASSWORD}@127.0.0.1/d?foo=1", ["db", "init"], "parameter 'foo'"),
+        ("postgresql://a@127.0.0.1/d?sslmode=bogus", ["db", "init"], "sslmode must be one of"),
         ("not a url", ["import-chat", "EXPORT"], "DATABASE_URL is not a database URL"),
         ("not a url", ["dlq", "list"], "DATABASE_URL is not a database URL"),
         (None, ["generate", "--out", "OUT", "--users", "-3"], "argument --users"),
@@ -99,6 +102,12 @@ def test_a_bad_number_in_the_environment_exits_2_naming_it(
     env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
     line = _one_error_line(khala(["validate", str(export)], env | {variable: value}), 2)
     assert variable in line
+
+
+def test_libpq_sslmode_in_database_url_is_asyncpg_ssl(tmp_path: Path, pg_url: str) -> None:
+    """`?sslmode=disable`, as libpq and Laravel spell it, was exit 1 "unexpected TypeError"."""
+    env = env_for("127.0.0.1:9", "t_sslmode", pg_url + "?sslmode=disable")
+    assert "created users" in ok(khala(["db", "init"], env)).stdout
 
 
 def test_a_broker_home_that_cannot_be_made_exits_2_naming_it(
