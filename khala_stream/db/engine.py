@@ -49,8 +49,9 @@ _SQLALCHEMY_ASYNCPG_KEYS = ("prepared_statement_cache_size", "prepared_statement
 def database_url(url: str) -> sa.URL:
     """`url` parsed, with the async driver for plain `postgresql://` / `sqlite://`.
 
-    Raises UsageError (exit 2) for a URL that is not one, another database, or a SQLite file in
-    a folder that does not exist; the message never repeats the URL (it may hold a password).
+    Raises UsageError (exit 2) for a URL that is not one, another database, an in-memory SQLite
+    database, or a SQLite file in a folder that does not exist; the message never repeats the
+    URL (it may hold a password).
     """
     try:
         parsed = make_url(url)
@@ -63,11 +64,10 @@ def database_url(url: str) -> sa.URL:
     if backend == "postgresql":
         parsed = _asyncpg_query(parsed)
     database = parsed.database or ""
-    if (
-        backend == "sqlite"
-        and database not in ("", ":memory:")
-        and not database.startswith("file:")
-    ):
+    if backend == "sqlite" and (database in ("", ":memory:") or "mode=memory" in database):
+        # Each stage is a process of its own, and each would see an empty database of its own.
+        raise UsageError("DATABASE_URL: an in-memory SQLite database cannot be shared: name a file")
+    if backend == "sqlite" and not database.startswith("file:"):
         folder = Path(database).expanduser().absolute().parent
         if not folder.is_dir():
             raise UsageError(f"DATABASE_URL: the SQLite file's folder does not exist: {folder}")

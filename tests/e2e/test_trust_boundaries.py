@@ -42,6 +42,9 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
         ("not a url", ["db", "init"], "DATABASE_URL is not a database URL"),
         (f"mysql://app:{PASSWORD}@127.0.0.1/app", ["db", "init"], "unsupported database"),
         ("sqlite+aiosqlite:////no/such/folder/k.sqlite", ["db", "init"], "does not exist"),
+        # was: "created" tables that vanished; import-chat blamed the topics' owner, exit 1
+        ("sqlite+aiosqlite://", ["import-chat", "EXPORT"], "in-memory"),
+        ("sqlite+aiosqlite:///:memory:", ["db", "init"], "in-memory"),
         # was: exit 1, "unexpected TypeError" (asyncpg.connect() takes no such argument)
         (f"postgresql://a:{PASSWORD}@127.0.0.1/d?foo=1", ["db", "init"], "parameter 'foo'"),
         ("postgresql://a@127.0.0.1/d?sslmode=bogus", ["db", "init"], "sslmode must be one of"),
