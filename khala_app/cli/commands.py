@@ -204,6 +204,7 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
     from khala_stream.broker.clients import broker_session, make_producer
     from khala_stream.contract import Topics, read_tables
     from khala_stream.db.engine import create_engine, init_db
+    from khala_stream.runtime import with_retries
     from producers.export_reader import open_export
     from producers.publisher import Publisher
 
@@ -220,14 +221,20 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, An
         if args.resolve_workos_users:
             await check_workos_key(settings)
         engine = create_engine(settings.database_url)
+        deadline = settings.retry_deadline_s
         try:
-            await init_db(engine)
+            # Waits for an unreachable database or broker as every stage does (README).
+            await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
             async with (
                 broker_session(settings) as live,
                 operations.stage_metrics(args, live, "publish"),
             ):
                 topics = Topics(live.topic_prefix)
-                await prepare_topics(live.kafka, topics, engine)
+                await with_retries(
+                    lambda: prepare_topics(live.kafka, topics, engine),
+                    what="the broker",
+                    deadline_s=deadline,
+                )
                 flags = import_runs.RunFlags(
                     replace=args.replace,
                     skip_blueprints=args.skip_blueprints,

@@ -134,7 +134,14 @@ def test_a_bad_inherited_verbosity_is_no_traceback(tmp_path: Path, topic_prefix:
 
 
 @pytest.mark.parametrize(
-    "args", [["db", "init"], ["dlq", "list"], ["dlq", "replay"], ["import-chat", "EXPORT"]]
+    "args",
+    [
+        ["db", "init"],
+        ["dlq", "list"],
+        ["dlq", "replay"],
+        ["import-chat", "EXPORT"],
+        ["publish", "EXPORT"],
+    ],
 )
 def test_unreachable_database_or_broker_exit_1_with_one_line(
     tmp_path: Path, topic_prefix: str, args: list[str]
@@ -147,7 +154,7 @@ def test_unreachable_database_or_broker_exit_1_with_one_line(
     env = env_for("127.0.0.1:9", topic_prefix, dead_database, KHALA_RETRY_DEADLINE_SECONDS="1")
     line = _one_error_line(khala(args, env, timeout=60), 1)
     assert "gave up waiting for the database" in line
-    if args[0] == "dlq":  # the database is there, the broker is not
+    if args[0] in ("dlq", "publish"):  # the database is there, the broker is not
         env["DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/k.sqlite"
         line = _one_error_line(khala(args, env, timeout=60), 1)
         assert "gave up waiting for the broker" in line
