@@ -21,7 +21,7 @@ from khala_stream.config import KafkaSettings
 from khala_stream.contract import RowChange
 from khala_stream.contract.codec import CodecError, decode_change
 from khala_stream.contract.dead_letters import DeadLetter
-from khala_stream.db.importer_tables import REPLAYED
+from khala_stream.db.importer_tables import REPLAYED, RUNS
 from khala_stream.dead_letters import StoredDeadLetter, read_dead_letters
 from sinks.change_rules import forbidden
 from sinks.sql_sink import SqlSink
@@ -74,7 +74,32 @@ async def _pending_copies(
     return list(copies.values())
 
 
-def summarise(letters: list[StoredDeadLetter]) -> dict[str, Any]:
+async def run_sources(engine: AsyncEngine, letters: list[StoredDeadLetter]) -> dict[int, str]:
+    """The export file each letter's run imported, by run id (runs the database forgot are
+    left out)."""
+    ids = sorted({s.letter.run_id for s in letters if s.letter.run_id is not None})
+    if not ids:
+        return {}
+    async with engine.connect() as conn:
+        rows = await conn.execute(sa.select(RUNS.c.id, RUNS.c.source).where(RUNS.c.id.in_(ids)))
+        return {int(i): str(source) for i, source in rows.all()}
+
+
+def provenance(letter: dict[str, Any]) -> str:
+    """Where a letter of `summarise` came from, in words: its export and run."""
+    sha = letter.get("export_sha256")
+    run = letter.get("run_id")
+    source = letter.get("export_source")
+    export = f"export {source} (sha256 {sha[:12]})" if source and sha else None
+    export = export or (f"export sha256 {sha[:12]}" if sha else "export unknown")
+    return f"{export}, run {run}" if run is not None else f"{export}, run unknown"
+
+
+def summarise(
+    letters: list[StoredDeadLetter], sources: dict[int, str] | None = None
+) -> dict[str, Any]:
+    """`dlq list`'s facts; `sources` (`run_sources`) names each letter's export file."""
+    sources = sources or {}
     return {
         "total": len(letters),
         "by_reason": dict(Counter(s.letter.reason_code for s in letters)),
@@ -90,6 +115,9 @@ def summarise(letters: list[StoredDeadLetter]) -> dict[str, Any]:
                 "doc_id": s.letter.doc_id,
                 "run_id": s.letter.run_id,
                 "export_sha256": s.letter.export_sha256,
+                "export_source": sources.get(s.letter.run_id)
+                if s.letter.run_id is not None
+                else None,
                 "source_topic": s.letter.source_topic,
                 "source_partition": s.letter.source_partition,
                 "source_offset": s.letter.source_offset,

@@ -7,14 +7,17 @@ Light on imports on purpose: the publish stage runs them without loading the pro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from khala_stream.config import Settings
+from khala_stream.contract import read_tables
 from khala_stream.contract.documents import document_hash, document_key
 from khala_stream.contract.tables import CHAT_TABLES
 from khala_stream.errors import UsageError, WorkosKeyError
-from producers.export_reader import ExportSource, RejectedLine
+from khala_stream.import_runs import RunOptions
+from producers.export_reader import ExportSource, RejectedLine, open_export
 
 if TYPE_CHECKING:
     from processors.workos import WorkosClient
@@ -51,3 +54,25 @@ async def check_workos_key(settings: Settings) -> WorkosClient:
     async with WorkosClient(api_key=key.reveal(), base_url=settings.workos_base_url) as client:
         await client.check_key()
     return client
+
+
+@contextlib.asynccontextmanager
+async def checked_export(
+    source: Path | str, settings: Settings, options: RunOptions, *, allow_empty: bool
+) -> AsyncIterator[tuple[ExportSource, WorkosClient | None]]:
+    """The export, opened and checked before anything is written: a valid source holding the
+    tables the run reads, not empty under --replace (unless `allow_empty`), and a WorkOS key
+    WorkOS accepts when users are to be resolved (the processor truncates first under
+    --replace). Yields the export and the checked (closed) WorkOS client, if any."""
+    tables = read_tables(options.skip_blueprints)
+    with open_export(
+        source,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_ratio=settings.max_ratio,
+        max_total_bytes=settings.max_total_bytes,
+    ) as export:
+        export.verify(tables)
+        if options.replace and not allow_empty:
+            refuse_empty(export, tables)
+        workos = await check_workos_key(settings) if options.resolve_workos_users else None
+        yield export, workos

@@ -22,14 +22,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_app.guards import check_workos_key, refuse_empty
-from khala_app.topic_owner import prepare_topics
+from khala_app.guards import checked_export
+from khala_app.publication import open_run, publish_run
 from khala_stream import import_runs
-from khala_stream.backpressure import Backpressure
-from khala_stream.broker.clients import broker_session, make_consumer, make_producer
+from khala_stream.broker.clients import broker_session, make_consumer
 from khala_stream.config import Settings
 from khala_stream.contract import (
     SOURCE_TABLES,
@@ -40,44 +38,41 @@ from khala_stream.contract import (
     read_tables,
 )
 from khala_stream.contract.documents import document_hash, document_key, keyless_key
+from khala_stream.contract.runs import PublishManifest
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import DOCUMENTS, IMPORTER, REFUSALS
 from khala_stream.db.laravel_tables import LARAVEL
+from khala_stream.db.port import Database, open_database
 from khala_stream.errors import RuntimeFailure
+from khala_stream.import_runs import RunOptions
 from khala_stream.processes import PARENT_ENV
-from khala_stream.progress import ProgressCallback
-from khala_stream.runtime import end_offsets, with_retries
+from khala_stream.progress import (
+    PROGRESS_EVENTS_ENV,
+    STORE_PHASE,
+    WRITE_PHASE,
+    PhaseDisplay,
+    PhaseEvent,
+    ProgressCallback,
+)
+from khala_stream.runtime import end_offsets
 from processors import store
 from processors.autopilots import parse_allowed_hosts
 from processors.derive import (
     COUNTER_KEYS,
     DELETED_WITH,
     Derivation,
-    RunOptions,
+    PhaseProgress,
+    RunContext,
     withheld_deletes,
 )
 from processors.identity import WorkosLookup
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import MemoryWorkosCache, SqlWorkosCache, resolve_with_cache
-from producers.export_reader import ExportSource, RejectedLine, open_export
+from producers.export_reader import ExportSource, RejectedLine
 from producers.ledger import stored_hashes
-from producers.publisher import Publisher
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ImportOptions:
-    dry_run: bool = False
-    replace: bool = False
-    resolve_workos_users: bool = False
-    skip_blueprints: bool = False
-    propagate_deletes: bool = False
-    allow_empty: bool = False
-    """--replace of an export without a single document (it empties the chat tables)."""
-    deadline_s: float = 120.0
-    """How long to wait for an unreachable database or broker before exit 1."""
 
 
 @dataclass(slots=True)
@@ -85,7 +80,8 @@ class ImportReport:
     """Everything the summary prints (reference §7 plus the product's own lines)."""
 
     source: str
-    options: ImportOptions
+    options: RunOptions
+    dry_run: bool
     sha256: str
     run_id: int | None = None
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_KEYS, 0))
@@ -99,18 +95,43 @@ class ImportReport:
     deletes_withheld: dict[str, str] = field(default_factory=dict)
     """--propagate-deletes: the tables that deleted nothing, and why."""
 
+    def vanished_name(self, table: str) -> str:
+        """What the documents of `table` missing from this export are called: they are
+        deleted only with --propagate-deletes (and not from a table whose deletes are
+        withheld), and a dry run deletes nothing."""
+        if not self.options.propagate_deletes or table in self.deletes_withheld:
+            return "not_in_export"
+        return "would_delete" if self.dry_run else "deleted"
+
+    def document_stats(self) -> dict[str, dict[str, int]]:
+        """Per source table: inserted, updated, unchanged, and the vanished count under
+        `vanished_name`; the text summary and --json both show these."""
+        return {
+            table: {
+                "inserted": int(stats.get("inserted", 0)),
+                "updated": int(stats.get("updated", 0)),
+                "unchanged": int(stats.get("unchanged", 0)),
+                self.vanished_name(table): int(stats.get("deleted", 0)),
+            }
+            for table, stats in self.documents.items()
+        }
+
     def to_json(self) -> dict[str, Any]:
+        dry = self.dry_run
         return {
             "source": self.source,
-            "mode": "dry-run" if self.options.dry_run else "write",
+            "mode": "dry-run" if self.dry_run else "write",
             "replace": self.options.replace,
             "resolve_workos_users": self.options.resolve_workos_users,
             "import_blueprints": not self.options.skip_blueprints,
             "export_sha256": self.sha256,
             "run_id": self.run_id,
             "counters": self.counters,
-            "documents": self.documents,
-            "rows_written": self.written,
+            "documents": self.document_stats(),
+            # A dry run writes nothing: what a real run would write is said as such.
+            "rows_written": {} if dry else self.written,
+            "rows_a_real_run_would_write": self.written if dry else {},
+            "set_aside_in_dead_letter_topic": not dry,
             "rejected_lines": {
                 "per_table": self.rejected,
                 "lines": [{"file": f, "line": n, "reason": r} for f, n, r in self.rejected_lines],
@@ -125,25 +146,29 @@ class ImportReport:
 async def import_chat(
     settings: Settings,
     source: Path,
-    options: ImportOptions,
+    options: RunOptions,
     *,
+    dry_run: bool = False,
+    allow_empty: bool = False,
     progress: ProgressCallback | None = None,
+    phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
-    """Import one export; raises KhalaError subclasses with their exit codes."""
+    """Import one export; raises KhalaError subclasses with their exit codes. An unreachable
+    database or broker is waited for up to `settings.retry_deadline_s`; `allow_empty`: a
+    --replace of an export without a single document (it empties the chat tables).
+
+    `progress` hears the publisher's tables as they are read; `phases` is shown the stages'
+    phases as they run (store, derive ..., write rows); `started` is called once the export,
+    the database and the broker have been checked and the work begins."""
     # An invalid source fails here, before any write.
-    with open_export(
-        source,
-        max_entry_bytes=settings.max_entry_bytes,
-        max_ratio=settings.max_ratio,
-        max_total_bytes=settings.max_total_bytes,
-    ) as export:
-        export.verify(read_tables(options.skip_blueprints))
-        if options.replace and not options.allow_empty:
-            refuse_empty(export, read_tables(options.skip_blueprints))
-        workos = await check_workos_key(settings) if options.resolve_workos_users else None
-        if options.dry_run:
-            return await _dry_run(settings, export, options, workos)
-        return await _write_run(settings, export, options, progress)
+    async with checked_export(source, settings, options, allow_empty=allow_empty) as (
+        export,
+        workos,
+    ):
+        if dry_run:
+            return await _dry_run(settings, export, options, workos, phases, started)
+        return await _write_run(settings, export, options, progress, phases, started)
 
 
 @contextlib.asynccontextmanager
@@ -158,51 +183,34 @@ async def _engine(url: str) -> AsyncIterator[AsyncEngine]:
 async def _write_run(
     settings: Settings,
     export: ExportSource,
-    options: ImportOptions,
+    options: RunOptions,
     progress: ProgressCallback | None,
+    phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
-    deadline = options.deadline_s
-    async with _engine(settings.database_url) as engine:
-        await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
-        async with broker_session(settings) as live:
-            topics = Topics(live.topic_prefix)
-            await with_retries(
-                lambda: prepare_topics(live.kafka, topics, engine),
-                what="the broker",
-                deadline_s=deadline,
-            )
-            flags = import_runs.RunFlags(
-                replace=options.replace,
-                skip_blueprints=options.skip_blueprints,
-                resolve_workos_users=options.resolve_workos_users,
-                propagate_deletes=options.propagate_deletes,
-            )
-            run_id = await with_retries(
-                lambda: import_runs.register(
-                    engine, source=str(export.path), sha256=export.sha256(), flags=flags
-                ),
-                what="the database",
-                deadline_s=deadline,
-            )
+    async with (
+        open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db,
+        broker_session(settings) as live,
+    ):
+        run_id = await open_run(live, db, export, options)
 
-            def report() -> Awaitable[ImportReport]:
-                return with_retries(
-                    lambda: _report(engine, export, options, run_id),
-                    what="the database",
-                    deadline_s=deadline,
-                )
+        def report() -> Awaitable[ImportReport]:
+            return db.run(_report, export, options, run_id)
 
-            return await _run_stages(live, engine, export, run_id, options, progress, report)
+        if started is not None:
+            started()
+        return await _run_stages(live, db, export, run_id, options, progress, report, phases)
 
 
 async def _run_stages(
     settings: Settings,
-    engine: AsyncEngine,
+    db: Database,
     export: ExportSource,
     run_id: int,
-    options: ImportOptions,
+    options: RunOptions,
     progress: ProgressCallback | None,
     then: Callable[[], Awaitable[ImportReport]],
+    phases: PhaseDisplay | None = None,
 ) -> ImportReport:
     """Publish here while `process` and `sink` run as child processes (one core each), until
     the sink has applied the run; then `then()`, while the stages stop."""
@@ -214,46 +222,36 @@ async def _run_stages(
         "KHALA_TOPIC_PARTITIONS": str(settings.kafka.partitions),
         "KHALA_TRIM_CONSUMED": "1" if settings.kafka.trim_consumed else "0",
         "DATABASE_URL": settings.database_url,
-        "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(options.deadline_s))),
+        "KHALA_RETRY_DEADLINE_SECONDS": str(max(1, round(settings.retry_deadline_s))),
         PARENT_ENV: str(os.getpid()),  # they stop by themselves if this process dies
     }
-    stages = [await _start_stage(name, env) for name in ("process", "sink")]
+    if phases is not None:  # the stages tell their progress on stdout, shown here
+        env[PROGRESS_EVENTS_ENV] = "1"
+    stages = [
+        await _start_stage(name, env, events=phases is not None) for name in ("process", "sink")
+    ]
+    published: dict[str, int] = {}  # the documents the store will hold: its phase's total
+    relays = [
+        asyncio.ensure_future(_relay_progress(child, phases, published))
+        for _, child in stages
+        if phases is not None
+    ]
     terminated = False
     probe = make_consumer(settings.kafka, group_id=None)
 
-    async def publish(applied: dict[str, int] | None = None) -> None:
-        # A producer of its own each time: after the broker lost records, an idempotent
-        # producer's sequence numbers run ahead of the broker's and every send is refused.
-        producer = make_producer(settings.kafka)
-        await producer.start()
-        try:
-            publisher = Publisher(
-                producer=producer,
-                engine=engine,
-                topics=topics,
-                incremental=True,
-                skip_blueprints=options.skip_blueprints,
-                progress=progress if applied is None else None,
-                deadline_s=options.deadline_s,
-                backpressure=Backpressure(
-                    engine,
-                    topics.processor_group,
-                    limit=_PROCESSOR_BEHIND,
-                    deadline_s=options.deadline_s,
-                ),
-            )
-            await publisher.publish(export, run_id, applied=applied)
-        except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
-            raise RuntimeFailure(
-                "the broker lost messages it had acknowledged while the export was being"
-                f" published (was it restarted?): {exc}; rerun to publish them again"
-            ) from exc
-        finally:
-            await producer.stop()
+    async def publish(applied: dict[str, int] | None = None) -> int:
+        """Publish (again); the number of documents sent."""
+        shown = progress if applied is None else None
+        report = await publish_run(
+            settings, db, export, run_id, options, progress=shown, applied=applied
+        )
+        return sum(report.published.values())
 
     try:
         await probe.start()
-        await publish()
+        sent = published["documents"] = await publish()
+        if phases is not None:
+            phases.update(PhaseEvent(STORE_PHASE, total=sent))
         next_loss_check = time.monotonic() + _LOSS_CHECK_S
         while True:
             for name, child in stages:
@@ -262,22 +260,21 @@ async def _run_stages(
                         f"the {name} stage exited with code {child.returncode} before the"
                         " import finished (its error is above); rerun to resume"
                     )
-            if await with_retries(
-                lambda: _applied(engine, run_id, topics),
-                what="the database",
-                deadline_s=options.deadline_s,
-            ):
+            if await db.run(_applied, run_id, topics):
                 for _, child in stages:
                     child.terminate()  # they stop (waited for below) while `then` runs
                 terminated = True
-                return await then()
+                report = await then()
+                if phases is not None:
+                    # All stored and applied by now; the stages' last events may be in flight.
+                    rows = sum(report.written.values())
+                    phases.update(PhaseEvent(STORE_PHASE, done=sent, total=sent, finished=True))
+                    phases.update(PhaseEvent(WRITE_PHASE, done=rows, total=rows, finished=True))
+                    phases.finish_all()
+                return report
             if time.monotonic() >= next_loss_check:
                 next_loss_check = time.monotonic() + _LOSS_CHECK_S
-                applied = await with_retries(
-                    lambda: _documents_lost(engine, probe, topics, run_id),
-                    what="the database",
-                    deadline_s=options.deadline_s,
-                )
+                applied = await db.run(_documents_lost, probe, topics, run_id)
                 if applied is not None:
                     logger.warning(
                         "run %d: the broker lost documents it had acknowledged (the store holds"
@@ -290,10 +287,10 @@ async def _run_stages(
     finally:
         await probe.stop()
         await asyncio.gather(*(_stop_stage(child, terminated) for _, child in stages))
+        await asyncio.gather(*relays, return_exceptions=True)
 
 
 _LOSS_CHECK_S = 5.0
-_PROCESSOR_BEHIND = 15_000  # documents the processor may be behind the publisher, per table
 
 
 async def _documents_lost(
@@ -306,9 +303,9 @@ async def _documents_lost(
     that table's documents than were announced: they will never arrive. None otherwise.
     """
     run = await import_runs.load(engine, run_id)
-    if run is None or run.status != "published":
+    if run is None or run.status != "published" or run.manifest is None:
         return None
-    announced: dict[str, int] = run.published.get("published", {})
+    announced = run.manifest.published
     async with engine.connect() as conn:
         applied = await store.applied_counts(conn, run_id)
     short = [t for t, n in announced.items() if applied.get(t, 0) < n]
@@ -329,9 +326,13 @@ async def _applied(engine: AsyncEngine, run_id: int, topics: Topics) -> bool:
     )
 
 
-async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.subprocess.Process]:
+async def _start_stage(
+    name: str, env: dict[str, str], *, events: bool = False
+) -> tuple[str, asyncio.subprocess.Process]:
+    """`events`: its stdout is a pipe of progress events (`_relay_progress` reads it)."""
+    out = asyncio.subprocess.PIPE if events else asyncio.subprocess.DEVNULL
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "khala_app", name, env=env, stdout=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "khala_app", name, env=env, stdout=out
     )
     return name, child
 
@@ -339,6 +340,23 @@ async def _start_stage(name: str, env: dict[str, str]) -> tuple[str, asyncio.sub
 _STAGE_STOP_S = 5.0
 """How long a stage child may take to stop on SIGTERM (it cancels its work after
 khala_app.lifecycle.STOP_GRACE_S) before SIGKILL: the whole import stops within 10 s."""
+
+
+async def _relay_progress(
+    child: asyncio.subprocess.Process, phases: PhaseDisplay | None, published: dict[str, int]
+) -> None:
+    """Show a stage's progress events until its stdout closes (read to the end, so that the
+    stage never blocks on a full pipe). The store is done once it holds what was published."""
+    if child.stdout is None or phases is None:
+        return
+    async for raw in child.stdout:
+        event = PhaseEvent.parse(raw.decode(errors="replace"))
+        if event is None:
+            continue
+        total = published.get("documents")
+        if event.phase == STORE_PHASE and total is not None and (event.done or 0) >= total:
+            event = PhaseEvent(STORE_PHASE, event.done, total, finished=True)
+        phases.update(event)
 
 
 async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = False) -> None:
@@ -358,19 +376,23 @@ async def _stop_stage(child: asyncio.subprocess.Process, terminated: bool = Fals
 
 
 async def _report(
-    engine: AsyncEngine, export: ExportSource, options: ImportOptions, run_id: int
+    engine: AsyncEngine, export: ExportSource, options: RunOptions, run_id: int
 ) -> ImportReport:
     run = await import_runs.load(engine, run_id)
-    assert run is not None
+    assert run is not None and run.manifest is not None and run.summary is not None
     report = ImportReport(
-        source=str(export.path), options=options, sha256=run.export_sha256, run_id=run_id
+        source=str(export.path),
+        options=options,
+        dry_run=False,
+        sha256=run.export_sha256,
+        run_id=run_id,
     )
-    _fill_from_published(report, run.published)
+    _fill_from_published(report, run.manifest)
     for key in COUNTER_KEYS:
         if not key.startswith("source_"):
-            report.counters[key] = int(run.counters.get(key, 0))
-    report.documents = run.counters.get("documents", {})
-    report.written = run.counters.get("written", {})
+            report.counters[key] = run.summary.counters.get(key, 0)
+    report.documents = run.summary.documents
+    report.written = run.summary.written
     async with engine.connect() as conn:
         rows = await conn.execute(
             sa.select(REFUSALS.c.dest_table, REFUSALS.c.row_key, REFUSALS.c.reason)
@@ -378,20 +400,29 @@ async def _report(
             .order_by(REFUSALS.c.id)
         )
         report.refused = [(t, k, r) for t, k, r in rows.all()]
+    report.written = _not_refused(report.written, report.refused)
     return report
 
 
-def _fill_from_published(report: ImportReport, published: dict[str, Any]) -> None:
-    source: dict[str, int] = published.get("source", {})
+def _not_refused(written: dict[str, int], refused: list[tuple[str, str, str]]) -> dict[str, int]:
+    """The rows written per table, without those the database refused: they have a line of
+    their own, and were not written."""
+    left = dict(written)
+    for table, _, _ in refused:
+        left[table] = left.get(table, 0) - 1
+    return {table: n for table, n in left.items() if n > 0}
+
+
+def _fill_from_published(report: ImportReport, manifest: PublishManifest) -> None:
     for table in SOURCE_TABLES:
-        report.counters[f"source_{table}"] = int(source.get(table, 0))
-    report.rejected = published.get("rejected", {})
-    report.missing_key = published.get("missing_key", {})
-    report.rejected_lines = [(f, int(n), r) for f, n, r in published.get("rejected_lines", [])]
-    report.ignored_tables = published.get("ignored_tables", [])
+        report.counters[f"source_{table}"] = manifest.source.get(table, 0)
+    report.rejected = manifest.rejected
+    report.missing_key = manifest.missing_key
+    report.rejected_lines = manifest.rejected_lines
+    report.ignored_tables = manifest.ignored_tables
     if report.options.propagate_deletes:
         tables = read_tables(report.options.skip_blueprints)
-        report.deletes_withheld = withheld_deletes(published, tables)
+        report.deletes_withheld = withheld_deletes(manifest, tables)
 
 
 # -- dry run ---------------------------------------------------------------------------------
@@ -416,13 +447,20 @@ class _Discard:
 
 
 async def _dry_run(
-    settings: Settings, export: ExportSource, options: ImportOptions, workos: WorkosClient | None
+    settings: Settings,
+    export: ExportSource,
+    options: RunOptions,
+    workos: WorkosClient | None,
+    phases: PhaseDisplay | None = None,
+    started: Callable[[], None] | None = None,
 ) -> ImportReport:
-    report = ImportReport(source=str(export.path), options=options, sha256=export.sha256())
+    report = ImportReport(
+        source=str(export.path), options=options, dry_run=True, sha256=export.sha256()
+    )
     async with _engine(settings.database_url) as real:
-        tables = await with_retries(
-            lambda: _table_names(real), what="the database", deadline_s=options.deadline_s
-        )
+        tables = await Database(real, settings.retry_deadline_s).run(_table_names)
+        if started is not None:
+            started()
         has_laravel = all(t in tables for t in LARAVEL.tables)
         ledger = real if all(t in tables for t in IMPORTER.tables) else None
         with tempfile.TemporaryDirectory(prefix="khala-dry-run-") as scratch_dir:
@@ -431,7 +469,7 @@ async def _dry_run(
                 await init_db(scratch, laravel=not has_laravel)
                 view = real if has_laravel else scratch
                 run_id = 0  # no real run has id 0: everything in the ledger is settled
-                published = await _load_scratch(export, scratch, run_id, options)
+                published = await _load_scratch(export, scratch, run_id, options, phases)
                 _fill_from_published(report, published)
                 report.documents = await _document_stats(
                     scratch, ledger, run_id, read_tables(options.skip_blueprints)
@@ -447,13 +485,11 @@ async def _dry_run(
                         lookup = _dry_run_workos(client, ledger)
                     with_ledger = ledger is not None and view is real
                     derivation = Derivation(
-                        options=RunOptions(
+                        context=RunContext(
                             run_id=run_id,
                             snapshot_ms=export.snapshot_ms or 0,
                             allowed_hosts=parse_allowed_hosts(settings.l402_allowlist_hosts),
-                            replace=options.replace,
-                            skip_blueprints=options.skip_blueprints,
-                            propagate_deletes=options.propagate_deletes,
+                            options=options,
                             withheld_deletes=report.deletes_withheld,
                         ),
                         documents=scratch,
@@ -461,6 +497,7 @@ async def _dry_run(
                         user_ids=MemoryUserIds(view, ledger=with_ledger),
                         workos=lookup,
                         out=_Discard(),
+                        progress=_derive_phases(phases),
                     )
                     result = await derivation.run()
     for name in COUNTER_KEYS:
@@ -499,21 +536,37 @@ def _dry_run_workos(client: WorkosClient, ledger: AsyncEngine | None) -> WorkosL
     return lookup
 
 
+def _derive_phases(phases: PhaseDisplay | None) -> PhaseProgress | None:
+    if phases is None:
+        return None
+
+    def update(phase: str, done: int, total: int | None, finished: bool) -> None:
+        phases.update(PhaseEvent(f"derive {phase}", done, total, finished))
+
+    return update
+
+
 async def _load_scratch(
-    export: ExportSource, scratch: AsyncEngine, run_id: int, options: ImportOptions
-) -> dict[str, Any]:
+    export: ExportSource,
+    scratch: AsyncEngine,
+    run_id: int,
+    options: RunOptions,
+    phases: PhaseDisplay | None = None,
+) -> PublishManifest:
     """Read the export into the scratch store; count what a real publish would report."""
     source: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     missing: Counter[str] = Counter()
-    lines: list[list[Any]] = []
+    lines: list[tuple[str, int, str]] = []
     for table in read_tables(options.skip_blueprints):
         batch: list[store.IncomingDocument] = []
+        if phases is not None:
+            phases.update(PhaseEvent(f"read {table}", 0))
         for item in export.iter_table(table):
             if isinstance(item, RejectedLine):
                 rejected[table] += 1
                 if len(lines) < 1000:
-                    lines.append([item.entry, item.line, item.reason])
+                    lines.append((item.entry, item.line, item.reason))
                 continue
             source[table] += 1
             digest = document_hash(item.doc)
@@ -538,16 +591,23 @@ async def _load_scratch(
                 async with scratch.begin() as conn:
                     await store.apply_documents(conn, batch)
                 batch = []
+                if phases is not None:
+                    phases.update(PhaseEvent(f"read {table}", source[table]))
         async with scratch.begin() as conn:
             await store.apply_documents(conn, batch)
-    return {
-        "source": dict(source),
-        "rejected": dict(rejected),
-        "missing_key": dict(missing),
-        "rejected_lines": lines,
-        "ignored_tables": sorted(t for t in export.tables if t not in SOURCE_TABLES),
-        "tables": sorted(t for t in export.tables if t in SOURCE_TABLES),
-    }
+        if phases is not None:
+            n = source[table]
+            phases.update(PhaseEvent(f"read {table}", n, n, finished=True))
+    return PublishManifest(
+        run_id=run_id,
+        export_sha256=export.sha256(),
+        source=dict(source),
+        rejected=dict(rejected),
+        missing_key=dict(missing),
+        rejected_lines=lines,
+        tables=sorted(t for t in export.tables if t in SOURCE_TABLES),
+        ignored_tables=sorted(t for t in export.tables if t not in SOURCE_TABLES),
+    )
 
 
 async def _document_stats(

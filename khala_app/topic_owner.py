@@ -18,11 +18,13 @@ from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.broker.clients import ensure_topics, make_consumer, make_producer
-from khala_stream.config import KafkaSettings
+from khala_stream.config import KafkaSettings, Settings
 from khala_stream.contract import Topics
 from khala_stream.db.importer_tables import IDENTITY
+from khala_stream.db.port import Database
 from khala_stream.db.queries import insert_for
 from khala_stream.errors import UsageError
+from khala_stream.runtime import with_retries
 
 
 class TopicsOfAnotherDatabase(UsageError):
@@ -55,6 +57,16 @@ async def prepare_topics(kafka: KafkaSettings, topics: Topics, engine: AsyncEngi
         owner = await _owner(kafka, topics.owner)  # the first claim wins a race
     if owner != mine:
         raise TopicsOfAnotherDatabase(topics.prefix)
+
+
+async def prepare_topics_waiting(live: Settings, db: Database) -> None:
+    """`prepare_topics` for `live`'s prefix and `db`, waiting for a broker that is away for up
+    to the database port's deadline (then RuntimeFailure)."""
+    await with_retries(
+        lambda: prepare_topics(live.kafka, Topics(live.topic_prefix), db.engine),
+        what="the broker",
+        deadline_s=db.deadline_s,
+    )
 
 
 async def database_id(engine: AsyncEngine) -> str:

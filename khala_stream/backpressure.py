@@ -21,8 +21,8 @@ from collections.abc import Mapping
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_stream.db.port import Database
 from khala_stream.import_runs import stored_positions
-from khala_stream.runtime import with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,11 @@ class Backpressure:
         poll_s: float = 0.01,
         deadline_s: float = 300.0,
     ) -> None:
-        self._engine = engine
+        self._db = Database(engine, deadline_s)
         self._group = group
         self._limit = limit
         self._patience_s = patience_s
         self._poll_s = poll_s
-        self._deadline_s = deadline_s
         self.gave_up = False
 
     async def wait(self, topic: str, acknowledged: Mapping[int, int]) -> None:
@@ -52,11 +51,7 @@ class Backpressure:
         last: dict[int, int] | None = None
         since = time.monotonic()
         while not self.gave_up:
-            positions = await with_retries(
-                lambda: stored_positions(self._engine, self._group, topic),
-                what="the database",
-                deadline_s=self._deadline_s,
-            )
+            positions = await self._db.run(stored_positions, self._group, topic)
             behind = sum(max(0, end - positions.get(p, 0)) for p, end in acknowledged.items())
             if behind <= self._limit:
                 return

@@ -6,6 +6,7 @@
     ├── InvalidExportError          exit 2: missing path, not a ZIP/folder, corrupt, no chat tables
     └── RuntimeFailure              exit 1: broker or database unreachable after retries
         ├── TransientError          worth retrying with backoff (connection lost, 429/5xx ...)
+        ├── UnknownRecordVersion    a stored record written by a newer khala-stream
         └── WorkosAuthError         a 401 from WorkOS in mid-run: stop, resumable
 
 Every class builds its message from the attributes it stores, and declares its CLI exit code.
@@ -64,3 +65,16 @@ class WorkosAuthError(RuntimeFailure):
     def __init__(self, status: int) -> None:
         self.status = status
         super().__init__(f"WorkOS refused the API key (HTTP {status}); fix it and rerun")
+
+
+class UnknownRecordVersion(RuntimeFailure):
+    """A stored record has a version this khala-stream cannot read (written by a newer one)."""
+
+    def __init__(self, what: str, version: object, known: int) -> None:
+        self.what = what
+        self.version = version
+        self.known = known
+        super().__init__(
+            f"{what} has version {version!r}, and this khala-stream reads versions up to"
+            f" {known}: it was written by a newer khala-stream; use that one (or a newer one)"
+        )

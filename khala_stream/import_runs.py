@@ -16,6 +16,8 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from khala_stream.contract import codec
+from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from khala_stream.db.importer_tables import OFFSETS, RUNS
 from khala_stream.errors import RuntimeFailure
 
@@ -32,14 +34,16 @@ class Superseded(RuntimeFailure):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RunFlags:
-    """The import-chat options a run was published with; the processors honour them."""
+class RunOptions:
+    """The options of one import run: given to `import-chat` or `publish`, stored with the
+    run when it is registered, and honoured by the processors when they derive it."""
 
     replace: bool = False
     skip_blueprints: bool = False
     resolve_workos_users: bool = False
     propagate_deletes: bool = False
     incremental: bool = True
+    """Send only new and changed documents (`import-chat` always does)."""
 
     def to_json(self) -> dict[str, bool]:
         return {
@@ -51,7 +55,7 @@ class RunFlags:
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> RunFlags:
+    def from_json(cls, raw: dict[str, Any]) -> RunOptions:
         return cls(**{k: bool(v) for k, v in raw.items() if k in cls.__dataclass_fields__})
 
 
@@ -60,10 +64,12 @@ class ImportRun:
     id: int
     export_sha256: str
     source: str
-    flags: RunFlags
+    options: RunOptions
     status: str
-    published: dict[str, Any] = field(default_factory=dict)
-    counters: dict[str, Any] = field(default_factory=dict)
+    manifest: PublishManifest | None = None
+    """What was published; None while the run is publishing."""
+    summary: DerivationSummary | None = None
+    """What the derivation did; None until the run is derived."""
     changes_end: dict[int, int] = field(default_factory=dict)
     snapshot_ms: int | None = None
 
@@ -76,15 +82,21 @@ def _json(value: str | None) -> Any:
     return orjson.loads(value) if value else {}
 
 
-def _from_row(row: sa.Row[Any]) -> ImportRun:
+def from_row(row: sa.Row[Any]) -> ImportRun:
+    """An ImportRun from a row of `khala_import_runs`."""
+    run_id = int(row.id)
     return ImportRun(
-        id=int(row.id),
+        id=run_id,
         export_sha256=row.export_sha256,
         source=row.source,
-        flags=RunFlags.from_json(_json(row.options)),
+        options=RunOptions.from_json(_json(row.options)),
         status=row.status,
-        published=_json(row.expected),
-        counters=_json(row.counters),
+        manifest=(
+            codec.decode_manifest(row.expected, run_id=run_id, export_sha256=row.export_sha256)
+            if row.expected
+            else None
+        ),
+        summary=codec.decode_summary(row.counters, run_id=run_id) if row.counters else None,
         changes_end={int(p): int(o) for p, o in _json(row.changes_end).items()},
         snapshot_ms=row.snapshot_ms,
     )
@@ -93,7 +105,7 @@ def _from_row(row: sa.Row[Any]) -> ImportRun:
 _PENDING: Final = ("publishing", "published")  # runs not derived yet
 
 
-async def register(engine: AsyncEngine, *, source: str, sha256: str, flags: RunFlags) -> int:
+async def register(engine: AsyncEngine, *, source: str, sha256: str, options: RunOptions) -> int:
     """A new run, publishing; earlier runs not derived yet are superseded (module docstring)."""
     async with engine.begin() as conn:
         result = await conn.execute(
@@ -101,7 +113,7 @@ async def register(engine: AsyncEngine, *, source: str, sha256: str, flags: RunF
             .values(
                 export_sha256=sha256,
                 source=source,
-                options=orjson.dumps(flags.to_json()).decode(),
+                options=orjson.dumps(options.to_json()).decode(),
                 status="publishing",
                 created_at=_now(),
             )
@@ -117,7 +129,7 @@ async def register(engine: AsyncEngine, *, source: str, sha256: str, flags: RunF
 
 
 async def mark_published(
-    engine: AsyncEngine, run_id: int, *, published: dict[str, Any], snapshot_ms: int
+    engine: AsyncEngine, run_id: int, *, manifest: PublishManifest, snapshot_ms: int
 ) -> None:
     async with engine.begin() as conn:
         result = await conn.execute(
@@ -125,7 +137,7 @@ async def mark_published(
             .where(RUNS.c.id == run_id, RUNS.c.status.in_(_PENDING))
             .values(
                 status="published",
-                expected=orjson.dumps(published).decode(),
+                expected=codec.encode_manifest(manifest).decode(),
                 snapshot_ms=snapshot_ms,
                 published_at=_now(),
             )
@@ -137,7 +149,7 @@ async def mark_published(
 async def load(engine: AsyncEngine, run_id: int) -> ImportRun | None:
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(RUNS).where(RUNS.c.id == run_id))).first()
-    return _from_row(row) if row is not None else None
+    return from_row(row) if row is not None else None
 
 
 async def published_runs(conn: AsyncConnection) -> list[ImportRun]:
@@ -145,7 +157,7 @@ async def published_runs(conn: AsyncConnection) -> list[ImportRun]:
     rows = (
         await conn.execute(sa.select(RUNS).where(RUNS.c.status == "published").order_by(RUNS.c.id))
     ).all()
-    return [_from_row(r) for r in rows]
+    return [from_row(r) for r in rows]
 
 
 async def claim(engine: AsyncEngine, run_id: int, worker: str, lease_s: float) -> bool:
@@ -168,12 +180,59 @@ async def claim(engine: AsyncEngine, run_id: int, worker: str, lease_s: float) -
         return bool(result.rowcount)
 
 
+async def release(engine: AsyncEngine, run_id: int, worker: str) -> bool:
+    """Give a claim back before its lease runs out (the worker stops without deriving)."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.claim == worker, RUNS.c.status == "published")
+            .values(claim=None, claimed_at=None)
+        )
+        return bool(result.rowcount)
+
+
+_TRUNCATED: Final = "replace_truncated"
+"""Kept beside the options in their JSON column (`RunOptions.from_json` ignores it): the
+coordination records' codec stays as it is, and no column is added to an existing table."""
+
+
+async def note_truncated(engine: AsyncEngine, run_id: int, worker: str) -> bool:
+    """Record that the `--replace` truncations of a run never derived have been sent
+    (acknowledged by the broker)."""
+    async with engine.begin() as conn:
+        raw = await conn.scalar(
+            sa.select(RUNS.c.options).where(
+                RUNS.c.id == run_id, RUNS.c.claim == worker, RUNS.c.status == "published"
+            )
+        )
+        if raw is None:
+            return False
+        noted = {**_json(raw), _TRUNCATED: True}
+        result = await conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.claim == worker, RUNS.c.status == "published")
+            .values(options=orjson.dumps(noted).decode())
+        )
+        return bool(result.rowcount)
+
+
+async def truncated(engine: AsyncEngine, run: ImportRun) -> bool:
+    """True when an earlier attempt at deriving `run`, never derived before, sent its
+    truncations (`note_truncated`). A run derived again after the broker lost its changes
+    (`derive_again`, which keeps its summary) truncates again: those may have been lost too."""
+    if run.status != "published" or run.summary is not None:
+        return False
+    async with engine.connect() as conn:
+        raw = await conn.scalar(sa.select(RUNS.c.options).where(RUNS.c.id == run.id))
+    return bool(_json(raw).get(_TRUNCATED))
+
+
 async def mark_derived(
     engine: AsyncEngine,
     run_id: int,
     worker: str,
     *,
-    counters: dict[str, Any],
+    summary: DerivationSummary,
     changes_end: dict[int, int],
 ) -> bool:
     """Record the derivation of a run by the worker that holds its claim; False (nothing
@@ -184,7 +243,7 @@ async def mark_derived(
             .where(RUNS.c.id == run_id, RUNS.c.status == "published", RUNS.c.claim == worker)
             .values(
                 status="derived",
-                counters=orjson.dumps(counters).decode(),
+                counters=codec.encode_summary(summary).decode(),
                 changes_end=orjson.dumps({str(p): o for p, o in changes_end.items()}).decode(),
                 derived_at=_now(),
             )
@@ -223,13 +282,13 @@ async def latest_derived_before(conn: AsyncConnection, run_id: int) -> ImportRun
         .limit(1)
     )
     row = (await conn.execute(stmt)).first()
-    return _from_row(row) if row is not None else None
+    return from_row(row) if row is not None else None
 
 
 async def latest(engine: AsyncEngine) -> ImportRun | None:
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(RUNS).order_by(RUNS.c.id.desc()).limit(1))).first()
-    return _from_row(row) if row is not None else None
+    return from_row(row) if row is not None else None
 
 
 async def heartbeat(engine: AsyncEngine, run_id: int, worker: str) -> bool:

@@ -1,36 +1,54 @@
-"""What the long-running stages share: consumers positioned from the database, and retries.
+"""The stage runtime: one runner owns a stage's clients and its loop, and the retries.
 
-The database holds the truth about consumer positions (they move in the same transaction as
-the data); Kafka's committed offsets are written afterwards only so that lag can be watched.
+    poll -> decode -> apply (+ advance positions, one transaction) -> commit for lag -> trim
+
+`StageRunner` runs that loop for a `Stage` (the processor and the sink plug in what they do
+with a batch, and the work they do between batches). The database holds the truth about
+consumer positions (they move in the same transaction as the data); Kafka's committed offsets
+are written afterwards only so that lag can be watched.
+
+Partitions are assigned by hand (every partition of the stage's topics), not by the consumer
+group protocol: the positions live in the database and advance conditionally, so two workers
+that read the same partition apply each batch once between them (the loser rolls back and
+seeks to the stored position), and a worker that died holds nothing a restarted one needs. A
+group member killed without leaving cannot block a restart, whatever the broker's session
+timeout (noida-db, the embedded broker, never expires one). The price: extra workers of a
+stage add availability, not throughput.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.db.errors import describe, is_transient
+from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
+from khala_stream.broker.errors import is_transient as broker_transient
+from khala_stream.config import KafkaSettings
+from khala_stream.db.errors import describe
+from khala_stream.db.errors import is_transient as db_transient
 from khala_stream.db.offsets import load_offsets, rewind
 from khala_stream.errors import RuntimeFailure, TransientError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 def retryable(exc: BaseException) -> bool:
-    """Broker and connection trouble passes; anything else is a bug or bad data."""
-    return isinstance(exc, TransientError | KafkaError | ConnectionError | OSError) or is_transient(
-        exc
-    )
+    """Broker and database trouble passes (`broker.errors`, `db.errors`); anything else is a
+    bug or bad data."""
+    return isinstance(exc, TransientError) or broker_transient(exc) or db_transient(exc)
 
 
 async def with_retries(
@@ -110,58 +128,6 @@ async def seek_to_stored(
             consumer.seek(tp, position)
 
 
-class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Re-positions from the database on every assignment (after a rebalance or a restart).
-
-    aiokafka hands out an assignment before calling this listener, and its fetcher starts at
-    the broker's idea of the position, so the new partitions are paused until they stand at
-    the stored position (`seek` drops what was fetched from elsewhere). aiokafka also logs and
-    swallows a listener's exception: a database that is down during a rebalance is waited out
-    here, and a failure past the deadline is kept for the stage's loop (`Poller.poll` raises
-    it) instead of being lost in the broker client's log.
-    """
-
-    def __init__(
-        self, consumer: AIOKafkaConsumer, engine: AsyncEngine, group: str, *, deadline_s: float
-    ) -> None:
-        self._consumer = consumer
-        self._engine = engine
-        self._group = group
-        self._deadline_s = deadline_s
-        self._failure: BaseException | None = None
-        self.positioning: set[TopicPartition] = set()
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        return None
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.positioning = set(assigned)
-        self._consumer.pause(*assigned)  # before the first await: nothing is read too early
-        try:
-            await self._seek(assigned)
-        except Exception as exc:  # raised in the stage's loop by check()
-            self._failure = exc
-            return  # stay paused: nothing may be read from an unknown position
-        self.positioning = set()
-        self._consumer.resume(*(assigned & self._consumer.assignment()))
-
-    async def reposition(self) -> None:
-        """Seek every assigned partition back to the stored position (another worker won)."""
-        await self._seek(self._consumer.assignment())
-
-    async def _seek(self, partitions: set[TopicPartition]) -> None:
-        await with_retries(
-            lambda: seek_to_stored(self._consumer, self._engine, self._group, partitions),
-            what="the database",
-            deadline_s=self._deadline_s,
-        )
-
-    def check(self) -> None:
-        """Raise what went wrong while positioning the last assignment, if anything did."""
-        if self._failure is not None:
-            raise self._failure
-
-
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 _FIRST_WAIT_MS = 20
 _IDLE_S = (0.02, 0.2)  # pause between polls of an idle consumer: first, longest
@@ -176,34 +142,27 @@ class Poller:
     embedded default) then spins with the consumer: 30-40% of a core each, for nothing. So a
     partition read to its end is paused until the next poll (no fetch is sent for a paused
     partition), and an idle consumer sleeps between polls, up to 0.2 s, or until `stop` is
-    set. Partitions that `stored` is still positioning stay paused, and its failure is raised
-    here.
+    set.
     """
 
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
         max_records: int,
-        stored: StoredOffsets | None = None,
         stop: asyncio.Event | None = None,
     ) -> None:
         self._consumer = consumer
         self._max_records = max_records
-        self._stored = stored
         self._stop = stop or asyncio.Event()
         self._idle_s = _IDLE_S[0]
 
     async def poll(self) -> Batch:
         consumer = self._consumer
-        held = self._stored.positioning if self._stored else set()
-        consumer.resume(*(consumer.paused() - held))
+        consumer.resume(*consumer.paused())
         batch: Batch = await consumer.getmany(
             timeout_ms=_FIRST_WAIT_MS, max_records=self._max_records
         )
-        if self._stored:
-            self._stored.check()
-            held = self._stored.positioning
-        drained = [tp for tp in consumer.assignment() - held if await self._drained(tp)]
+        drained = [tp for tp in consumer.assignment() if await self._drained(tp)]
         consumer.pause(*(set(drained) & consumer.assignment()))  # a rebalance may have run
         if batch:
             self._idle_s = _IDLE_S[0]
@@ -249,3 +208,218 @@ async def end_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[int, int]:
     tps = [TopicPartition(topic, p) for p in partitions]
     ends = await consumer.end_offsets(tps) if tps else {}
     return {tp.partition: offset for tp, offset in ends.items()}
+
+
+class Retries:
+    """The one port through which a stage waits out its dependencies (`with_retries`)."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+
+    async def database(self, action: Callable[[], Awaitable[T]]) -> T:
+        return await with_retries(action, what="the database", deadline_s=self.deadline_s)
+
+    async def broker(self, action: Callable[[], Awaitable[T]]) -> T:
+        return await with_retries(action, what="the broker", deadline_s=self.deadline_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """What is left of a stage's work that only another stage can do."""
+
+    stage: str
+    """The stage that must run next: `publish`, `process` or `sink`."""
+    reason: str
+
+    def line(self) -> str:
+        if self.stage == "publish":
+            return f"{self.reason}: publish the export (again) first"
+        return f"{self.reason}: run `khala-stream {self.stage} --until-idle` next"
+
+
+class NeedsStage(Exception):
+    """Raised by a stage's work in `--until-idle` mode instead of waiting on another stage."""
+
+    def __init__(self, waiting: Waiting) -> None:
+        self.waiting = waiting
+        super().__init__(waiting.line())
+
+
+class Stopping(Exception):
+    """Raised by a stage's long work (a derivation, a wait) when the runner was asked to stop:
+    the work is abandoned (it is resumable) and the runner stops cleanly."""
+
+
+class State(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"  # connecting, positioning from the database
+    RUNNING = "running"
+    STOPPING = "stopping"  # closing the clients
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class StageClients:
+    """A stage's broker clients: a consumer of its topics (partitions assigned by hand), a
+    producer, and a group-less consumer for end offsets. Made and closed by the runner."""
+
+    def __init__(self, kafka: KafkaSettings, group: str) -> None:
+        self._kafka = kafka
+        self.consumer = make_consumer(kafka, group_id=group)
+        self.producer = make_producer(kafka)
+        self.probe = make_consumer(kafka, group_id=None)
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        await self.producer.start()
+        await self.probe.start()
+
+    async def renew_producer(self) -> None:
+        """A new producer id (after the broker lost records an idempotent producer had
+        acknowledged, its sequence numbers run ahead of the broker's and every send fails)."""
+        with contextlib.suppress(KafkaError):
+            await self.producer.stop()
+        self.producer = make_producer(self._kafka)
+        await self.producer.start()
+
+    async def close(self) -> None:
+        """Close every client, each even when another fails or the task is being cancelled."""
+        for client in (self.probe, self.producer, self.consumer):
+            try:
+                await asyncio.shield(asyncio.wait_for(client.stop(), _CLOSE_S))
+            except (Exception, asyncio.CancelledError) as exc:
+                logger.info("closing %s: %r", type(client).__name__, exc)
+
+
+_CLOSE_S = 10.0
+
+
+class Stage(Protocol[D]):
+    """What a stage plugs into `StageRunner`.
+
+    `attach` hands the stage the clients the runner made (again after a reconnection).
+    `decode` turns a polled batch into the stage's own values: the place where a record that
+    cannot be read is dealt with. `apply` writes them and advances the group's positions in
+    one database transaction, and returns the new positions, or None when another worker had
+    applied that batch first (nothing written); `applied` follows a batch that was. `between`
+    is the stage's other work, run after every poll: True while it did something, or has
+    something of its own left to do. `waiting` says, once the stage is idle, what of the
+    remaining work needs another stage.
+    """
+
+    @property
+    def group(self) -> str: ...
+
+    @property
+    def topics(self) -> Sequence[str]: ...
+
+    @property
+    def batch_records(self) -> int: ...
+
+    def attach(self, clients: StageClients) -> None: ...
+
+    def decode(self, batch: Batch) -> D: ...
+
+    async def apply(self, decoded: D, batch: Batch) -> dict[TopicPartition, int] | None: ...
+
+    async def applied(self, decoded: D, batch: Batch, seconds: float) -> None: ...
+
+    async def between(self, *, until_idle: bool) -> bool: ...
+
+    async def waiting(self) -> Waiting | None: ...
+
+
+class StageRunner(Generic[D]):
+    """Owns a stage's clients and runs its loop until `stop` is set, or, `until_idle`, until
+    nothing is left that this stage can do. `state` says where it is."""
+
+    def __init__(
+        self,
+        stage: Stage[D],
+        kafka: KafkaSettings,
+        engine: AsyncEngine,
+        retries: Retries,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self._stage = stage
+        self._kafka = kafka
+        self._engine = engine
+        self._retries = retries
+        self._stop = stop or asyncio.Event()
+        self.state = State.NEW
+        self.clients: StageClients | None = None
+
+    async def run(self, *, until_idle: bool = False) -> Waiting | None:
+        """Run the loop; with `until_idle`, returns what is left for the other stage, if any
+        (None: nothing), instead of waiting for it."""
+        stage, retries = self._stage, self._retries
+        trimmer = Trimmer(self._kafka)
+        waiting: Waiting | None = None
+        self.state = State.STARTING
+        try:
+            clients = await retries.broker(self._connect)
+            poller = Poller(clients.consumer, stage.batch_records, self._stop)
+            self.state = State.RUNNING
+            while not self._stop.is_set():
+                batch = await poller.poll()
+                if batch:
+                    await self._handle(batch, clients, trimmer)
+                busy = await retries.database(lambda: stage.between(until_idle=until_idle))
+                idle = until_idle and not batch and not busy
+                if idle and await retries.broker(lambda: caught_up(clients.consumer)):
+                    waiting = await retries.database(stage.waiting)
+                    break
+        except NeedsStage as needs:
+            waiting = needs.waiting
+        except Stopping:
+            pass
+        except Exception:
+            self.state = State.FAILED
+            raise
+        finally:
+            if self.state is not State.FAILED:
+                self.state = State.STOPPING
+            if self.clients is not None:
+                await self.clients.close()
+            if self.state is not State.FAILED:
+                self.state = State.STOPPED
+        await trimmer.consumed({}, now=True)  # stopped cleanly: what is applied, at once
+        return waiting
+
+    async def _connect(self) -> StageClients:
+        """Fresh clients, started and positioned (a client whose start failed cannot start
+        again: each attempt makes new ones and closes those of the failed attempt)."""
+        if self.clients is not None:
+            await self.clients.close()
+        self.clients = StageClients(self._kafka, self._stage.group)
+        await self.clients.start()
+        consumer = self.clients.consumer
+        await consumer.topics()  # metadata of every topic, for the partitions
+        partitions = []
+        for topic in self._stage.topics:
+            found = consumer.partitions_for_topic(topic)
+            if not found:
+                raise TransientError(f"topic {topic} is not on the broker yet")
+            partitions += [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(partitions)
+        await self._retries.database(
+            lambda: seek_to_stored(consumer, self._engine, self._stage.group, partitions)
+        )
+        self._stage.attach(self.clients)
+        return self.clients
+
+    async def _handle(self, batch: Batch, clients: StageClients, trimmer: Trimmer) -> None:
+        started = time.monotonic()
+        decoded = self._stage.decode(batch)
+        positions = await self._retries.database(lambda: self._stage.apply(decoded, batch))
+        if positions is None:  # another worker applied it first: continue from where it is
+            consumer = clients.consumer
+            await self._retries.database(
+                lambda: seek_to_stored(
+                    consumer, self._engine, self._stage.group, consumer.assignment()
+                )
+            )
+            return
+        await commit_for_lag(clients.consumer, positions)
+        await trimmer.consumed(positions)
+        await self._stage.applied(decoded, batch, time.monotonic() - started)

@@ -6,13 +6,14 @@ documents back in file order and applies the reference's phases (§3): identitie
 runs, messages (finding the titles on the way), threads, run events; rows of different tables
 are independent, so threads may follow the messages that title them. Only rows whose computed
 value differs from the last computed one, or that are missing from their table, are emitted
-(SPEC §3.8, §8.7).
+(SPEC §3.8, §8.7); a row the database refused is not offered again with the value it refused
+(`Derivation.refused_again`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -20,7 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.contract.changes import RowChange, RowUpsert, SourceRef
 from khala_stream.contract.codec import content_hash
+from khala_stream.contract.runs import PublishManifest
 from khala_stream.contract.tables import DestinationTable, read_tables
+from khala_stream.import_runs import RunOptions
 from processors import store
 from processors.autopilots import (
     PROFILE_COLUMNS,
@@ -93,6 +96,12 @@ _ROW_TABLES: tuple[DestinationTable, ...] = (
 )
 
 
+class PhaseProgress(Protocol):
+    """`(phase, items done, total or None, finished)`: called as a phase goes."""
+
+    def __call__(self, phase: str, done: int, total: int | None, finished: bool) -> None: ...
+
+
 class ChangeOutput(Protocol):
     """Where derived changes go: the changes topic, or nowhere in a dry run."""
 
@@ -120,19 +129,19 @@ DELETED_WITH: Final[dict[str, tuple[DestinationTable, ...]]] = {
 }
 
 
-def withheld_deletes(published: Mapping[str, Any], tables: Sequence[str]) -> dict[str, str]:
+def withheld_deletes(manifest: PublishManifest, tables: Sequence[str]) -> dict[str, str]:
     """The tables of `tables` whose vanished documents must not be deleted, with the reason.
 
-    `published` is what the publisher (or the dry run's reading) reports about the export.
+    `manifest` is what the publisher (or the dry run's reading) reports about the export.
     Only a table that is present and read whole may lose documents: a line the reader
     rejected (not UTF-8, not JSON, too long ...) or a document without its key may be any
     document of its table, and its key cannot be known, so a table with one of them deletes
     nothing; a table missing from the export deletes nothing either. Their documents stay in
     the store, so a later complete export deletes what is really gone.
     """
-    present = set(published.get("tables", tables))
-    rejected: Mapping[str, int] = published.get("rejected", {})
-    keyless: Mapping[str, int] = published.get("missing_key", {})
+    # A manifest stored before it listed the export's tables: take them all as present.
+    present = set(manifest.tables or tables)
+    rejected, keyless = manifest.rejected, manifest.missing_key
     withheld: dict[str, str] = {}
     for table in tables:
         if table not in present:
@@ -148,13 +157,14 @@ def withheld_deletes(published: Mapping[str, Any], tables: Sequence[str]) -> dic
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RunOptions:
+class RunContext:
+    """The run a derivation works on: its id, the export's snapshot time, the L402 hosts
+    allowed, and the options it was published with."""
+
     run_id: int
     snapshot_ms: int
     allowed_hosts: list[str]
-    replace: bool = False
-    skip_blueprints: bool = False
-    propagate_deletes: bool = False
+    options: RunOptions
     withheld_deletes: Mapping[str, str] = field(default_factory=dict)
     """Tables whose vanished documents are kept, with why (`withheld_deletes`)."""
 
@@ -200,23 +210,28 @@ class _Pending:
             if key in present and self._d.settled(ledger.get(key), digest):
                 continue
             upserts.append(RowUpsert(key, values, digest, source))
-        await self._d.emit_rows(self.table, upserts)
+        refused = await self._d.refused_again(
+            self.table, [(u.key, u.row_hash) for u in upserts], ledger
+        )
+        await self._d.emit_rows(self.table, [u for u in upserts if u.key not in refused])
 
 
 class Derivation:
     def __init__(
         self,
         *,
-        options: RunOptions,
+        context: RunContext,
         documents: AsyncEngine,
         view: TargetView,
         user_ids: UserIds,
         workos: WorkosLookup | None,
         out: ChangeOutput,
         statistics: Mapping[str, store.TableChanges] | None = None,
+        progress: PhaseProgress | None = None,
     ) -> None:
-        """`statistics`: the run's `store.table_changes`, when the caller has them already."""
-        self.options = options
+        """`statistics`: the run's `store.table_changes`, when the caller has them already;
+        `progress` hears each phase's items done (and total, when known) as it goes."""
+        self.context = context
         self.view = view
         self._documents = documents
         self._user_ids = user_ids
@@ -226,6 +241,10 @@ class Derivation:
         self.result = Derived()
         self._work: Workspace  # the per-export maps, open while `run` runs
         self.untouched: set[str] = set()  # row tables empty when the derivation began
+        self._progress = progress
+        self._phase: tuple[str, int | None] | None = None  # (name, total) of the current one
+        self._phase_done = 0
+        self.refused_tables: set[str] = set()  # tables with refused values (`refused_again`)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -239,7 +258,7 @@ class Derivation:
         source: SourceRef | None = None,
     ) -> RowChange:
         return RowChange(
-            run_id=self.options.run_id,
+            run_id=self.context.run_id,
             table=table,
             op=op,
             key=key,
@@ -249,6 +268,14 @@ class Derivation:
         )
 
     async def emit(self, changes: Sequence[RowChange]) -> None:
+        refused: set[tuple[str, str]] = set()
+        for table in {c.table for c in changes} & self.refused_tables:
+            upserts = [
+                (c.key, c.row_hash) for c in changes if c.table == table and c.op == "upsert"
+            ]
+            refused.update((table, key) for key in await self.refused_again(table, upserts))
+        if refused:
+            changes = [c for c in changes if c.op != "upsert" or (c.table, c.key) not in refused]
         if not changes:
             return
         for c in changes:
@@ -270,11 +297,82 @@ class Derivation:
         a crash, and must emit what it emitted the first time (same changes, same counters).
         """
         return (
-            entry is not None and entry.row_hash == digest and entry.run_id != self.options.run_id
+            entry is not None and entry.row_hash == digest and entry.run_id != self.context.run_id
         )
 
-    def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
-        return store.iter_pages(self._documents, table, self.options.run_id)
+    async def refused_again(
+        self,
+        table: str,
+        rows: Sequence[tuple[str, str | None]],
+        ledger: Mapping[str, LedgerEntry] | None = None,
+    ) -> set[str]:
+        """The keys of these (key, row hash) upserts that the database refused with this very
+        value, with no value of the row written since: settled until something changes (the
+        value, or the cause: `dlq replay` retries the row, SPEC §3.2), so not offered again.
+
+        A refusal by this very run does not count (derived again after a crash: the same
+        changes again), nor one older than the row's ledger entry (a replayed row, or one
+        written with another value since). `ledger`: the rows' entries, when already read.
+        """
+        if table not in self.refused_tables or not rows:
+            return set()
+        refusals = await self.view.refused(table, [key for key, _ in rows])
+        again = [
+            key
+            for key, digest in rows
+            if (r := refusals.get(key)) is not None
+            and r.row_hash == digest
+            and r.run_id != self.context.run_id
+        ]
+        if not again:
+            return set()
+        if ledger is None:
+            ledger = await self.view.ledger(table, again)
+        return {
+            key
+            for key in again
+            if (entry := ledger.get(key)) is None or (entry.run_id or 0) < refusals[key].run_id
+        }
+
+    async def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
+        async for page in store.iter_pages(self._documents, table, self.context.run_id):
+            yield page
+            self._advance(len(page))
+
+    # -- progress: the reference's phases as they run ---------------------------------------
+
+    def _begin(self, name: str, *tables: str, within: bool = False) -> None:
+        """A new phase over the documents of `tables` (their count is the total, if known);
+        the current one ends, unless the new one runs `within` it."""
+        if not within:
+            self._end()
+        total = None
+        if self._statistics is not None and tables:
+            total = 0
+            for table in tables:
+                stats = self._statistics.get(table)
+                total += stats.inserted + stats.updated + stats.unchanged if stats else 0
+        self._phase, self._phase_done = (name, total), 0
+        if self._progress is not None:
+            self._progress(name, 0, total, False)
+
+    async def _within(self, name: str, table: str, work: Awaitable[None]) -> None:
+        """`work` as a phase of its own inside the current one, which then goes on."""
+        outer = self._phase, self._phase_done
+        self._begin(name, table, within=True)
+        await work
+        self._end()
+        self._phase, self._phase_done = outer
+
+    def _advance(self, n: int) -> None:
+        self._phase_done += n
+        if self._progress is not None and self._phase is not None:
+            self._progress(self._phase[0], self._phase_done, self._phase[1], False)
+
+    def _end(self) -> None:
+        if self._progress is not None and self._phase is not None:
+            self._progress(self._phase[0], self._phase_done, self._phase_done, True)
+        self._phase = None
 
     def _count(self, key: str, n: int = 1) -> None:
         self.result.counters[key] += n
@@ -283,26 +381,36 @@ class Derivation:
 
     async def run(self) -> Derived:
         self.untouched = await self.view.untouched(_ROW_TABLES)
+        self.refused_tables = await self.view.refused_tables()
         with Workspace() as self._work:
             resolver = IdentityResolver(
-                run_id=self.options.run_id,
+                run_id=self.context.run_id,
                 view=self.view,
                 user_ids=self._user_ids,
                 workos=self._workos,
                 workspace=self._work,
             )
+            self._begin("identities", "users", "threads")
             await self._users(resolver)
-            await self._blueprints()  # before the threads: each owner's pick is made as they come
+            # Blueprints before the threads: each owner's pick is made as they come.
+            if not self.context.options.skip_blueprints:
+                await self._within("blueprints", "blueprints", self._blueprints())
             await self._thread_owners(resolver)
             self._identity_counters(resolver.counters)
+            self._begin("autopilots")
             await self._autopilots()
             # Threads after messages: their titles come from the messages, and one pass over
             # the messages finds them while it emits the message rows (row order across
             # tables does not matter to the sink; each row is emitted once).
+            self._begin("runs", "runs")
             await self._runs()
+            self._begin("messages", "messages")
             await self._messages()
+            self._begin("threads", "threads")
             await self._threads()
+            self._begin("run events", "receipts")
             await self._events()
+            self._end()
         await self._vanished()
         return self.result
 
@@ -310,7 +418,7 @@ class Derivation:
     # among them, in the order of their first thread.
 
     async def _users(self, resolver: IdentityResolver) -> None:
-        snapshot = self.options.snapshot_ms
+        snapshot = self.context.snapshot_ms
         async for page in self._pages("users"):
             candidates = [
                 Candidate(
@@ -324,7 +432,7 @@ class Derivation:
             await self._resolve(resolver, candidates)
 
     async def _thread_owners(self, resolver: IdentityResolver) -> None:
-        snapshot = self.options.snapshot_ms
+        snapshot = self.context.snapshot_ms
         async for page in self._pages("threads"):
             # anonymous threads are not imported (reference §3.1)
             owned = [(d, o) for d in page if (o := string_field(d.doc, "ownerId")) is not None]
@@ -360,7 +468,7 @@ class Derivation:
     async def _blueprints(self) -> None:
         """Each thread's best blueprint, as key and recency: payloads are large (a few KB
         each), so only the chosen ones are read again, an owner batch at a time."""
-        if self.options.skip_blueprints:
+        if self.context.options.skip_blueprints:
             return
         async for page in self._pages("blueprints"):
             found: list[tuple[str, str, int]] = []
@@ -373,10 +481,11 @@ class Derivation:
     async def _autopilots(self) -> None:
         for page in self._work.owner_pages(_OWNER_PAGE):
             self._work.set_owners(await self._autopilot_batch(page))
+            self._advance(len(page))
 
     async def _autopilot_batch(self, page: list[tuple[str, str | None]]) -> dict[str, Owner]:
         """Owners (WorkOS id, key of the chosen blueprint) → their autopilots' rows."""
-        skip = self.options.skip_blueprints
+        skip = self.context.options.skip_blueprints
         workos_ids = [w for w, _ in page]
         chosen = dict(page)
         users = {w: ResolvedUser(*u) for w, u in self._work.users(workos_ids).items()}
@@ -408,7 +517,7 @@ class Derivation:
             if blueprint is not None:
                 self._count("blueprints_mapped")
             profile = profile_payload(payload, user.name)
-            policy = policy_payload(payload, self.options.allowed_hosts)
+            policy = policy_payload(payload, self.context.allowed_hosts)
             wrote = False
             for table, values, present, ledger in (
                 ("autopilot_profiles", profile, profiles_present, profile_ledger),
@@ -467,7 +576,7 @@ class Derivation:
         summary = profile["persona_summary"]
         tagline = (
             limit(summary, 255)
-            if summary is not None and not self.options.skip_blueprints
+            if summary is not None and not self.context.options.skip_blueprints
             else None
         )
         values = {
@@ -488,7 +597,7 @@ class Derivation:
 
     def _made_by_this_run(self, entry: LedgerEntry | None) -> bool:
         """An autopilot this run created before it crashed: it is derived as new again."""
-        return entry is not None and entry.run_id == self.options.run_id
+        return entry is not None and entry.run_id == self.context.run_id
 
     async def _free_handle(self, base: str, free: set[str]) -> str:
         """The first free handle, against the table and this run's own (reference §5.3)."""
@@ -513,7 +622,7 @@ class Derivation:
             for d, (thread_id, run_id) in keyed:
                 if (owner := owners.get(thread_id)) is None:
                     continue
-                row = run_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
+                row = run_row(run_id, thread_id, d.doc, owner, self.context.snapshot_ms)
                 await pending.add(run_id, row, SourceRef(table="runs", line=d.line, doc_id=run_id))
                 imported.append(run_id)
                 self._count("runs_imported")
@@ -550,7 +659,7 @@ class Derivation:
                     d.doc,
                     owners[thread_id],
                     run_id if run_id in runs else None,
-                    self.options.snapshot_ms,
+                    self.context.snapshot_ms,
                 )
                 source = SourceRef(table="messages", line=d.line, doc_id=message_id)
                 await messages.add(message_id, message, source)
@@ -563,7 +672,7 @@ class Derivation:
     async def _threads(self) -> None:
         thread_rows_out = _Pending(self, "threads")
         conversations = _Pending(self, "agent_conversations")
-        snapshot = self.options.snapshot_ms
+        snapshot = self.context.snapshot_ms
         async for page in self._pages("threads"):
             owners = self._work.owners_of(d.key for d in page)  # anonymous ones are not there
             titles = self._work.titles(owners)
@@ -589,7 +698,7 @@ class Derivation:
             for d, (thread_id, run_id) in keyed:
                 if (owner := owners.get(thread_id)) is None:
                     continue
-                row = event_row(run_id, thread_id, d.doc, owner, self.options.snapshot_ms)
+                row = event_row(run_id, thread_id, d.doc, owner, self.context.snapshot_ms)
                 batch.append((d.key, row, SourceRef(table="receipts", line=d.line, doc_id=d.key)))
                 self._count("events_imported")
             await self._event_batch(batch, linked)
@@ -642,16 +751,16 @@ class Derivation:
 
     async def _vanished(self) -> None:
         """Documents of earlier exports missing from this one: reported; deleted on request."""
-        run_id = self.options.run_id
-        read = read_tables(self.options.skip_blueprints)  # the others are not "vanished"
+        run_id = self.context.run_id
+        read = read_tables(self.context.options.skip_blueprints)  # the others are not "vanished"
         if self._statistics is not None:
             self.result.documents = dict(self._statistics)
         else:
             async with self._documents.connect() as conn:
                 self.result.documents = await store.table_changes(conn, run_id, read)
-        if not self.options.propagate_deletes:
+        if not self.context.options.propagate_deletes:
             return
-        withheld = self.options.withheld_deletes
+        withheld = self.context.withheld_deletes
         for table, reason in withheld.items():
             logger.warning("run %d: no deletes from %s: %s", run_id, table, reason)
         async with self._documents.begin() as conn:
@@ -688,6 +797,6 @@ __all__ = [
     "ChangeOutput",
     "Derivation",
     "Derived",
-    "RunOptions",
+    "RunContext",
     "withheld_deletes",
 ]

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.contract.tables import REPLACED_TABLES
 from khala_stream.db.errors import sqlstate
-from khala_stream.db.importer_tables import ROWS, USER_IDS
+from khala_stream.db.importer_tables import REFUSALS, ROWS, USER_IDS
 from khala_stream.db.laravel_tables import TABLES, primary_key
 from khala_stream.db.queries import one_of
 
@@ -51,6 +51,14 @@ class LedgerEntry:
     row_hash: str | None
     row_id: int | None
     run_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedValue:
+    """The value of a row the database refused last (by row hash), and in which run."""
+
+    row_hash: str
+    run_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +161,44 @@ class TargetView:
         )
         return {r.row_key: LedgerEntry(r.row_hash, r.row_id, r.run_id) for r in rows}
 
+    async def refused_tables(self) -> set[str]:
+        """The tables with a refused value on record (`refused`); none read as emptied, in a
+        dry run without the ledger, or in a database whose refusals predate their row hashes
+        (a dry run does not upgrade the schema)."""
+        if not self._has_ledger:
+            return set()
+        async with self._engine.connect() as conn:
+            columns = await conn.run_sync(
+                lambda c: {x["name"] for x in sa.inspect(c).get_columns(REFUSALS.name)}
+            )
+            if "row_hash" not in columns:
+                return set()
+            found = await conn.execute(
+                sa.select(REFUSALS.c.dest_table).where(REFUSALS.c.row_hash.is_not(None)).distinct()
+            )
+            return {t for (t,) in found.all()} - self._emptied
+
+    async def refused(self, table: str, keys: Sequence[str]) -> dict[str, RefusedValue]:
+        """The last refused value of each of these rows that has one, by ledger key."""
+        if table in self._emptied or not self._has_ledger or not keys:
+            return {}
+        c = REFUSALS.c
+        rows = await self._rows(
+            sa.select(c.row_key, c.row_hash, c.run_id)
+            .where(c.dest_table == table, one_of(c.row_key, chunk, self._dialect))
+            .order_by(c.id)
+            for chunk in _chunks(keys)
+        )
+        found: dict[str, RefusedValue] = {}
+        for key, digest, run_id in rows:  # by id: the last refusal of a key wins
+            if digest is None:
+                found.pop(key, None)  # not a value, or recorded before the hashes were
+            else:
+                found[key] = RefusedValue(digest, int(run_id))
+        return found
+
     async def untouched(self, tables: Sequence[str]) -> set[str]:
-        """The tables that hold no row and no ledger entry: a first import into them.
+        """The tables that hold no row, no ledger entry and no refusal: a first import into them.
 
         Until the derivation ends, a lookup in such a table can only find rows of the run being
         derived, which are never settled (`Derivation.settled`): its lookups can be skipped.
@@ -167,7 +211,12 @@ class TargetView:
                 ledger = await conn.scalar(
                     sa.select(sa.literal(1)).where(ROWS.c.dest_table == name).limit(1)
                 )
-                if row is None and ledger is None:
+                refused = None
+                if self._has_ledger:
+                    refused = await conn.scalar(
+                        sa.select(sa.literal(1)).where(REFUSALS.c.dest_table == name).limit(1)
+                    )
+                if row is None and ledger is None and refused is None:
                     found.add(name)
         return found
 

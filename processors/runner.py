@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from khala_stream import import_runs, metrics
+from khala_stream import import_runs, metrics, status
 from khala_stream.backpressure import Backpressure
-from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import (
     REPLACED_TABLES,
@@ -35,19 +34,23 @@ from khala_stream.contract import (
     read_tables,
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
+from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
 from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth, analyze
 from khala_stream.dead_letters import set_aside_records
 from khala_stream.errors import TransientError, WorkosKeyError
+from khala_stream.progress import StageStatus, consumer_lag
 from khala_stream.runtime import (
-    Poller,
-    StoredOffsets,
-    caught_up,
-    commit_for_lag,
+    Batch,
+    NeedsStage,
+    Retries,
+    StageClients,
+    StageRunner,
+    Stopping,
+    Waiting,
     end_offsets,
-    with_retries,
 )
 from processors import store, unchanged
 from processors.autopilots import parse_allowed_hosts
@@ -55,12 +58,12 @@ from processors.derive import (
     COUNTER_KEYS,
     Derivation,
     Derived,
-    RunOptions,
+    RunContext,
     withheld_deletes,
 )
 from processors.identity import WorkosLookup
 from processors.lookups import SqlUserIds, TargetView
-from processors.screening import screen_documents
+from processors.screening import ScreenedDocuments, screen_documents
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import SqlWorkosCache, resolve_with_cache
 
@@ -93,19 +96,24 @@ class KafkaChangeOutput:
         run_id: int,
         chunk_bytes: int = 512 * 1024,
         backpressure: Backpressure | None = None,
+        status: StageStatus | None = None,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._run_id = run_id
         self._chunk_bytes = chunk_bytes
         self._backpressure = backpressure
+        self._status = status
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._pending: list[asyncio.Future[Any]] = []
         self.ends: dict[int, int] = {}
+        self.stop: asyncio.Event | None = None
 
     async def emit(self, changes: Sequence[RowChange]) -> None:
         metrics.record_output("process", Counter(c.table for c in changes))
+        if self._status is not None:
+            self._status.sent(len(changes))
         for change in changes:
             encoded = encode_change(change)
             if self._buffer and self._buffered + len(encoded) > _CHANGES_CHUNK:
@@ -117,6 +125,8 @@ class KafkaChangeOutput:
         self, table: DestinationTable, rows: Sequence[RowUpsert], *, new: bool = False
     ) -> None:
         metrics.record_output("process", {table: len(rows)})
+        if self._status is not None:
+            self._status.sent(len(rows))
         for batch in row_batches(self._run_id, table, rows, self._chunk_bytes, new=new):
             await self._send(batch.rows, row_batch_headers(batch))
 
@@ -127,6 +137,8 @@ class KafkaChangeOutput:
         await self._send(value)
 
     async def _send(self, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopping  # a derivation is resumable: the next attempt starts over
         self._pending.append(await self._producer.send(self._topic, value, headers=headers))
         if len(self._pending) >= _IN_FLIGHT:
             await self._settle()
@@ -170,13 +182,22 @@ class Processor:
         *,
         batch_records: int = 5000,
         db_deadline_s: float = 300.0,
+        status: StageStatus | None = None,
     ) -> None:
+        """`status`: the stage's counters and progress (a periodic INFO line by default)."""
         self._settings = settings
+        self.status = status or StageStatus("process")
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
-        self._batch_records = batch_records
+        self.name = "process"
+        self.group = self._topics.processor_group
+        self.topics = self._topics.sources
+        self.batch_records = batch_records
+        self._retries = Retries(db_deadline_s)
+        self._until_idle = False
+        self._stop = asyncio.Event()
+        self._clients: StageClients | None = None
         self._lease_s = settings.derive_lease_s
-        self._deadline = db_deadline_s
         self._worker = uuid.uuid4().hex
         self.derived: list[int] = []
         self._next_loss_check = 0.0
@@ -187,87 +208,77 @@ class Processor:
         self._stored = Growth(engine, lambda _table: [DOCUMENTS.name])
         self._first_import: dict[tuple[int, str], bool] = {}
 
-    async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
-        stop = stop or asyncio.Event()
-        topics, group = self._topics, self._topics.processor_group
-        consumer = make_consumer(self._settings.kafka, group_id=group)
-        stored = StoredOffsets(consumer, self._engine, group, deadline_s=self._deadline)
-        consumer.subscribe(topics.sources, listener=stored)
-        self._producer = make_producer(self._settings.kafka)
-        self._probe = make_consumer(self._settings.kafka, group_id=None)
-        poller = Poller(consumer, self._batch_records, stored, stop)
-        trimmer = Trimmer(self._settings.kafka)
+    async def run(
+        self, *, until_idle: bool = False, stop: asyncio.Event | None = None
+    ) -> Waiting | None:
+        """Run the stage (`khala_stream.runtime.StageRunner`); with `until_idle`, what is left
+        for the sink, if anything, once nothing is left for this stage."""
+        self._until_idle = until_idle
+        self._stop = stop or asyncio.Event()
+        runner: StageRunner[ScreenedDocuments] = StageRunner(
+            self, self._settings.kafka, self._engine, self._retries, stop
+        )
         try:
-            # Inside the try: a client that started is stopped (and leaves its group) when the
-            # next one fails to start; stopping one that never started is harmless.
-            await consumer.start()
-            await self._producer.start()
-            await self._probe.start()
-            while not stop.is_set():
-                batch = await poller.poll()
-                if batch:
-                    started = time.monotonic()
-                    try:
-                        positions = await with_retries(
-                            functools.partial(self._apply, batch),
-                            what="the database",
-                            deadline_s=self._deadline,
-                        )
-                    except _AlreadyApplied:
-                        await stored.reposition()
-                        continue
-                    await commit_for_lag(consumer, positions)
-                    await trimmer.consumed(positions)
-                    by_table = self._by_table(batch)
-                    self._stored.added(by_table)
-                    await with_retries(
-                        self._stored.refresh_if_due, what="the database", deadline_s=self._deadline
-                    )
-                    metrics.record_batch("process", by_table, time.monotonic() - started)
-                    logger.debug("stored documents: %s", dict(by_table))
-                await with_retries(
-                    self._derive_lost_again, what="the database", deadline_s=self._deadline
-                )
-                derived = await with_retries(
-                    self._derive_ready,
-                    what="the database",
-                    deadline_s=self._deadline,
-                )
-                if until_idle and not batch and not derived and await caught_up(consumer):
-                    break
-            await trimmer.consumed({}, now=True)  # stopping: what is stored, at once
+            return await runner.run(until_idle=until_idle)
         finally:
-            await self._probe.stop()
-            await self._producer.stop()
-            await consumer.stop()
+            await self.status.stop()
 
-    def _by_table(
-        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-    ) -> Counter[str]:
+    # ------------------------------------------------------------------ the Stage plug-in
+
+    def decode(self, batch: Batch) -> ScreenedDocuments:
+        return screen_documents(batch, self._topics)
+
+    async def apply(
+        self, screened: ScreenedDocuments, batch: Batch
+    ) -> dict[TopicPartition, int] | None:
+        documents = screened.documents
+        # What cannot be stored is set aside, acknowledged before the positions move past it.
+        await set_aside_records(self._producer, self._topics.dead_letters, screened.letters)
+        positions: dict[TopicPartition, int] = {}
+        try:
+            async with self._engine.begin() as conn:
+                tables = {(d.run_id, d.table) for d in documents}
+                fresh = all([await self._fresh(conn, run_id, table) for run_id, table in tables])
+                await store.apply_documents(conn, documents, fresh=fresh)
+                for tp, records in batch.items():
+                    end = records[-1].offset + 1
+                    if not await advance(
+                        conn, self.group, tp.topic, tp.partition, records[0].offset, end
+                    ):
+                        raise _AlreadyApplied
+                    positions[tp] = end
+        except _AlreadyApplied:
+            return None
+        return positions
+
+    async def applied(self, screened: ScreenedDocuments, batch: Batch, seconds: float) -> None:
+        by_table = self._by_table(batch)
+        self._stored.added(by_table)
+        await self._retries.database(self._stored.refresh_if_due)
+        metrics.record_batch("process", by_table, seconds)
+        self.status.stored(sum(by_table.values()))
+        logger.debug("stored documents: %s", dict(by_table))
+
+    def attach(self, clients: StageClients) -> None:
+        self._clients = clients
+        self.status.start(functools.partial(consumer_lag, clients.consumer))
+
+    async def between(self, *, until_idle: bool) -> bool:
+        """Derive what is ready; True while a run is derived, or ready but claimed by another
+        worker (a killed one's claim lapses after the lease)."""
+        await self._derive_lost_again()
+        return await self._derive_ready()
+
+    async def waiting(self) -> Waiting | None:
+        return await status.waiting_for_sink(self._engine, self._topics)
+
+    # ------------------------------------------------------------------
+
+    def _by_table(self, batch: Batch) -> Counter[str]:
         counts: Counter[str] = Counter()
         for tp, records in batch.items():
             counts[tp.topic.removeprefix(self._topics.prefix + ".")] += len(records)
         return counts
-
-    async def _apply(
-        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-    ) -> dict[TopicPartition, int]:
-        screened = screen_documents(batch, self._topics)
-        documents = screened.documents
-        # What cannot be stored is set aside, acknowledged before the positions move past it.
-        await set_aside_records(self._producer, self._topics.dead_letters, screened.letters)
-        group = self._topics.processor_group
-        positions: dict[TopicPartition, int] = {}
-        async with self._engine.begin() as conn:
-            tables = {(d.run_id, d.table) for d in documents}
-            fresh = all([await self._fresh(conn, run_id, table) for run_id, table in tables])
-            await store.apply_documents(conn, documents, fresh=fresh)
-            for tp, records in batch.items():
-                end = records[-1].offset + 1
-                if not await advance(conn, group, tp.topic, tp.partition, records[0].offset, end):
-                    raise _AlreadyApplied
-                positions[tp] = end
-        return positions
 
     async def _fresh(self, conn: AsyncConnection, run_id: int, table: str) -> bool:
         """No document of `table` from before run `run_id` in the store (asked once a run)."""
@@ -276,33 +287,45 @@ class Processor:
             self._first_import[(run_id, table)] = not before
         return self._first_import[(run_id, table)]
 
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        assert self._clients is not None, "the runner has not started the clients"
+        return self._clients.producer
+
+    @property
+    def _probe(self) -> AIOKafkaConsumer:
+        assert self._clients is not None, "the runner has not started the clients"
+        return self._clients.probe
+
     async def _derive_ready(self) -> bool:
-        """Derive every run whose messages have all been applied to the store."""
+        """Derive every run whose messages have all been applied to the store; True when one
+        was derived, or is ready but claimed by another worker."""
         async with self._engine.connect() as conn:
             ready = []
             for run in await import_runs.published_runs(conn):
                 applied = await store.applied_counts(conn, run.id)
-                expected: dict[str, int] = run.published.get("published", {})
+                expected = run.manifest.published if run.manifest is not None else {}
                 if all(applied.get(t, 0) >= n for t, n in expected.items()):
                     ready.append(run)
-        derived = False
+        busy = False
         for run in ready:
-            if await import_runs.claim(self._engine, run.id, self._worker, self._lease_s):
-                try:
-                    await self._derive(run, self._producer)
-                except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
-                    await self._renew_producer()
-                    raise TransientError(f"the broker refused the producer: {exc}") from exc
-                derived = True
-        return derived
-
-    async def _renew_producer(self) -> None:
-        """A new producer id: after the broker lost records it had acknowledged, an idempotent
-        producer's sequence numbers run ahead of the broker's and every send is refused."""
-        with contextlib.suppress(KafkaError):
-            await self._producer.stop()
-        self._producer = make_producer(self._settings.kafka)
-        await self._producer.start()
+            busy = True
+            if not await import_runs.claim(self._engine, run.id, self._worker, self._lease_s):
+                continue
+            try:
+                await self._derive(run, self._producer)
+            except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
+                assert self._clients is not None
+                await self._clients.renew_producer()
+                raise TransientError(f"the broker refused the producer: {exc}") from exc
+            except (NeedsStage, Stopping):
+                # --until-idle, or a stop: the claim is given back, so that the next `process`
+                # (or a running one) takes the run at once instead of after the lease.
+                await self._retries.database(
+                    functools.partial(import_runs.release, self._engine, run.id, self._worker)
+                )
+                raise
+        return busy
 
     async def _derive_lost_again(self) -> None:
         """Derive the latest run again if the broker lost changes it had acknowledged.
@@ -360,24 +383,26 @@ class Processor:
             await out.pad(short)
 
     async def _derive(self, run: import_runs.ImportRun, producer: AIOKafkaProducer) -> None:
-        flags = run.flags
         logger.info("deriving run %d", run.id)
         out = KafkaChangeOutput(
-            producer, self._topics.changes, run.id, backpressure=self._backpressure
+            producer,
+            self._topics.changes,
+            run.id,
+            backpressure=self._backpressure,
+            status=self.status,
         )
-        options = RunOptions(
+        out.stop = self._stop
+        # Runs are derived once published, with their manifest (an empty one stands in).
+        manifest = run.manifest or PublishManifest(run_id=run.id, export_sha256=run.export_sha256)
+        context = RunContext(
             run_id=run.id,
             snapshot_ms=run.snapshot_ms or 0,
             allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
-            replace=flags.replace,
-            skip_blueprints=flags.skip_blueprints,
-            propagate_deletes=flags.propagate_deletes,
-            withheld_deletes=withheld_deletes(run.published, read_tables(flags.skip_blueprints)),
+            options=run.options,
+            withheld_deletes=withheld_deletes(manifest, read_tables(run.options.skip_blueprints)),
         )
-        fingerprint = unchanged.fingerprint(
-            options, resolve_workos_users=flags.resolve_workos_users
-        )
-        work = asyncio.ensure_future(self._derive_claimed(run, options, fingerprint, out))
+        fingerprint = unchanged.fingerprint(context)
+        work = asyncio.ensure_future(self._derive_claimed(run, context, fingerprint, out))
         beat = asyncio.ensure_future(self._heartbeat(run.id))
         try:
             await asyncio.wait({work, beat}, return_when=asyncio.FIRST_COMPLETED)
@@ -391,13 +416,15 @@ class Processor:
             logger.warning("run %d: the claim on it is gone (%s); stopped", run.id, _CLAIM_GONE)
             return
         result, reused, ends = work.result()
-        counters: dict[str, Any] = dict(result.counters)
-        counters["written"] = result.written
-        counters["documents"] = {t: asdict(c) for t, c in result.documents.items()}
-        counters[unchanged.OPTIONS_KEY] = fingerprint
-        counters[unchanged.SKIPPED_KEY] = reused
+        summary = DerivationSummary(
+            counters=dict(result.counters),
+            written=result.written,
+            documents={t: asdict(c) for t, c in result.documents.items()},
+            fingerprint=fingerprint,
+            skipped=reused,
+        )
         if not await import_runs.mark_derived(
-            self._engine, run.id, self._worker, counters=counters, changes_end=ends
+            self._engine, run.id, self._worker, summary=summary, changes_end=ends
         ):
             logger.warning("run %d: the claim on it is gone (%s)", run.id, _CLAIM_GONE)
             return
@@ -407,7 +434,7 @@ class Processor:
     async def _derive_claimed(
         self,
         run: import_runs.ImportRun,
-        options: RunOptions,
+        context: RunContext,
         fingerprint: dict[str, Any],
         out: KafkaChangeOutput,
     ) -> tuple[Derived, bool, dict[int, int]]:
@@ -419,7 +446,7 @@ class Processor:
         await self._cover_lost_offsets(run, out)
         async with self._engine.connect() as conn:
             documents = await store.table_changes(
-                conn, run.id, read_tables(run.flags.skip_blueprints)
+                conn, run.id, read_tables(run.options.skip_blueprints)
             )
             reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
         if reused is not None:
@@ -428,17 +455,17 @@ class Processor:
             result.documents = documents
         else:
             await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
-            result = await self._derive_all(run, options, out, documents)
+            result = await self._derive_all(run, context, out, documents)
         return result, reused is not None, await out.drain()
 
     async def _derive_all(
         self,
         run: import_runs.ImportRun,
-        options: RunOptions,
+        context: RunContext,
         out: KafkaChangeOutput,
         statistics: dict[str, store.TableChanges],
     ) -> Derived:
-        flags = run.flags
+        flags = run.options
         async with contextlib.AsyncExitStack() as stack:
             # The WorkOS key is checked before the truncation: a missing or refused key must
             # not leave the chat tables empty.
@@ -448,38 +475,67 @@ class Processor:
                 else None
             )
             if flags.replace:
-                await self._truncate_first(run.id, out)
+                await self._truncate_first(run, out)
             derivation = Derivation(
-                options=options,
+                context=context,
                 documents=self._engine,
                 view=TargetView(self._engine, replace=flags.replace),
                 user_ids=SqlUserIds(self._engine),
                 workos=workos,
                 out=out,
                 statistics=statistics,
+                progress=self._derive_progress,
             )
             result = await derivation.run()
         return result
 
-    async def _truncate_first(self, run_id: int, out: KafkaChangeOutput) -> None:
-        """--replace: the sink empties the six chat tables before any row of this run lands."""
+    def _derive_progress(self, phase: str, done: int, total: int | None, finished: bool) -> None:
+        self.status.phase(f"derive {phase}", done, total, finished)
+
+    async def _truncate_first(self, run: import_runs.ImportRun, out: KafkaChangeOutput) -> None:
+        """--replace: the sink empties the six chat tables before any row of this run lands.
+
+        Once per run: an attempt that finds them sent by an earlier one (killed, or stopped by
+        `--until-idle` to let the sink apply them) knows that the sink applied them, and every
+        row written since, before this attempt began (`_derive_claimed`); the derivation reads
+        those tables as empty and sends every row of theirs again, so nothing is left over.
+        Truncating again would make `process --until-idle` and `sink --until-idle` in turn
+        truncate for ever.
+        """
+        if await import_runs.truncated(self._engine, run):
+            return
         truncates = [
-            RowChange(run_id=run_id, table=t, op="truncate", key="") for t in REPLACED_TABLES
+            RowChange(run_id=run.id, table=t, op="truncate", key="") for t in REPLACED_TABLES
         ]
         await out.emit(truncates)
-        await self._wait_for_sink(dict(await out.drain()), run_id)
+        ends = dict(await out.drain())
+        await self._retries.database(
+            lambda: import_runs.note_truncated(self._engine, run.id, self._worker)
+        )
+        await self._wait_for_sink(ends, run.id)
 
     async def _wait_for_sink(self, ends: dict[int, int], run_id: int) -> None:
-        """Until the sink's stored positions reach `ends` on every partition."""
+        """Until the sink's stored positions reach `ends` on every partition.
+
+        With `--until-idle` it does not wait: NeedsStage says how many change messages the
+        sink has left to apply (no sink may be running).
+        """
         group, topic = self._topics.sink_group, self._topics.changes
         polls = 0
         while not import_runs.reached(
-            await import_runs.stored_positions(self._engine, group, topic), ends
+            positions := await import_runs.stored_positions(self._engine, group, topic), ends
         ):
+            if self._until_idle:
+                left = sum(max(0, e - positions.get(p, 0)) for p, e in ends.items())
+                reason = f"run {run_id} waits for the sink to apply {left} change message(s)"
+                raise NeedsStage(Waiting("sink", reason))
             if polls % 50 == 0:
                 logger.info("run %d waits for the sink to apply earlier changes", run_id)
             polls += 1
-            await asyncio.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.2)
+            if self._stop.is_set():
+                raise Stopping
 
     async def _workos_lookup(
         self, stack: contextlib.AsyncExitStack, *, check: bool
@@ -507,10 +563,8 @@ class Processor:
         (`_CLAIM_GONE`)."""
         while True:
             await asyncio.sleep(self._lease_s / 3)
-            renewed = await with_retries(
-                lambda: import_runs.heartbeat(self._engine, run_id, self._worker),
-                what="the database",
-                deadline_s=self._deadline,
+            renewed = await self._retries.database(
+                lambda: import_runs.heartbeat(self._engine, run_id, self._worker)
             )
             if not renewed:
                 return

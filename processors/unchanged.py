@@ -6,9 +6,11 @@ document of this run is the one the previous derivation used, in the same order 
 later line), nothing vanished, the options are the same and every row recorded in the ledger is
 still there, a full derivation would find every row settled and emit nothing (SPEC §5, §8.7).
 So it is skipped: a re-import of an unchanged export costs the publisher's hashing and no pass
-over the documents. Otherwise, and whenever in doubt (WorkOS
-lookups, which may answer differently now; rows the database refused last time, which a
-derivation offers again), the full derivation runs.
+over the documents. Rows the database refused last time do not stand in the way: a derivation
+does not offer a refused value again (`Derivation.refused_again`), and the same documents
+compute the same values. Otherwise, and whenever in doubt (WorkOS lookups, which may answer
+differently now; a refusal recorded without its value's hash: an update, or one recorded
+before refusals kept their hashes), the full derivation runs.
 
 The skipped run reports the previous run's counters of what was read, and zero for what a
 derivation that finds everything settled does not do (create autopilots, upsert profiles and
@@ -25,15 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from khala_stream import import_runs
 from khala_stream.db.importer_tables import REFUSALS, ROWS
 from khala_stream.db.laravel_tables import TABLES, primary_key
-from processors.derive import COUNTER_KEYS, RunOptions
+from processors.derive import COUNTER_KEYS, RunContext
 from processors.store import TableChanges
 
-__all__ = ["OPTIONS_KEY", "SKIPPED_KEY", "fingerprint", "reusable_counters"]
-
-OPTIONS_KEY = "options"
-"""Where a derived run's counters keep the fingerprint of its options."""
-SKIPPED_KEY = "derivation_skipped"
-"""True in the counters of a run whose derivation was skipped."""
+__all__ = ["fingerprint", "reusable_counters"]
 
 # Counted only when the derivation writes something; zero when everything is settled.
 _WRITES_ONLY = frozenset(
@@ -51,14 +48,14 @@ _WRITES_ONLY = frozenset(
 _LOCATED_BY = {"users": ("row_key", "workos_id"), "run_events": ("row_id", "id")}
 
 
-def fingerprint(options: RunOptions, *, resolve_workos_users: bool) -> dict[str, Any]:
+def fingerprint(context: RunContext) -> dict[str, Any]:
     """Everything besides documents and rows that a derivation's result depends on."""
     return {
-        "snapshot_ms": options.snapshot_ms,
-        "allowed_hosts": sorted(options.allowed_hosts),
-        "skip_blueprints": options.skip_blueprints,
-        "propagate_deletes": options.propagate_deletes,
-        "resolve_workos_users": resolve_workos_users,
+        "snapshot_ms": context.snapshot_ms,
+        "allowed_hosts": sorted(context.allowed_hosts),
+        "skip_blueprints": context.options.skip_blueprints,
+        "propagate_deletes": context.options.propagate_deletes,
+        "resolve_workos_users": context.options.resolve_workos_users,
     }
 
 
@@ -72,32 +69,39 @@ async def reusable_counters(
 
     `documents`: the run's document statistics (`store.table_changes`).
     """
-    if run.flags.replace or options["resolve_workos_users"]:
+    if run.options.replace or options["resolve_workos_users"]:
         return None
     if any(c.inserted or c.updated or c.deleted for c in documents.values()):
         return None
     previous = await import_runs.latest_derived_before(conn, run.id)
     # The run just before: a run in between that was never derived may have changed documents.
-    if previous is None or previous.id != run.id - 1:
+    if previous is None or previous.id != run.id - 1 or previous.summary is None:
         return None
-    if previous.counters.get(OPTIONS_KEY) != options:
+    summary = previous.summary
+    if summary.fingerprint != options:
         return None
-    order = run.published.get("order")
-    if not order or previous.published.get("order") != order:
+    order = run.manifest.order if run.manifest is not None else None
+    if not order or previous.manifest is None or previous.manifest.order != order:
         return None  # reordered (or published before the order was recorded)
-    if any(int(c.get("deleted", 0)) for c in previous.counters.get("documents", {}).values()):
+    if any(c.get("deleted", 0) for c in summary.documents.values()):
         return None  # the previous derivation did not see every document of the ledger
-    if await _refused(conn, previous.id) or await _rows_missing(conn):
+    if await _unsettled_refusals(conn, previous.id) or await _rows_missing(conn):
         return None
     return {
-        key: 0 if key in _WRITES_ONLY else int(previous.counters.get(key, 0))
+        key: 0 if key in _WRITES_ONLY else summary.counters.get(key, 0)
         for key in COUNTER_KEYS
         if not key.startswith("source_")
     }
 
 
-async def _refused(conn: AsyncConnection, run_id: int) -> bool:
-    found = await conn.scalar(sa.select(sa.literal(1)).where(REFUSALS.c.run_id == run_id).limit(1))
+async def _unsettled_refusals(conn: AsyncConnection, run_id: int) -> bool:
+    """Whether the run refused a change a derivation would offer again: one without the
+    refused value's hash (an update or delete, or recorded before refusals kept hashes)."""
+    found = await conn.scalar(
+        sa.select(sa.literal(1))
+        .where(REFUSALS.c.run_id == run_id, REFUSALS.c.row_hash.is_(None))
+        .limit(1)
+    )
     return found is not None
 
 

@@ -14,9 +14,9 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs, metrics
 from khala_stream.backpressure import Backpressure
-from khala_stream.contract import SOURCE_TABLES, Topics, read_tables
+from khala_stream.contract import SOURCE_TABLES, Topics, codec, read_tables
 from khala_stream.contract.dead_letters import DeadLetter, ReasonCode
 from khala_stream.contract.documents import (
     Provenance,
@@ -33,11 +33,12 @@ from khala_stream.contract.documents import (
     document_key,
     keyless_key,
 )
+from khala_stream.contract.runs import PublishManifest
 from khala_stream.contract.tables import DOCUMENT_KEYS
+from khala_stream.db.port import Database
 from khala_stream.db.queries import stored_before
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.progress import ProgressCallback
-from khala_stream.runtime import with_retries
 from producers.batches import PartitionedBatches
 from producers.export_reader import (
     HOLDS_NUL,
@@ -49,7 +50,6 @@ from producers.export_reader import (
 from producers.ledger import Marking, mark_unchanged
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 _BATCH = 2000
 _BATCH_BYTES = 1 << 20  # of raw lines: parsed, a batch takes several times that (3 are alive)
 _YIELD_EVERY = 100
@@ -76,6 +76,21 @@ class PublishReport:
     # Per table, the sha256 of the document keys in file order: an export of the same
     # documents in another order may derive other rows (ties go to the later line).
     order: dict[str, hashlib._Hash] = field(default_factory=dict)
+
+    def manifest(self) -> PublishManifest:
+        return PublishManifest(
+            run_id=self.run_id,
+            export_sha256=self.sha256,
+            published=dict(self.published),
+            source=dict(self.source),
+            rejected=dict(self.rejected),
+            missing_key=dict(self.missing_key),
+            unchanged=dict(self.unchanged),
+            rejected_lines=list(self.rejected_lines),
+            tables=self.tables,
+            ignored_tables=self.ignored_tables,
+            order={table: digest.hexdigest() for table, digest in self.order.items()},
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,35 +127,28 @@ class Publisher:
         self,
         *,
         producer: AIOKafkaProducer,
-        engine: AsyncEngine,
+        db: Database,
         topics: Topics,
         incremental: bool,
         skip_blueprints: bool,
         progress: ProgressCallback | None = None,
         max_reported_rejections: int = 1000,
-        deadline_s: float = 120.0,
         backpressure: Backpressure | None = None,
     ) -> None:
+        """Every database call goes through `db` (waits out outages); `backpressure` holds
+        sending back while the processor falls behind."""
         self._producer = producer
-        self._engine = engine
+        self._db = db
         self._topics = topics
         self._incremental = incremental
         self._skip_blueprints = skip_blueprints
         self._progress = progress
         self._max_reported = max_reported_rejections
-        self._deadline = deadline_s
         self._again = False
         self._backpressure = backpressure
         # Per table, lines held back because a later line of their key is most likely coming
         # (the store holds that key from a later line); see `_send`.
         self._held: dict[str, tuple[str, SourceDocument]] = {}
-
-    async def _stored(self, table: str, run_id: int) -> bool:
-        async with self._engine.connect() as conn:
-            return await stored_before(conn, [table], run_id)
-
-    async def _db(self, action: Callable[[], Awaitable[T]]) -> T:
-        return await with_retries(action, what="the database", deadline_s=self._deadline)
 
     async def publish(
         self,
@@ -165,15 +173,12 @@ class Publisher:
         for table in read_tables(self._skip_blueprints):  # reference §6.4
             await self._publish_table(export, table, report)
         report.published.update(applied or {})  # Counter.update adds
+        manifest = report.manifest()
         await self._producer.send_and_wait(
-            self._topics.manifests,
-            orjson.dumps({"run_id": run_id, "export_sha256": report.sha256, **report.to_json()}),
-            key=str(run_id).encode(),
+            self._topics.manifests, codec.encode_manifest(manifest), key=str(run_id).encode()
         )
-        await self._db(
-            lambda: import_runs.mark_published(
-                self._engine, run_id, published=report.to_json(), snapshot_ms=report.snapshot_ms
-            )
+        await self._db.run(
+            import_runs.mark_published, run_id, manifest=manifest, snapshot_ms=report.snapshot_ms
         )
         return report
 
@@ -188,7 +193,7 @@ class Publisher:
         # A table the ledger holds nothing of has nothing unchanged: its first import sends
         # every document without asking (a re-publish of this run still marks what it sent).
         marking = self._incremental and (
-            self._again or await self._db(lambda: self._stored(table, report.run_id))
+            self._again or await self._db.run(_stored_before, table, report.run_id)
         )
         if self._progress:
             self._progress(table, 0)  # the table's clock starts
@@ -301,9 +306,7 @@ class Publisher:
         marking = Marking()
         if marking_on and keyed:
             documents = [(k, d, i.line) for k, d, i in keyed]
-            marking = await self._db(
-                lambda: mark_unchanged(self._engine, table, report.run_id, documents)
-            )
+            marking = await self._db.run(mark_unchanged, table, report.run_id, documents)
         if after is not None:
             await after
         # From here on batches take turns in file order. Only the last line of a key counts
@@ -356,3 +359,8 @@ class Publisher:
         ends = await batches.flush()
         metrics.record_output("publish", {table: len(outgoing)})
         return topic, ends
+
+
+async def _stored_before(engine: AsyncEngine, table: str, run_id: int) -> bool:
+    async with engine.connect() as conn:
+        return await stored_before(conn, [table], run_id)

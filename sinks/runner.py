@@ -12,11 +12,10 @@ import logging
 import time
 from collections import Counter
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream import import_runs, metrics
-from khala_stream.broker.clients import Trimmer, make_consumer, make_producer
+from khala_stream import import_runs, metrics, status
 from khala_stream.config import Settings
 from khala_stream.contract import Topics
 from khala_stream.contract.codec import encode_change
@@ -24,15 +23,9 @@ from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.db.importer_tables import ROWS
 from khala_stream.db.statistics import Growth
 from khala_stream.dead_letters import publish_dead_letters, set_aside_records
-from khala_stream.runtime import (
-    Batch,
-    Poller,
-    StoredOffsets,
-    caught_up,
-    commit_for_lag,
-    with_retries,
-)
-from sinks.screening import screen_changes
+from khala_stream.progress import StageStatus, consumer_lag
+from khala_stream.runtime import Batch, Retries, StageClients, StageRunner, Waiting
+from sinks.screening import ScreenedChanges, screen_changes
 from sinks.sql_sink import OffsetAdvance, Refusal, SqlSink
 
 logger = logging.getLogger(__name__)
@@ -62,66 +55,56 @@ class SinkService:
         *,
         batch_records: int = 8,
         db_deadline_s: float = 300.0,
+        status: StageStatus | None = None,
     ) -> None:
+        """`status`: the stage's counters and progress (a periodic INFO line by default)."""
         self._settings = settings
+        self.status = status or StageStatus("sink")
         self._engine = engine
         self._topics = Topics(settings.topic_prefix)
+        self.name = "sink"
+        self.group = self._topics.sink_group
+        self.topics = [self._topics.changes]
+        self.batch_records = batch_records
+        self._retries = Retries(db_deadline_s)
+        self._clients: StageClients | None = None
         self._sink = SqlSink(engine)
-        self._batch_records = batch_records
-        self._deadline = db_deadline_s
         self.refused = 0
         self._exports: dict[int, str | None] = {}
         # Run events are written by looking their ids up in the ledger, which the same import
         # fills (khala_stream/db/statistics.py).
         self._written = Growth(engine, lambda table: [ROWS.name, table])
 
-    async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> None:
-        stop = stop or asyncio.Event()
-        group, topic = self._topics.sink_group, self._topics.changes
-        consumer = make_consumer(self._settings.kafka, group_id=group)
-        stored = StoredOffsets(consumer, self._engine, group, deadline_s=self._deadline)
-        consumer.subscribe([topic], listener=stored)
-        producer = make_producer(self._settings.kafka)
-        poller = Poller(consumer, self._batch_records, stored, stop)
-        trimmer = Trimmer(self._settings.kafka)
+    async def run(
+        self, *, until_idle: bool = False, stop: asyncio.Event | None = None
+    ) -> Waiting | None:
+        """Run the stage (`khala_stream.runtime.StageRunner`); with `until_idle`, what is left
+        for the processor (or the publisher), if anything, once the changes are applied."""
+        runner: StageRunner[ScreenedChanges] = StageRunner(
+            self, self._settings.kafka, self._engine, self._retries, stop
+        )
         try:
-            # Inside the try: a client that started is stopped (and leaves its group) when the
-            # next one fails to start; stopping one that never started is harmless.
-            await consumer.start()
-            await producer.start()
-            while not stop.is_set():
-                batch = await poller.poll()
-                if not batch:
-                    if until_idle and await caught_up(consumer):
-                        break
-                    continue
-                applied = await with_retries(
-                    functools.partial(self._apply, batch, producer),
-                    what="the database",
-                    deadline_s=self._deadline,
-                )
-                if applied:
-                    await with_retries(
-                        self._written.refresh_if_due, what="the database", deadline_s=self._deadline
-                    )
-                    positions = {tp: records[-1].offset + 1 for tp, records in batch.items()}
-                    await commit_for_lag(consumer, positions)
-                    await trimmer.consumed(positions)
-                else:
-                    await stored.reposition()
-            await trimmer.consumed({}, now=True)  # stopping: what is applied, at once
+            return await runner.run(until_idle=until_idle)
         finally:
-            await producer.stop()
-            await consumer.stop()
+            await self.status.stop()
 
-    async def _apply(self, batch: Batch, producer: AIOKafkaProducer) -> bool:
-        group = self._topics.sink_group
-        screened = screen_changes(batch)
+    # ------------------------------------------------------------------ the Stage plug-in
+
+    def decode(self, batch: Batch) -> ScreenedChanges:
+        return screen_changes(batch)
+
+    async def apply(
+        self, screened: ScreenedChanges, batch: Batch
+    ) -> dict[TopicPartition, int] | None:
+        assert self._clients is not None, "the runner has not started the clients"
+        producer = self._clients.producer
         changes, row_batches = screened.changes, screened.row_batches
         # What must not be applied is set aside, acknowledged before the positions move past it.
         await set_aside_records(producer, self._topics.dead_letters, screened.letters)
         offsets = [
-            OffsetAdvance(group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1)
+            OffsetAdvance(
+                self.group, tp.topic, tp.partition, records[0].offset, records[-1].offset + 1
+            )
             for tp, records in batch.items()
         ]
 
@@ -142,13 +125,28 @@ class SinkService:
         result = await self._sink.apply(
             changes, batches=row_batches, offsets=offsets, on_refused=set_aside
         )
-        if result.applied:
-            self._written.added(result.rows)
-            handled = Counter(result.rows) + Counter(r.change.table for r in result.refused)
-            metrics.record_batch("sink", handled, time.monotonic() - started)
-            metrics.record_output("sink", result.rows)
-            logger.debug("applied changes: %s", result.rows)
-        return result.applied
+        if not result.applied:
+            return None
+        self._written.added(result.rows)
+        handled = Counter(result.rows) + Counter(r.change.table for r in result.refused)
+        metrics.record_batch("sink", handled, time.monotonic() - started)
+        metrics.record_output("sink", result.rows)
+        self.status.applied(sum(len(r) for r in batch.values()), sum(handled.values()))
+        logger.debug("applied changes: %s", result.rows)
+        return {tp: records[-1].offset + 1 for tp, records in batch.items()}
+
+    async def applied(self, screened: ScreenedChanges, batch: Batch, seconds: float) -> None:
+        await self._retries.database(self._written.refresh_if_due)
+
+    def attach(self, clients: StageClients) -> None:
+        self._clients = clients
+        self.status.start(functools.partial(consumer_lag, clients.consumer))
+
+    async def between(self, *, until_idle: bool) -> bool:
+        return False  # the sink has no work besides its batches
+
+    async def waiting(self) -> Waiting | None:
+        return await status.waiting_for_process(self._engine)
 
     async def _export_of(self, run_id: int) -> str | None:
         """The export a run came from, for the dead letters' provenance."""

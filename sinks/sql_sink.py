@@ -11,7 +11,8 @@ Row keys (`RowChange.key`):
 
 Every upsert also records the row in the row ledger (`khala_import_rows`). A row the database
 refuses (over-long value, constraint violation) is set aside as a `Refusal` and recorded in
-`khala_import_refusals` (once per run and row); the rest of the batch is still written.
+`khala_import_refusals` (once per run and row, with the refused value's row hash, so that
+later runs do not offer the same value again); the rest of the batch is still written.
 """
 
 from __future__ import annotations
@@ -570,6 +571,7 @@ async def _record_refusals(conn: AsyncConnection, refused: list[Refusal]) -> Non
                 "row_key": r.change.key,
                 "reason": r.reason,
                 "created_at": now,
+                "row_hash": r.change.row_hash if r.change.op == "upsert" else None,
             }
             for r in refused
         ],

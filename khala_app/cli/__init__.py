@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -42,18 +43,91 @@ def _parser() -> argparse.ArgumentParser:
 
     parser: argparse.ArgumentParser = _Parser(
         prog="khala-stream",
-        description="Import Khala snapshot exports into the Laravel database through Kafka.",
+        description="Import Khala snapshot exports into the Laravel application's database "
+        "through Kafka. Global options go before or after the command.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("--topic-prefix", help="prefix of topics and groups (KHALA_TOPIC_PREFIX)")
-    parser.add_argument(
-        "--database-url",
-        help="SQLAlchemy URL of the Laravel database, without a password (DATABASE_URL)",
-    )
-    parser.add_argument("--bootstrap-servers", help="Kafka brokers (KAFKA_BOOTSTRAP_SERVERS)")
+    _global_options(parser, after=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.register(sub)
+    for leaf in _commands(parser):
+        _global_options(leaf, after=True)
     return parser
+
+
+# The options every command takes, before or after its name: (flags, keyword arguments).
+_GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("-v", "--verbose"), {"action": "count", "help": "more log output: -v info, -vv debug"}),
+    (
+        ("--database-url",),
+        {
+            "metavar": "URL",
+            "help": "SQLAlchemy URL of the Laravel database, without a password (default: "
+            "DATABASE_URL, else sqlite+aiosqlite:///khala.sqlite)",
+        },
+    ),
+    (
+        ("--topic-prefix",),
+        {
+            "metavar": "PREFIX",
+            "help": "prefix of topics and groups (default: KHALA_TOPIC_PREFIX, else khala)",
+        },
+    ),
+    (
+        ("--bootstrap-servers",),
+        {
+            "metavar": "HOSTS",
+            "help": "Kafka brokers (default: KAFKA_BOOTSTRAP_SERVERS, else an embedded broker)",
+        },
+    ),
+    (
+        ("--retry-deadline",),
+        {
+            "type": float,
+            "metavar": "SECONDS",
+            "help": "how long to wait for an unreachable database or broker before exit 1, "
+            "above 0 (default: KHALA_RETRY_DEADLINE_SECONDS, else 120)",
+        },
+    ),
+    (
+        ("--json",),
+        {"action": "store_true", "help": "print the result as JSON (default: text)"},
+    ),
+)
+
+
+def _global_options(parser: argparse.ArgumentParser, *, after: bool) -> None:
+    """Add the global options; after a command's name they override only when given.
+
+    An option a command already defines (its own `--json` help) keeps its help, and takes a
+    suppressed default there so that the value given before the command still counts.
+    """
+    existing = {o: a for a in parser._actions for o in a.option_strings}
+    for flags, kwargs in _GLOBAL_OPTIONS:
+        options = dict(kwargs)
+        if flags[0] == "-v":
+            options["default"] = argparse.SUPPRESS if after else 0
+            if after:
+                options["dest"] = "verbose_after"  # counted on top of the ones before
+        elif after:
+            options["default"] = argparse.SUPPRESS
+        elif options.get("action") == "store_true":
+            options["default"] = False
+        mine = existing.get(flags[-1])
+        if mine is not None:
+            mine.default = options["default"]
+            mine.help = mine.help or options["help"]
+            continue
+        parser.add_argument(*flags, **options)
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser that runs a command (`db init`, not `db`)."""
+    leaves: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                leaves += _commands(child) or [child]
+    return leaves
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,15 +155,16 @@ def _main(argv: Sequence[str] | None) -> int:
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # The stages import-chat starts as child processes log as verbosely as their parent.
+    given = args.verbose + getattr(args, "verbose_after", 0)
     inherited = os.environ.get("KHALA_VERBOSITY", "")
-    verbosity = args.verbose or (
-        int(inherited) if inherited.isascii() and inherited.isdigit() else 0
-    )
+    verbosity = given or (int(inherited) if inherited.isascii() and inherited.isdigit() else 0)
     os.environ["KHALA_VERBOSITY"] = str(verbosity)
     ours = logging.WARNING - 10 * min(verbosity, 2)
     for name in ("khala_app", "khala_stream", "producers", "processors", "sinks"):
         logging.getLogger(name).setLevel(ours)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # The stages' status line every few seconds, without -v: silence means stopped.
+    logging.getLogger("khala_stream.status").setLevel(min(ours, logging.INFO))
     try:
         settings = settings_from_env(os.environ)
         settings = _apply_flags(settings, args)
@@ -137,6 +212,10 @@ def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
     if args.bootstrap_servers:
         servers = bootstrap_servers(args.bootstrap_servers, "--bootstrap-servers")
         changes["kafka"] = replace(settings.kafka, bootstrap_servers=servers)
+    if args.retry_deadline is not None:
+        if not 0 < args.retry_deadline < math.inf:  # nan fails both
+            raise UsageError(f"--retry-deadline must be above 0, not {args.retry_deadline:g}")
+        changes["retry_deadline_s"] = args.retry_deadline
     return replace(settings, **changes) if changes else settings
 
 

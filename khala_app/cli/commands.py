@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,14 +15,16 @@ from khala_stream.config import Settings
 from khala_stream.terminal import printable
 
 if TYPE_CHECKING:
-    from khala_stream.progress import ProgressCallback
+    from khala_stream.import_runs import RunOptions
+    from khala_stream.progress import PhaseDisplay, ProgressCallback
+    from khala_stream.runtime import Waiting
     from processors.runner import Processor
     from sinks.runner import SinkService
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("validate", help="check an export: size, sha256, tables, rejected lines")
-    p.add_argument("export", type=Path)
+    p.add_argument("export", type=Path, help="the export: a ZIP or a folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=validate)
 
@@ -33,17 +35,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _import_flags(p)
     p.add_argument("--dry-run", action="store_true", help="compute everything, write nothing")
     p.add_argument("--json", action="store_true")
-    p.add_argument(
-        "--retry-deadline",
-        type=_seconds,
-        metavar="SECONDS",
-        help="how long to wait for an unreachable database or broker"
-        " (default KHALA_RETRY_DEADLINE_SECONDS, or 120)",
-    )
     p.set_defaults(handler=import_chat)
 
     p = sub.add_parser("publish", help="publish an export to the source topics (a stage)")
-    p.add_argument("export", type=Path)
+    p.add_argument("export", type=Path, help="the export: a ZIP or a folder")
     p.add_argument("--incremental", action="store_true", help="send only new or changed documents")
     _import_flags(p)
     p.add_argument("--json", action="store_true")
@@ -58,12 +53,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.set_defaults(handler=handler)
 
     p = sub.add_parser("generate", help="write a synthetic export (deterministic per seed)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--users", type=_count, default=20)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads-per-user", type=_count, default=3)
-    p.add_argument("--messages-per-thread", type=_count, default=8)
-    p.add_argument("--edge-cases", action="store_true", help="include the reference's edge cases")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="where to write")
+    p.add_argument("--users", type=_at_least(0), default=20, help="users, 0 or more (default 20)")
+    p.add_argument(
+        "--seed",
+        type=_at_least(0),
+        default=1,
+        help="random seed, 0 or more; the same seed writes the same export (default 1)",
+    )
+    p.add_argument(
+        "--threads-per-user",
+        type=_at_least(0),
+        default=3,
+        help="threads of each user, 0 or more (default 3)",
+    )
+    p.add_argument(
+        "--messages-per-thread",
+        type=_at_least(0),
+        default=8,
+        help="messages of each thread, 0 or more (default 8)",
+    )
+    p.add_argument(
+        "--edge-cases", action="store_true", help="include the reference's edge cases (default: no)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=generate)
 
@@ -84,29 +96,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=dlq_replay)
 
-    from khala_app.cli import operations
+    from khala_app.cli import operations, status
 
     operations.register(sub)
+    status.register(sub)
     for name in ("publish", "process", "sink"):
         operations.add_metrics_flags(sub.choices[name])
 
 
-def _count(text: str) -> int:
-    """A whole number of things, 0 or more (argparse: exit 2 with one line otherwise)."""
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
-    return int(text)
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum` (else a usage error, exit 2)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
 
-def _seconds(text: str) -> float:
-    """A finite number of seconds above 0 (argparse: exit 2 with one line otherwise)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:  # nan fails both comparisons
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
+    return parse
 
 
 def _import_flags(p: argparse.ArgumentParser) -> None:
@@ -157,25 +167,46 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def import_chat(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_app.cli.render import summary_lines
-    from khala_app.pipeline import ImportOptions
-    from khala_app.pipeline import import_chat as run_import
-    from producers.sample import SAMPLE_EXPORT
+def _run_options(args: argparse.Namespace, *, incremental: bool) -> RunOptions:
+    from khala_stream.import_runs import RunOptions
 
-    options = ImportOptions(
-        dry_run=args.dry_run,
+    return RunOptions(
         replace=args.replace,
         resolve_workos_users=args.resolve_workos_users,
         skip_blueprints=args.skip_blueprints,
         propagate_deletes=args.propagate_deletes,
-        allow_empty=args.allow_empty,
-        deadline_s=args.retry_deadline or settings.retry_deadline_s,
+        incremental=incremental,
     )
+
+
+def import_chat(args: argparse.Namespace, settings: Settings) -> int:
+    from khala_app.cli.render import header_lines, result_lines
+    from khala_app.pipeline import import_chat as run_import
+    from producers.sample import SAMPLE_EXPORT
+
+    options = _run_options(args, incremental=True)
     source = args.export or SAMPLE_EXPORT
-    with _progress(source, enabled=not args.dry_run) as progress:
-        report = _run(run_import(settings, source, options, progress=progress))
-    _emit(args, report.to_json(), summary_lines(report))
+
+    def started() -> None:  # the opening lines as the work starts, not after it
+        if not args.json:
+            lines = header_lines(str(source), options, dry_run=args.dry_run)
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+
+    with _phases(source) as (phases, progress):
+        report = _run(
+            run_import(
+                settings,
+                source,
+                options,
+                dry_run=args.dry_run,
+                allow_empty=args.allow_empty,
+                progress=progress,
+                phases=phases,
+                started=started,
+            )
+        )
+    _emit(args, report.to_json(), result_lines(report))
     return 0
 
 
@@ -196,71 +227,40 @@ def _progress(source: Path, *, enabled: bool) -> Iterator[ProgressCallback | Non
         yield progress
 
 
-async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from khala_app.cli import operations
-    from khala_app.guards import check_workos_key, refuse_empty
-    from khala_app.topic_owner import prepare_topics
-    from khala_stream import import_runs
-    from khala_stream.broker.clients import broker_session, make_producer
-    from khala_stream.contract import Topics, read_tables
-    from khala_stream.db.engine import create_engine, init_db
-    from khala_stream.runtime import with_retries
+@contextlib.contextmanager
+def _phases(source: Path) -> Iterator[tuple[PhaseDisplay, ProgressCallback]]:
+    """Every phase of an import (publish per table, store, derive, write; a dry run's read
+    and derive), on stderr: bars on a terminal, a line per phase and every few seconds
+    otherwise."""
+    from khala_stream.progress import estimate_lines, phase_progress, publish_callback
     from producers.export_reader import open_export
-    from producers.publisher import Publisher
 
     with open_export(
-        args.export,
-        max_entry_bytes=settings.max_entry_bytes,
-        max_ratio=settings.max_ratio,
-        max_total_bytes=settings.max_total_bytes,
+        source, max_entry_bytes=1 << 62, max_ratio=1e12, max_total_bytes=1 << 62
     ) as export:
-        export.verify(read_tables(args.skip_blueprints))
-        # Before anything is written: the processor truncates first under --replace.
-        if args.replace and not args.allow_empty:
-            refuse_empty(export, read_tables(args.skip_blueprints))
-        if args.resolve_workos_users:
-            await check_workos_key(settings)
-        engine = create_engine(settings.database_url)
-        deadline = settings.retry_deadline_s
-        try:
-            # Waits for an unreachable database or broker as every stage does (README).
-            await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
-            async with (
-                broker_session(settings) as live,
-                operations.stage_metrics(args, live, "publish"),
-            ):
-                topics = Topics(live.topic_prefix)
-                await with_retries(
-                    lambda: prepare_topics(live.kafka, topics, engine),
-                    what="the broker",
-                    deadline_s=deadline,
-                )
-                flags = import_runs.RunFlags(
-                    replace=args.replace,
-                    skip_blueprints=args.skip_blueprints,
-                    resolve_workos_users=args.resolve_workos_users,
-                    propagate_deletes=args.propagate_deletes,
-                    incremental=args.incremental,
-                )
-                run_id = await import_runs.register(
-                    engine, source=str(export.path), sha256=export.sha256(), flags=flags
-                )
-                producer = make_producer(live.kafka)
-                await producer.start()
-                try:
-                    with _progress(args.export, enabled=True) as progress:
-                        report = await Publisher(
-                            producer=producer,
-                            engine=engine,
-                            topics=topics,
-                            incremental=args.incremental,
-                            skip_blueprints=args.skip_blueprints,
-                            progress=progress,
-                        ).publish(export, run_id)
-                finally:
-                    await producer.stop()
-        finally:
-            await engine.dispose()
+        estimates = estimate_lines(export.path, export.tables)
+    with phase_progress() as display:
+        yield display, publish_callback(display, estimates)
+
+
+async def _publish(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The publication of `import-chat` on its own (khala_app/publication.py)."""
+    from khala_app.cli import operations
+    from khala_app.guards import checked_export
+    from khala_app.publication import open_run, publish_run
+    from khala_stream.broker.clients import broker_session
+    from khala_stream.db.port import open_database
+
+    options = _run_options(args, incremental=args.incremental)
+    async with (
+        checked_export(args.export, settings, options, allow_empty=args.allow_empty) as (export, _),
+        open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db,
+        broker_session(settings) as live,
+        operations.stage_metrics(args, live, "publish"),
+    ):
+        run_id = await open_run(live, db, export, options)
+        with _progress(args.export, enabled=True) as progress:
+            report = await publish_run(live, db, export, run_id, options, progress=progress)
     return {"run_id": run_id, "export_sha256": report.sha256, **report.to_json()}
 
 
@@ -279,50 +279,52 @@ async def _stage(
     settings: Settings,
     kind: Literal["process", "sink"],
     stop: asyncio.Event,
-) -> None:
+) -> Waiting | None:
     from khala_app.cli import operations
-    from khala_app.topic_owner import prepare_topics
+    from khala_app.topic_owner import prepare_topics_waiting
     from khala_stream.broker.clients import broker_session
-    from khala_stream.contract import Topics
     from khala_stream.db.engine import create_engine, init_db
-    from khala_stream.runtime import with_retries
+    from khala_stream.db.port import Database
+    from khala_stream.progress import StageStatus
 
     engine = create_engine(settings.database_url)
     deadline = settings.retry_deadline_s
     try:
-        await with_retries(lambda: init_db(engine), what="the database", deadline_s=deadline)
+        db = Database(engine, deadline)
+        await db.run(init_db)
         async with broker_session(settings) as live, operations.stage_metrics(args, live, kind):
-            await with_retries(
-                lambda: prepare_topics(live.kafka, Topics(live.topic_prefix), engine),
-                what="the broker",
-                deadline_s=deadline,
-            )
+            await prepare_topics_waiting(live, db)
             # Each stage imports only its own side: `import-chat` starts both while it
             # publishes, on the same cores.
             service: Processor | SinkService
+            status = StageStatus.from_env(kind, os.environ)
             if kind == "process":
                 from processors.runner import Processor
 
-                service = Processor(live, engine, db_deadline_s=deadline)
+                service = Processor(live, engine, db_deadline_s=deadline, status=status)
             else:
                 from sinks.runner import SinkService
 
-                service = SinkService(live, engine, db_deadline_s=deadline)
-            await service.run(until_idle=args.until_idle, stop=stop)
+                service = SinkService(live, engine, db_deadline_s=deadline, status=status)
+            return await service.run(until_idle=args.until_idle, stop=stop)
     finally:
         await engine.dispose()
 
 
-def process(args: argparse.Namespace, settings: Settings) -> int:
+def _stage_command(args: argparse.Namespace, settings: Settings, kind: Any) -> int:
     stop = asyncio.Event()  # a signal asks for a stop at a batch boundary first
-    _run(_stage(args, settings, "process", stop), on_signal=stop.set)
+    waiting = _run(_stage(args, settings, kind, stop), on_signal=stop.set)
+    if waiting is not None:  # --until-idle: what is left needs another stage
+        sys.stdout.write(waiting.line() + "\n")
     return 0
+
+
+def process(args: argparse.Namespace, settings: Settings) -> int:
+    return _stage_command(args, settings, "process")
 
 
 def sink(args: argparse.Namespace, settings: Settings) -> int:
-    stop = asyncio.Event()
-    _run(_stage(args, settings, "sink", stop), on_signal=stop.set)
-    return 0
+    return _stage_command(args, settings, "sink")
 
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:
@@ -338,8 +340,25 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         messages_per_thread=args.messages_per_thread,
         edge_cases=args.edge_cases,
     )
-    data = {"out": str(args.out), **{k: v for k, v in asdict(made).items() if k != "path"}}
-    _emit(args, data, [f"wrote {args.out}: {made.total_documents} documents"])
+    from khala_stream.contract import SOURCE_TABLES
+
+    # What the importer reads: the documents of the six source tables. The extra tables a
+    # real export carries are written too, and ignored by the importer.
+    read = sum(n for t, n in made.counts.items() if t in SOURCE_TABLES)
+    extra = made.total_documents - read
+    malformed = sum(made.malformed.values())
+    data = {
+        "out": str(args.out),
+        "documents": read,
+        "other_tables_documents": extra,
+        **{k: v for k, v in asdict(made).items() if k != "path"},
+    }
+    line = f"wrote {args.out}: {read} documents for the importer"
+    if malformed:
+        line += f", {malformed} malformed lines"
+    if extra:
+        line += f" (and {extra} in other tables it ignores)"
+    _emit(args, data, [line])
     return 0
 
 
@@ -392,17 +411,21 @@ async def _with_dead_letters(settings: Settings, action: Any) -> dict[str, Any]:
 
 
 def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
-    from khala_app.dlq import pending_letters, summarise
+    from khala_app.dlq import pending_letters, provenance, run_sources, summarise
 
     async def listing(kafka: Any, engine: Any, topic: str) -> dict[str, Any]:
-        return summarise(await pending_letters(kafka, engine, topic))
+        letters = await pending_letters(kafka, engine, topic)
+        return summarise(letters, await run_sources(engine, letters))
 
     data = _run(_with_dead_letters(settings, listing))
     lines = [f"{data['total']} dead letters waiting"]
     for code, n in sorted(data["by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{code}: {n}")
         mine = [d for d in data["letters"] if d["reason_code"] == code]
-        lines += [f"  {printable(d['location'])}: {printable(d['reason'])}" for d in mine[:20]]
+        lines += [
+            f"  {printable(d['location'])}: {printable(d['reason'])} [{printable(provenance(d))}]"
+            for d in mine[:20]
+        ]
         if len(mine) > 20:
             lines.append(f"  ... and {len(mine) - 20} more (--json lists all)")
     _emit(args, data, lines)

@@ -63,14 +63,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--samples",
         type=int,
-        help=f"samples to judge over: one-shot burst (default {_ONE_SHOT_SAMPLES}), "
+        help=f"samples to judge over, at least 1: one-shot burst (default {_ONE_SHOT_SAMPLES}), "
         f"or the sliding window with --watch (default {_WATCH_WINDOW})",
     )
     p.add_argument(
         "--interval",
         type=float,
         metavar="SECONDS",
-        help=f"seconds between samples (default {_ONE_SHOT_INTERVAL_S:g}, "
+        help=f"seconds between samples, above 0 (default {_ONE_SHOT_INTERVAL_S:g}, "
         f"{_WATCH_INTERVAL_S:g} with --watch)",
     )
     add_metrics_flags(p)
@@ -124,7 +124,7 @@ def _add_check_flags(p: argparse.ArgumentParser) -> None:
         "--warn-lag",
         type=int,
         metavar="N",
-        help="WARNING when a group's total lag is N messages or more (default: no limit)",
+        help="WARNING when a group's total lag is N messages or more (default: no limit; >= 0)",
     )
     check.add_argument(
         "--crit-lag",
@@ -140,7 +140,8 @@ def add_metrics_flags(p: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         metavar="PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, a port between 0 and 65535"
+        " (default: off)",
     )
     p.add_argument(
         "--metrics-host",
@@ -501,7 +502,11 @@ def _require_database(url: str) -> None:
     database = parsed.database or ""
     on_disk = parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:")
     if on_disk and not Path(database).exists():
-        raise UsageError(f"no database at {parsed.database} (DATABASE_URL)")
+        raise UsageError(f"no database at {parsed.database} (DATABASE_URL); {_CREATE_IT}")
+
+
+_CREATE_IT: Final = "run `khala-stream db init` or an import first"
+_NO_SUCH_DATABASE: Final = "3D000"  # PostgreSQL's invalid_catalog_name
 
 
 async def _snapshot(url: str) -> Any:
@@ -513,8 +518,18 @@ async def _snapshot(url: str) -> Any:
     engine = create_engine(url)
     try:
         return await snapshot(engine)
-    except (DBAPIError, OSError) as exc:
+    except Exception as exc:
+        # asyncpg raises its own error, not wrapped, when the database does not exist.
         reason = getattr(exc, "orig", None) or exc
+        if getattr(reason, "sqlstate", None) == _NO_SUCH_DATABASE:
+            from sqlalchemy.engine import make_url
+
+            name = make_url(url).database
+            raise UsageError(
+                f"no database {name!r} on the server (DATABASE_URL); {_CREATE_IT}"
+            ) from None
+        if not isinstance(exc, DBAPIError | OSError):
+            raise
         raise RuntimeFailure(f"cannot count rows: {type(reason).__name__}: {reason}") from exc
     finally:
         await engine.dispose()

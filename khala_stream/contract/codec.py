@@ -9,7 +9,9 @@ from typing import Any, Final, TypeVar
 import orjson
 
 from khala_stream.contract.changes import RowBatch, RowChange, RowUpsert, SourceRef
+from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from khala_stream.contract.tables import DestinationTable
+from khala_stream.errors import UnknownRecordVersion
 
 _SORTED = orjson.OPT_SORT_KEYS
 K = TypeVar("K")
@@ -250,3 +252,99 @@ def row_batch_changes(batch: RowBatch) -> list[RowChange]:
             )
         )
     return changes
+
+
+# -- run coordination records ----------------------------------------------------------------
+# Version 0 is the shape stored before records had a version: a plain object without "v".
+
+MANIFEST_VERSION: Final = 1
+SUMMARY_VERSION: Final = 1
+
+
+def _version(raw: Any, what: str, known: int) -> int:
+    if not isinstance(raw, dict):
+        raise UnknownRecordVersion(what, type(raw).__name__, known)
+    version = raw.get("v", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= known:
+        raise UnknownRecordVersion(what, version, known)
+    return version
+
+
+def _counts(raw: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in (raw or {}).items()}
+
+
+def encode_manifest(manifest: PublishManifest) -> bytes:
+    return orjson.dumps(
+        {
+            "v": MANIFEST_VERSION,
+            "run_id": manifest.run_id,
+            "export_sha256": manifest.export_sha256,
+            "published": manifest.published,
+            "source": manifest.source,
+            "rejected": manifest.rejected,
+            "missing_key": manifest.missing_key,
+            "unchanged": manifest.unchanged,
+            "rejected_lines": [list(r) for r in manifest.rejected_lines],
+            "tables": manifest.tables,
+            "ignored_tables": manifest.ignored_tables,
+            "order": manifest.order,
+        }
+    )
+
+
+def decode_manifest(data: bytes | str, *, run_id: int, export_sha256: str) -> PublishManifest:
+    """A stored manifest of run `run_id`; version 0 did not always name its run, so the
+    caller's `run_id` and `export_sha256` stand in. UnknownRecordVersion for a newer one."""
+    raw = orjson.loads(data)
+    _version(raw, f"the publish manifest of run {run_id}", MANIFEST_VERSION)
+    return PublishManifest(
+        run_id=int(raw.get("run_id", run_id)),
+        export_sha256=str(raw.get("export_sha256", export_sha256)),
+        published=_counts(raw.get("published")),
+        source=_counts(raw.get("source")),
+        rejected=_counts(raw.get("rejected")),
+        missing_key=_counts(raw.get("missing_key")),
+        unchanged=_counts(raw.get("unchanged")),
+        rejected_lines=[(str(f), int(n), str(r)) for f, n, r in raw.get("rejected_lines", [])],
+        tables=[str(t) for t in raw.get("tables", [])],
+        ignored_tables=[str(t) for t in raw.get("ignored_tables", [])],
+        order={str(t): str(d) for t, d in (raw.get("order") or {}).items()},
+    )
+
+
+def encode_summary(summary: DerivationSummary) -> bytes:
+    return orjson.dumps(
+        {
+            "v": SUMMARY_VERSION,
+            "counters": summary.counters,
+            "written": summary.written,
+            "documents": summary.documents,
+            "fingerprint": summary.fingerprint,
+            "skipped": summary.skipped,
+        }
+    )
+
+
+# Version 0 kept the counters at the top level, beside these.
+_V0_SUMMARY_KEYS: Final = frozenset({"written", "documents", "options", "derivation_skipped"})
+
+
+def decode_summary(data: bytes | str, *, run_id: int) -> DerivationSummary:
+    """A stored derivation summary of run `run_id`; UnknownRecordVersion for a newer one."""
+    raw = orjson.loads(data)
+    if _version(raw, f"the derivation summary of run {run_id}", SUMMARY_VERSION) == 0:
+        return DerivationSummary(
+            counters=_counts({k: v for k, v in raw.items() if k not in _V0_SUMMARY_KEYS}),
+            written=_counts(raw.get("written")),
+            documents={t: _counts(c) for t, c in (raw.get("documents") or {}).items()},
+            fingerprint=raw.get("options"),
+            skipped=bool(raw.get("derivation_skipped", False)),
+        )
+    return DerivationSummary(
+        counters=_counts(raw.get("counters")),
+        written=_counts(raw.get("written")),
+        documents={t: _counts(c) for t, c in (raw.get("documents") or {}).items()},
+        fingerprint=raw.get("fingerprint"),
+        skipped=bool(raw.get("skipped", False)),
+    )

@@ -189,7 +189,8 @@ _INIT_LOCK = 0x6B68616C61  # "khala": the advisory lock that serialises `init_db
 
 
 async def init_db(engine: AsyncEngine, *, laravel: bool = True) -> list[str]:
-    """Create whichever tables are missing; never alter one that exists. Returns those created.
+    """Create whichever tables are missing; returns those created. A Laravel table that exists
+    is never altered; an importer table made by an earlier version is upgraded (`_upgrade`).
 
     With `laravel` the ten Laravel tables are created too where missing (empty databases:
     demos, tests); the importer's `khala_import_*` tables always are.
@@ -202,6 +203,9 @@ async def init_db(engine: AsyncEngine, *, laravel: bool = True) -> list[str]:
         missing = [table for table in wanted if table.name not in existing]
         for table in missing:
             table.create(conn, checkfirst=True)
+        for table in IMPORTER.sorted_tables:
+            if table.name in existing:
+                _upgrade(conn, table)
         return [table.name for table in missing]
 
     async with engine.begin() as conn:
@@ -210,3 +214,23 @@ async def init_db(engine: AsyncEngine, *, laravel: bool = True) -> list[str]:
             # tables (UniqueViolation on pg_type); one at a time, the others find them there.
             await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK})
         return await conn.run_sync(_create)
+
+
+def _upgrade(conn: Connection, table: sa.Table) -> None:
+    """Add the columns and indexes an importer table gained since it was created. New
+    columns are nullable, so the rows already there need nothing."""
+    inspector = sa.inspect(conn)
+    quote = conn.dialect.identifier_preparer.quote
+    have = {c["name"] for c in inspector.get_columns(table.name)}
+    for column in table.columns:
+        if column.name in have:
+            continue
+        assert column.nullable, f"{table.name}.{column.name}: a new column must be nullable"
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(
+            sa.text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+        )
+    indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+    for index in table.indexes:
+        if index.name not in indexes:
+            index.create(conn)

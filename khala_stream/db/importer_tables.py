@@ -39,8 +39,8 @@ RUNS: Final = sa.Table(
     sa.Column("options", sa.Text(), nullable=False),  # JSON
     # 'publishing' | 'published' | 'derived' | 'superseded' | 'failed'
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("expected", sa.Text(), nullable=True),  # JSON: table -> published message count
-    sa.Column("counters", sa.Text(), nullable=True),  # JSON
+    sa.Column("expected", sa.Text(), nullable=True),  # codec: the PublishManifest
+    sa.Column("counters", sa.Text(), nullable=True),  # codec: the DerivationSummary
     sa.Column("changes_end", sa.Text(), nullable=True),  # JSON: partition -> end offset
     sa.Column("snapshot_ms", sa.BigInteger(), nullable=True),
     sa.Column("claim", sa.String(64), nullable=True),
@@ -136,6 +136,11 @@ REFUSALS: Final = sa.Table(
     sa.Column("row_key", sa.Text(), nullable=False),
     sa.Column("reason", sa.Text(), nullable=False),
     sa.Column("created_at", sa.DateTime(), nullable=False),
+    # The refused value's row hash (an upsert's); NULL for other changes and for refusals
+    # recorded before the column existed. The derivation does not offer this value again
+    # (`Derivation.refused_again`); `dlq replay` retries it.
+    sa.Column("row_hash", sa.String(64), nullable=True),
+    sa.Index("khala_import_refusals_dest_table_row_key_index", "dest_table", "row_key"),
 )
 
 # Dead letters that `dlq replay` has applied, by their place in the dead-letter topic.

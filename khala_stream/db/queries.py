@@ -18,9 +18,13 @@ def one_of(
     column: sa.ColumnElement[Any], values: Sequence[Any], dialect: str
 ) -> sa.ColumnElement[bool]:
     """`column IN (values)`; on PostgreSQL `= ANY(array)`, one parameter however many values
-    (an expanding IN costs a bind parameter, and compile time, per value)."""
+    (an expanding IN costs a bind parameter, and compile time, per value). The array is of
+    the column's type without its length: a cast to `varchar(36)[]` would cut a longer value
+    to 36 characters, and find a row it does not name (a column widened since, a key too
+    long for it)."""
     if dialect == "postgresql":
-        return column == sa.any_(sa.literal(list(values), type_=postgresql.ARRAY(column.type)))
+        kind = sa.String() if isinstance(column.type, sa.String) else column.type
+        return column == sa.any_(sa.literal(list(values), type_=postgresql.ARRAY(kind)))
     return column.in_(values)
 
 

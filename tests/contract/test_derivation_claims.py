@@ -8,23 +8,28 @@ import asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs
+from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from tests.contract.engine import run_on
 
 LEASE_S = 2  # claims are stamped to the second: at least two, or a claim could expire at once
 
 
 async def _published_run(engine: AsyncEngine) -> int:
-    flags = import_runs.RunFlags(
-        replace=False, skip_blueprints=False, resolve_workos_users=False, propagate_deletes=False
-    )
-    run_id = await import_runs.register(engine, source="export.zip", sha256="0" * 64, flags=flags)
-    await import_runs.mark_published(engine, run_id, published={}, snapshot_ms=1)
+    options = import_runs.RunOptions()
+    sha256 = "0" * 64
+    run_id = await import_runs.register(engine, source="export.zip", sha256=sha256, options=options)
+    manifest = PublishManifest(run_id=run_id, export_sha256=sha256)
+    await import_runs.mark_published(engine, run_id, manifest=manifest, snapshot_ms=1)
     return run_id
 
 
 async def _derived(engine: AsyncEngine, run_id: int, worker: str, marker: int) -> bool:
     return await import_runs.mark_derived(
-        engine, run_id, worker, counters={"by": marker}, changes_end={0: marker}
+        engine,
+        run_id,
+        worker,
+        summary=DerivationSummary(counters={"by": marker}),
+        changes_end={0: marker},
     )
 
 
@@ -42,6 +47,7 @@ def test_a_claim_taken_over_can_neither_be_renewed_nor_record_the_run(db_url: st
         assert not await _derived(engine, run_id, "b", 3)  # recorded once
         run = await import_runs.load(engine, run_id)
         assert run is not None and run.status == "derived"
-        assert run.counters == {"by": 2} and run.changes_end == {0: 2}
+        assert run.summary is not None and run.summary.counters == {"by": 2}
+        assert run.changes_end == {0: 2}
 
     run_on(db_url, body, laravel=False)

@@ -267,3 +267,54 @@ def test_importer_tables_shape(db_url: str) -> None:
         assert [x["column_names"] for x in indexes] == [["source_table", "export_seq", "line"]]
 
     run(db_url, body)
+
+
+def test_init_db_upgrades_an_importer_table_made_by_an_earlier_version(db_url: str) -> None:
+    """A `khala_import_refusals` from before refusals kept their row hash: init_db adds the
+    column and its index, keeps the rows there, and the table then takes the new column."""
+
+    async def body(engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "CREATE TABLE khala_import_refusals (id INTEGER PRIMARY KEY, "
+                    "run_id INTEGER NOT NULL, dest_table VARCHAR(40) NOT NULL, "
+                    "row_key TEXT NOT NULL, reason TEXT NOT NULL, created_at TIMESTAMP NOT NULL)"
+                )
+            )
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO khala_import_refusals VALUES "
+                    "(1, 1, 'messages', 'm1', 'too long', '2026-01-02 03:04:05')"
+                )
+            )
+        created = await init_db(engine, laravel=False)
+        assert "khala_import_refusals" not in created
+        columns = await reflect(
+            engine, lambda i: [c["name"] for c in i.get_columns("khala_import_refusals")]
+        )
+        assert columns[-1] == "row_hash"
+        indexes = await reflect(engine, lambda i: i.get_indexes("khala_import_refusals"))
+        assert [x["column_names"] for x in indexes] == [["dest_table", "row_key"]]
+        refusals = IMPORTER.tables["khala_import_refusals"]
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.insert(refusals).values(
+                    id=2,
+                    run_id=2,
+                    dest_table="messages",
+                    row_key="m2",
+                    reason="too long",
+                    created_at=sa.func.current_timestamp(),
+                    row_hash="h" * 64,
+                )
+            )
+            found = (
+                await conn.execute(
+                    sa.select(refusals.c.row_key, refusals.c.row_hash).order_by(refusals.c.id)
+                )
+            ).all()
+        assert [tuple(r) for r in found] == [("m1", None), ("m2", "h" * 64)]
+        assert await init_db(engine, laravel=False) == []  # upgraded once
+
+    run(db_url, body)

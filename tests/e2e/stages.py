@@ -12,14 +12,9 @@ What the harness works around, and why (none of it changes what the product is a
   from the same point. (Workers started together on a fresh database used to race in
   `init_db` and some exited 1; `init_db` now takes an advisory lock, tested in
   tests/contract/test_schema.py.)
-- noida-db 0.2.3, the test broker, never expires the session of a consumer that went away
-  without leaving the group; Apache Kafka drops it after `session.timeout.ms`. A worker that
-  joins a group holding such a member (or members joining at the same moment, which leaves
-  stale member ids behind) can leave the group in CompletingRebalance for good. So workers
-  join one round at a time (`stagger`), after a worker dies the harness removes the dead
-  member with LeaveGroup before restarting it (`settle_group`), as the session timeout would,
-  and a group seen stuck mid-rebalance for 20 s while the harness waits is emptied the same
-  way (live workers rejoin). Each such step is logged in the harness events.
+- Nothing else: a killed worker's consumer-group membership is the product's problem (the
+  stages assign their partitions by hand, `khala_stream/runtime.py`), so the harness never
+  evicts a group member nor waits for a group to settle.
 
 Also here: fresh PostgreSQL databases on the session's server, and baselines — the end state
 of a clean sequential `import-chat` of an export on a fresh database, cached per export.
@@ -78,7 +73,6 @@ PHASES: tuple[Phase, ...] = ("none", "publishing", "published", "deriving", "der
 """An import run's life: registered, every document sent, claimed by a processor, derived
 (its changes are all in the changes topic), applied by the sink."""
 _TAIL_LINES = 25
-_UNSTICK_AFTER_S = 20.0
 
 
 class StageError(AssertionError):
@@ -110,7 +104,6 @@ class Stages:
         workers_process: int = 1,
         workers_sink: int = 1,
         verbose: bool = True,
-        stagger: bool = True,
         stage_args: dict[Stage, Sequence[str]] | None = None,
     ) -> None:
         self.env = dict(env)
@@ -118,7 +111,6 @@ class Stages:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._verbose = verbose
-        self._stagger = stagger
         self._procs: dict[tuple[Stage, int], _Proc] = {}
         workers: tuple[tuple[Stage, int], ...] = (
             ("process", workers_process),
@@ -131,9 +123,6 @@ class Stages:
         self._initialised = False
         self.events: list[str] = []  # what the harness did, for assertion messages
         self.context = ""  # the case (seed and parameters), first line of every StageError
-        self._stuck_since: dict[str, float] = {}
-        self._evictions = 0
-        self._last_watch = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -144,91 +133,16 @@ class Stages:
         self.stop()
 
     def start(self, *, init_db: bool = True) -> Stages:
-        """Starts every worker that is not running, one worker of each stage at a time.
-
-        With `init_db`, the tables are created first, from here. With `stagger`, each round of
-        workers joins its consumer groups before the next starts (see the module docstring).
-        """
+        """Starts every worker that is not running; with `init_db`, the tables are created
+        first, from here."""
         if init_db and not self._initialised:
             asyncio.run(_init_db(self.env["DATABASE_URL"]))
             self._note("tables created")
             self._initialised = True
-        rounds: dict[int, list[_Proc]] = {}
         for proc in self._procs.values():
             if proc.stage != "publish" and (proc.popen is None or proc.popen.poll() is not None):
-                rounds.setdefault(proc.index, []).append(proc)
-        for index in sorted(rounds):
-            for proc in rounds[index]:
                 self._spawn(proc, self._command(proc.stage, *self._stage_args.get(proc.stage, ())))
-            if self._stagger:
-                for proc in rounds[index]:
-                    self.wait_group(proc.stage, self._live(proc.stage))
         return self
-
-    def wait_group(self, stage: Stage, members: int, timeout: float = 90.0) -> None:
-        """Until the stage's consumer group is Stable with `members` members (Empty for 0).
-
-        A group that stays mid-rebalance, or holds more members than live workers, for
-        `_UNSTICK_AFTER_S` is a noida-db stall (module docstring): the harness removes every
-        member (`settle_group`'s LeaveGroup) and live workers rejoin. At most 3 times.
-        """
-        group = f"{self.env['KHALA_TOPIC_PREFIX']}.{stage}"
-        bootstrap = self.env["KAFKA_BOOTSTRAP_SERVERS"]
-        wanted = ("Empty", 0) if members == 0 else ("Stable", members)
-        deadline = time.monotonic() + timeout
-        state: tuple[str, int] = ("unknown", 0)
-        while time.monotonic() < deadline:
-            dead = self.dead()
-            if dead:
-                raise StageError(f"{'; '.join(dead)} while waiting for {group}\n{self.tails()}")
-            with contextlib.suppress(Exception):  # the broker may be restarting
-                state = asyncio.run(_group_state(bootstrap, group))
-            if state == wanted or (members == 0 and state[1] == 0):
-                self._note(f"{group}: {state[0]} with {members} member(s)")
-                return
-            self._unstick(stage, state, members)
-            time.sleep(0.3)
-        raise StageError(
-            f"{group} not {wanted[0]} with {members} member(s) after {timeout:.0f}s"
-            f" (last seen: {state})\n{self.tails()}"
-        )
-
-    def _unstick(self, stage: Stage, state: tuple[str, int], members: int) -> None:
-        """Remove every member of a group that has been stuck for `_UNSTICK_AFTER_S`."""
-        group = f"{self.env['KHALA_TOPIC_PREFIX']}.{stage}"
-        now = time.monotonic()
-        if state[0] in ("PreparingRebalance", "CompletingRebalance") or state[1] > members:
-            since = self._stuck_since.setdefault(stage, now)
-            if now - since > _UNSTICK_AFTER_S and self._evictions < 6:
-                evicted = asyncio.run(_evict_members(self.env["KAFKA_BOOTSTRAP_SERVERS"], group))
-                self._evictions += 1
-                self._stuck_since.pop(stage, None)
-                self._note(f"{group}: stuck at {state}; removed {len(evicted)} member(s)")
-        else:
-            self._stuck_since.pop(stage, None)
-
-    def _watch_groups(self) -> None:
-        """Unstick the stages' groups while waiting for work to finish (every ~2 s)."""
-        now = time.monotonic()
-        if now - self._last_watch < 2.0:
-            return
-        self._last_watch = now
-        for stage in ("process", "sink"):
-            group = f"{self.env['KHALA_TOPIC_PREFIX']}.{stage}"
-            try:
-                state = asyncio.run(_group_state(self.env["KAFKA_BOOTSTRAP_SERVERS"], group))
-            except Exception:  # the broker may be restarting
-                continue
-            live = self._live(stage)
-            if live:
-                self._unstick(stage, state, live)
-
-    def _live(self, stage: Stage) -> int:
-        return sum(
-            1
-            for p in self._procs.values()
-            if p.stage == stage and p.popen is not None and p.popen.poll() is None
-        )
 
     def _command(self, stage: Stage, *args: str) -> list[str]:
         return [
@@ -267,12 +181,8 @@ class Stages:
         except KeyError:
             raise StageError(f"no {stage}[{index}] in this harness") from None
 
-    def kill(self, stage: Stage, index: int = 0, *, settle: bool = True) -> None:
-        """SIGKILL, no clean-up of any kind (the crash under test).
-
-        With `settle` (process and sink), the dead worker's member is then removed from the
-        stage's consumer group before this returns (see `settle_group`).
-        """
+    def kill(self, stage: Stage, index: int = 0) -> None:
+        """SIGKILL, no clean-up of any kind (the crash under test)."""
         proc = self._get(stage, index)
         if proc.popen is None:
             raise StageError(f"{stage}[{index}] was never started")
@@ -285,23 +195,6 @@ class Stages:
         else:
             self._note(f"{stage}[{index}] had already exited with {code} before the kill")
         proc.killed = True
-        if settle and stage != "publish":
-            self.settle_group(stage)
-
-    def settle_group(self, stage: Stage) -> None:
-        """Remove dead members from the stage's consumer group, then wait until it is stable.
-
-        noida-db 0.2.3, the test broker, never expires the session of a consumer that died
-        without leaving (measured: still a member after 400 s; Apache Kafka drops it after
-        `session.timeout.ms`, 10 s for aiokafka). A worker restarted into such a group never
-        gets an assignment. So the harness does what Kafka's session timeout would do: it
-        sends LeaveGroup for every member; live workers, if any, get UNKNOWN_MEMBER_ID on their
-        next heartbeat and rejoin (a rebalance the product must survive anyway).
-        """
-        group = f"{self.env['KHALA_TOPIC_PREFIX']}.{stage}"
-        evicted = asyncio.run(_evict_members(self.env["KAFKA_BOOTSTRAP_SERVERS"], group))
-        self._note(f"{group}: removed {len(evicted)} member(s) after a worker died")
-        self.wait_group(stage, self._live(stage), timeout=90)
 
     def restart(self, stage: Stage, index: int = 0) -> None:
         proc = self._get(stage, index)
@@ -328,14 +221,13 @@ class Stages:
 
     def revive(self) -> list[str]:
         """Restart every worker that has exited, as a service manager would (compose's
-        `restart: unless-stopped`), once the broker has dropped its dead member."""
+        `restart: unless-stopped`)."""
         revived = []
         for p in self._procs.values():
             if p.stage != "publish" and p.popen is not None and p.popen.poll() is not None:
                 revived.append(f"{p.stage}[{p.index}] (exit {p.popen.returncode})")
                 p.killed = True
-                self.settle_group(p.stage)
-                self._spawn(p, self._command(p.stage))
+                self._spawn(p, self._command(p.stage, *self._stage_args.get(p.stage, ())))
         return revived
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -423,7 +315,6 @@ class Stages:
             if done:
                 assert last is not None
                 return last
-            self._watch_groups()
             if time.monotonic() > deadline:
                 state = "no run" if last is None else f"run {last.id} status {last.status!r}"
                 raise StageError(
@@ -517,22 +408,6 @@ async def _applied(
         await engine.dispose()
 
 
-async def _group_state(bootstrap: str, group: str) -> tuple[str, int]:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        described = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    for response in described:
-        for g in response.groups:
-            # (error_code, group, state, protocol_type, protocol, members)
-            return str(g[2]), len(g[5])
-    return "unknown", 0
-
-
 async def _phase(db_url: str, prefix: str, after_run: int) -> Phase:
     engine = create_engine(db_url)
     try:
@@ -552,24 +427,6 @@ async def _phase_of(engine: AsyncEngine, prefix: str, after_run: int) -> Phase:
     if await import_runs.applied_by_sink(engine, run, f"{prefix}.sink", f"{prefix}.changes"):
         return "applied"
     return run.status if run.status in PHASES else "none"  # type: ignore[return-value]
-
-
-async def _evict_members(bootstrap: str, group: str) -> list[str]:
-    """LeaveGroup on behalf of every member of `group`; returns the member ids."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.protocol.group import LeaveGroupRequest
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        node = await admin.find_coordinator(group)
-        described = await admin.describe_consumer_groups([group], group_coordinator_id=node)
-        members = [str(m[0]) for r in described for g in r.groups for m in g[5]]
-        for member in members:
-            await admin._send_request_to_node(node, LeaveGroupRequest(group, member))
-        return members
-    finally:
-        await admin.close()
 
 
 def run_phase(db_url: str, prefix: str) -> str:
@@ -663,9 +520,10 @@ def generated_export(directory: Path, *, seed: int, users: int) -> Path:
 
 def run_counters(run: import_runs.ImportRun | None) -> dict[str, int]:
     """A derived run's reference counters (those the processors compute)."""
-    if run is None:
+    if run is None or run.summary is None:
         return {}
-    return {k: int(run.counters.get(k, 0)) for k in COUNTER_KEYS if not k.startswith("source_")}
+    counters = run.summary.counters
+    return {k: counters.get(k, 0) for k in COUNTER_KEYS if not k.startswith("source_")}
 
 
 def baseline(

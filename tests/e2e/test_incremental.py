@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from khala_stream.db.importer_tables import REFUSALS, RUNS
+from khala_stream.contract.runs import DerivationSummary
+from khala_stream.db.importer_tables import REFUSALS, ROWS, RUNS
 from khala_stream.db.laravel_tables import TABLES
-from processors.unchanged import SKIPPED_KEY
 from producers.generator import generate_export, load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import env_for, json_value, khala, ok, rows, run_db, versions
 from tests.e2e.snapshot import assert_same_tables, table_snapshot
@@ -81,8 +81,8 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     # The same newer export through import-chat: now nothing is new.
     result = ok(khala(["import-chat", str(v2)], env))
     stats = _doc_stats(result.stdout)
-    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "deleted": 0}
-    assert stats["receipts"]["deleted"] == 1  # reported, not deleted
+    assert stats["messages"] == {"inserted": 0, "updated": 0, "unchanged": 3, "not_in_export": 0}
+    assert stats["receipts"]["not_in_export"] == 1  # reported, not deleted
     assert "rows written: none" in result.stdout
 
     (thread,) = rows(pg_url, "threads")
@@ -98,7 +98,8 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     assert len(rows(pg_url, "run_events")) == 1  # the vanished receipt's event stays
 
     dry = ok(khala(["import-chat", str(v2), "--propagate-deletes", "--dry-run"], env))
-    assert "rows written: run_events=1" in dry.stdout  # what the real run below writes
+    assert "rows a real run would write: run_events=1" in dry.stdout  # the real run below
+    assert _doc_stats(dry.stdout)["receipts"]["would_delete"] == 1
     deleted = ok(khala(["import-chat", str(v2), "--propagate-deletes"], env))
     assert _doc_stats(deleted.stdout)["receipts"]["deleted"] == 1
     assert "rows written: run_events=1" in deleted.stdout
@@ -136,10 +137,10 @@ def test_laravel_edits_of_unchanged_documents_survive_and_deleted_rows_come_back
     assert autopilot["config_version"] == 2  # nothing of the profile was recomputed differently
 
 
-def _latest_counters(db_url: str) -> tuple[dict[str, int], dict[str, Any]]:
+def _latest_counters(db_url: str) -> tuple[dict[str, int], DerivationSummary]:
     run = latest_run(db_url)
-    assert run is not None and run.status == "derived"
-    return run_counters(run), run.counters
+    assert run is not None and run.status == "derived" and run.summary is not None
+    return run_counters(run), run.summary
 
 
 def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
@@ -150,12 +151,12 @@ def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
     env = env_for(kafka_bootstrap, topic_prefix, db_url)
     ok(khala(["import-chat", str(export)], env))
     first, first_raw = _latest_counters(db_url)
-    assert first_raw[SKIPPED_KEY] is False and first["autopilots_created"] == 6
+    assert first_raw.skipped is False and first["autopilots_created"] == 6
     before = table_snapshot(db_url)
 
     again = ok(khala(["import-chat", str(export)], env))
     skipped, skipped_raw = _latest_counters(db_url)
-    assert skipped_raw[SKIPPED_KEY] is True
+    assert skipped_raw.skipped is True
     assert "rows written: none" in again.stdout
     assert table_snapshot(db_url) == before
 
@@ -166,31 +167,147 @@ def test_unchanged_reimport_skips_the_derivation_and_counts_like_a_full_one(
     run_db(db_url, [sa.delete(messages).where(messages.c.id == gone.id)])
     restored = ok(khala(["import-chat", str(export)], env))
     full, full_raw = _latest_counters(db_url)
-    assert full_raw[SKIPPED_KEY] is False
+    assert full_raw.skipped is False
     assert "rows written: messages=1" in restored.stdout
     assert full == skipped
     assert table_snapshot(db_url) == before
 
 
-def test_reimport_after_refused_rows_derives_in_full(
+def test_reimport_after_refused_rows_is_skipped_and_refuses_nothing_new(
     tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
 ) -> None:
-    """Rows the database refused are offered again by a full derivation (and set aside again):
-    a run after one with refusals is never skipped. (PostgreSQL: SQLite refuses no length.)"""
+    """A refused row is settled until something changes: the same export again is skipped,
+    sets nothing aside again, writes nothing and reports what the first run reported.
+    (PostgreSQL: SQLite refuses no length.)"""
     db_url = pg_url
     export = tmp_path / "edges.zip"
     generate_export(export, users=6, seed=22, edge_cases=True)
     env = env_for(kafka_bootstrap, topic_prefix, db_url)
-    ok(khala(["import-chat", str(export)], env))
+    first_run = ok(khala(["import-chat", str(export)], env))
     first, _ = _latest_counters(db_url)
     refused = _refusals(db_url)
     assert refused > 0, "the edge cases include a row the database refuses"
-    ok(khala(["import-chat", str(export)], env))
+    assert _refused(first_run.stdout) == refused
+    letters = _refused_letters(env)
+    assert letters == refused
+    before = table_snapshot(db_url)
+    dry = ok(khala(["import-chat", str(export), "--dry-run"], env))
+    # A full derivation: the refused rows are settled.
+    assert "rows a real run would write: none" in dry.stdout
+
+    again_run = ok(khala(["import-chat", str(export)], env))
     again, again_raw = _latest_counters(db_url)
-    assert again_raw[SKIPPED_KEY] is False
-    assert _refusals(db_url) == 2 * refused
+    assert again_raw.skipped is True
+    assert _refusals(db_url) == refused
+    assert _refused_letters(env) == letters
+    assert "rows written: none" in again_run.stdout
+    assert _refused(again_run.stdout) == 0  # none refused by this run
     settled = ("autopilots_created", "autopilot_profiles_upserted", "autopilot_policies_upserted")
     assert again == first | dict.fromkeys(settled, 0)
+    assert table_snapshot(db_url) == before
+
+
+LONG_ID = "m" * 40  # messages.id is varchar(36)
+
+
+def _with_a_long_id(path: Path, text: str = "too long an id") -> Path:
+    tables = load_reference_fixture("fixture-a")
+    tables["messages"].append(
+        {
+            "_id": "messages:long",
+            "threadId": THREAD,
+            "messageId": LONG_ID,
+            "role": "assistant",
+            "text": text,
+            "createdAtMs": 1735700021000,
+        }
+    )
+    return _export(path, tables)
+
+
+def test_a_changed_value_of_a_refused_row_is_offered_again(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> None:
+    """Only the refused value is settled: the row with another value is offered (and here
+    refused) again, while the other refused rows stay settled."""
+    env = env_for(kafka_bootstrap, topic_prefix, pg_url)
+    ok(khala(["import-chat", str(_with_a_long_id(tmp_path / "a.zip"))], env))
+    assert _refused_keys(pg_url) == {
+        (1, "messages", LONG_ID),
+        (1, "agent_conversation_messages", LONG_ID),
+    }
+    ok(khala(["import-chat", str(_with_a_long_id(tmp_path / "a.zip"))], env))
+    assert len(_refused_keys(pg_url)) == 2  # the same value: settled
+
+    changed = _with_a_long_id(tmp_path / "b.zip", text="a longer answer now")
+    result = ok(khala(["import-chat", str(changed)], env))
+    _, raw = _latest_counters(pg_url)
+    assert raw.skipped is False
+    assert _refused_keys(pg_url) == {
+        (run, table, LONG_ID)
+        for run in (1, 3)
+        for table in ("messages", "agent_conversation_messages")
+    }
+    assert _refused(result.stdout) == 2
+    assert "rows written: none" in result.stdout  # offered, and refused: not written
+    assert LONG_ID not in {m["id"] for m in rows(pg_url, "messages")}
+
+
+def test_a_refused_row_replayed_after_the_fix_is_in_the_ledger_and_settled(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> None:
+    """`dlq replay` is how a refused row is retried once its cause is fixed: the row is
+    written and recorded in the row ledger, so the next import writes nothing."""
+    env = env_for(kafka_bootstrap, topic_prefix, pg_url)
+    export = _with_a_long_id(tmp_path / "a.zip")
+    ok(khala(["import-chat", str(export)], env))
+    assert len(_refused_keys(pg_url)) == 2
+    run_db(
+        pg_url,
+        [
+            sa.text("ALTER TABLE messages ALTER COLUMN id TYPE varchar(64)"),
+            sa.text("ALTER TABLE agent_conversation_messages ALTER COLUMN id TYPE varchar(64)"),
+        ],
+    )
+    replayed = orjson.loads(ok(khala(["dlq", "replay", "--json"], env)).stdout)
+    assert replayed["applied"] == 2 and replayed["still_refused"] == []
+    ledger = {
+        (t, h)
+        for t, h in run_db(
+            pg_url,
+            [sa.select(ROWS.c.dest_table, ROWS.c.row_hash).where(ROWS.c.row_key == LONG_ID)],
+        )[0]
+    }
+    refused = {
+        (t, h)
+        for t, h in run_db(pg_url, [sa.select(REFUSALS.c.dest_table, REFUSALS.c.row_hash)])[0]
+    }
+    assert ledger == refused and len(ledger) == 2  # the refused values, written after all
+    before = table_snapshot(pg_url)
+
+    again = ok(khala(["import-chat", str(export)], env))
+    assert "rows written: none" in again.stdout
+    assert _refused(again.stdout) == 0
+    assert len(_refused_keys(pg_url)) == 2
+    assert table_snapshot(pg_url) == before
+
+    # Deleted in Laravel after the replay: a replayed row comes back like any other.
+    run_db(pg_url, [sa.text(f"DELETE FROM messages WHERE id = '{LONG_ID}'")])
+    restored = ok(khala(["import-chat", str(export)], env))
+    assert "rows written: messages=1" in restored.stdout
+    assert table_snapshot(pg_url) == before
+
+
+def _refused_keys(db_url: str) -> set[tuple[int, str, str]]:
+    c = REFUSALS.c
+    (found,) = run_db(db_url, [sa.select(c.run_id, c.dest_table, c.row_key)])
+    return {(int(r), t, k) for r, t, k in found}
+
+
+def _refused_letters(env: dict[str, str]) -> int:
+    """Refused rows in the dead-letter topic (bad lines are set aside by every publish)."""
+    listed = orjson.loads(ok(khala(["dlq", "list", "--json"], env)).stdout)
+    return int(listed["by_reason"].get("db_refused", 0))
 
 
 def _refusals(db_url: str) -> int:
@@ -214,7 +331,7 @@ def test_skip_blueprints_neither_reports_nor_forgets_the_blueprints_it_did_not_r
         "inserted": 0,
         "updated": 0,
         "unchanged": 1,
-        "deleted": 0,
+        "not_in_export": 0,
     }
 
 
@@ -246,7 +363,7 @@ def test_the_same_documents_in_another_order_are_derived_again(
     result = ok(khala(["import-chat", str(swapped)], env))
     assert _doc_stats(result.stdout)["blueprints"]["unchanged"] == 2
     _, raw = _latest_counters(db_url)
-    assert raw[SKIPPED_KEY] is False
+    assert raw.skipped is False
     (profile,) = rows(db_url, "autopilot_profiles", "autopilot_id")
     assert profile["autopilot_voice"] == "direct and practical"
 
@@ -397,10 +514,14 @@ def test_propagate_deletes_deletes_only_what_a_fully_read_table_lost(
         for line in withheld:
             assert line in result.stdout.splitlines(), result.stdout
     written = [line for line in real.stdout.splitlines() if line.startswith("  rows written:")]
-    assert written == [
-        line for line in dry.stdout.splitlines() if line.startswith("  rows written:")
+    would = "  rows a real run would write:"  # a dry run writes nothing
+    assert [w.replace("  rows written:", would) for w in written] == [
+        line for line in dry.stdout.splitlines() if line.startswith(would)
     ]
     assert "messages=1" in written[0] and "run_events" not in written[0]
+    # Kept, not deleted: the tables whose deletes were withheld say so in their counts.
+    assert _doc_stats(real.stdout)["receipts"]["not_in_export"] == 3
+    assert _doc_stats(real.stdout)["messages"]["deleted"] == 1
 
     after = _chat_counts(pg_url)
     assert after == {**before, "messages": 6, "agent_conversation_messages": 6}
@@ -445,18 +566,13 @@ def test_a_messy_export_again_is_unchanged_key_by_key_and_writes_nothing(
         assert counts.get("updated", 0) == 0, (table, counts)
         keys = first[table].get("inserted", 0) + first[table].get("updated", 0)
         assert counts["unchanged"] == keys, (table, counts, first[table])
-    # The only rows offered again are those the database refused last time (PostgreSQL
-    # refuses the edge cases' over-long ids; they are offered again in case the schema changed).
-    assert _written(again.stdout) == _refused(again.stdout)
+    # Rows the database refused last time (PostgreSQL refuses the edge cases' over-long ids)
+    # are settled: not offered again, and the derivation is skipped.
+    assert "rows written: none" in again.stdout
+    assert _refused(again.stdout) == 0
+    assert _latest_counters(db_url)[1].skipped is True
     assert table_snapshot(db_url) == before
     assert _deadlocks(db_url) == deadlocks
-
-
-def _written(stdout: str) -> int:
-    (line,) = [x for x in stdout.splitlines() if x.startswith("  rows written: ")]
-    if line.startswith("  rows written: none"):
-        return 0
-    return sum(int(p.split("=")[1]) for p in line[len("  rows written: ") :].split())
 
 
 def _refused(stdout: str) -> int:

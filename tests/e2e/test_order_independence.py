@@ -33,6 +33,7 @@ from khala_stream.contract.documents import (
     document_headers,
     document_key,
 )
+from khala_stream.contract.runs import PublishManifest
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.importer_tables import APPLIED
 from producers.export_reader import RejectedLine, open_export
@@ -143,7 +144,7 @@ async def _prepare(
             engine,
             source="test-crafted-order",
             sha256=sha256,
-            flags=import_runs.RunFlags(incremental=incremental),
+            options=import_runs.RunOptions(incremental=incremental),
         )
     finally:
         await engine.dispose()
@@ -254,7 +255,12 @@ async def mark_published(
         await import_runs.mark_published(
             engine,
             run_id,
-            published={"published": published, "source": export.source},
+            manifest=PublishManifest(
+                run_id=run_id,
+                export_sha256=export.sha256,
+                published=published,
+                source=dict(export.source),
+            ),
             snapshot_ms=export.snapshot_ms,
         )
     finally:

@@ -52,7 +52,7 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
         ("not a url", ["dlq", "list"], "DATABASE_URL is not a database URL"),
         (None, ["generate", "--out", "OUT", "--users", "-3"], "argument --users"),
         *(
-            (None, ["import-chat", "EXPORT", "--retry-deadline", bad], "argument --retry-deadline")
+            (None, ["import-chat", "EXPORT", "--retry-deadline", bad], "--retry-deadline")
             for bad in ("nan", "inf", "-1", "0")
         ),
         (None, ["lag", "--interval", "nan"], "--interval"),  # was: slept forever
@@ -60,7 +60,9 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
         (None, ["--bootstrap-servers", "h:x", "validate", "EXPORT"], "--bootstrap-servers"),
         (None, ["lag", "--watch", "--interval", "inf"], "--interval"),
         (None, ["--database-url", f"postgresql://a:{PASSWORD}@h/d", "db", "init"], "DATABASE_URL"),
-        (None, ["db", "init", "--database-url", f"postgresql://a:{PASSWORD}@h/d"], "a:***@h/d"),
+        # A global option after the command too (issue 24): refused the same way.
+        (None, ["db", "init", "--database-url", f"postgresql://a:{PASSWORD}@h/d"], "DATABASE_URL"),
+        (None, ["db", "init", "--bogus", f"postgresql://a:{PASSWORD}@h/d"], "a:***@h/d"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(

@@ -1,8 +1,8 @@
-"""runtime.StoredOffsets: an assignment that arrives while the database is down.
+"""The stage runtime positions its consumer from the database, also while the database is down.
 
-The consumer's position comes from the database on every assignment. aiokafka swallows a
-rebalance listener's exception (it only logs it), so a database outage during a rebalance must
-be waited out by the listener itself, and a failure past the deadline must reach the stage.
+Partitions are assigned by hand (`runtime.StageRunner`) and then positioned where the database
+says the group's work stopped: a database outage at that moment is waited out through the
+runtime's retry port, and one past the deadline reaches the stage as a RuntimeFailure.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiokafka import TopicPartition
 
 from khala_stream.broker.clients import ensure_topics, make_consumer, make_producer
 from khala_stream.config import KafkaSettings
 from khala_stream.db.engine import create_engine, init_db
 from khala_stream.db.offsets import advance
 from khala_stream.errors import RuntimeFailure
-from khala_stream.runtime import Poller, StoredOffsets
+from khala_stream.runtime import Poller, Retries, seek_to_stored
 from tests.fixtures.own_postgres import LocalPostgres
 
 STORED = 3  # the group's position in the database; offsets 0-2 count as applied
@@ -40,14 +41,11 @@ async def _prepare(db_url: str, kafka: KafkaSettings, topic: str, group: str) ->
         await producer.stop()
 
 
-async def _first_offsets(poller: Poller, limit_s: float) -> list[int] | RuntimeFailure:
-    """What the stage's loop sees: the first records read, or the listener's failure."""
+async def _first_offsets(poller: Poller, limit_s: float) -> list[int]:
+    """What the stage's loop sees: the first records read."""
     async with asyncio.timeout(limit_s):
         while True:
-            try:
-                batch = await poller.poll()
-            except RuntimeFailure as exc:
-                return exc
+            batch = await poller.poll()
             if batch:
                 return [r.offset for records in batch.values() for r in records]
 
@@ -66,19 +64,25 @@ async def _scenario(
     down_s: float | None,
     deadline_s: float,
 ) -> list[int] | RuntimeFailure:
-    """Join the group while the database is down; bring it back after `down_s` (None: never)."""
+    """Position while the database is down; bring it back after `down_s` (None: never)."""
     kafka = KafkaSettings(bootstrap_servers=bootstrap, partitions=1)
     group = f"{topic}-group"
     await _prepare(db_url, kafka, topic, group)
     own_pg.stop()
     engine = create_engine(db_url)
     consumer = make_consumer(kafka, group_id=group)
-    stored = StoredOffsets(consumer, engine, group, deadline_s=deadline_s)
-    consumer.subscribe([topic], listener=stored)
     await consumer.start()
+    partitions = [TopicPartition(topic, 0)]
+    consumer.assign(partitions)
     restart = asyncio.create_task(_start_after(own_pg, down_s)) if down_s is not None else None
     try:
-        return await _first_offsets(Poller(consumer, 100, stored), 90)
+        try:
+            await Retries(deadline_s).database(
+                lambda: seek_to_stored(consumer, engine, group, partitions)
+            )
+        except RuntimeFailure as exc:
+            return exc
+        return await _first_offsets(Poller(consumer, 100), 90)
     finally:
         if restart is not None:
             await restart
@@ -86,7 +90,7 @@ async def _scenario(
         await engine.dispose()
 
 
-def test_an_assignment_during_a_database_outage_waits_for_the_stored_position(
+def test_positioning_during_a_database_outage_waits_for_the_stored_position(
     own_pg: LocalPostgres,
     kafka_bootstrap: str,
     topic_prefix: str,
@@ -105,10 +109,9 @@ def test_an_assignment_during_a_database_outage_waits_for_the_stored_position(
     # From the stored position, not from the start of the partition (Kafka has no commit).
     assert got == [3, 4, 5]
     assert "waiting for the database" in caplog.text
-    assert "failed on partition assignment" not in caplog.text
 
 
-def test_an_outage_past_the_deadline_during_an_assignment_reaches_the_stage(
+def test_an_outage_past_the_deadline_while_positioning_reaches_the_stage(
     own_pg: LocalPostgres,
     kafka_bootstrap: str,
     topic_prefix: str,
@@ -126,4 +129,3 @@ def test_an_outage_past_the_deadline_during_an_assignment_reaches_the_stage(
     )
     assert isinstance(got, RuntimeFailure), got
     assert "gave up waiting for the database" in str(got)
-    assert "failed on partition assignment" not in caplog.text

@@ -1,0 +1,74 @@
+"""The `publish` stage, wired: the one path by which both `publish` and `import-chat` publish
+an export, with the same retries (database and broker outages are waited out up to the
+database port's deadline) and the same backpressure (sending holds back while the processor
+group falls behind, and stops waiting for a processor that is not running)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
+
+from khala_app.topic_owner import prepare_topics_waiting
+from khala_stream import import_runs
+from khala_stream.backpressure import Backpressure
+from khala_stream.broker.clients import make_producer
+from khala_stream.config import Settings
+from khala_stream.contract import Topics
+from khala_stream.db.port import Database
+from khala_stream.errors import RuntimeFailure
+from khala_stream.progress import ProgressCallback
+from producers.export_reader import ExportSource
+from producers.publisher import Publisher, PublishReport
+
+PROCESSOR_BEHIND = 15_000
+"""Documents the processor may be behind the publisher, per table."""
+
+
+async def open_run(
+    live: Settings, db: Database, export: ExportSource, options: import_runs.RunOptions
+) -> int:
+    """Create the topics (waiting for the broker) and register a new run for `export`."""
+    await prepare_topics_waiting(live, db)
+    return await db.run(
+        import_runs.register, source=str(export.path), sha256=export.sha256(), options=options
+    )
+
+
+async def publish_run(
+    live: Settings,
+    db: Database,
+    export: ExportSource,
+    run_id: int,
+    options: import_runs.RunOptions,
+    *,
+    progress: ProgressCallback | None = None,
+    applied: Mapping[str, int] | None = None,
+) -> PublishReport:
+    """Publish `export` as run `run_id` (`Publisher.publish`; `applied`: publish it again after
+    the broker lost documents); a broker that lost acknowledged records is RuntimeFailure."""
+    topics = Topics(live.topic_prefix)
+    # A producer of its own each time: after the broker lost records, an idempotent producer's
+    # sequence numbers run ahead of the broker's and every send is refused.
+    producer = make_producer(live.kafka)
+    await producer.start()
+    try:
+        publisher = Publisher(
+            producer=producer,
+            db=db,
+            topics=topics,
+            incremental=options.incremental,
+            skip_blueprints=options.skip_blueprints,
+            progress=progress,
+            backpressure=Backpressure(
+                db.engine, topics.processor_group, limit=PROCESSOR_BEHIND, deadline_s=db.deadline_s
+            ),
+        )
+        return await publisher.publish(export, run_id, applied=applied)
+    except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
+        raise RuntimeFailure(
+            "the broker lost messages it had acknowledged while the export was being"
+            f" published (was it restarted?): {exc}; rerun to publish them again"
+        ) from exc
+    finally:
+        await producer.stop()

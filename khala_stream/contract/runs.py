@@ -1,0 +1,51 @@
+"""The records that coordinate an import run between the stages (stored in `khala_import_runs`).
+
+The publisher announces what it published in a `PublishManifest` (also sent to the manifests
+topic); the processor waits until its store holds that many documents per table, derives the
+run and records a `DerivationSummary`; `import-chat` and `status` read both back. Their bytes
+are made in `codec` only, with a version number, so that a database written by another version
+of khala-stream is either read correctly or refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublishManifest:
+    """What publishing one export as one run did, per source table."""
+
+    run_id: int
+    export_sha256: str
+    published: dict[str, int] = field(default_factory=dict)
+    """Documents sent (or already in the store, for a run published again): the derivation
+    waits until the store holds this many of each table."""
+    source: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    missing_key: dict[str, int] = field(default_factory=dict)
+    unchanged: dict[str, int] = field(default_factory=dict)
+    rejected_lines: list[tuple[str, int, str]] = field(default_factory=list)
+    """(ZIP entry, line, reason), the first ones only."""
+    tables: list[str] = field(default_factory=list)
+    ignored_tables: list[str] = field(default_factory=list)
+    order: dict[str, str] = field(default_factory=dict)
+    """Per table, the sha256 of the document keys in file order."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DerivationSummary:
+    """What deriving one run did: its counters, the rows it emitted and its document
+    statistics, with what a later run needs to know whether it may skip its derivation."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    """The reference's counters (SPEC §7), by name."""
+    written: dict[str, int] = field(default_factory=dict)
+    """Rows emitted per destination table."""
+    documents: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per source table: inserted / updated / unchanged / deleted documents."""
+    fingerprint: dict[str, Any] | None = None
+    """The options the derivation's result depends on (processors/unchanged.py)."""
+    skipped: bool = False
+    """The derivation was skipped: the export was the last derived run's, unchanged."""
