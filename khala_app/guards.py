@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from khala_stream.config import Settings
 from khala_stream.contract import read_tables
 from khala_stream.contract.documents import document_hash, document_key
+from khala_stream.contract.tables import CHAT_TABLES
 from khala_stream.errors import UsageError, WorkosKeyError
 from khala_stream.import_runs import RunOptions
 from producers.export_reader import ExportSource, RejectedLine, open_export
@@ -23,11 +24,12 @@ if TYPE_CHECKING:
 
 
 def refuse_empty(export: ExportSource, tables: Sequence[str]) -> None:
-    """UsageError (exit 2) when no table of `tables` holds a single document with its key:
-    `--replace` would empty the chat tables and import nothing (`--allow-empty` to do so).
+    """UsageError (exit 2) when no chat table of `tables` holds a single document with its
+    key: `--replace` would empty the chat tables and import nothing into them (`--allow-empty`
+    to do so). Blueprints do not count: they fill no chat table.
 
     Reads until the first document, so a real export costs one line."""
-    for table in tables:
+    for table in (t for t in tables if t in CHAT_TABLES):
         # closing: the entry is left after its first document, and must not stay open.
         with contextlib.closing(export.iter_table(table)) as items:  # type: ignore[type-var]
             for item in items:

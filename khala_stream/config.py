@@ -5,10 +5,12 @@ Secrets (SASL password, WorkOS key) come only from the environment and never pri
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
+from urllib.parse import urlsplit
 
 from khala_stream.errors import UsageError
 
@@ -111,7 +113,9 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
     if protocol.startswith("SASL") and mechanism is None:
         mechanism = "PLAIN"
     kafka = KafkaSettings(
-        bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+        bootstrap_servers=bootstrap_servers(
+            env.get("KAFKA_BOOTSTRAP_SERVERS", ""), "KAFKA_BOOTSTRAP_SERVERS"
+        ),
         security_protocol=protocol,  # type: ignore[arg-type]
         sasl_mechanism=mechanism,  # type: ignore[arg-type]
         sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
@@ -130,10 +134,10 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
     key = env.get("WORKOS_API_KEY", "").strip()
     return Settings(
         kafka=kafka,
-        topic_prefix=env.get("KHALA_TOPIC_PREFIX") or "khala",
+        topic_prefix=topic_prefix(env.get("KHALA_TOPIC_PREFIX") or "khala", "KHALA_TOPIC_PREFIX"),
         database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
         workos_api_key=Secret(key) if key else None,
-        workos_base_url=env.get("WORKOS_BASE_URL") or DEFAULT_WORKOS_BASE_URL,
+        workos_base_url=_http_url(env, "WORKOS_BASE_URL", DEFAULT_WORKOS_BASE_URL),
         l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
         broker_idle_s=float(_positive(env, "KHALA_BROKER_IDLE_SECONDS", 60)),
@@ -143,6 +147,46 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         max_ratio=float(_positive(env, "KHALA_MAX_RATIO", 200)),
         max_total_bytes=_positive(env, "KHALA_MAX_TOTAL_BYTES", 32 << 30),
     )
+
+
+# Kafka's topic name rule; the longest name made from the prefix adds 13 (".dead-letters") to it
+# and Kafka allows 249.
+_TOPIC_PREFIX: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def topic_prefix(value: str, name: str) -> str:
+    """`value` if Kafka takes it in a topic name, else UsageError naming `name`."""
+    if not _TOPIC_PREFIX.fullmatch(value):
+        raise UsageError(
+            f"{name} may hold only letters, digits, '.', '_' and '-', at most 200 of them"
+        )
+    return value
+
+
+def bootstrap_servers(raw: str, name: str) -> str | None:
+    """`host[:port]` items separated by commas, or None when unset; UsageError naming `name`."""
+    if not raw.strip():
+        return None
+    for item in (item.strip() for item in raw.split(",")):
+        port = item.rpartition(":")[2] if ":" in item and not item.endswith("]") else "0"
+        if not item or not (port.isascii() and port.isdigit()):
+            raise UsageError(f"{name} must be host:port items separated by commas")
+    return raw
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        parts = urlsplit(raw)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # a port that is not a number raises
+    except ValueError:  # that, or an unclosed IPv6 bracket
+        valid = False
+    if not valid:  # the value is not repeated: a URL may hold a password
+        raise UsageError(f"{name} must be an http:// or https:// URL")
+    return raw
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool | None:
@@ -158,6 +202,7 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or int(raw) < 1:
+    # isdigit alone takes "²" too, which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise UsageError(f"{name} must be a positive whole number, not {raw!r}")
     return int(raw)

@@ -19,7 +19,7 @@ from khala_stream.contract import Topics
 from khala_stream.db.importer_tables import APPLIED, OFFSETS, RUNS
 from khala_stream.runtime import Waiting
 
-__all__ = ["RunStatus", "StageStatus", "Status", "read_status", "waiting_for_process"]
+__all__ = ["RunStatus", "StageState", "Status", "read_status", "waiting_for_process"]
 
 Phase = Literal["publishing", "published", "deriving", "derived", "applied", "superseded"]
 _SHOWN_RUNS = 10
@@ -58,7 +58,7 @@ class RunStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class StageStatus:
+class StageState:
     stage: str
     backlog: int | None
     """Messages on the stage's topics past its stored positions (None: broker not asked)."""
@@ -77,7 +77,7 @@ class StageStatus:
 @dataclass(frozen=True, slots=True)
 class Status:
     runs: list[RunStatus] = field(default_factory=list)
-    stages: list[StageStatus] = field(default_factory=list)
+    stages: list[StageState] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -198,7 +198,7 @@ def _stages(
     topics: Topics,
     positions: dict[tuple[str, str], dict[int, int]],
     ends: Mapping[str, Mapping[int, int]] | None,
-) -> list[StageStatus]:
+) -> list[StageState]:
     def backlog(group: str, names: list[str]) -> int | None:
         if ends is None:
             return None
@@ -210,14 +210,14 @@ def _stages(
     stages = []
     for stage, own in (("process", process_backlog), ("sink", sink_backlog)):
         if own:
-            stages.append(StageStatus(stage, own, None, "has work to do"))
+            stages.append(StageState(stage, own, None, "has work to do"))
         elif newest is not None and newest.waiting_for == stage:
-            stages.append(StageStatus(stage, own, None, f"has run {newest.id} to do"))
+            stages.append(StageState(stage, own, None, f"has run {newest.id} to do"))
         elif newest is not None and newest.waiting_for is not None:
             reason = f"run {newest.id}: {newest.reason}"
-            stages.append(StageStatus(stage, own, newest.waiting_for, reason))
+            stages.append(StageState(stage, own, newest.waiting_for, reason))
         else:
-            stages.append(StageStatus(stage, own, None, "idle: nothing to do"))
+            stages.append(StageState(stage, own, None, "idle: nothing to do"))
     return stages
 
 

@@ -555,13 +555,14 @@ def _probe_entry(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo) ->
         raise InvalidExportError(path, f"corrupt ZIP: entry {info.filename}: {exc}") from exc
 
 
-def _open_folder(path: Path) -> ExportSource:
+def _open_folder(path: Path, max_entry_bytes: int, max_total_bytes: int) -> ExportSource:
     """An unpacked export: one `<table>/documents.jsonl` per table, under one folder.
 
     Refused: any symbolic link inside (an export unpacked from a ZIP holds none, and a link
     may lead anywhere: another user's files, a device, a table of another export), and a
     folder holding more than one export (table files under several parents), which would
-    otherwise mix or silently pick one of them.
+    otherwise mix or silently pick one of them. The size limits of a ZIP's inflated entries
+    hold for the table files too: a sparse file takes no disk and reads for hours.
     """
     found: dict[str, Path] = {}
     roots: set[tuple[str, ...]] = set()  # the folders holding source tables: one export's
@@ -597,6 +598,18 @@ def _open_folder(path: Path) -> ExportSource:
         stats = {table: file.stat() for table, file in files_by_table.items()}
     except OSError as exc:
         raise InvalidExportError(path, f"cannot read: {exc}") from exc
+    sizes = {tables[t]: s.st_size for t, s in stats.items() if t in SOURCE_TABLES}
+    for entry, size in sizes.items():
+        if size > max_entry_bytes:
+            raise InvalidExportError(
+                path, f"{entry} holds {size} bytes (limit {max_entry_bytes}); refused"
+            )
+    if sum(sizes.values()) > max_total_bytes:
+        raise InvalidExportError(
+            path,
+            f"the source tables hold {sum(sizes.values())} bytes in all"
+            f" (limit {max_total_bytes}); refused",
+        )
     return ExportSource(
         path=path,
         kind="folder",
@@ -605,7 +618,7 @@ def _open_folder(path: Path) -> ExportSource:
         snapshot_ms=max((s.st_mtime_ns // 1_000_000 for s in stats.values()), default=None),
         zip_file=None,
         zip_infos={},
-        max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES,
+        max_entry_bytes=max_entry_bytes,
         max_ratio=DEFAULT_MAX_RATIO,
     )
 
@@ -623,6 +636,9 @@ def open_export(
 ) -> ExportSource:
     """Open a ZIP or folder export; raise `InvalidExportError` when it cannot be imported.
 
+    A folder's source table files are refused past `max_entry_bytes` each and past
+    `max_total_bytes` together.
+
     A ZIP's entries are refused as a decompression bomb past `max_entry_bytes` each, past
     `max_total_bytes` for the source tables together, and past `max_ratio` once an entry is
     larger than `RATIO_FROM_BYTES` (zipfile never inflates an entry beyond its declared size,
@@ -636,7 +652,7 @@ def open_export(
     except OSError as exc:
         raise InvalidExportError(source, f"cannot read: {exc}") from exc
     if stat.S_ISDIR(mode):
-        return _open_folder(source)
+        return _open_folder(source, max_entry_bytes, max_total_bytes)
     if stat.S_ISREG(mode):
         return _open_zip(source, max_entry_bytes, max_ratio, max_total_bytes)
     raise InvalidExportError(source, "neither a file nor a folder")

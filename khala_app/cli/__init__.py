@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from khala_stream.config import Settings, settings_from_env
+from khala_stream.config import Settings, bootstrap_servers, settings_from_env, topic_prefix
 from khala_stream.errors import KhalaError, UsageError
 from khala_stream.terminal import EscapingFormatter, printable
 
@@ -155,7 +156,8 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # The stages import-chat starts as child processes log as verbosely as their parent.
     given = args.verbose + getattr(args, "verbose_after", 0)
-    verbosity = given or int(os.environ.get("KHALA_VERBOSITY", "0") or 0)
+    inherited = os.environ.get("KHALA_VERBOSITY", "")
+    verbosity = given or (int(inherited) if inherited.isascii() and inherited.isdigit() else 0)
     os.environ["KHALA_VERBOSITY"] = str(verbosity)
     ours = logging.WARNING - 10 * min(verbosity, 2)
     for name in ("khala_app", "khala_stream", "producers", "processors", "sinks"):
@@ -199,7 +201,7 @@ def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
 
     changes: dict[str, Any] = {}
     if args.topic_prefix:
-        changes["topic_prefix"] = args.topic_prefix
+        changes["topic_prefix"] = topic_prefix(args.topic_prefix, "--topic-prefix")
     if args.database_url:
         if _URL_PASSWORD.search(args.database_url):
             raise UsageError(
@@ -208,9 +210,10 @@ def _apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
             )
         changes["database_url"] = args.database_url
     if args.bootstrap_servers:
-        changes["kafka"] = replace(settings.kafka, bootstrap_servers=args.bootstrap_servers)
+        servers = bootstrap_servers(args.bootstrap_servers, "--bootstrap-servers")
+        changes["kafka"] = replace(settings.kafka, bootstrap_servers=servers)
     if args.retry_deadline is not None:
-        if not args.retry_deadline > 0:
+        if not 0 < args.retry_deadline < math.inf:  # nan fails both
             raise UsageError(f"--retry-deadline must be above 0, not {args.retry_deadline:g}")
         changes["retry_deadline_s"] = args.retry_deadline
     return replace(settings, **changes) if changes else settings

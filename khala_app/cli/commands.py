@@ -237,7 +237,9 @@ def _phases(source: Path) -> Iterator[tuple[PhaseDisplay, ProgressCallback]]:
     from khala_stream.progress import estimate_lines, phase_progress, publish_callback
     from producers.export_reader import open_export
 
-    with open_export(source, max_entry_bytes=1 << 62, max_ratio=1e12) as export:
+    with open_export(
+        source, max_entry_bytes=1 << 62, max_ratio=1e12, max_total_bytes=1 << 62
+    ) as export:
         estimates = estimate_lines(export.path, export.tables)
     with phase_progress() as display:
         yield display, publish_callback(display, estimates)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -196,8 +197,8 @@ def lag(args: argparse.Namespace, settings: Settings) -> int:
     interval: float | None = args.interval
     if samples is not None and samples < 1:
         raise UsageError("--samples must be at least 1")
-    if interval is not None and interval <= 0:
-        raise UsageError("--interval must be above 0")
+    if interval is not None and not 0 < interval < math.inf:  # nan fails both
+        raise UsageError("--interval must be a number of seconds above 0")
     if args.metrics_port is not None and not args.watch:
         raise UsageError("--metrics-port needs --watch (a one-shot lag exits at once)")
     if args.watch:
@@ -245,8 +246,8 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
         problems.append("--check does not serve metrics (--metrics-port)")
     if args.samples is not None and args.samples < 1:
         problems.append("--samples must be at least 1")
-    if args.interval is not None and args.interval <= 0:
-        problems.append("--interval must be above 0")
+    if args.interval is not None and not 0 < args.interval < math.inf:
+        problems.append("--interval must be a number of seconds above 0")
     result: CheckResult
     report: LagReport | None = None
     if problems:

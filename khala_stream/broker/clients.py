@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -17,6 +18,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
 from khala_stream.config import KafkaSettings, Settings
+from khala_stream.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +207,13 @@ async def broker_session(settings: Settings) -> AsyncIterator[Settings]:
 
     trim = settings.kafka.trim_consumed is not False  # on by default here (see KafkaSettings)
     home = Path(settings.broker_home) / "broker"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        usable = os.access(home, os.W_OK | os.X_OK)
+    except OSError as exc:  # a file in the way, a folder that cannot be made
+        raise UsageError(f"KHALA_BROKER_HOME {settings.broker_home}: {exc.strerror}") from exc
+    if not usable:
+        raise UsageError(f"KHALA_BROKER_HOME {settings.broker_home}: {home} is not writable")
     async with shared_broker(home, idle_s=settings.broker_idle_s) as bootstrap:
         yield settings.with_overrides(
             kafka=replace(settings.kafka, bootstrap_servers=bootstrap, trim_consumed=trim)

@@ -11,6 +11,7 @@ busy timeout instead.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 import time
 from contextlib import closing
@@ -40,13 +41,17 @@ _DRIVERS = {
 
 
 _SUPPORTED = "use postgresql+asyncpg://… or sqlite+aiosqlite:///…"
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# Taken by SQLAlchemy's asyncpg dialect itself, not passed on to asyncpg.connect().
+_SQLALCHEMY_ASYNCPG_KEYS = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
 def database_url(url: str) -> sa.URL:
     """`url` parsed, with the async driver for plain `postgresql://` / `sqlite://`.
 
-    Raises UsageError (exit 2) for a URL that is not one, another database, or a SQLite file in
-    a folder that does not exist; the message never repeats the URL (it may hold a password).
+    Raises UsageError (exit 2) for a URL that is not one, another database, an in-memory SQLite
+    database, or a SQLite file in a folder that does not exist; the message never repeats the
+    URL (it may hold a password).
     """
     try:
         parsed = make_url(url)
@@ -56,16 +61,37 @@ def database_url(url: str) -> sa.URL:
     backend = parsed.get_backend_name()
     if backend not in ("postgresql", "sqlite") or parsed.drivername not in _DRIVERS.values():
         raise UsageError(f"DATABASE_URL: unsupported database {parsed.drivername!r}: {_SUPPORTED}")
+    if backend == "postgresql":
+        parsed = _asyncpg_query(parsed)
     database = parsed.database or ""
-    if (
-        backend == "sqlite"
-        and database not in ("", ":memory:")
-        and not database.startswith("file:")
-    ):
+    if backend == "sqlite" and (database in ("", ":memory:") or "mode=memory" in database):
+        # Each stage is a process of its own, and each would see an empty database of its own.
+        raise UsageError("DATABASE_URL: an in-memory SQLite database cannot be shared: name a file")
+    if backend == "sqlite" and not database.startswith("file:"):
         folder = Path(database).expanduser().absolute().parent
         if not folder.is_dir():
             raise UsageError(f"DATABASE_URL: the SQLite file's folder does not exist: {folder}")
     return parsed
+
+
+def _asyncpg_query(parsed: sa.URL) -> sa.URL:
+    """The URL's query as asyncpg takes it: libpq's `sslmode` is asyncpg's `ssl`; a key asyncpg
+    does not know is a UsageError here, not a TypeError at the first connection."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    known = {*inspect.signature(asyncpg.connect).parameters, *_SQLALCHEMY_ASYNCPG_KEYS}
+    query = dict(parsed.query)
+    if "sslmode" in query and "ssl" not in query:
+        query["ssl"] = query.pop("sslmode")
+    if isinstance(query.get("ssl"), str) and query["ssl"] not in _SSL_MODES:
+        raise UsageError(f"DATABASE_URL: sslmode must be one of {', '.join(_SSL_MODES)}")
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise UsageError(
+            f"DATABASE_URL: unknown parameter {unknown[0]!r} for PostgreSQL (asyncpg): use"
+            " ssl=require, options asyncpg.connect() takes, or none"
+        )
+    return parsed.set(query=query)
 
 
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:

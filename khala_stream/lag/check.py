@@ -62,7 +62,7 @@ class Thresholds:
                 ("warn_lag", self.warn_lag),
                 ("crit_lag", self.crit_lag),
             )
-            if value is not None and value < 0
+            if value is not None and not value >= 0  # nan too
         ]
         for warn, crit, unit in (
             (self.warn_seconds, self.crit_seconds, "seconds"),

@@ -42,9 +42,23 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
         ("not a url", ["db", "init"], "DATABASE_URL is not a database URL"),
         (f"mysql://app:{PASSWORD}@127.0.0.1/app", ["db", "init"], "unsupported database"),
         ("sqlite+aiosqlite:////no/such/folder/k.sqlite", ["db", "init"], "does not exist"),
+        # was: "created" tables that vanished; import-chat blamed the topics' owner, exit 1
+        ("sqlite+aiosqlite://", ["import-chat", "EXPORT"], "in-memory"),
+        ("sqlite+aiosqlite:///:memory:", ["db", "init"], "in-memory"),
+        # was: exit 1, "unexpected TypeError" (asyncpg.connect() takes no such argument)
+        (f"postgresql://a:{PASSWORD}@127.0.0.1/d?foo=1", ["db", "init"], "parameter 'foo'"),
+        ("postgresql://a@127.0.0.1/d?sslmode=bogus", ["db", "init"], "sslmode must be one of"),
         ("not a url", ["import-chat", "EXPORT"], "DATABASE_URL is not a database URL"),
         ("not a url", ["dlq", "list"], "DATABASE_URL is not a database URL"),
         (None, ["generate", "--out", "OUT", "--users", "-3"], "argument --users"),
+        *(
+            (None, ["import-chat", "EXPORT", "--retry-deadline", bad], "--retry-deadline")
+            for bad in ("nan", "inf", "-1", "0")
+        ),
+        (None, ["lag", "--interval", "nan"], "--interval"),  # was: slept forever
+        (None, ["--topic-prefix", "a/b", "validate", "EXPORT"], "--topic-prefix"),
+        (None, ["--bootstrap-servers", "h:x", "validate", "EXPORT"], "--bootstrap-servers"),
+        (None, ["lag", "--watch", "--interval", "inf"], "--interval"),
         (None, ["--database-url", f"postgresql://a:{PASSWORD}@h/d", "db", "init"], "DATABASE_URL"),
         # A global option after the command too (issue 24): refused the same way.
         (None, ["db", "init", "--database-url", f"postgresql://a:{PASSWORD}@h/d"], "DATABASE_URL"),
@@ -73,15 +87,76 @@ def test_bad_settings_exit_2_with_one_line(
     assert not (tmp_path / "g.zip").exists()
 
 
-@pytest.mark.parametrize("args", [["db", "init"], ["dlq", "list"], ["dlq", "replay"]])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("KAFKA_BOOTSTRAP_SERVERS", "host:notaport"),  # was: exit 1, "unexpected ValueError"
+        ("KHALA_TOPIC_PREFIX", "bad prefix/x"),  # was: 160,000 log lines, exit 1 after 40 s
+        ("WORKOS_BASE_URL", "http://[::1"),  # was: exit 1, "unexpected InvalidURL"
+        ("WORKOS_BASE_URL", "not a url"),
+        ("KHALA_MAX_ENTRY_BYTES", "\u00b2"),
+        ("KHALA_RETRY_DEADLINE_SECONDS", "1.5"),
+        ("KHALA_TOPIC_PARTITIONS", "-2"),
+    ],
+)
+def test_a_bad_number_in_the_environment_exits_2_naming_it(
+    tmp_path: Path, topic_prefix: str, variable: str, value: str
+) -> None:
+    export = tmp_path / "a.zip"
+    write_fixture_zip(export, load_reference_fixture("fixture-a"))
+    env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
+    line = _one_error_line(khala(["validate", str(export)], env | {variable: value}), 2)
+    assert variable in line
+
+
+def test_libpq_sslmode_in_database_url_is_asyncpg_ssl(tmp_path: Path, pg_url: str) -> None:
+    """`?sslmode=disable`, as libpq and Laravel spell it, was exit 1 "unexpected TypeError"."""
+    env = env_for("127.0.0.1:9", "t_sslmode", pg_url + "?sslmode=disable")
+    assert "created users" in ok(khala(["db", "init"], env)).stdout
+
+
+def test_a_broker_home_that_cannot_be_made_exits_2_naming_it(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    """KHALA_BROKER_HOME under a file: was exit 1, "unexpected NotADirectoryError"."""
+    (tmp_path / "a-file").write_bytes(b"")
+    env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
+    del env["KAFKA_BOOTSTRAP_SERVERS"]  # the embedded broker
+    env["KHALA_BROKER_HOME"] = str(tmp_path / "a-file" / "home")
+    line = _one_error_line(khala(["dlq", "list"], env), 2)
+    assert "KHALA_BROKER_HOME" in line
+
+
+def test_a_bad_inherited_verbosity_is_no_traceback(tmp_path: Path, topic_prefix: str) -> None:
+    """KHALA_VERBOSITY passes -v on to import-chat's stage children; a stray value is 0."""
+    export = tmp_path / "a.zip"
+    write_fixture_zip(export, load_reference_fixture("fixture-a"))
+    env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
+    ok(khala(["validate", str(export)], env | {"KHALA_VERBOSITY": "abc"}))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["db", "init"],
+        ["dlq", "list"],
+        ["dlq", "replay"],
+        ["import-chat", "EXPORT"],
+        ["publish", "EXPORT"],
+    ],
+)
 def test_unreachable_database_or_broker_exit_1_with_one_line(
     tmp_path: Path, topic_prefix: str, args: list[str]
 ) -> None:
+    """KHALA_RETRY_DEADLINE_SECONDS holds for every command (import-chat's default too)."""
+    export = tmp_path / "a.zip"
+    write_fixture_zip(export, load_reference_fixture("fixture-a"))
+    args = [str(export) if a == "EXPORT" else a for a in args]
     dead_database = f"postgresql+asyncpg://khala:{PASSWORD}@127.0.0.1:9/laravel"
     env = env_for("127.0.0.1:9", topic_prefix, dead_database, KHALA_RETRY_DEADLINE_SECONDS="1")
     line = _one_error_line(khala(args, env, timeout=60), 1)
     assert "gave up waiting for the database" in line
-    if args[0] == "dlq":  # the database is there, the broker is not
+    if args[0] in ("dlq", "publish"):  # the database is there, the broker is not
         env["DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/k.sqlite"
         line = _one_error_line(khala(args, env, timeout=60), 1)
         assert "gave up waiting for the broker" in line
@@ -126,10 +201,11 @@ def test_no_private_data_in_errors_under_a_broken_schema(
 # ------------------------------------------------------------------------ --replace guards
 
 
-def _empty_export(path: Path) -> Path:
+def _empty_export(path: Path, blueprints: bytes = b"") -> Path:
     with zipfile.ZipFile(path, "w") as archive:
-        for table in ("users", "threads", "runs", "messages", "receipts", "blueprints"):
+        for table in ("users", "threads", "runs", "messages", "receipts"):
             archive.writestr(f"{table}/documents.jsonl", b"")
+        archive.writestr("blueprints/documents.jsonl", blueprints)
     return path
 
 
@@ -151,10 +227,16 @@ def test_replace_with_an_empty_export_is_refused_unless_allowed(
     before = _imported(tmp_path, env)
     assert before["threads"] and before["messages"] and before["run_events"]
     empty = _empty_export(tmp_path / "empty.zip")
+    # Blueprints fill no chat table: an export of blueprints alone is empty for --replace.
+    blueprint = orjson.dumps({"_id": "bp1", "userId": "user_1", "blueprint": {}}) + b"\n"
+    only_blueprints = _empty_export(tmp_path / "blueprints.zip", blueprint)
     for args in (
         ["import-chat", str(empty), "--replace"],
         ["import-chat", str(empty), "--replace", "--dry-run"],
         ["publish", str(empty), "--replace"],
+        ["import-chat", str(only_blueprints), "--replace"],
+        ["import-chat", str(only_blueprints), "--replace", "--dry-run"],
+        ["publish", str(only_blueprints), "--replace"],
     ):
         line = _one_error_line(khala(args, env), 2)
         assert "without a single document" in line and "--allow-empty" in line
@@ -192,7 +274,10 @@ def test_workos_key_is_checked_before_any_truncation_on_every_path(
             assert "WorkOS" in line
             ok(khala(["sink", "--until-idle"], bad, timeout=120))
             assert counts(pg_url, CHAT) == before  # nothing truncated
-        ok(khala(["process", "--until-idle"], right, timeout=120))
-        ok(khala(["sink", "--until-idle"], right, timeout=120))
+        # --until-idle hands over at the truncation (the processor waits for the sink to
+        # apply it before it sends the rows): a second round brings the rows.
+        for _ in range(2):
+            ok(khala(["process", "--until-idle"], right, timeout=120))
+            ok(khala(["sink", "--until-idle"], right, timeout=120))
     assert counts(pg_url, CHAT) == before  # replaced by the same rows
     assert {m["id"] for m in rows(pg_url, "messages")}

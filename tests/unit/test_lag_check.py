@@ -117,3 +117,5 @@ def test_threshold_problems() -> None:
         "--warn-seconds (60) is above --crit-seconds (30)"
     ]
     assert Thresholds(warn_lag=-1).problems() == ["--warn-lag must be at least 0, not -1"]
+    nan = float("nan")
+    assert Thresholds(warn_seconds=nan).problems() == ["--warn-seconds must be at least 0, not nan"]

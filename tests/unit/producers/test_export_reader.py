@@ -673,6 +673,27 @@ def test_the_source_tables_together_are_limited_in_inflated_size(tmp_path: Path)
         assert source.has_table("x")
 
 
+def test_a_folder_export_has_the_same_size_limits(tmp_path: Path) -> None:
+    """A sparse table file takes no disk and reads for hours: the limits hold for folders."""
+    folder = tmp_path / "export"
+    (folder / "users").mkdir(parents=True)
+    (folder / "threads").mkdir()
+    (folder / "users" / "documents.jsonl").write_bytes(b"")
+    os.truncate(folder / "users" / "documents.jsonl", 1 << 40)  # 1 TiB of nothing
+    (folder / "threads" / "documents.jsonl").write_bytes(b'{"a":1}\n' * 10)
+    with pytest.raises(InvalidExportError) as exc:
+        open_export(folder)
+    assert (
+        reason_of(exc) == f"users/documents.jsonl holds {1 << 40} bytes (limit {8 << 30}); refused"
+    )
+    os.truncate(folder / "users" / "documents.jsonl", 100)
+    with pytest.raises(InvalidExportError) as exc:
+        open_export(folder, max_total_bytes=109)
+    assert reason_of(exc) == "the source tables hold 180 bytes in all (limit 109); refused"
+    with open_export(folder, max_total_bytes=180) as source:
+        assert source.kind == "folder"
+
+
 def test_inflated_bytes_are_counted_while_streaming(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
