@@ -55,6 +55,15 @@ class RuntimeFailure(KhalaError):
     exit_code = 1
 
 
+class WorkosUnreachable(RuntimeFailure):
+    """WorkOS could not be asked whether it takes the key (unreachable, or failing after
+    retries): a run-time failure (exit 1), not a refused key."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"WorkOS: {reason}")
+
+
 class TransientError(RuntimeFailure):
     """A failure that may pass: retry with capped exponential backoff."""
 

@@ -40,7 +40,7 @@ from urllib.parse import quote
 from email_validator import EmailNotValidError, validate_email
 
 from khala_stream import metrics
-from khala_stream.errors import WorkosAuthError, WorkosKeyError
+from khala_stream.errors import WorkosAuthError, WorkosKeyError, WorkosUnreachable
 
 if TYPE_CHECKING:
     # Imported where a client opens: every stage imports this module, few call WorkOS, and
@@ -278,13 +278,14 @@ class WorkosClient:
     async def check_key(self) -> None:
         """One request before any write (SPEC §8.10).
 
-        Raises WorkosKeyError when the key is refused, or WorkOS cannot be reached or keeps
-        failing after retries, or answers something unexpected.
+        Raises WorkosKeyError (exit 2) when the key is refused or WorkOS answers something
+        unexpected, WorkosUnreachable (exit 1) when it cannot be reached or keeps failing after
+        retries.
         """
         try:
             response = await self._request_with_retries(f"{_USERS_PATH}?limit=1", label="key check")
         except _Retryable as exc:
-            raise WorkosKeyError(
+            raise WorkosUnreachable(
                 f"could not check the API key at {self._base_url}: {exc.reason} "
                 f"after {self._max_attempts} attempts"
             ) from None

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from khala_stream.errors import WorkosAuthError, WorkosKeyError
+from khala_stream.errors import WorkosAuthError, WorkosKeyError, WorkosUnreachable
 from processors.workos import LookupStats, WorkosClient, WorkosUser, parse_retry_after
 from processors.workos_cache import (
     CACHE_TABLE_NAME,
@@ -270,9 +270,11 @@ def test_check_key_refused_is_a_usage_error(fake: FakeWorkos) -> None:
 
 
 def test_check_key_when_workos_keeps_failing(fake: FakeWorkos) -> None:
+    """Not a refused key: a run-time failure (exit 1), as for any unreachable service."""
     fake.script(USERS_PATH, *[Reply(500, {}) for _ in range(3)])
-    with pytest.raises(WorkosKeyError, match=r"HTTP 500 after 3 attempts"):
+    with pytest.raises(WorkosUnreachable, match=r"HTTP 500 after 3 attempts") as caught:
         with_client(fake, lambda c: c.check_key(), max_attempts=3)
+    assert caught.value.exit_code == 1
 
 
 def test_check_key_when_workos_is_unreachable() -> None:
@@ -286,7 +288,7 @@ def test_check_key_when_workos_is_unreachable() -> None:
         ) as client:
             await client.check_key()
 
-    with pytest.raises(WorkosKeyError, match=r"could not check the API key.*ConnectError"):
+    with pytest.raises(WorkosUnreachable, match=r"could not check the API key.*ConnectError"):
         asyncio.run(main())
 
 
