@@ -496,9 +496,9 @@ def counts(args: argparse.Namespace, settings: Settings) -> int:
 
 def _require_database(url: str) -> None:
     # A read-only command must not create an empty SQLite file where none was.
-    from sqlalchemy.engine import make_url
+    from khala_stream.db.engine import database_url
 
-    parsed = make_url(url)
+    parsed = database_url(url)  # a bad URL is exit 2 naming DATABASE_URL, as everywhere
     database = parsed.database or ""
     on_disk = parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:")
     if on_disk and not Path(database).exists():

@@ -123,6 +123,7 @@ def test_a_broker_home_that_cannot_be_made_exits_2_naming_it(
     env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
     del env["KAFKA_BOOTSTRAP_SERVERS"]  # the embedded broker
     env["KHALA_BROKER_HOME"] = str(tmp_path / "a-file" / "home")
+    ok(khala(["db", "init"], env))  # `dlq list` reads a database that exists
     line = _one_error_line(khala(["dlq", "list"], env), 2)
     assert "KHALA_BROKER_HOME" in line
 
@@ -158,6 +159,7 @@ def test_unreachable_database_or_broker_exit_1_with_one_line(
     assert "gave up waiting for the database" in line
     if args[0] in ("dlq", "publish"):  # the database is there, the broker is not
         env["DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/k.sqlite"
+        ok(khala(["db", "init"], env, timeout=60))  # `dlq list` reads a database that exists
         line = _one_error_line(khala(args, env, timeout=60), 1)
         assert "gave up waiting for the broker" in line
 
