@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from khala_app.guards import checked_export
 from khala_app.publication import open_run, publish_run
 from khala_stream import import_runs
 from khala_stream.broker.clients import broker_session, make_consumer
+from khala_stream.broker.loss import LossCheck
 from khala_stream.config import Settings
 from khala_stream.contract import (
     SOURCE_TABLES,
@@ -252,7 +252,8 @@ async def _run_stages(
         sent = published["documents"] = await publish()
         if phases is not None:
             phases.update(PhaseEvent(STORE_PHASE, total=sent))
-        next_loss_check = time.monotonic() + _LOSS_CHECK_S
+        loss_check = LossCheck()
+        loss_check.due()  # the first look one interval from now: the stages are just starting
         while True:
             for name, child in stages:
                 if child.returncode is not None:
@@ -272,8 +273,7 @@ async def _run_stages(
                     phases.update(PhaseEvent(WRITE_PHASE, done=rows, total=rows, finished=True))
                     phases.finish_all()
                 return report
-            if time.monotonic() >= next_loss_check:
-                next_loss_check = time.monotonic() + _LOSS_CHECK_S
+            if loss_check.due():
                 applied = await db.run(_documents_lost, probe, topics, run_id)
                 if applied is not None:
                     logger.warning(
@@ -288,9 +288,6 @@ async def _run_stages(
         await probe.stop()
         await asyncio.gather(*(_stop_stage(child, terminated) for _, child in stages))
         await asyncio.gather(*relays, return_exceptions=True)
-
-
-_LOSS_CHECK_S = 5.0
 
 
 async def _documents_lost(

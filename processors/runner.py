@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream import import_runs, metrics, status
 from khala_stream.backpressure import Backpressure
+from khala_stream.broker.loss import LossCheck, short_partitions
 from khala_stream.config import Settings
 from khala_stream.contract import (
     REPLACED_TABLES,
@@ -70,7 +70,6 @@ from processors.workos_cache import SqlWorkosCache, resolve_with_cache
 logger = logging.getLogger(__name__)
 
 
-_LOSS_CHECK_S = 2.0
 _CLAIM_GONE = (
     "another worker took it over after the database was out of reach for longer than the"
     " lease, or a newer import superseded the run"
@@ -200,7 +199,7 @@ class Processor:
         self._lease_s = settings.derive_lease_s
         self._worker = uuid.uuid4().hex
         self.derived: list[int] = []
-        self._next_loss_check = 0.0
+        self._loss_check = LossCheck()
         self._backpressure = Backpressure(
             engine, self._topics.sink_group, limit=_SINK_BEHIND, deadline_s=db_deadline_s
         )
@@ -336,10 +335,8 @@ class Processor:
         the latest run can be waiting: a derivation starts after the sink applied everything
         before it. Checked every few seconds, only while that run waits for the sink.
         """
-        now = time.monotonic()
-        if now < self._next_loss_check:
+        if not self._loss_check.due():
             return
-        self._next_loss_check = now + _LOSS_CHECK_S
         run = await import_runs.latest(self._engine)
         topic = self._topics.changes
         if run is None or run.status != "derived":
@@ -347,7 +344,7 @@ class Processor:
         if await import_runs.applied_by_sink(self._engine, run, self._topics.sink_group, topic):
             return
         ends = await end_offsets(self._probe, topic)
-        lost = {p: (ends.get(p, 0), e) for p, e in run.changes_end.items() if ends.get(p, 0) < e}
+        lost = short_partitions(ends, run.changes_end)
         if lost and await import_runs.derive_again(self._engine, run.id):
             logger.warning(
                 "run %d: the broker lost changes it had acknowledged (partition: end now,"
