@@ -147,23 +147,30 @@ class _CountColumn(ProgressColumn):
         return Text(f"{done}/~{task.total:,.0f} lines", style="progress.download")
 
 
+def _bar_display(
+    out: IO[str], description: str, count: ProgressColumn, rate: ProgressColumn
+) -> Progress:
+    """Rich bars on `out`: description, bar, count, rate, elapsed time and ETA."""
+    return Progress(
+        TextColumn("[bold]" + description),
+        BarColumn(),
+        count,
+        rate,
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=Console(file=out, force_terminal=True),
+        transient=False,
+        # Results go to stdout and may be piped (--json): never capture them into the bars.
+        redirect_stdout=False,
+    )
+
+
 class _Bars:
     def __init__(self, label: str, estimates: Mapping[str, int], out: IO[str]) -> None:
         self._label = label
         self._estimates = estimates
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            _CountColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=Console(file=out, force_terminal=True),
-            transient=False,
-            # Results go to stdout and may be piped (--json): never capture them into the bars.
-            redirect_stdout=False,
-        )
+        self.progress = _bar_display(out, "{task.description}", _CountColumn(), _RateColumn())
         self._tasks: dict[str, TaskID] = {}
         self._current: str | None = None
 
@@ -390,18 +397,7 @@ class _PhaseBars:
     """A rich bar per phase, with count, rate and ETA (when the total is known)."""
 
     def __init__(self, out: IO[str]) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description:<22}"),
-            BarColumn(),
-            _ItemCount(),
-            _ItemRate(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=Console(file=out, force_terminal=True),
-            transient=False,
-            redirect_stdout=False,
-        )
+        self.progress = _bar_display(out, "{task.description:<22}", _ItemCount(), _ItemRate())
         self._tasks: dict[str, TaskID] = {}
         self._closed: set[TaskID] = set()  # rich's `finished` is only completed >= total
 
