@@ -1,0 +1,283 @@
+"""`khala-stream follow`: a live deployment's snapshot, then its changes, into the topics.
+
+The steps, each resumable where it stopped (`producers/live_mirror.py` keeps the position
+with the documents it covers):
+
+1. Ask the deployment for its tables (a refused key is DeployKeyError, exit 2, before
+   anything is written).
+2. First time only: pin a snapshot (`list_snapshot` without a table) and walk each followed
+   table in pages; a snapshot the source no longer serves is walked again from a new one.
+3. Publish the state as a newer export of the deployment (a merge import, SPEC §5): the
+   mirror written as a folder export, in `_creationTime`, `_id` order, through the one publish
+   path (`khala_app/publication.py`), so `process` and `sink` derive and write it as they do
+   any export. The state is marked published only after the broker acknowledged it.
+4. Poll `document_deltas` from the stored cursor; each page goes into the mirror with the
+   cursor after it. When the source has nothing more (`hasMore` false) and something followed
+   changed, publish again (3). A deletion is a tombstone: the document leaves the state, so it
+   is reported as gone, and deleted from the Laravel tables only with --propagate-deletes.
+
+With `until_caught_up` the command returns once the state it has read is published and the
+source reported no more changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from khala_app.publication import publish_run
+from khala_app.topic_owner import prepare_topics_waiting
+from khala_stream import import_runs
+from khala_stream.broker.clients import broker_session
+from khala_stream.config import Settings
+from khala_stream.contract.tables import CHAT_TABLES, SOURCE_TABLES
+from khala_stream.db.port import Database, open_database
+from khala_stream.errors import DeployKeyError, UsageError
+from producers import live_mirror
+from producers.export_reader import open_export
+from producers.live_client import LiveClient, SnapshotExpired
+from producers.live_mirror import FollowState
+
+logger = logging.getLogger(__name__)
+
+_PAGES_PER_PUBLISH = 50
+"""Delta pages read at most before the state is published even though more are waiting."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FollowOptions:
+    deployment: str
+    tables: tuple[str, ...] = SOURCE_TABLES
+    propagate_deletes: bool = False
+    until_caught_up: bool = False
+    poll_interval_s: float = 1.0
+
+
+@dataclass(slots=True)
+class FollowReport:
+    """What one `follow` command did."""
+
+    deployment: str
+    tables: list[str] = field(default_factory=list)
+    snapshot_documents: Counter[str] = field(default_factory=Counter)
+    snapshot_restarts: int = 0
+    changed: Counter[str] = field(default_factory=Counter)
+    deleted: Counter[str] = field(default_factory=Counter)
+    runs: list[int] = field(default_factory=list)
+    published: Counter[str] = field(default_factory=Counter)
+    cursor: Any = None
+    state_ns: int = 0
+    retries: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment,
+            "tables": self.tables,
+            "snapshot_documents": dict(self.snapshot_documents),
+            "snapshot_restarts": self.snapshot_restarts,
+            "changed": dict(self.changed),
+            "deleted": dict(self.deleted),
+            "runs": self.runs,
+            "published": dict(self.published),
+            "cursor": self.cursor,
+            "state_ns": self.state_ns,
+            "retries": self.retries,
+        }
+
+    def lines(self, propagate_deletes: bool) -> list[str]:
+        out = [f"follow {self.deployment}: tables {' '.join(self.tables) or 'none'}"]
+        if self.snapshot_documents or self.snapshot_restarts:
+            counts = " ".join(f"{t}={n}" for t, n in sorted(self.snapshot_documents.items()))
+            out.append(
+                f"  snapshot: {counts or 'no documents'}"
+                + (f" (restarted {self.snapshot_restarts}x)" if self.snapshot_restarts else "")
+            )
+        changed = " ".join(f"{t}={n}" for t, n in sorted(self.changed.items()))
+        out.append(f"  changes: {changed or 'none'}")
+        if self.deleted:
+            deleted = " ".join(f"{t}={n}" for t, n in sorted(self.deleted.items()))
+            what = "propagated" if propagate_deletes else "reported, not propagated"
+            out.append(f"  deleted at the source: {deleted} ({what})")
+        runs = " ".join(str(r) for r in self.runs)
+        out.append(f"  runs published: {runs or 'none'}")
+        out.append(f"  cursor: {self.cursor}")
+        return out
+
+
+def _check_deployment(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+        raise UsageError(f"--deployment must be an http(s) URL without credentials, not {url!r}")
+    return url.rstrip("/")
+
+
+async def follow(
+    settings: Settings,
+    options: FollowOptions,
+    *,
+    on_published: Callable[[FollowReport], None] | None = None,
+) -> FollowReport:
+    """Run `follow` (module docstring); returns what it did when caught up (with
+    `until_caught_up`), else runs until cancelled."""
+    deployment = _check_deployment(options.deployment)
+    key = settings.khala_deploy_key
+    if key is None:
+        raise DeployKeyError("follow needs KHALA_DEPLOY_KEY in the environment")
+    unknown = sorted(set(options.tables) - set(SOURCE_TABLES))
+    if unknown:
+        raise UsageError(
+            f"--tables: not a source table: {', '.join(unknown)}"
+            f" (choose from {', '.join(SOURCE_TABLES)})"
+        )
+    report = FollowReport(deployment=deployment)
+    async with LiveClient(
+        base_url=deployment, deploy_key=key.reveal(), deadline_s=settings.retry_deadline_s
+    ) as client:
+        present = set(await client.tables())
+        followed: list[str] = [t for t in SOURCE_TABLES if t in options.tables and t in present]
+        report.tables = followed
+        if not CHAT_TABLES & set(followed):
+            raise UsageError(
+                f"{deployment} has none of the chat tables to follow"
+                f" ({', '.join(sorted(CHAT_TABLES & set(options.tables)))})"
+            )
+        async with open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db:
+            state = await db.run(live_mirror.load_state, deployment)
+            state = await _snapshot(client, db, deployment, followed, state, report)
+            async with broker_session(settings) as live:
+                await prepare_topics_waiting(live, db)
+                await _follow_deltas(client, db, live, followed, state, options, report,
+                                     on_published)  # fmt: skip
+        report.retries = client.retries
+    return report
+
+
+async def _snapshot(
+    client: LiveClient,
+    db: Database,
+    deployment: str,
+    followed: Sequence[str],
+    state: FollowState | None,
+    report: FollowReport,
+) -> FollowState:
+    """Walk the snapshot (again, from where it stopped); the state once every table is done."""
+    while state is None or state.phase == "snapshot":
+        if state is None:
+            pinned = await client.snapshot_page(None, snapshot=None, cursor=None)
+            state = await db.run(live_mirror.start_snapshot, deployment, pinned.snapshot)
+            logger.info("follow: snapshot=%s pinned", pinned.snapshot)
+        try:
+            for table in followed:
+                cursor, done = state.table_cursors.get(table, (None, False))
+                while not done:
+                    page = await client.snapshot_page(table, snapshot=state.snapshot, cursor=cursor)
+                    if page.snapshot != state.snapshot:
+                        raise SnapshotExpired(state.snapshot)  # the source moved it: again
+                    cursor, done = page.cursor, not page.has_more
+                    state = await db.run(
+                        live_mirror.apply_snapshot_page,
+                        deployment,
+                        table,
+                        page.values,
+                        cursor,
+                        done,
+                    )
+                    report.snapshot_documents[table] += len(page.values)
+            state = await db.run(live_mirror.finish_snapshot, deployment)
+        except SnapshotExpired:
+            logger.warning("follow: snapshot=%s no longer served; walking a new one",
+                           state.snapshot)  # fmt: skip
+            report.snapshot_restarts += 1
+            report.snapshot_documents.clear()
+            state = None
+    return state
+
+
+async def _follow_deltas(
+    client: LiveClient,
+    db: Database,
+    live: Settings,
+    followed: Sequence[str],
+    state: FollowState,
+    options: FollowOptions,
+    report: FollowReport,
+    on_published: Callable[[FollowReport], None] | None,
+) -> None:
+    pages = 0
+    while True:
+        caught_up = False
+        assert state.delta_cursor is not None
+        while not caught_up and pages < _PAGES_PER_PUBLISH:
+            page = await client.deltas(state.delta_cursor)
+            state, effect = await db.run(
+                live_mirror.apply_delta_page, state.deployment, page.values, page.cursor, followed
+            )
+            report.changed.update(effect.changed)
+            report.deleted.update(effect.deleted)
+            caught_up = not page.has_more
+            pages += 1
+        report.cursor, report.state_ns = state.delta_cursor, state.state_ns
+        if state.unpublished:
+            state = await _publish(db, live, followed, state, options, report)
+            if on_published is not None:
+                on_published(report)
+        pages = 0
+        if caught_up and options.until_caught_up:
+            return
+        if caught_up:
+            await asyncio.sleep(options.poll_interval_s)
+
+
+async def _publish(
+    db: Database,
+    live: Settings,
+    followed: Sequence[str],
+    state: FollowState,
+    options: FollowOptions,
+    report: FollowReport,
+) -> FollowState:
+    """Publish the mirror at `state` as one run (a newer export of the deployment)."""
+    run_options = import_runs.RunOptions(
+        propagate_deletes=options.propagate_deletes,
+        skip_blueprints="blueprints" not in followed,
+        incremental=True,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="khala-follow-"))
+    try:
+        await db.run(live_mirror.write_folder, followed, folder, state.state_ns)
+        with open_export(folder, max_entry_bytes=1 << 62, max_ratio=1e12,
+                         max_total_bytes=1 << 62) as export:  # fmt: skip
+            source = f"{state.deployment} cursor={state.delta_cursor}"
+            run_id = await db.run(
+                import_runs.register, source=source, sha256=export.sha256(), options=run_options
+            )
+            started = time.monotonic()
+            published = await publish_run(live, db, export, run_id, run_options)
+        await db.run(
+            live_mirror.mark_published, state.deployment, state.version, state.state_ns, run_id
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    report.runs.append(run_id)
+    report.published.update(published.published)
+    logger.info(
+        "follow: run=%d version=%d cursor=%s published=%s seconds=%.2f",
+        run_id,
+        state.version,
+        state.delta_cursor,
+        dict(published.published),
+        time.monotonic() - started,
+    )
+    after = await db.run(live_mirror.load_state, state.deployment)
+    assert after is not None
+    return after
