@@ -172,10 +172,16 @@ def test_follow_equals_a_merge_import_after_the_snapshot_and_each_step(
     # Throttling and server errors on the way: waited out, honouring Retry-After.
     fake.script(LIST_SNAPSHOT, Reply(429, {"code": "RateLimited"}, {"Retry-After": "1"}))
     fake.script(DOCUMENT_DELTAS, Reply(500, {"code": "Internal"}), Reply(503, None))
+    # The snapshot expires in the middle of the walk while a user is added: walked again.
+    fake.expire_at_page = 6
+    late = {"_id": "late_user", "_creationTime": (T0 + 2) * 1000.0,
+            "userId": "user_01LATEARRIVAL01", "email": "late@example.com"}  # fmt: skip
+    fake.on_expiry = lambda: fake.commit(ts_s=T0 + 2, put=[("users", late)]) and None
     with fresh_database(pg_admin_url) as other:
         mirror = Mirror(tmp_path, kafka_bootstrap, other, flags)
 
         result = ok(_follow(env, fake, *flags))
+        assert "(restarted 1x)" in result.stdout
         assert "runs published: " in result.stdout
         expected = mirror.import_state(fake)
         assert all(expected[t] for t in ("users", "threads", "messages", "autopilots"))

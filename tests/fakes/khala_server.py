@@ -12,7 +12,8 @@ timestamp. `list_snapshot` pages a table by `_id` (`page_size` values, the curso
 `_id`); without `tableName` it pages every table by (table, `_id`). `document_deltas` gives the
 versions committed after the cursor in `_ts` order, whole commits per page (at least one, then
 up to `delta_page_size` values), cursor = the last `_ts` served. A wrong or missing
-`Authorization: Convex <key>` is 401; a snapshot in `expired` is a 400 naming it; scripted
+`Authorization: Convex <key>` is 401; a snapshot in `expired` is a 400 naming it (and the one
+being walked expires after `expire_at_page` pages, calling `on_expiry`); scripted
 replies (per path) come before the normal answer.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import threading
 import zipfile
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,6 +75,11 @@ class FakeKhala:
         self.page_size = page_size
         self.delta_page_size = delta_page_size
         self.expired: set[int] = set()
+        self.expire_at_page: int | None = None
+        """Snapshot pages served before the snapshot being walked expires (once)."""
+        self.on_expiry: Callable[[], None] | None = None
+        """Called as the snapshot expires (to commit something: time moves on)."""
+        self._pages_served = 0
         self.requests: list[Recorded] = []
         self._log: list[_Commit] = []
         self._tables: set[str] = set()
@@ -269,6 +275,12 @@ class FakeKhala:
 
     def _snapshot(self, params: dict[str, str]) -> Reply:
         snapshot = int(params["snapshot"]) if "snapshot" in params else self.now
+        if "tableName" in params:
+            self._pages_served += 1
+            if self._pages_served == self.expire_at_page:
+                self.expired.add(snapshot)
+                if self.on_expiry is not None:
+                    self.on_expiry()
         if snapshot in self.expired:
             return Reply(
                 400,
