@@ -35,9 +35,10 @@ from typing import Any
 
 from khala_app.publication import publish_run
 from khala_app.topic_owner import prepare_topics_waiting
-from khala_stream import import_runs
+from khala_stream import import_runs, metrics
 from khala_stream.broker.clients import broker_session
 from khala_stream.config import Settings
+from khala_stream.contract import Topics
 from khala_stream.contract.tables import CHAT_TABLES, SOURCE_TABLES
 from khala_stream.db.port import Database, open_database
 from khala_stream.errors import DeployKeyError, UsageError
@@ -47,6 +48,8 @@ from producers.live_client import LiveClient, SnapshotExpired
 from producers.live_mirror import FollowState
 
 logger = logging.getLogger(__name__)
+# The line per publication shown without -v, as the stages' status lines are.
+_status = logging.getLogger("khala_stream.status")
 
 _PAGES_PER_PUBLISH = 50
 """Delta pages read at most before the state is published even though more are waiting."""
@@ -214,6 +217,8 @@ async def _follow_deltas(
     on_published: Callable[[FollowReport], None] | None,
 ) -> None:
     pages = 0
+    metrics.source_position(newest_ns=state.state_ns, published_ns=state.published_ns)
+    freshness = _Freshness(db, Topics(live.topic_prefix))
     while True:
         caught_up = False
         assert state.delta_cursor is not None
@@ -224,18 +229,59 @@ async def _follow_deltas(
             )
             report.changed.update(effect.changed)
             report.deleted.update(effect.deleted)
+            metrics.source_position(newest_ns=state.state_ns)
             caught_up = not page.has_more
             pages += 1
         report.cursor, report.state_ns = state.delta_cursor, state.state_ns
         if state.unpublished:
+            pending = state.pending_ns
             state = await _publish(db, live, followed, state, options, report)
+            metrics.source_position(published_ns=state.published_ns)
+            if state.published_run is not None:
+                freshness.published(state.published_run, pending)
             if on_published is not None:
                 on_published(report)
+        await freshness.check()
         pages = 0
         if caught_up and options.until_caught_up:
             return
         if caught_up:
             await asyncio.sleep(options.poll_interval_s)
+
+
+class _Freshness:
+    """End-to-end freshness: when the sink has committed every row of the last run published,
+    the oldest change it carried has reached Laravel; measured against the wall clock (the
+    source's `_ts` is the deployment's clock: keep both on NTP), once per run, so its
+    precision is the poll interval. A run superseded before it was derived hands its oldest
+    change on to the run that superseded it."""
+
+    def __init__(self, db: Database, topics: Topics) -> None:
+        self._db = db
+        self._topics = topics
+        self._waiting: tuple[int, int] | None = None  # run, oldest change (ns)
+
+    def published(self, run_id: int, oldest_ns: int | None) -> None:
+        if self._waiting is not None:
+            older = self._waiting[1]
+            oldest_ns = older if oldest_ns is None else min(older, oldest_ns)
+        if oldest_ns is not None:
+            self._waiting = (run_id, oldest_ns)
+
+    async def check(self) -> None:
+        if self._waiting is None:
+            return
+        run_id, oldest_ns = self._waiting
+        run = await self._db.run(import_runs.load, run_id)
+        if run is None or not await self._db.run(
+            import_runs.applied_by_sink, run, self._topics.sink_group, self._topics.changes
+        ):
+            return
+        seconds = max(0.0, time.time() - oldest_ns / 1e9)
+        self._waiting = None
+        metrics.source_freshness(seconds)
+        await self._db.run(live_mirror.record_freshness, run_id, seconds)
+        logger.info("follow: run=%d freshness_s=%.2f", run_id, seconds)
 
 
 async def _publish(
@@ -270,7 +316,7 @@ async def _publish(
         shutil.rmtree(folder, ignore_errors=True)
     report.runs.append(run_id)
     report.published.update(published.published)
-    logger.info(
+    _status.info(
         "follow: run=%d version=%d cursor=%s published=%s seconds=%.2f",
         run_id,
         state.version,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 
+from khala_stream import metrics
 from khala_stream.errors import DeployKeyError, SourceAnswerError, SourceUnreachable
 from producers import live_api
 from producers.live_api import Cursor, DeltaPage, SnapshotPage
@@ -146,7 +147,9 @@ class LiveClient:
         while True:
             attempt += 1
             try:
-                return await self._attempt(endpoint, params, snapshot)
+                body = await self._attempt(endpoint, params, snapshot)
+                metrics.source_request(endpoint, "ok")
+                return body
             except _Retryable as exc:
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
@@ -163,6 +166,7 @@ class LiveClient:
                     delay,
                 )
                 self.retries += 1
+                metrics.source_request(endpoint, "retried")
                 await asyncio.sleep(delay)
 
     async def _attempt(self, endpoint: str, params: dict[str, str], snapshot: Cursor | None) -> Any:

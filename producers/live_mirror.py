@@ -55,6 +55,13 @@ class FollowState:
     published_version: int
     published_ns: int
     published_run: int | None
+    pending_ns: int | None
+    """The oldest `_ts` of a followed change not yet published."""
+    published_pending_ns: int | None
+    """The oldest `_ts` of a change first published in run `published_run`."""
+    freshness_s: float | None
+    freshness_run: int | None
+    updated_at: datetime
 
     @property
     def unpublished(self) -> bool:
@@ -92,6 +99,11 @@ def _from_row(row: Any) -> FollowState:
         published_version=int(row.published_version),
         published_ns=int(row.published_ns),
         published_run=row.published_run,
+        pending_ns=row.pending_ns,
+        published_pending_ns=row.published_pending_ns,
+        freshness_s=row.freshness_s,
+        freshness_run=row.freshness_run,
+        updated_at=row.updated_at,
     )
 
 
@@ -135,6 +147,10 @@ async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor)
             "published_version": 0,
             "published_ns": 0,
             "published_run": None,
+            "pending_ns": None,
+            "published_pending_ns": None,
+            "freshness_s": None,
+            "freshness_run": None,
             "updated_at": _now(),
         }
         if old is None:
@@ -205,6 +221,10 @@ async def apply_delta_page(
         effect = await _apply(conn, values, set(followed), version)
         newest = max([state.state_ns, _as_ns(cursor), *(v.ts for v in values)])
         moved = bool(effect.changed or effect.deleted)
+        oldest = min((v.ts for v in values if v.table in set(followed)), default=None)
+        pending = state.pending_ns
+        if moved and oldest is not None:
+            pending = oldest if pending is None else min(pending, oldest)
         await conn.execute(
             sa.update(FOLLOW)
             .where(FOLLOW.c.singleton == 1)
@@ -212,6 +232,7 @@ async def apply_delta_page(
                 delta_cursor=_dump(cursor),
                 state_ns=newest,
                 version=version if moved else state.version,
+                pending_ns=pending,
                 updated_at=_now(),
             )
         )
@@ -223,12 +244,15 @@ async def apply_delta_page(
 async def mark_published(
     engine: AsyncEngine, deployment: str, version: int, state_ns: int, run_id: int
 ) -> None:
-    """The state at `version` is published (the broker acknowledged it) as run `run_id`."""
+    """The state at `version` is published (the broker acknowledged it) as run `run_id`; the
+    changes waiting for it are now waiting for that run's rows (`record_freshness`)."""
     async with engine.begin() as conn:
         await conn.execute(
             sa.update(FOLLOW)
             .where(FOLLOW.c.singleton == 1, FOLLOW.c.deployment == deployment)
             .values(
+                published_pending_ns=FOLLOW.c.pending_ns,
+                pending_ns=None,
                 published_version=sa.func.greatest(FOLLOW.c.published_version, version)
                 if conn.dialect.name == "postgresql"
                 else sa.func.max(FOLLOW.c.published_version, version),
@@ -236,6 +260,16 @@ async def mark_published(
                 published_run=run_id,
                 updated_at=_now(),
             )
+        )
+
+
+async def record_freshness(engine: AsyncEngine, run_id: int, seconds: float) -> None:
+    """The freshness measured when the sink had committed every row of run `run_id`."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(FOLLOW)
+            .where(FOLLOW.c.singleton == 1)
+            .values(freshness_s=seconds, freshness_run=run_id)
         )
 
 

@@ -133,7 +133,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     operations.register(sub)
     status.register(sub)
-    for name in ("publish", "process", "sink"):
+    for name in ("publish", "process", "sink", "follow"):
         operations.add_metrics_flags(sub.choices[name])
 
 
@@ -178,7 +178,10 @@ def follow(args: argparse.Namespace, settings: Settings) -> int:
         until_caught_up=args.until_caught_up,
         poll_interval_s=args.poll_interval,
     )
-    report = _run(run_follow(settings, options))
+    from khala_app.cli import operations
+
+    with operations.metrics_server(args):
+        report = _run(run_follow(settings, options))
     _emit(args, report.to_json(), report.lines(options.propagate_deletes))
     return 0
 

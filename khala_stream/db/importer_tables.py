@@ -171,6 +171,12 @@ FOLLOW: Final = sa.Table(
     sa.Column("published_version", sa.Integer(), nullable=False),
     sa.Column("published_ns", sa.BigInteger(), nullable=False),  # state_ns last published
     sa.Column("published_run", sa.Integer(), nullable=True),
+    # The oldest `_ts` of a followed change not published yet, and of the last run published.
+    sa.Column("pending_ns", sa.BigInteger(), nullable=True),
+    sa.Column("published_pending_ns", sa.BigInteger(), nullable=True),
+    # The last end-to-end freshness measured (source `_ts` to the sink's commit), and its run.
+    sa.Column("freshness_s", sa.Float(), nullable=True),
+    sa.Column("freshness_run", sa.Integer(), nullable=True),
     sa.Column("updated_at", sa.DateTime(), nullable=False),
 )
 

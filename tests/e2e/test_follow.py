@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 
@@ -302,3 +304,54 @@ def _has_runs(db_url: str) -> bool:
     query = "SELECT count(*) FROM information_schema.tables WHERE table_name = 'khala_import_runs'"
     (found,) = run_db(db_url, [sa.text(query)])
     return bool(found[0][0])
+
+
+def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_source(
+    fake: FakeKhala,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    pg_url: str,
+    make_stages: MakeStages,
+) -> None:
+    env = {**stage_env(kafka_bootstrap, topic_prefix, pg_url), "KHALA_DEPLOY_KEY": KEY}
+    stages = make_stages(env).start()
+    log = (tmp_path / "follow.log").open("wb")
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
+         "--poll-interval", "0.2"],
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        stages.wait_applied(pg_url, timeout=180)
+        thread = next(iter(_by_key(fake.state()["threads"], "threadId")))
+        now_s = int(time.time())
+        message = {"_id": "live_now", "_creationTime": now_s * 1000.0,
+                   "threadId": thread["threadId"],
+                   "messageId": "bbbbbbbb-0000-4000-8000-000000000001", "role": "user",
+                   "status": "final", "text": "written a moment ago",
+                   "createdAtMs": now_s * 1000, "updatedAtMs": now_s * 1000}  # fmt: skip
+        fake.commit(ts_s=now_s, put=[("messages", message)])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            (found,) = run_db(pg_url, [sa.select(FOLLOW.c.freshness_s, FOLLOW.c.freshness_run)])
+            if found and found[0].freshness_s is not None:
+                break
+            assert follow.poll() is None, (tmp_path / "follow.log").read_text()
+            time.sleep(0.2)
+        freshness = found[0].freshness_s
+        print(f"freshness of one change at a 0.2 s poll: {freshness:.2f} s")
+        assert freshness is not None and 0 <= freshness < 30
+        ids = {m["id"] for m in rows(pg_url, "messages")}
+        assert message["messageId"] in ids
+
+        lag = ok(khala(["lag", "--json", "--samples", "1"], env))
+        source = orjson.loads(lag.stdout)["source"]
+        assert source["deployment"] == fake.base_url
+        assert source["behind_seconds"] == 0 and source["freshness_seconds"] == round(freshness, 3)
+        assert "freshness" in ok(khala(["lag", "--samples", "1"], env)).stdout
+    finally:
+        follow.send_signal(signal.SIGTERM)
+        code = follow.wait(timeout=30)
+        log.close()
+    assert code == 143, (tmp_path / "follow.log").read_text()
