@@ -233,6 +233,16 @@ def test_a_refused_key_is_exit_2_and_writes_nothing(
     assert "Traceback" not in wrong.stderr and "not-the-key" not in wrong.stderr + wrong.stdout
     missing = khala(["follow", "--deployment", fake.base_url, "--until-caught-up"], env)
     assert missing.exit_code == 2 and "KHALA_DEPLOY_KEY" in missing.stderr
+    keyed = {**env, "KHALA_DEPLOY_KEY": KEY}
+    for args, words in (
+        (["--deployment", "ftp://example"], "--deployment must be an http(s) URL"),
+        (["--deployment", fake.base_url, "--tables", "users", "lightningInvoices"],
+         "--tables: not a source table: lightningInvoices"),
+        (["--deployment", fake.base_url, "--poll-interval", "0"], "must be above 0"),
+    ):  # fmt: skip
+        bad = khala(["follow", *args], keyed)
+        assert bad.exit_code == 2 and words in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
     (tables,) = run_db(
         pg_url,
         [sa.text("SELECT count(*) FROM information_schema.tables WHERE table_schema='public'")],
