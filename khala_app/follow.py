@@ -156,7 +156,14 @@ async def follow(
             )
         async with open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db:
             state = await db.run(live_mirror.load_state, deployment)
+            began = time.monotonic()
             state = await _snapshot(client, db, deployment, followed, state, report)
+            if report.snapshot_documents:
+                _status.info(
+                    "follow: snapshot walked: documents=%d seconds=%.2f",
+                    sum(report.snapshot_documents.values()),
+                    time.monotonic() - began,
+                )
             async with broker_session(settings) as live:
                 await prepare_topics_waiting(live, db)
                 await _follow_deltas(client, db, live, followed, state, options, report,
@@ -300,7 +307,9 @@ async def _publish(
     )
     folder = Path(tempfile.mkdtemp(prefix="khala-follow-"))
     try:
+        began = time.monotonic()
         await db.run(live_mirror.write_folder, followed, folder, state.state_ns)
+        logger.info("follow: state written: seconds=%.2f", time.monotonic() - began)
         with open_export(folder, max_entry_bytes=1 << 62, max_ratio=1e12,
                          max_total_bytes=1 << 62) as export:  # fmt: skip
             source = f"{state.deployment} cursor={state.delta_cursor}"

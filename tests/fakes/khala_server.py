@@ -19,6 +19,7 @@ replies (per path) come before the normal answer.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import zipfile
 from collections import defaultdict, deque
@@ -80,6 +81,7 @@ class FakeKhala:
         self.on_expiry: Callable[[], None] | None = None
         """Called as the snapshot expires (to commit something: time moves on)."""
         self._pages_served = 0
+        self._cache: dict[Any, Any] = {}
         self.requests: list[Recorded] = []
         self._log: list[_Commit] = []
         self._tables: set[str] = set()
@@ -286,21 +288,37 @@ class FakeKhala:
                 400,
                 {"code": "SnapshotTooOld", "message": f"snapshot {snapshot} is out of retention"},
             )
-        state = self.state(snapshot)
         table = params.get("tableName")
-        items: list[tuple[str, str, dict[str, Any]]] = sorted(
-            (t, i, d) for t, docs in state.items() if table in (None, t) for i, d in docs.items()
-        )
-        ts_of = self._versions(snapshot)
+        items, ts_of = self._snapshot_items(snapshot, table)
         after = params.get("cursor")
         if after is not None:
-            items = [x for x in items if _page_key(x[0], x[1], table) > after]
+            keys = [_page_key(t, i, table) for t, i, _ in items]
+            items = items[bisect.bisect_right(keys, after) :]
         page, rest = items[: self.page_size], items[self.page_size :]
         values = [{**d, "_table": t, "_ts": ts_of[(t, i)]} for t, i, d in page]
         cursor = _page_key(page[-1][0], page[-1][1], table) if page else after
         return Reply(
             200, {"values": values, "cursor": cursor, "hasMore": bool(rest), "snapshot": snapshot}
         )
+
+    def _snapshot_items(
+        self, snapshot: int, table: str | None
+    ) -> tuple[list[tuple[str, str, dict[str, Any]]], dict[tuple[str, str], int]]:
+        """A snapshot's documents in page order, and their versions' `_ts` (kept per snapshot
+        and table while the log does not grow: pages of a big table stay cheap)."""
+        with self._lock:
+            key = (snapshot, table, len(self._log))
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        state = self.state(snapshot)
+        items = sorted(
+            (t, i, d) for t, docs in state.items() if table in (None, t) for i, d in docs.items()
+        )
+        found = (items, self._versions(snapshot))
+        with self._lock:
+            self._cache = {key: found}
+        return found
 
     def _versions(self, at: int) -> dict[tuple[str, str], int]:
         with self._lock:
