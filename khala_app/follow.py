@@ -240,7 +240,10 @@ async def _follow_deltas(
             caught_up = not page.has_more
             pages += 1
         report.cursor, report.state_ns = state.delta_cursor, state.state_ns
-        if state.unpublished:
+        # A state older than an export imported since is not published until it is newer
+        # (the later state wins, SPEC §5); once caught up the source's state is the latest.
+        older = state.state_ns < await db.run(live_mirror.newest_export_ms) * 1_000_000
+        if state.unpublished and (caught_up or not older):
             pending = state.pending_ns
             state = await _publish(db, live, followed, state, options, report)
             metrics.source_position(published_ns=state.published_ns)
@@ -312,7 +315,7 @@ async def _publish(
         logger.info("follow: state written: seconds=%.2f", time.monotonic() - began)
         with open_export(folder, max_entry_bytes=1 << 62, max_ratio=1e12,
                          max_total_bytes=1 << 62) as export:  # fmt: skip
-            source = f"{state.deployment} cursor={state.delta_cursor}"
+            source = live_mirror.run_source(state.deployment, state.delta_cursor)
             run_id = await db.run(
                 import_runs.register, source=source, sha256=export.sha256(), options=run_options
             )

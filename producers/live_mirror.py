@@ -29,12 +29,14 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from khala_stream.db.importer_tables import FOLLOW, SOURCE_DOCUMENTS
+from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS
 from khala_stream.db.queries import insert_for
 from khala_stream.errors import UsageError
 from producers.live_api import Cursor, LiveValue
 
 TABLE_FILE = "documents.jsonl"
+RUN_SOURCE = "follow "
+"""How a run `follow` published names its source: `follow <deployment> cursor=<cursor>`."""
 _PAGE = 2000
 
 
@@ -126,6 +128,34 @@ async def _load(conn: AsyncConnection, deployment: str) -> FollowState | None:
             " database"
         )
     return _from_row(row)
+
+
+def run_source(deployment: str, cursor: Cursor | None) -> str:
+    return f"{RUN_SOURCE}{deployment} cursor={cursor}"
+
+
+async def followed_up_to(engine: AsyncEngine) -> tuple[str, int] | None:
+    """The followed deployment and the source time (ns) of the state last published from it;
+    None when this database follows none (or has no tables yet)."""
+    async with engine.connect() as conn:
+        names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+        if FOLLOW.name not in names:
+            return None
+        row = (await conn.execute(sa.select(FOLLOW.c.deployment, FOLLOW.c.published_ns))).first()
+    return None if row is None else (row.deployment, int(row.published_ns))
+
+
+async def newest_export_ms(engine: AsyncEngine) -> int:
+    """The newest snapshot time (ms) of an export imported into this database (not one
+    `follow` published); 0 when none."""
+    async with engine.connect() as conn:
+        found = await conn.scalar(
+            sa.select(sa.func.max(RUNS.c.snapshot_ms)).where(
+                sa.not_(RUNS.c.source.startswith(RUN_SOURCE, autoescape=True)),
+                RUNS.c.status.in_(("published", "derived")),
+            )
+        )
+    return int(found or 0)
 
 
 async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor) -> FollowState:

@@ -202,11 +202,26 @@ def test_follow_equals_a_merge_import_after_the_snapshot_and_each_step(
         (thread,) = [t for t in rows(pg_url, "threads") if t["id"] == facts["thread"]]
         assert thread["title"] == facts["title"]
         assert (len(after["run_events"]) < len(before["run_events"]) + 1) == propagate
+        # An export older than the state follow published: refused, nothing written.
+        older = khala(["import-chat", str(tmp_path / "state-1.zip")], env)
+        assert older.exit_code == 2, older.stderr
+        assert "is newer than this export's snapshot" in older.stderr
+        assert table_snapshot(pg_url) == after and _runs(pg_url) == 2
 
         step_two(fake)
         ok(_follow(env, fake, *flags))
         expected = mirror.import_state(fake)
         _compare(pg_url, expected, stages, "after step two")
+
+        # A newer export of the deployment imported beside follow, which then goes on: the
+        # later state wins either way.
+        step_two_message = fake.get("messages", "live_message_1")
+        fake.commit(ts_s=T0 + 30, put=[("messages", {**step_two_message, "text": "Third"})])
+        newer = fake.write_export(tmp_path / "newer.zip")
+        ok(khala(["import-chat", str(newer), *flags], env, timeout=300))
+        ok(_follow(env, fake, *flags))
+        expected = mirror.import_state(fake)
+        _compare(pg_url, expected, stages, "after a newer export, then follow")
 
         # Caught up: another follow publishes nothing.
         runs = _runs(pg_url)
