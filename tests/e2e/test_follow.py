@@ -285,7 +285,16 @@ def test_kill_9_of_follow_anywhere_then_a_rerun_reaches_the_same_end_state(
             if step is not None:
                 step(fake)
             kills = _kill_follow(env, fake, rng, pg_url, 3 if step else 70)
+            before = _runs(pg_url) if _has_runs(pg_url) else 0
             ok(_follow(env, fake))
+            # ... and process or sink killed while they derive or write what follow published.
+            stage = rng.choice(["process", "sink"])
+            target, delay = ("deriving", 0.3) if stage == "process" else ("derived", 1.0)
+            phase = stages.wait_phase(pg_url, target, after_run=before, timeout=120)
+            time.sleep(rng.uniform(0, delay))
+            stages.kill(stage)
+            kills.append(f"{stage} in {phase}")
+            stages.restart(stage)
             expected = mirror.import_state(fake)
             print(f"step {step.__name__ if step else 'snapshot'}: follow killed {kills}")
             _compare(pg_url, expected, stages, f"kills at {kills}")
