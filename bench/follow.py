@@ -95,15 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="khala-bench-follow-"))
     export = ensure_export(parse_size(args.size), 1, log_dir=logs)
-    print(f"export: {export.documents:,} documents ({export.path.name})", flush=True)
+    print(f"export: {export.documents:,} documents ({export.path.name}); logs in {logs}",
+          flush=True)  # fmt: skip
     with postgres_server(durable=True) as pg:
         zip_db = pg.create_database("bench_zip")
         with fresh_broker() as broker:
             env = _env(pg.url(zip_db), broker.bootstrap)
             pg.checkpoint()
             began = time.monotonic()
-            subprocess.run(_cli("import-chat", str(export.path)), env=env, check=True,
-                           stdout=subprocess.DEVNULL)  # fmt: skip
+            with (logs / "zip.log").open("wb") as log:
+                subprocess.run(_cli("import-chat", str(export.path)), env=env, check=True,
+                               stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
             zip_s = time.monotonic() - began
         print(f"zip import-chat: {zip_s:.1f} s", flush=True)
 

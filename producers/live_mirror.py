@@ -27,10 +27,11 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS
-from khala_stream.db.queries import insert_for
+from khala_stream.db.queries import insert_for, staged
 from khala_stream.errors import UsageError
 from producers.live_api import Cursor, LiveValue
 
@@ -341,10 +342,33 @@ async def _apply(
         }
         for _, v in sorted(latest.items())
     ]
-    insert = insert_for(conn, SOURCE_DOCUMENTS)
+    if conn.dialect.name == "postgresql":
+        # COPY and one INSERT … SELECT: a snapshot page of a thousand documents costs a
+        # fraction of what as many parameter sets do.
+        columns = tuple(rows[0])
+        records = (tuple(r[c] for c in columns) for r in rows)
+        async with staged(conn, SOURCE_DOCUMENTS.name, columns, records) as name:
+            stage = sa.table(name, *(sa.column(c) for c in columns))
+            ordered = sa.select(stage).order_by(stage.c.source_table, stage.c.doc_id)
+            insert = postgresql.insert(SOURCE_DOCUMENTS).from_select(list(columns), ordered)
+            result = await conn.execute(_upsert(insert))
+            _count(effect, result.all())
+    else:
+        for start in range(0, len(rows), 500):
+            result = await conn.execute(
+                _upsert(insert_for(conn, SOURCE_DOCUMENTS)), rows[start : start + 500]
+            )
+            _count(effect, result.all())
+    effect.ignored += len(rows) - sum(effect.changed.values()) - sum(effect.deleted.values())
+    return effect
+
+
+def _upsert(insert: Any) -> Any:
+    """The mirror's conflict rule: a version replaces the stored one only when its `_ts` is
+    newer; a deletion keeps the document's place (`_creationTime`). Returns what it wrote."""
     old, new = SOURCE_DOCUMENTS.c, insert.excluded
     keep_creation = sa.case((new.deleted, old.creation_time), else_=new.creation_time)
-    upsert = insert.on_conflict_do_update(
+    return insert.on_conflict_do_update(
         index_elements=[old.source_table, old.doc_id],
         set_={
             "ts": new.ts,
@@ -355,12 +379,11 @@ async def _apply(
         },
         where=new.ts > old.ts,
     ).returning(SOURCE_DOCUMENTS.c.source_table, SOURCE_DOCUMENTS.c.deleted)
-    for start in range(0, len(rows), 500):
-        result = await conn.execute(upsert, rows[start : start + 500])
-        for table, deleted in result.all():
-            (effect.deleted if deleted else effect.changed)[table] += 1
-    effect.ignored += len(rows) - sum(effect.changed.values()) - sum(effect.deleted.values())
-    return effect
+
+
+def _count(effect: PageEffect, written: Sequence[Any]) -> None:
+    for table, deleted in written:
+        (effect.deleted if deleted else effect.changed)[table] += 1
 
 
 def _as_ns(position: Cursor | None) -> int:
