@@ -352,7 +352,7 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
     stages = make_stages(env).start()
     log = (tmp_path / "follow.log").open("wb")
     follow = subprocess.Popen(
-        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
+        [sys.executable, "-m", "khala_app", "-v", "follow", "--deployment", fake.base_url,
          "--poll-interval", "0.2"],
         env=env, stdout=log, stderr=log,
     )  # fmt: skip
@@ -388,4 +388,9 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
         follow.send_signal(signal.SIGTERM)
         code = follow.wait(timeout=30)
         log.close()
-    assert code == 143, (tmp_path / "follow.log").read_text()
+    output = (tmp_path / "follow.log").read_text()
+    assert code == 143, output
+    # With -v: neither the deploy key nor any email of the deployment's documents.
+    assert KEY not in output and "follow: run=" in output
+    emails = {d["email"] for d in fake.state()["users"].values() if isinstance(d.get("email"), str)}
+    assert all(e not in output for e in emails if "@" in e)
