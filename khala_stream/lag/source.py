@@ -10,6 +10,7 @@ consumer groups: read from `khala_import_follow` in the database, never from the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,13 +69,23 @@ def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
-async def source_lag(database_url: str) -> SourceLag | None:
+async def source_lag(database_url: str, *, timeout_s: float = 5.0) -> SourceLag | None:
     """The followed deployment's lag, or None when the database follows none (or cannot be
-    read: `lag` is about the broker first, and must not fail for want of the database). A
-    SQLite file that does not exist is not created."""
-    url = sa.engine.make_url(database_url)
+    read within `timeout_s`: `lag` is about the broker first, and must neither fail nor hang
+    for want of the database). A SQLite file that does not exist is not created."""
+    try:
+        url = sa.engine.make_url(database_url)
+    except sa.exc.ArgumentError:
+        return None
     if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).exists()):
         return None
+    try:
+        return await asyncio.wait_for(_read(database_url), timeout_s)
+    except TimeoutError:
+        return None
+
+
+async def _read(database_url: str) -> SourceLag | None:
     engine = create_engine(database_url)
     try:
         with contextlib.suppress(Exception):
