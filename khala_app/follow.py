@@ -12,8 +12,9 @@ with the documents it covers):
    path (`khala_app/publication.py`), so `process` and `sink` derive and write it as they do
    any export. The state is marked published only after the broker acknowledged it.
 4. Poll `document_deltas` from the stored cursor; each page goes into the mirror with the
-   cursor after it. When the source has nothing more (`hasMore` false) and something followed
-   changed, publish again (3). A deletion is a tombstone: the document leaves the state, so it
+   cursor after it (a cursor the source no longer serves: a new snapshot, step 2). When the
+   source has nothing more (`hasMore` false) and something followed changed, publish again
+   (3). A deletion is a tombstone: the document leaves the state, so it
    is reported as gone, and deleted from the Laravel tables only with --propagate-deletes.
 
 With `until_caught_up` the command returns once the state it has read is published and the
@@ -44,7 +45,7 @@ from khala_stream.db.port import Database, open_database
 from khala_stream.errors import DeployKeyError, UsageError
 from producers import live_mirror
 from producers.export_reader import open_export
-from producers.live_client import LiveClient, SnapshotExpired
+from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
 from producers.live_mirror import FollowState
 
 logger = logging.getLogger(__name__)
@@ -155,19 +156,30 @@ async def follow(
                 f" ({', '.join(sorted(CHAT_TABLES & set(options.tables)))})"
             )
         async with open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db:
-            state = await db.run(live_mirror.load_state, deployment)
-            began = time.monotonic()
-            state = await _snapshot(client, db, deployment, followed, state, report)
-            if report.snapshot_documents:
-                _status.info(
-                    "follow: snapshot walked: documents=%d seconds=%.2f",
-                    sum(report.snapshot_documents.values()),
-                    time.monotonic() - began,
-                )
+            found = await db.run(live_mirror.load_state, deployment)
             async with broker_session(settings) as live:
                 await prepare_topics_waiting(live, db)
-                await _follow_deltas(client, db, live, followed, state, options, report,
-                                     on_published)  # fmt: skip
+                while True:
+                    began = time.monotonic()
+                    state = await _snapshot(client, db, deployment, followed, found, report)
+                    if report.snapshot_documents:
+                        _status.info(
+                            "follow: snapshot walked: documents=%d seconds=%.2f",
+                            sum(report.snapshot_documents.values()),
+                            time.monotonic() - began,
+                        )
+                    try:
+                        await _follow_deltas(client, db, live, followed, state, options, report,
+                                             on_published)  # fmt: skip
+                        break
+                    except CursorExpired as exc:
+                        logger.warning(
+                            "follow: changes after cursor=%s no longer kept; new snapshot",
+                            exc.cursor,
+                        )
+                        report.snapshot_restarts += 1
+                        report.snapshot_documents.clear()
+                        found = None
         report.retries = client.retries
     return report
 

@@ -128,6 +128,16 @@ def snapshot_expired(status: int, body: Any) -> bool:
     return "snapshot" in text or "window" in text or "retention" in text
 
 
+def cursor_expired(status: int, body: Any) -> bool:
+    """Whether an error answer of `document_deltas` says the cursor is older than the changes
+    the deployment keeps (left open by the documentation, as `snapshot_expired`): following
+    goes on from a new snapshot."""
+    if status not in (400, 404, 409, 410, 422) or not isinstance(body, dict):
+        return False
+    text = f"{body.get('code', '')} {body.get('message', '')}".lower()
+    return "retention" in text or "window" in text or ("cursor" in text and "old" in text)
+
+
 def _object(endpoint: str, body: Any, required: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise SourceAnswerError(endpoint, "something other than a JSON object")

@@ -12,6 +12,8 @@ Outcomes of one request, decided here and nowhere else:
     401 / 403                       -> DeployKeyError (exit 2)
     a 4xx saying the snapshot is
     no longer served                -> SnapshotExpired (the caller restarts the snapshot)
+    a 4xx saying the delta cursor is
+    older than the changes kept     -> CursorExpired (the caller follows from a new snapshot)
     429 / 5xx / timeout / transport -> retried with capped exponential backoff and jitter,
                                        honouring Retry-After, until `deadline_s` has passed
                                        since the first failure; then SourceUnreachable (exit 1)
@@ -49,6 +51,15 @@ class SnapshotExpired(Exception):
     def __init__(self, snapshot: Cursor | None) -> None:
         self.snapshot = snapshot
         super().__init__(f"snapshot {snapshot!r} is no longer served")
+
+
+class CursorExpired(Exception):
+    """The deployment no longer keeps the changes after this delta cursor: take a new
+    snapshot and follow from there."""
+
+    def __init__(self, cursor: Cursor) -> None:
+        self.cursor = cursor
+        super().__init__(f"changes after cursor {cursor!r} are no longer kept")
 
 
 class _Retryable(Exception):
@@ -134,7 +145,8 @@ class LiveClient:
         )
 
     async def deltas(self, cursor: Cursor) -> DeltaPage:
-        """The changes after `cursor` (every table, whole transactions)."""
+        """The changes after `cursor` (every table, whole transactions); CursorExpired when
+        the deployment no longer keeps them."""
         body = await self._get(live_api.DOCUMENT_DELTAS, live_api.deltas_params(cursor))
         return live_api.parse_deltas(body)
 
@@ -190,6 +202,8 @@ class LiveClient:
         if status != 200:
             if endpoint == live_api.LIST_SNAPSHOT and live_api.snapshot_expired(status, body):
                 raise SnapshotExpired(snapshot)
+            if endpoint == live_api.DOCUMENT_DELTAS and live_api.cursor_expired(status, body):
+                raise CursorExpired(params["cursor"])
             code = body.get("code") if isinstance(body, dict) else None
             suffix = f" ({str(code)[:80]})" if isinstance(code, str) else ""
             raise SourceAnswerError(endpoint, f"HTTP {status}{suffix}")

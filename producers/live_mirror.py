@@ -160,12 +160,13 @@ async def newest_export_ms(engine: AsyncEngine) -> int:
 
 
 async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor) -> FollowState:
-    """Begin (or begin again, after the source stopped serving the last one) the snapshot
-    walk at `snapshot`: what an earlier, unfinished walk stored is dropped."""
+    """Begin the snapshot walk at `snapshot`: the first time, again after the source stopped
+    serving an unfinished one, or after it stopped keeping the changes after the delta cursor.
+    What the mirror held is dropped (the new snapshot is the whole state: a document it lacks
+    is gone); what was published stays recorded, so the walked state is published as the next
+    version."""
     async with engine.begin() as conn:
         old = await _load(conn, deployment)
-        if old is not None and old.phase != "snapshot":
-            raise RuntimeError("the snapshot is done: only the first one is walked")
         await conn.execute(sa.delete(SOURCE_DOCUMENTS))
         values = {
             "deployment": deployment,
@@ -174,18 +175,20 @@ async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor)
             "table_cursors": "{}",
             "delta_cursor": None,
             "state_ns": _as_ns(snapshot),
-            "version": 0,
-            "published_version": 0,
-            "published_ns": 0,
-            "published_run": None,
             "pending_ns": None,
-            "published_pending_ns": None,
-            "freshness_s": None,
-            "freshness_run": None,
             "updated_at": _now(),
         }
         if old is None:
-            await conn.execute(sa.insert(FOLLOW).values(singleton=1, **values))
+            first = {
+                "version": 0,
+                "published_version": 0,
+                "published_ns": 0,
+                "published_run": None,
+                "published_pending_ns": None,
+                "freshness_s": None,
+                "freshness_run": None,
+            }
+            await conn.execute(sa.insert(FOLLOW).values(singleton=1, **values, **first))
         else:
             await conn.execute(sa.update(FOLLOW).where(FOLLOW.c.singleton == 1).values(**values))
         state = await _load(conn, deployment)

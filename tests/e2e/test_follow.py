@@ -223,6 +223,17 @@ def test_follow_equals_a_merge_import_after_the_snapshot_and_each_step(
         expected = mirror.import_state(fake)
         _compare(pg_url, expected, stages, "after a newer export, then follow")
 
+        # The source no longer keeps the changes after follow's cursor: a new snapshot, and
+        # what it lacks counts as gone (deleted with --propagate-deletes, as in a merge import).
+        users = _by_key(fake.state()["users"], "userId")
+        fake.commit(ts_s=T0 + 40, delete=[("users", users[0]["_id"]),
+                                          ("threads", "live_thread_1")])  # fmt: skip
+        fake.deltas_kept_after = fake.now
+        result = ok(_follow(env, fake, *flags))
+        assert "(restarted 1x)" in result.stdout
+        expected = mirror.import_state(fake)
+        _compare(pg_url, expected, stages, "after a new snapshot for an expired cursor")
+
         # Caught up: another follow publishes nothing.
         runs = _runs(pg_url)
         again = ok(_follow(env, fake, *flags))

@@ -82,6 +82,8 @@ class FakeKhala:
         """Called as the snapshot expires (to commit something: time moves on)."""
         self._pages_served = 0
         self._cache: dict[Any, Any] = {}
+        self.deltas_kept_after = 0
+        """`_ts` (ns): a delta cursor older than this is refused as out of retention."""
         self.requests: list[Recorded] = []
         self._log: list[_Commit] = []
         self._tables: set[str] = set()
@@ -336,6 +338,9 @@ class FakeKhala:
             cursor = int(params["cursor"])
         except (KeyError, ValueError):
             return Reply(400, {"code": "BadCursor", "message": "cursor is required"})
+        if cursor < self.deltas_kept_after:
+            message = f"cursor {cursor} is outside the retention window"
+            return Reply(400, {"code": "CursorOutOfRetention", "message": message})
         table = params.get("tableName")
         with self._lock:
             log = [c for c in self._log if c.ts > cursor]

@@ -15,7 +15,7 @@ import pytest
 from khala_stream.errors import DeployKeyError, SourceAnswerError, SourceUnreachable
 from producers.generator import generate_export
 from producers.live_api import Cursor, LiveValue
-from producers.live_client import LiveClient, SnapshotExpired
+from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
 from tests.fakes.khala_server import (
     DOCUMENT_DELTAS,
     JSON_SCHEMAS,
@@ -182,10 +182,11 @@ def test_an_answer_of_another_shape_names_the_endpoint(
     assert words in str(caught.value)
 
 
-def test_an_expired_snapshot_says_so_and_an_unknown_status_is_an_answer_error(
+def test_an_expired_snapshot_or_cursor_says_so_and_an_unknown_status_is_an_answer_error(
     fake: FakeKhala,
 ) -> None:
     fake.expired.add(fake.now)
+    fake.deltas_kept_after = fake.now
     fake.script(DOCUMENT_DELTAS, Reply(404, {"code": "NotFound", "message": "?"}))
 
     async def go() -> None:
@@ -193,6 +194,8 @@ def test_an_expired_snapshot_says_so_and_an_unknown_status_is_an_answer_error(
             with pytest.raises(SnapshotExpired):
                 await client.snapshot_page("users", snapshot=fake.now, cursor=None)
             with pytest.raises(SourceAnswerError, match="HTTP 404 \\(NotFound\\)"):
-                await client.deltas(0)
+                await client.deltas(0)  # the scripted answer comes first
+            with pytest.raises(CursorExpired):
+                await client.deltas(fake.now - 1)
 
     _run(go())
