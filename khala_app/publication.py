@@ -16,10 +16,18 @@ from khala_stream.broker.clients import make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import Topics
 from khala_stream.db.port import Database
-from khala_stream.errors import RuntimeFailure
+from khala_stream.errors import RuntimeFailure, UsageError
 from khala_stream.progress import ProgressCallback
+from producers import live_mirror
 from producers.export_reader import ExportSource
 from producers.publisher import Publisher, PublishReport
+
+
+def _utc(ns: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
 
 PROCESSOR_BEHIND = 15_000
 """Documents the processor may be behind the publisher, per table."""
@@ -28,7 +36,21 @@ PROCESSOR_BEHIND = 15_000
 async def open_run(
     live: Settings, db: Database, export: ExportSource, options: import_runs.RunOptions
 ) -> int:
-    """Create the topics (waiting for the broker) and register a new run for `export`."""
+    """Create the topics (waiting for the broker) and register a new run for `export`.
+
+    UsageError (exit 2, nothing written) when this database follows a live deployment
+    (`follow`) whose published state is newer than the export's snapshot: the export's older
+    versions would replace newer ones (the later state wins, SPEC §5)."""
+    followed = await db.run(live_mirror.followed_up_to)
+    if followed is not None and followed[1] > (export.snapshot_ms or 0) * 1_000_000:
+        deployment, published_ns = followed
+        raise UsageError(
+            f"{export.path}: this database follows {deployment}, whose state published here"
+            f" ({_utc(published_ns)}) is newer than this export's snapshot"
+            f" ({_utc((export.snapshot_ms or 0) * 1_000_000)}): its older versions would"
+            " replace newer ones; nothing was written (import a newer export, or --replace"
+            " into a database that does not follow one)"
+        )
     await prepare_topics_waiting(live, db)
     return await db.run(
         import_runs.register, source=str(export.path), sha256=export.sha256(), options=options

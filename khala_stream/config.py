@@ -1,6 +1,7 @@
 """Configuration: flags, then environment, then defaults (SPEC §2). Built once, in the CLI.
 
-Secrets (SASL password, WorkOS key) come only from the environment and never print.
+Secrets (SASL password, WorkOS key, Khala deploy key) come only from the environment and
+never print.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     workos_api_key: Secret | None = None
     workos_base_url: str = DEFAULT_WORKOS_BASE_URL
+    khala_deploy_key: Secret | None = None
+    """The deploy key of the Khala deployment `follow` reads (KHALA_DEPLOY_KEY; never a flag)."""
     l402_allowlist_hosts: str = DEFAULT_L402_HOSTS
     broker_home: str = ".khala"
     """Where the embedded broker keeps its data, next to the default SQLite file."""
@@ -132,12 +135,14 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
     if kafka.ssl_cafile is not None and not Path(kafka.ssl_cafile).is_file():
         raise UsageError(f"KAFKA_SSL_CAFILE: no such file: {kafka.ssl_cafile}")
     key = env.get("WORKOS_API_KEY", "").strip()
+    deploy_key = env.get("KHALA_DEPLOY_KEY", "").strip()
     return Settings(
         kafka=kafka,
         topic_prefix=topic_prefix(env.get("KHALA_TOPIC_PREFIX") or "khala", "KHALA_TOPIC_PREFIX"),
         database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
         workos_api_key=Secret(key) if key else None,
         workos_base_url=_http_url(env, "WORKOS_BASE_URL", DEFAULT_WORKOS_BASE_URL),
+        khala_deploy_key=Secret(deploy_key) if deploy_key else None,
         l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
         broker_idle_s=float(_positive(env, "KHALA_BROKER_IDLE_SECONDS", 60)),

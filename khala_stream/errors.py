@@ -2,11 +2,14 @@
 
     KhalaError                      exit 1 unless a subclass says otherwise
     ├── UsageError                  exit 2: bad flags or configuration
-    │   └── WorkosKeyError          exit 2: WORKOS_API_KEY missing or refused before any write
+    │   ├── WorkosKeyError          exit 2: WORKOS_API_KEY missing or refused before any write
+    │   └── DeployKeyError          exit 2: KHALA_DEPLOY_KEY missing or refused by the deployment
     ├── InvalidExportError          exit 2: missing path, not a ZIP/folder, corrupt, no chat tables
     └── RuntimeFailure              exit 1: broker or database unreachable after retries
         ├── TransientError          worth retrying with backoff (connection lost, 429/5xx ...)
         ├── UnknownRecordVersion    a stored record written by a newer khala-stream
+        ├── SourceAnswerError       a live deployment answered outside its documented shape
+        ├── SourceUnreachable       a live deployment failing (429/5xx/transport) past the deadline
         └── WorkosAuthError         a 401 from WorkOS in mid-run: stop, resumable
 
 Every class builds its message from the attributes it stores, and declares its CLI exit code.
@@ -36,6 +39,15 @@ class WorkosKeyError(UsageError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"WorkOS: {reason}")
+
+
+class DeployKeyError(UsageError):
+    """`follow` cannot read the deployment: KHALA_DEPLOY_KEY is missing or refused (401/403).
+    Raised before anything is written; the key never shows in the message."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"Khala deployment: {reason}")
 
 
 class InvalidExportError(KhalaError):
@@ -86,4 +98,25 @@ class UnknownRecordVersion(RuntimeFailure):
         super().__init__(
             f"{what} has version {version!r}, and this khala-stream reads versions up to"
             f" {known}: it was written by a newer khala-stream; use that one (or a newer one)"
+        )
+
+
+class SourceAnswerError(RuntimeFailure):
+    """A live deployment's answer is not the documented shape of its endpoint."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        self.endpoint = endpoint
+        self.reason = reason
+        super().__init__(f"Khala deployment: GET {endpoint} answered {reason}")
+
+
+class SourceUnreachable(RuntimeFailure):
+    """A live deployment kept failing (throttled, 5xx, unreachable) past the retry deadline."""
+
+    def __init__(self, endpoint: str, reason: str, waited_s: float) -> None:
+        self.endpoint = endpoint
+        self.reason = reason
+        self.waited_s = waited_s
+        super().__init__(
+            f"Khala deployment: GET {endpoint} still failing after {waited_s:.0f} s: {reason}"
         )

@@ -46,6 +46,11 @@ __all__ = [
     "RECORDS_IN",
     "RECORDS_OUT",
     "REGISTRY",
+    "SOURCE_BEHIND",
+    "SOURCE_FRESHNESS",
+    "SOURCE_NEWEST",
+    "SOURCE_PUBLISHED",
+    "SOURCE_REQUESTS",
     "STATUSES",
     "TIME_TO_DRAIN",
     "WORKOS_CACHE",
@@ -63,6 +68,9 @@ __all__ = [
     "serve",
     "set_group_lag",
     "set_partition_lag",
+    "source_freshness",
+    "source_position",
+    "source_request",
     "workos_cache",
     "workos_request",
     "workos_retry",
@@ -84,6 +92,36 @@ PlatformCollector(registry=REGISTRY)
 
 _RECORD_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000)
 _SECOND_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+# ------------------------------------------------------------------ a followed deployment
+SOURCE_NEWEST: Final = Gauge(
+    "khala_source_newest_change_timestamp_seconds",
+    "Source time (`_ts`) of the newest change `follow` has read from the deployment.",
+    registry=REGISTRY,
+)
+SOURCE_PUBLISHED: Final = Gauge(
+    "khala_source_published_timestamp_seconds",
+    "Source time of the newest change `follow` has published (acknowledged by the broker).",
+    registry=REGISTRY,
+)
+SOURCE_BEHIND: Final = Gauge(
+    "khala_source_behind_seconds",
+    "How far `follow` is behind the deployment: newest change read minus newest published.",
+    registry=REGISTRY,
+)
+SOURCE_FRESHNESS: Final = Histogram(
+    "khala_source_freshness_seconds",
+    "End-to-end freshness: from a change's source time to the sink's commit of the run holding"
+    " it (the oldest change of each run; the wall clock against the source's clock).",
+    buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 900),
+    registry=REGISTRY,
+)
+SOURCE_REQUESTS: Final = Counter(
+    "khala_source_requests",
+    "Requests `follow` sent to the deployment, by endpoint and outcome (ok, retried).",
+    ["endpoint", "outcome"],
+    registry=REGISTRY,
+)
 
 # ------------------------------------------------------------------ throughput, per stage
 RECORDS_IN: Final = Counter(
@@ -349,3 +387,25 @@ def serve(port: int, *, host: str = "127.0.0.1") -> MetricsServer:
     bound = int(server.server_port)
     logger.info("metrics served on %s:%d", host, bound)
     return MetricsServer(host=host, port=bound, _server=server, _thread=thread)
+
+
+_source_at: dict[str, float] = {"newest": 0.0, "published": 0.0}
+
+
+def source_position(*, newest_ns: int | None = None, published_ns: int | None = None) -> None:
+    """Record where `follow` stands: the newest change read, the newest published."""
+    if newest_ns is not None:
+        _source_at["newest"] = newest_ns / 1e9
+        SOURCE_NEWEST.set(newest_ns / 1e9)
+    if published_ns is not None:
+        _source_at["published"] = published_ns / 1e9
+        SOURCE_PUBLISHED.set(published_ns / 1e9)
+    SOURCE_BEHIND.set(max(0.0, _source_at["newest"] - _source_at["published"]))
+
+
+def source_freshness(seconds: float) -> None:
+    SOURCE_FRESHNESS.observe(max(0.0, seconds))
+
+
+def source_request(endpoint: str, outcome: Literal["ok", "retried"]) -> None:
+    SOURCE_REQUESTS.labels(endpoint, outcome).inc()

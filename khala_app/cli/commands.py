@@ -46,6 +46,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=publish)
 
+    p = sub.add_parser(
+        "follow",
+        help="follow a live Khala deployment: its snapshot, then its changes (KHALA_DEPLOY_KEY)",
+    )
+    p.add_argument("--deployment", required=True, metavar="URL", help="the deployment's URL")
+    p.add_argument(
+        "--tables",
+        nargs="+",
+        metavar="TABLE",
+        help="source tables to follow (default: users threads runs messages receipts blueprints)",
+    )
+    p.add_argument(
+        "--propagate-deletes",
+        action="store_true",
+        help="delete the rows of documents deleted at the source (default: report them only)",
+    )
+    p.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="exit once everything the source reported is published",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="pause between polls once caught up, above 0 (default 1)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=follow)
+
     for name, handler, text in (
         ("process", process, "run the stream processors (a stage)"),
         ("sink", sink, "run the database sink (a stage)"),
@@ -102,7 +133,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     operations.register(sub)
     status.register(sub)
-    for name in ("publish", "process", "sink"):
+    for name in ("publish", "process", "sink", "follow"):
         operations.add_metrics_flags(sub.choices[name])
 
 
@@ -119,6 +150,40 @@ def _at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0 (else a usage error, exit 2)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def follow(args: argparse.Namespace, settings: Settings) -> int:
+    """`khala-stream follow` (khala_app/follow.py)."""
+    from khala_app.follow import FollowOptions
+    from khala_app.follow import follow as run_follow
+    from khala_stream.contract.tables import SOURCE_TABLES
+
+    options = FollowOptions(
+        deployment=args.deployment,
+        tables=tuple(args.tables) if args.tables else SOURCE_TABLES,
+        propagate_deletes=args.propagate_deletes,
+        until_caught_up=args.until_caught_up,
+        poll_interval_s=args.poll_interval,
+    )
+    from khala_app.cli import operations
+
+    with operations.metrics_server(args):
+        report = _run(run_follow(settings, options))
+    _emit(args, report.to_json(), report.lines(options.propagate_deletes))
+    return 0
 
 
 def _import_flags(p: argparse.ArgumentParser) -> None:

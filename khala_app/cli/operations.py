@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import math
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -176,6 +176,21 @@ async def stage_metrics(
         server.close()
 
 
+@contextlib.contextmanager
+def metrics_server(args: argparse.Namespace) -> Iterator[MetricsServer | None]:
+    """Serve the metrics while the block runs, if `--metrics-port` was given (a command that
+    is no stage: `follow`). Raises UsageError when the port cannot be bound."""
+    port: int | None = getattr(args, "metrics_port", None)
+    if port is None:
+        yield None
+        return
+    server = _serve(port, getattr(args, "metrics_host", "127.0.0.1"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def _serve(port: int, host: str) -> MetricsServer:
     from khala_stream import metrics
 
@@ -215,6 +230,8 @@ def lag(args: argparse.Namespace, settings: Settings) -> int:
             )
         )
         return 0
+    from khala_stream.lag.source import source_lag
+
     report: LagReport = run_async(
         one_shot_lag(
             settings,
@@ -223,7 +240,14 @@ def lag(args: argparse.Namespace, settings: Settings) -> int:
             interval_s=interval or _ONE_SHOT_INTERVAL_S,
         )
     )
-    _print(args.json, report.to_json(), lag_lines(report, partitions=args.partitions))
+    # A followed deployment (`follow`) shows beside the groups: how far behind, how fresh.
+    source = run_async(source_lag(settings.database_url))
+    data = report.to_json()
+    lines = lag_lines(report, partitions=args.partitions)
+    if source is not None:
+        data["source"] = source.to_json()
+        lines.append(source.line())
+    _print(args.json, data, lines)
     return 0
 
 

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 __all__ = [
     "APPLIED",
     "DOCUMENTS",
+    "FOLLOW",
     "IDENTITY",
     "IMPORTER",
     "IMPORTER_TABLES",
@@ -21,6 +22,7 @@ __all__ = [
     "REPLAYED",
     "ROWS",
     "RUNS",
+    "SOURCE_DOCUMENTS",
     "USER_IDS",
     "WORKOS_CACHE",
 ]
@@ -151,6 +153,48 @@ REPLAYED: Final = sa.Table(
     sa.Column("partition", sa.Integer(), primary_key=True, autoincrement=False),
     sa.Column("offset", sa.BigInteger(), primary_key=True, autoincrement=False),
     sa.Column("replayed_at", sa.DateTime(), nullable=False),
+)
+
+# `follow`: where it stands in the deployment it follows (one row; SPEC §5). The positions
+# move in the same transaction as the documents they cover in SOURCE_DOCUMENTS.
+FOLLOW: Final = sa.Table(
+    "khala_import_follow",
+    IMPORTER,
+    sa.Column("singleton", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("deployment", sa.Text(), nullable=False),
+    sa.Column("phase", sa.String(16), nullable=False),  # 'snapshot' | 'deltas'
+    sa.Column("snapshot", sa.Text(), nullable=True),  # JSON: the snapshot walked
+    sa.Column("table_cursors", sa.Text(), nullable=False),  # JSON: table -> [cursor, done]
+    sa.Column("delta_cursor", sa.Text(), nullable=True),  # JSON: where deltas continue
+    sa.Column("state_ns", sa.BigInteger(), nullable=False),  # the source time of the state
+    sa.Column("version", sa.Integer(), nullable=False),  # moves with every followed change
+    sa.Column("published_version", sa.Integer(), nullable=False),
+    sa.Column("published_ns", sa.BigInteger(), nullable=False),  # state_ns last published
+    sa.Column("published_run", sa.Integer(), nullable=True),
+    # The oldest `_ts` of a followed change not published yet, and of the last run published.
+    sa.Column("pending_ns", sa.BigInteger(), nullable=True),
+    sa.Column("published_pending_ns", sa.BigInteger(), nullable=True),
+    # The last end-to-end freshness measured (source `_ts` to the sink's commit), and its run.
+    sa.Column("freshness_s", sa.Float(), nullable=True),
+    sa.Column("freshness_run", sa.Integer(), nullable=True),
+    sa.Column("updated_at", sa.DateTime(), nullable=False),
+)
+
+# `follow`: the deployment's documents of the followed tables as last reported (the later
+# `_ts` wins; a deletion stays as a tombstone, so an older version cannot come back).
+SOURCE_DOCUMENTS: Final = sa.Table(
+    "khala_import_source_documents",
+    IMPORTER,
+    sa.Column("source_table", sa.String(64), primary_key=True),
+    sa.Column("doc_id", sa.Text(), primary_key=True),
+    sa.Column("ts", sa.BigInteger(), nullable=False),
+    sa.Column("creation_time", sa.Float(), nullable=False),
+    sa.Column("deleted", sa.Boolean(create_constraint=False), nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False),  # FOLLOW.version that last changed it
+    sa.Column("document", sa.Text(), nullable=False),  # the export line (no _table, _ts)
+    sa.Index(
+        "khala_import_source_documents_order_index", "source_table", "creation_time", "doc_id"
+    ),
 )
 
 IMPORTER_TABLES: Final[dict[str, sa.Table]] = dict(IMPORTER.tables)

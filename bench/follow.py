@@ -1,0 +1,167 @@
+"""Issue 25's bench entry: `follow` of a live deployment against `import-chat` of the same
+documents from a ZIP, on one PostgreSQL (fsync on) and one embedded broker per path.
+
+    .venv/bin/python -m bench.follow --size 20k [--changes 50]
+
+1. **ZIP**: `import-chat EXPORT` on a fresh database: wall time from spawn to exit.
+2. **follow, snapshot**: the same documents served by the fake deployment of the tests
+   (`tests/fakes/khala_server.py`, on 127.0.0.1, pages of 1,000), `process` and `sink` running
+   as services on a fresh database; wall time from spawning `follow --until-caught-up` until
+   the sink has applied the run. Throughput ratio = ZIP time / follow time (target >= 0.8).
+3. **follow, one step**: `--changes` messages edited in one commit at the source; time from
+   the commit to the sink having applied the run that carries them (freshness of that batch,
+   with `follow --until-caught-up` started at the commit: no poll interval counted).
+The two paths' ten tables are compared (tests/e2e/snapshot.py) after step 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench.exports import ensure_export, parse_size
+from bench.services import fresh_broker, postgres_server
+from khala_stream import import_runs
+from khala_stream.db.engine import create_engine
+from tests.e2e.snapshot import diff_tables, table_snapshot
+from tests.fakes.khala_server import FakeKhala
+
+KEY = "bench:fake|deploy-key"
+T0 = 1_780_000_000
+
+
+def _env(database_url: str, bootstrap: str) -> dict[str, str]:
+    keep = ("PATH", "HOME", "LANG", "TMPDIR")
+    return {k: v for k, v in os.environ.items() if k in keep} | {
+        "DATABASE_URL": database_url,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "KHALA_TRIM_CONSUMED": "1",
+        "KHALA_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
+        "KHALA_DEPLOY_KEY": KEY,
+    }
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "khala_app", *args]
+
+
+def _applied(url: str, prefix: str, after: int) -> bool:
+    async def go() -> bool:
+        engine = create_engine(url)
+        try:
+            run = await import_runs.latest(engine)
+            if run is None or run.id <= after:
+                return False
+            return await import_runs.applied_by_sink(
+                engine, run, f"{prefix}.sink", f"{prefix}.changes"
+            )
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def _latest(url: str) -> int:
+    async def go() -> int:
+        engine = create_engine(url)
+        try:
+            run = await import_runs.latest(engine)
+            return run.id if run else 0
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def _wait_applied(url: str, prefix: str, after: int, timeout: float = 3600) -> None:
+    deadline = time.monotonic() + timeout
+    while not _applied(url, prefix, after):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the run was not applied in time")
+        time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.follow")
+    parser.add_argument("--size", default="20k")
+    parser.add_argument("--changes", type=int, default=50)
+    args = parser.parse_args(argv)
+    logs = Path(tempfile.mkdtemp(prefix="khala-bench-follow-"))
+    export = ensure_export(parse_size(args.size), 1, log_dir=logs)
+    print(f"export: {export.documents:,} documents ({export.path.name}); logs in {logs}",
+          flush=True)  # fmt: skip
+    with postgres_server(durable=True) as pg:
+        zip_db = pg.create_database("bench_zip")
+        with fresh_broker() as broker:
+            env = _env(pg.url(zip_db), broker.bootstrap)
+            pg.checkpoint()
+            began = time.monotonic()
+            with (logs / "zip.log").open("wb") as log:
+                subprocess.run(_cli("import-chat", str(export.path)), env=env, check=True,
+                               stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+            zip_s = time.monotonic() - began
+        print(f"zip import-chat: {zip_s:.1f} s", flush=True)
+
+        follow_db = pg.create_database("bench_follow")
+        with fresh_broker() as broker, FakeKhala(deploy_key=KEY, page_size=1000,
+                                                 delta_page_size=1000) as fake:  # fmt: skip
+            fake.load_export(export.path, ts_s=T0)
+            url = pg.url(follow_db)
+            env = _env(url, broker.bootstrap)
+            prefix = env["KHALA_TOPIC_PREFIX"]
+            stages = [
+                subprocess.Popen(_cli(stage), env=env, stdout=subprocess.DEVNULL,
+                                 stderr=(logs / f"{stage}.log").open("wb"))
+                for stage in ("process", "sink")
+            ]  # fmt: skip
+            try:
+                pg.checkpoint()
+                began = time.monotonic()
+                subprocess.run(_cli("follow", "--deployment", fake.base_url, "--until-caught-up"),
+                               env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+                published_s = time.monotonic() - began
+                _wait_applied(url, prefix, 0)
+                follow_s = time.monotonic() - began
+                print(
+                    f"follow snapshot: {follow_s:.1f} s (published in {published_s:.1f} s);"
+                    f" throughput ratio zip/follow = {zip_s / follow_s:.2f}",
+                    flush=True,
+                )
+                diff = diff_tables(table_snapshot(pg.url(zip_db)), table_snapshot(url))
+                print("tables: identical" if not diff else f"tables differ:\n{diff}", flush=True)
+
+                messages = sorted(fake.state()["messages"].values(), key=lambda d: d["_id"])
+                edits = [
+                    ("messages", {**m, "text": f"edited {i}"})
+                    for i, m in enumerate(messages[: args.changes])
+                ]
+                before = _latest(url)
+                began = time.monotonic()
+                fake.commit(ts_s=T0 + 10, put=edits)
+                subprocess.run(_cli("follow", "--deployment", fake.base_url, "--until-caught-up"),
+                               env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+                published_s = time.monotonic() - began
+                _wait_applied(url, prefix, before)
+                step_s = time.monotonic() - began
+                print(
+                    f"follow step of {len(edits)} changes: {step_s:.1f} s from commit to"
+                    f" applied (published in {published_s:.1f} s)",
+                    flush=True,
+                )
+            finally:
+                for proc in stages:
+                    proc.terminate()
+                for proc in stages:
+                    proc.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,353 @@
+"""`khala-stream follow`: a live deployment's snapshot, then its changes, into the topics.
+
+The steps, each resumable where it stopped (`producers/live_mirror.py` keeps the position
+with the documents it covers):
+
+1. Ask the deployment for its tables (a refused key is DeployKeyError, exit 2, before
+   anything is written).
+2. First time only: pin a snapshot (`list_snapshot` without a table) and walk each followed
+   table in pages; a snapshot the source no longer serves is walked again from a new one.
+3. Publish the state as a newer export of the deployment (a merge import, SPEC §5): the
+   mirror written as a folder export, in `_creationTime`, `_id` order, through the one publish
+   path (`khala_app/publication.py`), so `process` and `sink` derive and write it as they do
+   any export. The state is marked published only after the broker acknowledged it.
+4. Poll `document_deltas` from the stored cursor; each page goes into the mirror with the
+   cursor after it (a cursor the source no longer serves: a new snapshot, step 2). When the
+   source has nothing more (`hasMore` false) and something followed changed, publish again
+   (3). A deletion is a tombstone: the document leaves the state, so it
+   is reported as gone, and deleted from the Laravel tables only with --propagate-deletes.
+
+With `until_caught_up` the command returns once the state it has read is published and the
+source reported no more changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from khala_app.publication import publish_run
+from khala_app.topic_owner import prepare_topics_waiting
+from khala_stream import import_runs, metrics
+from khala_stream.broker.clients import broker_session
+from khala_stream.config import Settings
+from khala_stream.contract import Topics
+from khala_stream.contract.tables import CHAT_TABLES, SOURCE_TABLES
+from khala_stream.db.port import Database, open_database
+from khala_stream.errors import DeployKeyError, UsageError
+from producers import live_mirror
+from producers.export_reader import open_export
+from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
+from producers.live_mirror import FollowState
+
+logger = logging.getLogger(__name__)
+# The line per publication shown without -v, as the stages' status lines are.
+_status = logging.getLogger("khala_stream.status")
+
+_PAGES_PER_PUBLISH = 50
+"""Delta pages read at most before the state is published even though more are waiting."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FollowOptions:
+    deployment: str
+    tables: tuple[str, ...] = SOURCE_TABLES
+    propagate_deletes: bool = False
+    until_caught_up: bool = False
+    poll_interval_s: float = 1.0
+
+
+@dataclass(slots=True)
+class FollowReport:
+    """What one `follow` command did."""
+
+    deployment: str
+    tables: list[str] = field(default_factory=list)
+    snapshot_documents: Counter[str] = field(default_factory=Counter)
+    snapshot_restarts: int = 0
+    changed: Counter[str] = field(default_factory=Counter)
+    deleted: Counter[str] = field(default_factory=Counter)
+    runs: list[int] = field(default_factory=list)
+    published: Counter[str] = field(default_factory=Counter)
+    cursor: Any = None
+    state_ns: int = 0
+    retries: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment,
+            "tables": self.tables,
+            "snapshot_documents": dict(self.snapshot_documents),
+            "snapshot_restarts": self.snapshot_restarts,
+            "changed": dict(self.changed),
+            "deleted": dict(self.deleted),
+            "runs": self.runs,
+            "published": dict(self.published),
+            "cursor": self.cursor,
+            "state_ns": self.state_ns,
+            "retries": self.retries,
+        }
+
+    def lines(self, propagate_deletes: bool) -> list[str]:
+        out = [f"follow {self.deployment}: tables {' '.join(self.tables) or 'none'}"]
+        if self.snapshot_documents or self.snapshot_restarts:
+            counts = " ".join(f"{t}={n}" for t, n in sorted(self.snapshot_documents.items()))
+            out.append(
+                f"  snapshot: {counts or 'no documents'}"
+                + (f" (restarted {self.snapshot_restarts}x)" if self.snapshot_restarts else "")
+            )
+        changed = " ".join(f"{t}={n}" for t, n in sorted(self.changed.items()))
+        out.append(f"  changes: {changed or 'none'}")
+        if self.deleted:
+            deleted = " ".join(f"{t}={n}" for t, n in sorted(self.deleted.items()))
+            what = "propagated" if propagate_deletes else "reported, not propagated"
+            out.append(f"  deleted at the source: {deleted} ({what})")
+        runs = " ".join(str(r) for r in self.runs)
+        out.append(f"  runs published: {runs or 'none'}")
+        out.append(f"  cursor: {self.cursor}")
+        return out
+
+
+def _check_deployment(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+        raise UsageError(f"--deployment must be an http(s) URL without credentials, not {url!r}")
+    return url.rstrip("/")
+
+
+async def follow(
+    settings: Settings,
+    options: FollowOptions,
+    *,
+    on_published: Callable[[FollowReport], None] | None = None,
+) -> FollowReport:
+    """Run `follow` (module docstring); returns what it did when caught up (with
+    `until_caught_up`), else runs until cancelled."""
+    deployment = _check_deployment(options.deployment)
+    key = settings.khala_deploy_key
+    if key is None:
+        raise DeployKeyError("follow needs KHALA_DEPLOY_KEY in the environment")
+    unknown = sorted(set(options.tables) - set(SOURCE_TABLES))
+    if unknown:
+        raise UsageError(
+            f"--tables: not a source table: {', '.join(unknown)}"
+            f" (choose from {', '.join(SOURCE_TABLES)})"
+        )
+    report = FollowReport(deployment=deployment)
+    async with LiveClient(
+        base_url=deployment, deploy_key=key.reveal(), deadline_s=settings.retry_deadline_s
+    ) as client:
+        present = set(await client.tables())
+        followed: list[str] = [t for t in SOURCE_TABLES if t in options.tables and t in present]
+        report.tables = followed
+        if not CHAT_TABLES & set(followed):
+            raise UsageError(
+                f"{deployment} has none of the chat tables to follow"
+                f" ({', '.join(sorted(CHAT_TABLES & set(options.tables)))})"
+            )
+        async with open_database(settings.database_url, deadline_s=settings.retry_deadline_s) as db:
+            found = await db.run(live_mirror.load_state, deployment)
+            async with broker_session(settings) as live:
+                await prepare_topics_waiting(live, db)
+                while True:
+                    began = time.monotonic()
+                    state = await _snapshot(client, db, deployment, followed, found, report)
+                    if report.snapshot_documents:
+                        _status.info(
+                            "follow: snapshot walked: documents=%d seconds=%.2f",
+                            sum(report.snapshot_documents.values()),
+                            time.monotonic() - began,
+                        )
+                    try:
+                        await _follow_deltas(client, db, live, followed, state, options, report,
+                                             on_published)  # fmt: skip
+                        break
+                    except CursorExpired as exc:
+                        logger.warning(
+                            "follow: changes after cursor=%s no longer kept; new snapshot",
+                            exc.cursor,
+                        )
+                        report.snapshot_restarts += 1
+                        report.snapshot_documents.clear()
+                        found = None
+        report.retries = client.retries
+    return report
+
+
+async def _snapshot(
+    client: LiveClient,
+    db: Database,
+    deployment: str,
+    followed: Sequence[str],
+    state: FollowState | None,
+    report: FollowReport,
+) -> FollowState:
+    """Walk the snapshot (again, from where it stopped); the state once every table is done."""
+    while state is None or state.phase == "snapshot":
+        if state is None:
+            pinned = await client.snapshot_page(None, snapshot=None, cursor=None)
+            state = await db.run(live_mirror.start_snapshot, deployment, pinned.snapshot)
+            logger.info("follow: snapshot=%s pinned", pinned.snapshot)
+        try:
+            for table in followed:
+                cursor, done = state.table_cursors.get(table, (None, False))
+                while not done:
+                    page = await client.snapshot_page(table, snapshot=state.snapshot, cursor=cursor)
+                    if page.snapshot != state.snapshot:
+                        raise SnapshotExpired(state.snapshot)  # the source moved it: again
+                    cursor, done = page.cursor, not page.has_more
+                    state = await db.run(
+                        live_mirror.apply_snapshot_page,
+                        deployment,
+                        table,
+                        page.values,
+                        cursor,
+                        done,
+                    )
+                    report.snapshot_documents[table] += len(page.values)
+            state = await db.run(live_mirror.finish_snapshot, deployment)
+        except SnapshotExpired:
+            logger.warning("follow: snapshot=%s no longer served; walking a new one",
+                           state.snapshot)  # fmt: skip
+            report.snapshot_restarts += 1
+            report.snapshot_documents.clear()
+            state = None
+    return state
+
+
+async def _follow_deltas(
+    client: LiveClient,
+    db: Database,
+    live: Settings,
+    followed: Sequence[str],
+    state: FollowState,
+    options: FollowOptions,
+    report: FollowReport,
+    on_published: Callable[[FollowReport], None] | None,
+) -> None:
+    pages = 0
+    metrics.source_position(newest_ns=state.state_ns, published_ns=state.published_ns)
+    freshness = _Freshness(db, Topics(live.topic_prefix))
+    while True:
+        caught_up = False
+        assert state.delta_cursor is not None
+        while not caught_up and pages < _PAGES_PER_PUBLISH:
+            page = await client.deltas(state.delta_cursor)
+            state, effect = await db.run(
+                live_mirror.apply_delta_page, state.deployment, page.values, page.cursor, followed
+            )
+            report.changed.update(effect.changed)
+            report.deleted.update(effect.deleted)
+            metrics.source_position(newest_ns=state.state_ns)
+            caught_up = not page.has_more
+            pages += 1
+        report.cursor, report.state_ns = state.delta_cursor, state.state_ns
+        # A state older than an export imported since is not published until it is newer
+        # (the later state wins, SPEC §5); once caught up the source's state is the latest.
+        older = state.state_ns < await db.run(live_mirror.newest_export_ms) * 1_000_000
+        if state.unpublished and (caught_up or not older):
+            pending = state.pending_ns
+            state = await _publish(db, live, followed, state, options, report)
+            metrics.source_position(published_ns=state.published_ns)
+            if state.published_run is not None:
+                freshness.published(state.published_run, pending)
+            if on_published is not None:
+                on_published(report)
+        await freshness.check()
+        pages = 0
+        if caught_up and options.until_caught_up:
+            return
+        if caught_up:
+            await asyncio.sleep(options.poll_interval_s)
+
+
+class _Freshness:
+    """End-to-end freshness: when the sink has committed every row of the last run published,
+    the oldest change it carried has reached Laravel; measured against the wall clock (the
+    source's `_ts` is the deployment's clock: keep both on NTP), once per run, so its
+    precision is the poll interval. A run superseded before it was derived hands its oldest
+    change on to the run that superseded it."""
+
+    def __init__(self, db: Database, topics: Topics) -> None:
+        self._db = db
+        self._topics = topics
+        self._waiting: tuple[int, int] | None = None  # run, oldest change (ns)
+
+    def published(self, run_id: int, oldest_ns: int | None) -> None:
+        if self._waiting is not None:
+            older = self._waiting[1]
+            oldest_ns = older if oldest_ns is None else min(older, oldest_ns)
+        if oldest_ns is not None:
+            self._waiting = (run_id, oldest_ns)
+
+    async def check(self) -> None:
+        if self._waiting is None:
+            return
+        run_id, oldest_ns = self._waiting
+        run = await self._db.run(import_runs.load, run_id)
+        if run is None or not await self._db.run(
+            import_runs.applied_by_sink, run, self._topics.sink_group, self._topics.changes
+        ):
+            return
+        seconds = max(0.0, time.time() - oldest_ns / 1e9)
+        self._waiting = None
+        metrics.source_freshness(seconds)
+        await self._db.run(live_mirror.record_freshness, run_id, seconds)
+        logger.info("follow: run=%d freshness_s=%.2f", run_id, seconds)
+
+
+async def _publish(
+    db: Database,
+    live: Settings,
+    followed: Sequence[str],
+    state: FollowState,
+    options: FollowOptions,
+    report: FollowReport,
+) -> FollowState:
+    """Publish the mirror at `state` as one run (a newer export of the deployment)."""
+    run_options = import_runs.RunOptions(
+        propagate_deletes=options.propagate_deletes,
+        skip_blueprints="blueprints" not in followed,
+        incremental=True,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="khala-follow-"))
+    try:
+        began = time.monotonic()
+        await db.run(live_mirror.write_folder, followed, folder, state.state_ns)
+        logger.info("follow: state written: seconds=%.2f", time.monotonic() - began)
+        with open_export(folder, max_entry_bytes=1 << 62, max_ratio=1e12,
+                         max_total_bytes=1 << 62) as export:  # fmt: skip
+            source = live_mirror.run_source(state.deployment, state.delta_cursor)
+            run_id = await db.run(
+                import_runs.register, source=source, sha256=export.sha256(), options=run_options
+            )
+            started = time.monotonic()
+            published = await publish_run(live, db, export, run_id, run_options)
+        await db.run(
+            live_mirror.mark_published, state.deployment, state.version, state.state_ns, run_id
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    report.runs.append(run_id)
+    report.published.update(published.published)
+    _status.info(
+        "follow: run=%d version=%d cursor=%s published=%s seconds=%.2f",
+        run_id,
+        state.version,
+        state.delta_cursor,
+        dict(published.published),
+        time.monotonic() - started,
+    )
+    after = await db.run(live_mirror.load_state, state.deployment)
+    assert after is not None
+    return after

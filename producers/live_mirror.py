@@ -1,0 +1,433 @@
+"""What `follow` knows of a live deployment: its followed tables' documents as last reported
+(`khala_import_source_documents`) and where it stands in the deployment
+(`khala_import_follow`), kept together so that a position never runs ahead of the documents
+it covers: every page of the source is applied, with the position after it, in one
+transaction. A crash (kill -9) anywhere resumes from the last page applied.
+
+The state is published as an export would list it (`write_folder`): one
+`<table>/documents.jsonl` per followed table, documents ordered by `_creationTime` then `_id`
+(SPEC §5), deleted ones left out, the folder's time the source time of the state. The
+publisher then treats it as a newer export of the same deployment (a merge import, SPEC §5),
+so the end state after each step equals a merge import of an export taken at that point.
+
+Versions: a version of a document replaces the stored one only when its `_ts` is newer (a
+version can arrive twice: in the snapshot and as a delta, with one `_ts`); a deletion is a
+tombstone with its `_ts`, so a late older version cannot bring the document back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS
+from khala_stream.db.queries import insert_for, staged
+from khala_stream.errors import UsageError
+from producers.live_api import Cursor, LiveValue
+
+TABLE_FILE = "documents.jsonl"
+RUN_SOURCE = "follow "
+"""How a run `follow` published names its source: `follow <deployment> cursor=<cursor>`."""
+_PAGE = 2000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FollowState:
+    """One row of `khala_import_follow`."""
+
+    deployment: str
+    phase: str
+    """'snapshot' while the snapshot is walked, then 'deltas'."""
+    snapshot: Cursor | None
+    table_cursors: dict[str, tuple[Cursor | None, bool]]
+    """Per table of the snapshot walk: the page cursor to go on from, and whether it is done."""
+    delta_cursor: Cursor | None
+    state_ns: int
+    """The source time of the state: the newest `_ts` or position the source reported."""
+    version: int
+    published_version: int
+    published_ns: int
+    published_run: int | None
+    pending_ns: int | None
+    """The oldest `_ts` of a followed change not yet published."""
+    published_pending_ns: int | None
+    """The oldest `_ts` of a change first published in run `published_run`."""
+    freshness_s: float | None
+    freshness_run: int | None
+    updated_at: datetime
+
+    @property
+    def unpublished(self) -> bool:
+        return self.version > self.published_version
+
+
+@dataclass(slots=True)
+class PageEffect:
+    """What one page did to the mirror, per table."""
+
+    changed: Counter[str] = field(default_factory=Counter)
+    deleted: Counter[str] = field(default_factory=Counter)
+    ignored: int = 0
+    """Values of tables not followed, or not newer than what the mirror holds."""
+
+
+def _now() -> datetime:
+    return datetime.now(tz=UTC).replace(tzinfo=None, microsecond=0)
+
+
+def _dump(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _from_row(row: Any) -> FollowState:
+    cursors = orjson.loads(row.table_cursors)
+    return FollowState(
+        deployment=row.deployment,
+        phase=row.phase,
+        snapshot=orjson.loads(row.snapshot) if row.snapshot else None,
+        table_cursors={t: (c, bool(done)) for t, (c, done) in cursors.items()},
+        delta_cursor=orjson.loads(row.delta_cursor) if row.delta_cursor else None,
+        state_ns=int(row.state_ns),
+        version=int(row.version),
+        published_version=int(row.published_version),
+        published_ns=int(row.published_ns),
+        published_run=row.published_run,
+        pending_ns=row.pending_ns,
+        published_pending_ns=row.published_pending_ns,
+        freshness_s=row.freshness_s,
+        freshness_run=row.freshness_run,
+        updated_at=row.updated_at,
+    )
+
+
+async def load_state(engine: AsyncEngine, deployment: str) -> FollowState | None:
+    """Where this database stands in `deployment`; None before the first snapshot.
+
+    UsageError (exit 2) when the database follows another deployment: its documents would
+    mix with this one's."""
+    async with engine.connect() as conn:
+        return await _load(conn, deployment)
+
+
+async def _load(conn: AsyncConnection, deployment: str) -> FollowState | None:
+    row = (await conn.execute(sa.select(FOLLOW).where(FOLLOW.c.singleton == 1))).first()
+    if row is None:
+        return None
+    if row.deployment != deployment:
+        raise UsageError(
+            f"this database follows {row.deployment}, not {deployment}: one deployment per"
+            " database"
+        )
+    return _from_row(row)
+
+
+def run_source(deployment: str, cursor: Cursor | None) -> str:
+    return f"{RUN_SOURCE}{deployment} cursor={cursor}"
+
+
+async def followed_up_to(engine: AsyncEngine) -> tuple[str, int] | None:
+    """The followed deployment and the source time (ns) of the state last published from it;
+    None when this database follows none (or has no tables yet)."""
+    async with engine.connect() as conn:
+        names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+        if FOLLOW.name not in names:
+            return None
+        row = (await conn.execute(sa.select(FOLLOW.c.deployment, FOLLOW.c.published_ns))).first()
+    return None if row is None else (row.deployment, int(row.published_ns))
+
+
+async def newest_export_ms(engine: AsyncEngine) -> int:
+    """The newest snapshot time (ms) of an export imported into this database (not one
+    `follow` published); 0 when none."""
+    async with engine.connect() as conn:
+        found = await conn.scalar(
+            sa.select(sa.func.max(RUNS.c.snapshot_ms)).where(
+                sa.not_(RUNS.c.source.startswith(RUN_SOURCE, autoescape=True)),
+                RUNS.c.status.in_(("published", "derived")),
+            )
+        )
+    return int(found or 0)
+
+
+async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor) -> FollowState:
+    """Begin the snapshot walk at `snapshot`: the first time, again after the source stopped
+    serving an unfinished one, or after it stopped keeping the changes after the delta cursor.
+    What the mirror held is dropped (the new snapshot is the whole state: a document it lacks
+    is gone); what was published stays recorded, so the walked state is published as the next
+    version."""
+    async with engine.begin() as conn:
+        old = await _load(conn, deployment)
+        await conn.execute(sa.delete(SOURCE_DOCUMENTS))
+        values = {
+            "deployment": deployment,
+            "phase": "snapshot",
+            "snapshot": _dump(snapshot),
+            "table_cursors": "{}",
+            "delta_cursor": None,
+            "state_ns": _as_ns(snapshot),
+            "pending_ns": None,
+            "updated_at": _now(),
+        }
+        if old is None:
+            first = {
+                "version": 0,
+                "published_version": 0,
+                "published_ns": 0,
+                "published_run": None,
+                "published_pending_ns": None,
+                "freshness_s": None,
+                "freshness_run": None,
+            }
+            await conn.execute(sa.insert(FOLLOW).values(singleton=1, **values, **first))
+        else:
+            await conn.execute(sa.update(FOLLOW).where(FOLLOW.c.singleton == 1).values(**values))
+        state = await _load(conn, deployment)
+    assert state is not None
+    return state
+
+
+async def apply_snapshot_page(
+    engine: AsyncEngine,
+    deployment: str,
+    table: str,
+    values: Sequence[LiveValue],
+    cursor: Cursor | None,
+    done: bool,
+) -> FollowState:
+    """A page of `table`'s snapshot walk, and the cursor after it, in one transaction."""
+    async with engine.begin() as conn:
+        state = await _locked(conn, deployment)
+        await _apply(conn, [v for v in values if v.table == table], {table}, state.version)
+        cursors = {t: [c, d] for t, (c, d) in state.table_cursors.items()}
+        cursors[table] = [cursor, done]
+        newest = max([state.state_ns, *(v.ts for v in values)])
+        await conn.execute(
+            sa.update(FOLLOW)
+            .where(FOLLOW.c.singleton == 1)
+            .values(table_cursors=_dump(cursors), state_ns=newest, updated_at=_now())
+        )
+        after = await _load(conn, deployment)
+    assert after is not None
+    return after
+
+
+async def finish_snapshot(engine: AsyncEngine, deployment: str) -> FollowState:
+    """Every table walked: deltas follow from the snapshot; the state is to be published."""
+    async with engine.begin() as conn:
+        state = await _locked(conn, deployment)
+        await conn.execute(
+            sa.update(FOLLOW)
+            .where(FOLLOW.c.singleton == 1)
+            .values(
+                phase="deltas",
+                delta_cursor=_dump(state.snapshot),
+                version=state.version + 1,
+                updated_at=_now(),
+            )
+        )
+        after = await _load(conn, deployment)
+    assert after is not None
+    return after
+
+
+async def apply_delta_page(
+    engine: AsyncEngine,
+    deployment: str,
+    values: Sequence[LiveValue],
+    cursor: Cursor,
+    followed: Iterable[str],
+) -> tuple[FollowState, PageEffect]:
+    """A page of deltas and the cursor after it, in one transaction; the version moves when
+    a followed document changed."""
+    async with engine.begin() as conn:
+        state = await _locked(conn, deployment)
+        version = state.version + 1
+        effect = await _apply(conn, values, set(followed), version)
+        newest = max([state.state_ns, _as_ns(cursor), *(v.ts for v in values)])
+        moved = bool(effect.changed or effect.deleted)
+        oldest = min((v.ts for v in values if v.table in set(followed)), default=None)
+        pending = state.pending_ns
+        if moved and oldest is not None:
+            pending = oldest if pending is None else min(pending, oldest)
+        await conn.execute(
+            sa.update(FOLLOW)
+            .where(FOLLOW.c.singleton == 1)
+            .values(
+                delta_cursor=_dump(cursor),
+                state_ns=newest,
+                version=version if moved else state.version,
+                pending_ns=pending,
+                updated_at=_now(),
+            )
+        )
+        after = await _load(conn, deployment)
+    assert after is not None
+    return after, effect
+
+
+async def mark_published(
+    engine: AsyncEngine, deployment: str, version: int, state_ns: int, run_id: int
+) -> None:
+    """The state at `version` is published (the broker acknowledged it) as run `run_id`; the
+    changes waiting for it are now waiting for that run's rows (`record_freshness`)."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(FOLLOW)
+            .where(FOLLOW.c.singleton == 1, FOLLOW.c.deployment == deployment)
+            .values(
+                published_pending_ns=FOLLOW.c.pending_ns,
+                pending_ns=None,
+                published_version=sa.func.greatest(FOLLOW.c.published_version, version)
+                if conn.dialect.name == "postgresql"
+                else sa.func.max(FOLLOW.c.published_version, version),
+                published_ns=state_ns,
+                published_run=run_id,
+                updated_at=_now(),
+            )
+        )
+
+
+async def record_freshness(engine: AsyncEngine, run_id: int, seconds: float) -> None:
+    """The freshness measured when the sink had committed every row of run `run_id`."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(FOLLOW)
+            .where(FOLLOW.c.singleton == 1)
+            .values(freshness_s=seconds, freshness_run=run_id)
+        )
+
+
+async def _locked(conn: AsyncConnection, deployment: str) -> FollowState:
+    """The state row, locked for this transaction (two followers take turns)."""
+    query = sa.select(FOLLOW).where(FOLLOW.c.singleton == 1)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
+    if row is None or row.deployment != deployment:
+        raise RuntimeError("no follow state for this deployment")
+    return _from_row(row)
+
+
+async def _apply(
+    conn: AsyncConnection, values: Sequence[LiveValue], followed: set[str], version: int
+) -> PageEffect:
+    """Upsert `values` of the followed tables where not older than what is stored."""
+    effect = PageEffect()
+    latest: dict[tuple[str, str], LiveValue] = {}
+    for v in values:
+        if v.table not in followed:
+            effect.ignored += 1
+            continue
+        current = latest.get((v.table, v.doc_id))
+        if current is None or v.ts >= current.ts:
+            latest[(v.table, v.doc_id)] = v
+    if not latest:
+        return effect
+    rows = [
+        {
+            "source_table": v.table,
+            "doc_id": v.doc_id,
+            "ts": v.ts,
+            "creation_time": v.creation_time,
+            "deleted": v.deleted,
+            "version": version,
+            "document": "" if v.deleted else _dump(v.document),
+        }
+        for _, v in sorted(latest.items())
+    ]
+    if conn.dialect.name == "postgresql":
+        # COPY and one INSERT … SELECT: a snapshot page of a thousand documents costs a
+        # fraction of what as many parameter sets do.
+        columns = tuple(rows[0])
+        records = (tuple(r[c] for c in columns) for r in rows)
+        async with staged(conn, SOURCE_DOCUMENTS.name, columns, records) as name:
+            stage = sa.table(name, *(sa.column(c) for c in columns))
+            ordered = sa.select(stage).order_by(stage.c.source_table, stage.c.doc_id)
+            insert = postgresql.insert(SOURCE_DOCUMENTS).from_select(list(columns), ordered)
+            result = await conn.execute(_upsert(insert))
+            _count(effect, result.all())
+    else:
+        for start in range(0, len(rows), 500):
+            result = await conn.execute(
+                _upsert(insert_for(conn, SOURCE_DOCUMENTS)), rows[start : start + 500]
+            )
+            _count(effect, result.all())
+    effect.ignored += len(rows) - sum(effect.changed.values()) - sum(effect.deleted.values())
+    return effect
+
+
+def _upsert(insert: Any) -> Any:
+    """The mirror's conflict rule: a version replaces the stored one only when its `_ts` is
+    newer; a deletion keeps the document's place (`_creationTime`). Returns what it wrote."""
+    old, new = SOURCE_DOCUMENTS.c, insert.excluded
+    keep_creation = sa.case((new.deleted, old.creation_time), else_=new.creation_time)
+    return insert.on_conflict_do_update(
+        index_elements=[old.source_table, old.doc_id],
+        set_={
+            "ts": new.ts,
+            "creation_time": keep_creation,
+            "deleted": new.deleted,
+            "version": new.version,
+            "document": new.document,
+        },
+        where=new.ts > old.ts,
+    ).returning(SOURCE_DOCUMENTS.c.source_table, SOURCE_DOCUMENTS.c.deleted)
+
+
+def _count(effect: PageEffect, written: Sequence[Any]) -> None:
+    for table, deleted in written:
+        (effect.deleted if deleted else effect.changed)[table] += 1
+
+
+def _as_ns(position: Cursor | None) -> int:
+    """A position's source time: Convex's snapshots and delta cursors are timestamps in
+    nanoseconds; any other position says nothing about time (0)."""
+    return position if isinstance(position, int) and position > 0 else 0
+
+
+async def write_folder(
+    engine: AsyncEngine, tables: Sequence[str], out: Path, state_ns: int
+) -> dict[str, int]:
+    """The mirror as a folder export under `out`: `<table>/documents.jsonl` per table in
+    `tables` (empty when it holds nothing), documents by `_creationTime` then `_id`, file times
+    the state's source time (the export's snapshot time, SPEC §8.3). Documents per table."""
+    c = SOURCE_DOCUMENTS.c
+    written: dict[str, int] = {}
+    for table in tables:
+        folder = out / table
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / TABLE_FILE
+        count = 0
+        with file.open("wb") as handle:
+            async with engine.connect() as conn:
+                doc_id = c.doc_id.collate("C") if conn.dialect.name == "postgresql" else c.doc_id
+                result = await conn.stream(
+                    sa.select(c.document)
+                    .where(c.source_table == table, sa.not_(c.deleted))
+                    .order_by(c.creation_time, doc_id)
+                    .execution_options(yield_per=_PAGE)
+                )
+                async for (document,) in result:
+                    handle.write(document.encode() + b"\n")
+                    count += 1
+        os.utime(file, ns=(state_ns, state_ns))
+        written[table] = count
+    return written
+
+
+async def document_ids(engine: AsyncEngine, table: str) -> dict[str, bool]:
+    """`_id` -> deleted, of one mirrored table (for tests and `status`)."""
+    c = SOURCE_DOCUMENTS.c
+    async with engine.connect() as conn:
+        result = await conn.execute(sa.select(c.doc_id, c.deleted).where(c.source_table == table))
+        return {doc_id: bool(deleted) for doc_id, deleted in result.all()}
