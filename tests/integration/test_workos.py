@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from khala_stream.errors import WorkosAuthError, WorkosKeyError, WorkosUnreachable
-from processors.workos import LookupStats, WorkosClient, WorkosUser, parse_retry_after
+from khala_stream.http_client import parse_retry_after
+from processors.workos import LookupStats, WorkosClient, WorkosUser
 from processors.workos_cache import (
     CACHE_TABLE_NAME,
     MemoryWorkosCache,
