@@ -138,7 +138,7 @@ def test_user_id_is_trimmed_and_path_escaped(fake: FakeWorkos) -> None:
     fake.users["user_a/b"] = {"email": "ab@example.com"}
     user, _ = with_client(fake, lambda c: c.get_user("  user_a/b "))
     assert user is not None
-    assert fake.requests[0].path == "/user_management/users/user_a%2Fb"
+    assert fake.settled_requests()[0].path == "/user_management/users/user_a%2Fb"
     blank, stats = with_client(fake, lambda c: c.get_user("   "))
     assert blank is None
     assert stats.calls == 0
