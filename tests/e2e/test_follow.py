@@ -295,8 +295,9 @@ def test_kill_9_of_follow_anywhere_then_a_rerun_reaches_the_same_end_state(
         for step in (None, step_one, step_two):
             if step is not None:
                 step(fake)
-            kills = _kill_follow(env, fake, rng, pg_url, 3 if step else 70)
+            # The step's run is published by the rerun, or already by a killed follow.
             before = _runs(pg_url) if _has_runs(pg_url) else 0
+            kills = _kill_follow(env, fake, rng, pg_url, 3 if step else 70)
             ok(_follow(env, fake))
             # ... and process or sink killed while they derive or write what follow published.
             stage = rng.choice(["process", "sink"])
