@@ -317,7 +317,9 @@ async def _publish(
     """Publish the mirror at `state` as one run (a newer export of the deployment)."""
     run_options = import_runs.RunOptions(
         propagate_deletes=options.propagate_deletes,
-        skip_blueprints="blueprints" not in followed,
+        # Left out by --tables: as --skip-blueprints. Missing at the source: as an export
+        # without the table (the derivation reads none).
+        skip_blueprints="blueprints" not in options.tables,
         incremental=True,
     )
     folder = Path(tempfile.mkdtemp(prefix="khala-follow-"))

@@ -396,6 +396,17 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
         assert source["deployment"] == fake.base_url
         assert source["behind_seconds"] == 0 and source["freshness_seconds"] == round(freshness, 3)
         assert "freshness" in ok(khala(["lag", "--samples", "1"], env)).stdout
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "khala_app", "lag", "--watch", "--json", "--interval", "0.5"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert watch.stdout is not None
+            first = orjson.loads(watch.stdout.readline())
+        finally:
+            watch.terminate()
+            watch.wait(timeout=30)
+        assert first["source"]["deployment"] == fake.base_url
     finally:
         follow.send_signal(signal.SIGTERM)
         code = follow.wait(timeout=30)
