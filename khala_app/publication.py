@@ -80,6 +80,7 @@ async def publish_run(
             db=db,
             topics=topics,
             incremental=options.incremental,
+            carry_unchanged=not options.replace,
             skip_blueprints=options.skip_blueprints,
             progress=progress,
             backpressure=Backpressure(

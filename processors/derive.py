@@ -167,6 +167,12 @@ class RunContext:
     options: RunOptions
     withheld_deletes: Mapping[str, str] = field(default_factory=dict)
     """Tables whose vanished documents are kept, with why (`withheld_deletes`)."""
+    carried: Mapping[str, int] = field(default_factory=dict)
+    """Tables whose documents are stored under an earlier run (`PublishManifest.carried`)."""
+
+    def generation(self, table: str) -> int:
+        """The run under which the store holds this run's documents of `table`."""
+        return self.carried.get(table, self.run_id)
 
 
 @dataclass(slots=True)
@@ -335,7 +341,7 @@ class Derivation:
         }
 
     async def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
-        async for page in store.iter_pages(self._documents, table, self.context.run_id):
+        async for page in store.iter_pages(self._documents, table, self.context.generation(table)):
             yield page
             self._advance(len(page))
 
@@ -762,7 +768,9 @@ class Derivation:
             self.result.documents = dict(self._statistics)
         else:
             async with self._documents.connect() as conn:
-                self.result.documents = await store.table_changes(conn, run_id, read)
+                self.result.documents = await store.table_changes(
+                    conn, run_id, read, self.context.carried
+                )
         if not self.context.options.propagate_deletes:
             return
         withheld = self.context.withheld_deletes
@@ -770,7 +778,9 @@ class Derivation:
             logger.warning("run %d: no deletes from %s: %s", run_id, table, reason)
         async with self._documents.begin() as conn:
             vanished = {
-                t: await store.vanished_keys(conn, t, run_id) for t in read if t not in withheld
+                t: await store.vanished_keys(conn, t, self.context.generation(t))
+                for t in read
+                if t not in withheld
             }
             for table, keys in vanished.items():
                 await self.emit(

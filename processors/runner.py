@@ -397,6 +397,7 @@ class Processor:
             allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
             options=run.options,
             withheld_deletes=withheld_deletes(manifest, read_tables(run.options.skip_blueprints)),
+            carried=manifest.carried,
         )
         fingerprint = unchanged.fingerprint(context)
         work = asyncio.ensure_future(self._derive_claimed(run, context, fingerprint, out))
@@ -443,7 +444,7 @@ class Processor:
         await self._cover_lost_offsets(run, out)
         async with self._engine.connect() as conn:
             documents = await store.table_changes(
-                conn, run.id, read_tables(run.options.skip_blueprints)
+                conn, run.id, read_tables(run.options.skip_blueprints), context.carried
             )
             reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
         if reused is not None:

@@ -7,7 +7,7 @@ ledger that incremental publishing compares content hashes against (SPEC §5).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,10 +180,11 @@ async def applied_counts(conn: AsyncConnection, run_id: int) -> dict[str, int]:
 
 
 async def iter_pages(
-    engine: AsyncEngine, table: str, run_id: int
+    engine: AsyncEngine, table: str, generation: int
 ) -> AsyncIterator[list[StoredDocument]]:
     """One export's documents of a table in file order, a page at a time (memory stays flat:
-    a page holds at most 2,000 documents and about 512 KB of their text)."""
+    a page holds at most 2,000 documents and about 512 KB of their text). `generation`: the
+    run the documents are stored under (`PublishManifest.generation`)."""
     c = DOCUMENTS.c
     last_line = -1
     while True:
@@ -191,7 +192,7 @@ async def iter_pages(
             rows = (
                 await conn.execute(
                     sa.select(c.doc_key, c.line, c.document)
-                    .where(c.source_table == table, c.export_seq == run_id, c.line > last_line)
+                    .where(c.source_table == table, c.export_seq == generation, c.line > last_line)
                     .order_by(c.line)
                     .limit(_PAGE)
                 )
@@ -239,40 +240,45 @@ async def documents_by_key(
 
 
 async def table_changes(
-    conn: AsyncConnection, run_id: int, tables: Iterable[str]
+    conn: AsyncConnection, run_id: int, tables: Iterable[str], carried: Mapping[str, int]
 ) -> dict[str, TableChanges]:
     """Inserted / updated / unchanged documents of this run and documents that vanished
-    (keyless ones are no documents here: they were set aside)."""
+    (keyless ones are no documents here: they were set aside). `carried`: the tables whose
+    documents are stored under an earlier run (`PublishManifest.carried`)."""
     c = DOCUMENTS.c
-    own_key = keyed(c.doc_key)
-    seen = await conn.execute(
-        sa.select(
-            c.source_table,
-            sa.func.sum(sa.case((c.first_seq == run_id, 1), else_=0)),
-            sa.func.sum(
-                sa.case((sa.and_(c.changed_seq == run_id, c.first_seq < run_id), 1), else_=0)
-            ),
-            sa.func.sum(sa.case((c.changed_seq < run_id, 1), else_=0)),
+    found: dict[str, TableChanges] = {}
+    for table in tables:
+        generation = carried.get(table, run_id)
+        of_table = sa.and_(c.source_table == table, keyed(c.doc_key))
+        inserted, updated, same = (
+            await conn.execute(
+                sa.select(
+                    sa.func.sum(sa.case((c.first_seq == run_id, 1), else_=0)),
+                    sa.func.sum(
+                        sa.case(
+                            (sa.and_(c.changed_seq == run_id, c.first_seq < run_id), 1), else_=0
+                        )
+                    ),
+                    sa.func.sum(sa.case((c.changed_seq < run_id, 1), else_=0)),
+                ).where(of_table, c.export_seq == generation)
+            )
+        ).one()
+        gone = await conn.scalar(
+            sa.select(sa.func.count()).where(of_table, c.export_seq < generation)
         )
-        .where(c.export_seq == run_id, own_key)
-        .group_by(c.source_table)
-    )
-    counts = {t: [int(i or 0), int(u or 0), int(n or 0), 0] for t, i, u, n in seen.all()}
-    gone = await conn.execute(
-        sa.select(c.source_table, sa.func.count())
-        .where(c.export_seq < run_id, own_key)
-        .group_by(c.source_table)
-    )
-    for table, n in gone.all():
-        counts.setdefault(table, [0, 0, 0, 0])[3] = int(n)
-    return {t: TableChanges(*counts.get(t, [0, 0, 0, 0])) for t in tables}
+        found[table] = TableChanges(
+            int(inserted or 0), int(updated or 0), int(same or 0), int(gone or 0)
+        )
+    return found
 
 
-async def vanished_keys(conn: AsyncConnection, table: str, run_id: int) -> list[str]:
+async def vanished_keys(conn: AsyncConnection, table: str, generation: int) -> list[str]:
+    """Keys of `table` no export since run `generation` listed (the store holds them from an
+    earlier run)."""
     result = await conn.execute(
         sa.select(DOCUMENTS.c.doc_key).where(
             DOCUMENTS.c.source_table == table,
-            DOCUMENTS.c.export_seq < run_id,
+            DOCUMENTS.c.export_seq < generation,
             keyed(DOCUMENTS.c.doc_key),
         )
     )

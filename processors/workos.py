@@ -24,23 +24,18 @@ carry user ids, statuses and exception class names only.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
-import random
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from email_validator import EmailNotValidError, validate_email
 
 from khala_stream import metrics
 from khala_stream.errors import WorkosAuthError, WorkosKeyError, WorkosUnreachable
+from khala_stream.http_client import Backoff, HttpSession, Retryable, parse_retry_after
 
 if TYPE_CHECKING:
     # Imported where a client opens: every stage imports this module, few call WorkOS, and
@@ -83,21 +78,6 @@ class LookupResult:
     failed: bool = False
 
 
-class _State(enum.Enum):
-    NEW = "new"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-class _Retryable(Exception):
-    """A response or transport failure worth another attempt; internal to this module."""
-
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        self.reason = reason
-        self.retry_after = retry_after
-        super().__init__(reason)
-
-
 def _is_valid_email(value: str) -> bool:
     """SPEC §3.11: email-validator 2.x with deliverability checks off decides."""
     try:
@@ -137,29 +117,6 @@ def _text(body: Mapping[str, Any], *keys: str) -> str | None:
     return None
 
 
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delta-seconds or HTTP date), or None."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if seconds == seconds else None  # NaN is no answer
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT
-        when = when.replace(tzinfo=UTC)
-    current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
-
-
 class _RateLimiter:
     """Token bucket of capacity one: request starts at least 1/rate seconds apart."""
 
@@ -186,11 +143,13 @@ def _outcome(status: int) -> metrics.WorkosOutcome:
     return "retryable" if status == 429 or status >= 500 else "failed"
 
 
-class WorkosClient:
+class WorkosClient(HttpSession):
     """Looks WorkOS users up by id: bounded concurrency, optional rate limit, retries.
 
     Use as `async with`; a client is opened once and cannot be reused after closing.
     """
+
+    name = "WorkosClient"
 
     def __init__(
         self,
@@ -214,53 +173,23 @@ class WorkosClient:
             raise ValueError("timeout must be positive and backoff values non-negative")
         if rate_per_second is not None and rate_per_second <= 0:
             raise ValueError(f"rate_per_second must be positive, got {rate_per_second}")
-        self._api_key = api_key.strip()
-        self._base_url = base_url.rstrip("/")
-        self._concurrency = concurrency
+        super().__init__(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {api_key.strip()}", "Accept": "application/json"},
+            timeout_s=timeout,
+            max_connections=concurrency,
+        )
         self._max_attempts = max_attempts
-        self._timeout = timeout
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
+        self._backoff = Backoff(backoff_base, backoff_cap)
         self._limiter = _RateLimiter(rate_per_second) if rate_per_second is not None else None
         self._semaphore = asyncio.Semaphore(concurrency)
         # A 429 throttles the whole key, not one user: every request waits until this
         # loop time before starting.
         self._paused_until = 0.0
-        self._http: httpx.AsyncClient | None = None
-        self._state = _State.NEW
         self._calls = 0
         self._cache_hits = 0
         self._retries = 0
         self._failures = 0
-
-    def __repr__(self) -> str:  # never show the key
-        return f"WorkosClient(base_url={self._base_url!r}, state={self._state.value})"
-
-    async def __aenter__(self) -> Self:
-        if self._state is not _State.NEW:
-            raise RuntimeError(f"WorkosClient cannot be opened when it is {self._state.value}")
-        import httpx
-
-        self._http = httpx.AsyncClient(
-            base_url=self._base_url,
-            headers={"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"},
-            timeout=self._timeout,
-            limits=httpx.Limits(max_connections=self._concurrency),
-            follow_redirects=False,
-        )
-        self._state = _State.OPEN
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._state = _State.CLOSED
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
     @property
     def stats(self) -> LookupStats:
@@ -284,7 +213,7 @@ class WorkosClient:
         """
         try:
             response = await self._request_with_retries(f"{_USERS_PATH}?limit=1", label="key check")
-        except _Retryable as exc:
+        except Retryable as exc:
             raise WorkosUnreachable(
                 f"could not check the API key at {self._base_url}: {exc.reason} "
                 f"after {self._max_attempts} attempts"
@@ -317,7 +246,7 @@ class WorkosClient:
                 results[workos_id] = await self.lookup(workos_id)
 
         workers = [
-            asyncio.create_task(worker()) for _ in range(min(self._concurrency, len(unique)))
+            asyncio.create_task(worker()) for _ in range(min(self._max_connections, len(unique)))
         ]
         try:
             await asyncio.gather(*workers)
@@ -338,7 +267,7 @@ class WorkosClient:
             response = await self._request_with_retries(
                 f"{_USERS_PATH}/{quote(trimmed, safe='')}", label=trimmed, parse_json=True
             )
-        except _Retryable as exc:
+        except Retryable as exc:
             self._failures += 1
             logger.warning(
                 "WorkOS lookup unresolved: workos_id=%s attempts=%d reason=%s",
@@ -367,7 +296,7 @@ class WorkosClient:
     async def _request_with_retries(
         self, path: str, *, label: str, parse_json: bool = False
     ) -> httpx.Response:
-        """GET `path` until it gives a final answer; raises _Retryable when attempts run out.
+        """GET `path` until it gives a final answer; raises Retryable when attempts run out.
 
         Only 429, 5xx, timeouts, transport errors and (with `parse_json`) a 200 whose body
         is not a JSON object are retried; every other status is returned to the caller.
@@ -378,10 +307,10 @@ class WorkosClient:
                 metrics.workos_retry()
             try:
                 return await self._attempt(path, parse_json=parse_json)
-            except _Retryable as exc:
+            except Retryable as exc:
                 if attempt == self._max_attempts:
                     raise
-                delay = self._delay(attempt, exc.retry_after)
+                delay = self._backoff.delay(attempt, exc.retry_after)
                 logger.debug(
                     "WorkOS retry: target=%s attempt=%d reason=%s delay=%.3f",
                     label,
@@ -395,9 +324,7 @@ class WorkosClient:
     async def _attempt(self, path: str, *, parse_json: bool) -> httpx.Response:
         import httpx  # already loaded by __aenter__
 
-        http = self._http
-        if http is None or self._state is not _State.OPEN:
-            raise RuntimeError(f"WorkosClient is {self._state.value}; use it inside `async with`")
+        http = self._open_http()
         async with self._semaphore:
             await self._wait_for_turn()
             self._calls += 1
@@ -405,10 +332,10 @@ class WorkosClient:
                 response = await http.get(path)
             except httpx.TimeoutException as exc:
                 metrics.workos_request("retryable")
-                raise _Retryable(f"timeout ({type(exc).__name__})") from exc
+                raise Retryable(f"timeout ({type(exc).__name__})") from exc
             except httpx.TransportError as exc:
                 metrics.workos_request("retryable")
-                raise _Retryable(f"transport error ({type(exc).__name__})") from exc
+                raise Retryable(f"transport error ({type(exc).__name__})") from exc
         status = response.status_code
         metrics.workos_request(_outcome(status))
         if status == 429 or status >= 500:
@@ -416,16 +343,16 @@ class WorkosClient:
             if status == 429 and retry_after is not None:
                 loop = asyncio.get_running_loop()
                 self._paused_until = max(
-                    self._paused_until, loop.time() + self._capped_retry_after(retry_after)
+                    self._paused_until, loop.time() + self._backoff.capped(retry_after)
                 )
-            raise _Retryable(f"HTTP {status}", retry_after)
+            raise Retryable(f"HTTP {status}", retry_after)
         if parse_json and status == 200:
             try:
                 body = response.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise _Retryable("malformed JSON") from None
+                raise Retryable("malformed JSON") from None
             if not isinstance(body, dict):
-                raise _Retryable("JSON body is not an object")
+                raise Retryable("JSON body is not an object")
         return response
 
     async def _wait_for_turn(self) -> None:
@@ -435,14 +362,3 @@ class WorkosClient:
             await asyncio.sleep(pause)
         if self._limiter is not None:
             await self._limiter.acquire()
-
-    def _capped_retry_after(self, retry_after: float) -> float:
-        # A hostile or buggy Retry-After must not stall the import for hours.
-        return min(retry_after, self._backoff_cap * 4)
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return self._capped_retry_after(retry_after)
-        # Full jitter (AWS architecture blog): spreads the retries of concurrent workers.
-        ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (attempt - 1))
-        return random.uniform(0.0, ceiling)

@@ -8,6 +8,7 @@ memory whole and nothing is ever extracted to disk. Bad lines come back as `Reje
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import lzma
 import os
@@ -360,6 +361,7 @@ class ExportSource:
         self._max_entry_bytes = max_entry_bytes
         self._max_ratio = max_ratio
         self._sha256: str | None = None
+        self._entry_digests: dict[str, str] = {}
 
     def __enter__(self) -> ExportSource:
         return self
@@ -410,48 +412,50 @@ class ExportSource:
         return self._sha256
 
     def verify(self, tables: Iterable[str]) -> None:
-        """Decompress these tables' entries once (CRC and size limits checked), parsing nothing.
+        """Read these tables' entries once (ZIP: CRC and size limits checked), parsing nothing.
 
         Damage inside a ZIP entry only shows while it is read; the importer calls this before
-        its first write, so a corrupt export is refused with exit 2 and nothing written.
+        its first write, so a corrupt export is refused with exit 2 and nothing written. The
+        entries' digests (`entry_sha256`) are taken on the way.
         """
-        if self.kind != "zip" or self._zip is None:
-            return
         for table in tables:
-            info = self._zip_infos.get(table)
-            if info is None:
-                continue
-            _check_declared(self.path, info, self._max_entry_bytes, self._max_ratio)
-            try:
-                with self._zip.open(info) as raw:
-                    counted = _CountingReader(
-                        raw,
-                        path=self.path,
-                        entry=info.filename,
-                        compressed=info.compress_size,
-                        max_entry_bytes=self._max_entry_bytes,
-                        max_ratio=self._max_ratio,
-                    )
-                    while counted.read(_CHUNK):
-                        pass
-            except InvalidExportError:
-                raise
-            except _ZIP_ERRORS as exc:
-                raise InvalidExportError(
-                    self.path, f"corrupt ZIP: entry {info.filename}: {exc}"
-                ) from exc
+            self.entry_sha256(table)
+
+    def entry_sha256(self, table: str) -> str | None:
+        """sha256 of a table's entry as stored (inflated) bytes, or None when it has none.
+
+        Two exports whose entries of a table have one digest list the same lines in the same
+        order: the publisher re-imports such a table without reading it (SPEC §5).
+        """
+        if table not in self.tables:
+            return None
+        if table not in self._entry_digests:
+            digest = hashlib.sha256()
+            with self._open_entry(table) as stream:
+                while chunk := stream.read(_CHUNK):
+                    digest.update(chunk)
+            self._entry_digests[table] = digest.hexdigest()
+        return self._entry_digests[table]
 
     def iter_table(self, table: str) -> Iterator[SourceDocument | RejectedLine]:
         """Documents and rejected lines of one table, in file order; empty when missing."""
         entry = self.tables.get(table)
         if entry is None:
             return
+        with self._open_entry(table) as stream:
+            yield from _parse_lines(table, entry, stream)
+
+    @contextlib.contextmanager
+    def _open_entry(self, table: str) -> Iterator[_Readable]:
+        """A table's entry as a stream of bytes: a folder's file (no link followed), or a ZIP
+        entry inflated under the size limits. Read errors are InvalidExportError."""
+        entry = self.tables[table]
         if self.kind == "folder":
             try:
                 # No link is followed, even one made after the export was opened.
                 fd = os.open(self.path / entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
                 with os.fdopen(fd, "rb") as handle:
-                    yield from _parse_lines(table, entry, handle)
+                    yield handle
             except OSError as exc:
                 raise InvalidExportError(self.path, f"cannot read {entry}: {exc}") from exc
             return
@@ -461,7 +465,7 @@ class ExportSource:
         _check_declared(self.path, info, self._max_entry_bytes, self._max_ratio)
         try:
             with self._zip.open(info) as raw:
-                counted = _CountingReader(
+                yield _CountingReader(
                     raw,
                     path=self.path,
                     entry=entry,
@@ -469,7 +473,6 @@ class ExportSource:
                     max_entry_bytes=self._max_entry_bytes,
                     max_ratio=self._max_ratio,
                 )
-                yield from _parse_lines(table, entry, counted)
         except InvalidExportError:
             raise
         except _ZIP_ERRORS as exc:

@@ -25,22 +25,17 @@ The deploy key never reaches a log line, an exception message or a repr.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import random
 import time
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any
 
 import orjson
 
 from khala_stream import metrics
 from khala_stream.errors import DeployKeyError, SourceAnswerError, SourceUnreachable
+from khala_stream.http_client import Backoff, HttpSession, Retryable, parse_retry_after
 from producers import live_api
 from producers.live_api import Cursor, DeltaPage, SnapshotPage
-
-if TYPE_CHECKING:
-    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +57,10 @@ class CursorExpired(Exception):
         super().__init__(f"changes after cursor {cursor!r} are no longer kept")
 
 
-class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        self.reason = reason
-        self.retry_after = retry_after
-        super().__init__(reason)
-
-
-class _State(enum.Enum):
-    NEW = "new"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-class LiveClient:
+class LiveClient(HttpSession):
     """Reads one deployment. Use as `async with`; a client cannot be reopened."""
+
+    name = "LiveClient"
 
     def __init__(
         self,
@@ -90,44 +74,15 @@ class LiveClient:
     ) -> None:
         if not deploy_key.strip():
             raise DeployKeyError("KHALA_DEPLOY_KEY is not set")
-        self._base_url = base_url.rstrip("/")
-        self._key = deploy_key.strip()
+        super().__init__(
+            base_url=base_url,
+            headers={"Authorization": f"Convex {deploy_key.strip()}", "Accept": "application/json"},
+            timeout_s=timeout_s,
+        )
         self._deadline_s = deadline_s
-        self._timeout_s = timeout_s
-        self._backoff_base_s = backoff_base_s
-        self._backoff_cap_s = backoff_cap_s
-        self._http: httpx.AsyncClient | None = None
-        self._state = _State.NEW
+        self._backoff = Backoff(backoff_base_s, backoff_cap_s)
         self.retries = 0
         """Requests sent again after a 429, 5xx or transport failure."""
-
-    def __repr__(self) -> str:  # never the key
-        return f"LiveClient(base_url={self._base_url!r}, state={self._state.value})"
-
-    async def __aenter__(self) -> Self:
-        if self._state is not _State.NEW:
-            raise RuntimeError(f"LiveClient cannot be opened when it is {self._state.value}")
-        import httpx
-
-        self._http = httpx.AsyncClient(
-            base_url=self._base_url,
-            headers={"Authorization": f"Convex {self._key}", "Accept": "application/json"},
-            timeout=self._timeout_s,
-            follow_redirects=False,
-        )
-        self._state = _State.OPEN
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._state = _State.CLOSED
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
     async def tables(self) -> list[str]:
         """The deployment's tables (`json_schemas`); the first request, so a refused key is
@@ -162,13 +117,13 @@ class LiveClient:
                 body = await self._attempt(endpoint, params, snapshot)
                 metrics.source_request(endpoint, "ok")
                 return body
-            except _Retryable as exc:
+            except Retryable as exc:
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
                 waited = now - failing_since
                 if waited >= self._deadline_s:
                     raise SourceUnreachable(endpoint, exc.reason, waited) from None
-                delay = self._delay(attempt, exc.retry_after)
+                delay = self._backoff.delay(attempt, exc.retry_after)
                 delay = min(delay, max(0.0, self._deadline_s - waited))
                 logger.info(
                     "Khala deployment: endpoint=%s reason=%s attempt=%d retry_in=%.2f",
@@ -184,18 +139,18 @@ class LiveClient:
     async def _attempt(self, endpoint: str, params: dict[str, str], snapshot: Cursor | None) -> Any:
         import httpx
 
-        http = self._http
-        if http is None or self._state is not _State.OPEN:
-            raise RuntimeError(f"LiveClient is {self._state.value}; use it inside `async with`")
+        http = self._open_http()
         try:
             response = await http.get(endpoint, params=params)
         except httpx.TimeoutException as exc:
-            raise _Retryable(f"timeout ({type(exc).__name__})") from exc
+            raise Retryable(f"timeout ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise _Retryable(f"transport error ({type(exc).__name__})") from exc
+            raise Retryable(f"transport error ({type(exc).__name__})") from exc
         status = response.status_code
         if status == 429 or status >= 500:
-            raise _Retryable(f"HTTP {status}", parse_retry_after(response.headers))
+            raise Retryable(
+                f"HTTP {status}", parse_retry_after(response.headers.get("Retry-After"))
+            )
         body = _json(response.content)
         if status in (401, 403):
             raise DeployKeyError(f"the deploy key was refused (HTTP {status} from GET {endpoint})")
@@ -211,13 +166,6 @@ class LiveClient:
             raise SourceAnswerError(endpoint, "a body that is not JSON")
         return body
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            # A hostile or buggy Retry-After must not stall the follower for hours.
-            return min(retry_after, self._backoff_cap_s * 4)
-        ceiling = min(self._backoff_cap_s, self._backoff_base_s * 2 ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
-
 
 _NOT_JSON: Any = object()
 
@@ -227,27 +175,3 @@ def _json(content: bytes) -> Any:
         return orjson.loads(content)
     except orjson.JSONDecodeError:
         return _NOT_JSON
-
-
-def parse_retry_after(headers: Any) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date), or None."""
-    from datetime import UTC
-    from email.utils import parsedate_to_datetime
-
-    value = headers.get("Retry-After")
-    if not isinstance(value, str) or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if seconds == seconds else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())

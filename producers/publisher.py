@@ -4,7 +4,9 @@ Bad lines and documents without a key go to the dead-letter topic with their raw
 message without its key is also published under its line and content (`keyless_key`): it
 still seeds its thread's title.
 Incremental publishing sends only new and changed documents; an unchanged one (same content
-hash in the ledger) is marked as part of this export in the ledger instead (SPEC §5).
+hash in the ledger) is marked as part of this export in the ledger instead (SPEC §5). A table
+whose entry is byte for byte the one of the run just before is not read at all: the run carries
+that run's documents of it over (`PublishManifest.carried`), and its counts with them.
 """
 
 from __future__ import annotations
@@ -76,6 +78,13 @@ class PublishReport:
     # Per table, the sha256 of the document keys in file order: an export of the same
     # documents in another order may derive other rows (ties go to the later line).
     order: dict[str, hashlib._Hash] = field(default_factory=dict)
+    entries: dict[str, str] = field(default_factory=dict)
+    carried: dict[str, int] = field(default_factory=dict)
+    carried_order: dict[str, str] = field(default_factory=dict)
+    """The order digests of carried tables, as their run recorded them."""
+
+    def orders(self) -> dict[str, str]:
+        return {t: d.hexdigest() for t, d in self.order.items()} | self.carried_order
 
     def manifest(self) -> PublishManifest:
         return PublishManifest(
@@ -89,7 +98,9 @@ class PublishReport:
             rejected_lines=list(self.rejected_lines),
             tables=self.tables,
             ignored_tables=self.ignored_tables,
-            order={table: digest.hexdigest() for table, digest in self.order.items()},
+            order=self.orders(),
+            entries=dict(self.entries),
+            carried=dict(self.carried),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -102,7 +113,8 @@ class PublishReport:
             "rejected_lines": [list(r) for r in self.rejected_lines],
             "tables": self.tables,
             "ignored_tables": self.ignored_tables,
-            "order": {table: digest.hexdigest() for table, digest in self.order.items()},
+            "order": self.orders(),
+            "carried": dict(self.carried),
         }
 
 
@@ -131,16 +143,19 @@ class Publisher:
         topics: Topics,
         incremental: bool,
         skip_blueprints: bool,
+        carry_unchanged: bool,
         progress: ProgressCallback | None = None,
         max_reported_rejections: int = 1000,
         backpressure: Backpressure | None = None,
     ) -> None:
         """Every database call goes through `db` (waits out outages); `backpressure` holds
-        sending back while the processor falls behind."""
+        sending back while the processor falls behind; `carry_unchanged` lets an incremental
+        run carry over the tables that did not change since the run before (module doc)."""
         self._producer = producer
         self._db = db
         self._topics = topics
         self._incremental = incremental
+        self._carry_unchanged = carry_unchanged and incremental
         self._skip_blueprints = skip_blueprints
         self._progress = progress
         self._max_reported = max_reported_rejections
@@ -170,7 +185,20 @@ class Publisher:
         )
         report.tables = sorted(t for t in export.tables if t in SOURCE_TABLES)
         report.ignored_tables = sorted(t for t in export.tables if t not in SOURCE_TABLES)
+        # Published again after a loss, a table may be half marked: it is marked in full.
+        base = None
+        if self._carry_unchanged and not self._again:
+            base = await self._db.run(_carry_base, run_id)
         for table in read_tables(self._skip_blueprints):  # reference §6.4
+            digest = export.entry_sha256(table)
+            if digest is not None:
+                report.entries[table] = digest
+            if base is not None and digest is not None and base.entries.get(table) == digest:
+                _carry(table, export.tables[table], base, report, self._max_reported)
+                if self._progress:
+                    self._progress(table, 0)
+                    self._progress(table, base.source.get(table, 0), done=True)
+                continue
             await self._publish_table(export, table, report)
         report.published.update(applied or {})  # Counter.update adds
         manifest = report.manifest()
@@ -359,6 +387,37 @@ class Publisher:
         ends = await batches.flush()
         metrics.record_output("publish", {table: len(outgoing)})
         return topic, ends
+
+
+def _carry(
+    table: str, entry: str, base: PublishManifest, report: PublishReport, max_reported: int
+) -> None:
+    """Carry `table` over from run `base` (same entry bytes): the same lines, so the same
+    documents, rejections and order; none is sent again, dead letters included (they are in
+    the dead-letter topic from the run that read them)."""
+    report.carried[table] = base.generation(table)
+    for mine, theirs in (
+        (report.source, base.source),
+        (report.rejected, base.rejected),
+        (report.missing_key, base.missing_key),
+    ):
+        if theirs.get(table):
+            mine[table] = theirs[table]
+    report.unchanged[table] = base.published.get(table, 0) + base.unchanged.get(table, 0)
+    if table in base.order:
+        report.carried_order[table] = base.order[table]
+    room = max_reported - len(report.rejected_lines)
+    report.rejected_lines += [r for r in base.rejected_lines if r[0] == entry][: max(room, 0)]
+
+
+async def _carry_base(engine: AsyncEngine, run_id: int) -> PublishManifest | None:
+    """The manifest of the run just before `run_id` when its derivation completed, else None:
+    only then are its documents in the store, and no run in between moved them."""
+    async with engine.connect() as conn:
+        previous = await import_runs.latest_derived_before(conn, run_id)
+    if previous is None or previous.id != run_id - 1 or previous.options.replace:
+        return None
+    return previous.manifest
 
 
 async def _stored_before(engine: AsyncEngine, table: str, run_id: int) -> bool:

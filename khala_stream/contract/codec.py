@@ -256,8 +256,10 @@ def row_batch_changes(batch: RowBatch) -> list[RowChange]:
 
 # -- run coordination records ----------------------------------------------------------------
 # Version 0 is the shape stored before records had a version: a plain object without "v".
+# Manifest version 2 added `entries` and `carried`: a reader that ignored `carried` would read
+# a carried table's documents where there are none, so version 1 readers must refuse it.
 
-MANIFEST_VERSION: Final = 1
+MANIFEST_VERSION: Final = 2
 SUMMARY_VERSION: Final = 1
 
 
@@ -289,6 +291,8 @@ def encode_manifest(manifest: PublishManifest) -> bytes:
             "tables": manifest.tables,
             "ignored_tables": manifest.ignored_tables,
             "order": manifest.order,
+            "entries": manifest.entries,
+            "carried": manifest.carried,
         }
     )
 
@@ -310,6 +314,8 @@ def decode_manifest(data: bytes | str, *, run_id: int, export_sha256: str) -> Pu
         tables=[str(t) for t in raw.get("tables", [])],
         ignored_tables=[str(t) for t in raw.get("ignored_tables", [])],
         order={str(t): str(d) for t, d in (raw.get("order") or {}).items()},
+        entries={str(t): str(d) for t, d in (raw.get("entries") or {}).items()},
+        carried=_counts(raw.get("carried")),
     )
 
 

@@ -32,6 +32,15 @@ class PublishManifest:
     ignored_tables: list[str] = field(default_factory=list)
     order: dict[str, str] = field(default_factory=dict)
     """Per table, the sha256 of the document keys in file order."""
+    entries: dict[str, str] = field(default_factory=dict)
+    """Per table, the sha256 of its export entry's bytes (`ExportSource.entry_sha256`)."""
+    carried: dict[str, int] = field(default_factory=dict)
+    """Tables whose entry is the previous run's, byte for byte: nothing of them was read or
+    sent, and their documents are the store's of the run named here (`generation`)."""
+
+    def generation(self, table: str) -> int:
+        """The run whose documents in the store are this run's documents of `table`."""
+        return self.carried.get(table, self.run_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

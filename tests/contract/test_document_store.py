@@ -171,11 +171,11 @@ def test_keyless_documents_are_read_back_but_never_counted_or_vanished(db_url: s
         pages = [d async for page in store.iter_pages(engine, "messages", 1) for d in page]
         assert [d.key for d in pages] == [keyless, "m_1", "%x"]  # the derivation reads all
         async with engine.connect() as conn:
-            changes = await store.table_changes(conn, 1, ["messages"])
+            changes = await store.table_changes(conn, 1, ["messages"], {})
         assert changes["messages"] == store.TableChanges(inserted=2)
         # The next export holds none of them: only the keyed ones vanished.
         async with engine.connect() as conn:
-            changes = await store.table_changes(conn, 2, ["messages"])
+            changes = await store.table_changes(conn, 2, ["messages"], {})
             vanished = await store.vanished_keys(conn, "messages", 2)
         assert changes["messages"] == store.TableChanges(deleted=2)
         assert sorted(vanished) == ["%x", "m_1"]

@@ -4,14 +4,17 @@ Laravel-side edits of unchanged documents survive."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 
-from khala_stream.contract.runs import DerivationSummary
+from khala_stream.contract import codec
+from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from khala_stream.db.importer_tables import REFUSALS, ROWS, RUNS
 from khala_stream.db.laravel_tables import TABLES
 from producers.generator import generate_export, load_reference_fixture, write_fixture_zip
@@ -461,8 +464,6 @@ def _three_threads() -> dict[str, list[Any]]:
 
 def _raw_zip(path: Path, tables: dict[str, list[Any]]) -> Path:
     """Like `write_fixture_zip`, but a `bytes` item is written as that raw line."""
-    import zipfile
-
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for table, items in tables.items():
             lines = [i if isinstance(i, bytes) else orjson.dumps(i) for i in items]
@@ -634,3 +635,79 @@ def test_an_autopilot_whose_profile_an_interrupted_run_wrote_ends_at_version_2(
     (again,) = rows(db_url, "autopilots")
     assert again["id"] == autopilot["id"]
     assert again["config_version"] == 2
+
+
+def _entries(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def _zip_entries(path: Path, entries: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _edited_messages(data: bytes) -> bytes:
+    """A later messages entry: one text edited, one line gone, one new message at the end."""
+    lines = data.splitlines()
+    keyed = []
+    for i, line in enumerate(lines):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            doc = orjson.loads(line)
+            unique = lines.count(line) == 1
+            if unique and isinstance(doc, dict) and isinstance(doc.get("messageId"), str):
+                keyed.append((i, doc))
+    (edit, doc), (gone, _), (_, model) = keyed[1], keyed[2], keyed[-1]
+    lines[edit] = orjson.dumps({**doc, "text": f"{doc.get('text')} (edited)"})
+    del lines[gone]
+    lines.append(orjson.dumps({**model, "messageId": "later-message", "text": "new since"}))
+    return b"\n".join(lines) + b"\n"
+
+
+def test_tables_unchanged_byte_for_byte_are_carried_and_derive_as_if_read(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, sqlite_url: str
+) -> None:
+    """A newer export whose messages changed and whose other entries are the same bytes: the
+    others are carried over without being read (no document of theirs is sent) and the end
+    state, counts included, is the one of the same documents read line by line (an entry
+    with a blank line more: other bytes, the same documents)."""
+    first = tmp_path / "first.zip"
+    generate_export(first, users=30, seed=31, edge_cases=True)
+    entries = _entries(first)
+    messages = next(n for n in entries if n.startswith("messages/"))
+    carried = {**entries, messages: _edited_messages(entries[messages])}
+    read = {n: d if n == messages else d + b"\n" for n, d in carried.items()}
+
+    outputs = []
+    for name, later, url in (
+        ("carried", carried, sqlite_url),
+        ("read", read, f"sqlite+aiosqlite:///{tmp_path / 'read.sqlite'}"),
+    ):
+        env = env_for(kafka_bootstrap, f"{topic_prefix}-{name}", url)
+        ok(khala(["import-chat", str(first)], env))
+        newer = _zip_entries(tmp_path / f"{name}.zip", later)
+        again = ok(khala(["import-chat", str(newer), "--propagate-deletes", "--json"], env))
+        outputs.append((json_value(again.stdout), table_snapshot(url), url))
+
+    (carried_report, carried_tables, carried_url), (read_report, read_tables, read_url) = outputs
+    assert carried_tables == read_tables
+    for key in ("documents", "counters", "rows_written", "rejected_lines", "missing_key"):
+        assert carried_report[key] == read_report[key], key
+    assert carried_report["documents"]["messages"]["updated"] == 1
+    # The messages entry has rejected lines: its deletes are withheld, the loss reported.
+    assert carried_report["documents"]["messages"]["not_in_export"] == 1
+    assert "messages" in carried_report["deletes_withheld"]
+    assert carried_report["documents"]["users"]["unchanged"] > 0
+
+    def manifest(url: str) -> PublishManifest:
+        latest = sa.select(RUNS.c.expected).where(RUNS.c.id == 2)
+        ((expected,),) = run_db(url, [latest])[0]
+        return codec.decode_manifest(expected, run_id=2, export_sha256="")
+
+    by_carry, by_reading = manifest(carried_url), manifest(read_url)
+    assert set(by_carry.carried) == set(by_carry.tables) - {"messages"}
+    assert set(by_carry.carried.values()) == {1}
+    assert by_carry.published == {"messages": by_reading.published["messages"]}
+    assert by_reading.carried == {}

@@ -26,15 +26,15 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
 from producers.live_api import DOCUMENT_DELTAS, JSON_SCHEMAS, LIST_SNAPSHOT, export_order
+from tests.fakes.http_fake import FakeHttpServer
 
 __all__ = ["DOCUMENT_DELTAS", "JSON_SCHEMAS", "LIST_SNAPSHOT", "FakeKhala", "Reply"]
 
@@ -62,16 +62,14 @@ class _Commit:
     writes: tuple[tuple[str, str, dict[str, Any] | None], ...]  # table, _id, doc (None: deleted)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
+class FakeKhala(FakeHttpServer):
+    name = "fake-khala"
 
-
-class FakeKhala:
     def __init__(
         self, *, deploy_key: str = "dev:fake|khala-deploy-key", page_size: int = 7,
         delta_page_size: int = 5,
     ) -> None:  # fmt: skip
+        super().__init__()
         self.deploy_key = deploy_key
         self.page_size = page_size
         self.delta_page_size = delta_page_size
@@ -89,8 +87,6 @@ class FakeKhala:
         self._tables: set[str] = set()
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -198,45 +194,6 @@ class FakeKhala:
     def requests_to(self, path: str) -> list[Recorded]:
         with self._lock:
             return [r for r in self.requests if r.path == path]
-
-    # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def base_url(self) -> str:
-        assert self._server is not None, "use FakeKhala as a context manager"
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> Self:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                fake._handle(self)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-khala"
-        )
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     # ------------------------------------------------------------------ serving
 

@@ -19,10 +19,11 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
+
+from tests.fakes.http_fake import FakeHttpServer
 
 USERS_PATH = "/user_management/users"
 
@@ -55,13 +56,11 @@ class RecordedRequest:
     wall: float  # time.time() at the start, to compare with HTTP dates
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a handler asleep on a scripted delay must not block shutdown
-    request_queue_size = 128  # the default backlog of 5 drops connects under concurrency tests
+class FakeWorkos(FakeHttpServer):
+    name = "fake-workos"
 
-
-class FakeWorkos:
     def __init__(self, *, api_key: str = "sk_test_fake", latency: float = 0.0) -> None:
+        super().__init__()
         self.api_key = api_key
         self.latency = latency  # slept by every request, to make concurrency observable
         self.users: dict[str, Any] = {}
@@ -71,8 +70,6 @@ class FakeWorkos:
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ scripting
 
@@ -95,49 +92,10 @@ class FakeWorkos:
                     return list(self.requests)
             time.sleep(0.01)
 
-    @property
-    def base_url(self) -> str:
-        assert self._server is not None, "use FakeWorkos as a context manager"
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
     # ------------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> Self:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                fake._handle(self)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # keep pytest output quiet
-
-        server = _Server(("127.0.0.1", 0), Handler)
-        self._server = server
-        self._thread = threading.Thread(
-            # a short poll keeps shutdown (and so each test's teardown) quick
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.02},
-            name="fake-workos",
-        )
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _before_shutdown(self) -> None:
         self._closing.set()  # wakes handlers sleeping on a delay
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     # ------------------------------------------------------------------ serving
 

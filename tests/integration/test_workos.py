@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from khala_stream.errors import WorkosAuthError, WorkosKeyError, WorkosUnreachable
-from processors.workos import LookupStats, WorkosClient, WorkosUser, parse_retry_after
+from khala_stream.http_client import parse_retry_after
+from processors.workos import LookupStats, WorkosClient, WorkosUser
 from processors.workos_cache import (
     CACHE_TABLE_NAME,
     MemoryWorkosCache,
@@ -137,7 +138,7 @@ def test_user_id_is_trimmed_and_path_escaped(fake: FakeWorkos) -> None:
     fake.users["user_a/b"] = {"email": "ab@example.com"}
     user, _ = with_client(fake, lambda c: c.get_user("  user_a/b "))
     assert user is not None
-    assert fake.requests[0].path == "/user_management/users/user_a%2Fb"
+    assert fake.settled_requests()[0].path == "/user_management/users/user_a%2Fb"
     blank, stats = with_client(fake, lambda c: c.get_user("   "))
     assert blank is None
     assert stats.calls == 0

@@ -4,6 +4,8 @@ still read; a version this khala-stream does not know is refused with a clear er
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
@@ -25,6 +27,8 @@ MANIFEST = PublishManifest(
     tables=["messages", "users"],
     ignored_tables=["lightningInvoices"],
     order={"messages": "cd" * 32},
+    entries={"messages": "ef" * 32, "users": "01" * 32},
+    carried={"users": 5},
 )
 
 SUMMARY = DerivationSummary(
@@ -62,7 +66,7 @@ def test_a_manifest_stored_before_versions_is_read() -> None:
         "order": {"messages": "cd" * 32},
     }
     decoded = codec.decode_manifest(orjson.dumps(stored), run_id=7, export_sha256=SHA)
-    assert decoded == MANIFEST
+    assert decoded == dataclasses.replace(MANIFEST, entries={}, carried={})
 
 
 def test_a_summary_stored_before_versions_is_read() -> None:
@@ -78,7 +82,20 @@ def test_a_summary_stored_before_versions_is_read() -> None:
     assert codec.decode_summary(orjson.dumps(stored).decode(), run_id=7) == SUMMARY
 
 
-@pytest.mark.parametrize("version", [2, 99, -1, "1", None, True])
+def test_a_version_1_manifest_carries_no_table() -> None:
+    stored = {**orjson.loads(codec.encode_manifest(MANIFEST)), "v": 1}
+    del stored["entries"], stored["carried"]
+    manifest = codec.decode_manifest(orjson.dumps(stored), run_id=7, export_sha256=SHA)
+    assert manifest.carried == {} and manifest.entries == {}
+    assert manifest.generation("users") == 7
+
+
+def test_a_carried_table_is_read_from_the_run_it_was_carried_from() -> None:
+    assert MANIFEST.generation("users") == 5
+    assert MANIFEST.generation("messages") == 7
+
+
+@pytest.mark.parametrize("version", [3, 99, -1, "1", None, True])
 def test_an_unknown_manifest_version_is_a_clear_error(version: object) -> None:
     data = orjson.dumps({**orjson.loads(codec.encode_manifest(MANIFEST)), "v": version})
     with pytest.raises(UnknownRecordVersion) as raised:
@@ -86,7 +103,7 @@ def test_an_unknown_manifest_version_is_a_clear_error(version: object) -> None:
     assert isinstance(raised.value, RuntimeFailure) and raised.value.exit_code == 1
     message = str(raised.value)
     assert f"the publish manifest of run 7 has version {version!r}" in message
-    assert "reads versions up to 1" in message
+    assert f"reads versions up to {codec.MANIFEST_VERSION}" in message
 
 
 @pytest.mark.parametrize("version", [2, 99])
