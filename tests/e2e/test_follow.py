@@ -415,5 +415,6 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
     assert code == 143, output
     # With -v: neither the deploy key nor any email of the deployment's documents.
     assert KEY not in output and "follow: run=" in output
+    assert "follow: cursor=" in output  # the status line every 5 s
     emails = {d["email"] for d in fake.state()["users"].values() if isinstance(d.get("email"), str)}
     assert all(e not in output for e in emails if "@" in e)
