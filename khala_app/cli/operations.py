@@ -291,7 +291,11 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
             # RuntimeError: the embedded broker did not start.
             result = unknown(str(exc))
         else:
-            report, result = taken, check_report(taken, limits)
+            from khala_stream.lag.source import source_lag
+
+            source = run_async(source_lag(settings.database_url))
+            behind = None if source is None else source.behind_s
+            report, result = taken, check_report(taken, limits, source_behind_s=behind)
     if args.json:
         data: dict[str, Any] = {
             "state": result.state,

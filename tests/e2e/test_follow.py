@@ -396,6 +396,8 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
         assert source["deployment"] == fake.base_url
         assert source["behind_seconds"] == 0 and source["freshness_seconds"] == round(freshness, 3)
         assert "freshness" in ok(khala(["lag", "--samples", "1"], env)).stdout
+        check = khala(["lag", "--check", "--samples", "1"], env)
+        assert check.exit_code == 0 and "; source behind 0.0s" in check.stdout, check.stdout
         watch = subprocess.Popen(
             [sys.executable, "-m", "khala_app", "lag", "--watch", "--json", "--interval", "0.5"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
