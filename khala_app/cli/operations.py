@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from khala_stream.lag import LagReport
+    from khala_stream.lag.source import SourceLag
     from khala_stream.metrics import MetricsServer, Stage
 
 __all__ = [
@@ -290,7 +291,11 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
             # RuntimeError: the embedded broker did not start.
             result = unknown(str(exc))
         else:
-            report, result = taken, check_report(taken, limits)
+            from khala_stream.lag.source import source_lag
+
+            source = run_async(source_lag(settings.database_url))
+            behind = None if source is None else source.behind_s
+            report, result = taken, check_report(taken, limits, source_behind_s=behind)
     if args.json:
         data: dict[str, Any] = {
             "state": result.state,
@@ -337,6 +342,7 @@ async def watch_lag(
 
     from khala_stream.broker.clients import broker_session
     from khala_stream.lag import LagSampler, export_report, prefix_groups
+    from khala_stream.lag.source import source_lag
 
     server = _serve(metrics_port, metrics_host) if metrics_port is not None else None
     live_display = sys.stdout.isatty() and not as_json
@@ -362,7 +368,7 @@ async def watch_lag(
                             if server is not None:
                                 export_report(report, previous=previous)
                             previous = report
-                            screen.show(report, as_json)
+                            screen.show(report, as_json, await source_lag(live.database_url))
             except (KafkaError, OSError) as exc:
                 raise RuntimeFailure(f"cannot reach the broker: {exc}") from exc
     finally:
@@ -390,13 +396,25 @@ class _Screen:
         if self._live is not None:
             self._live.__exit__(None, None, None)
 
-    def show(self, report: LagReport, as_json: bool) -> None:
+    def show(self, report: LagReport, as_json: bool, source: SourceLag | None = None) -> None:
+        """One redraw: the groups, and the followed deployment's line when there is one."""
         if as_json:
-            sys.stdout.write(orjson.dumps(report.to_json()).decode() + "\n")
+            data = report.to_json()
+            if source is not None:
+                data["source"] = source.to_json()
+            sys.stdout.write(orjson.dumps(data).decode() + "\n")
         elif self._live is not None:
-            self._live.update(_rich_table(report, self._partitions), refresh=True)
+            from rich.console import Group
+            from rich.text import Text
+
+            table = _rich_table(report, self._partitions)
+            shown = table if source is None else Group(table, Text(source.line()))
+            self._live.update(shown, refresh=True)
         elif self._partitions:
-            sys.stdout.write("\n".join([*lag_lines(report, partitions=True), ""]) + "\n")
+            extra = [] if source is None else [source.line()]
+            sys.stdout.write("\n".join([*lag_lines(report, partitions=True), *extra, ""]) + "\n")
+        elif source is not None:
+            sys.stdout.write("\n".join([*lag_lines(report), source.line()]) + "\n")
         else:
             sys.stdout.write("\n".join(lag_lines(report)) + "\n")
         sys.stdout.flush()

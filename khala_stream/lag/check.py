@@ -8,7 +8,9 @@ the check cannot run). A group's state is the worse of
 - the thresholds: the oldest unconsumed message's age (`lag_seconds`) and, when given, the
   total lag in messages, each against a warning and a critical limit (inclusive);
 
-and the check's state is the worst group's. Pure: a report and thresholds in, a result out.
+and the check's state is the worst group's (and, for a database that `follow` feeds, how far
+it is behind the deployment, against the same seconds limits). Pure: a report and thresholds
+in, a result out.
 """
 
 from __future__ import annotations
@@ -131,8 +133,12 @@ def _perfdata(group: GroupLag, limits: Thresholds) -> str:
     return f"'{name}_lag'={lag} '{name}_lag_seconds'={age}"
 
 
-def check_report(report: LagReport, limits: Thresholds) -> CheckResult:
-    """Judge every group of `report`; the worst group decides the state."""
+def check_report(
+    report: LagReport, limits: Thresholds, *, source_behind_s: float | None = None
+) -> CheckResult:
+    """Judge every group of `report`; the worst group decides the state. `source_behind_s`:
+    how far `follow` is behind the deployment it follows (None: it follows none), judged
+    against the same seconds limits as a group's oldest message."""
     if not report.groups:
         return unknown("no consumer group to check")
     state: CheckState = "OK"
@@ -142,4 +148,11 @@ def check_report(report: LagReport, limits: Thresholds) -> CheckResult:
         state = _worse(state, group_state)
         parts.append(words)
     perf = " ".join(_perfdata(g, limits) for g in report.groups)
+    if source_behind_s is not None:
+        behind = _limit(source_behind_s, limits.warn_seconds, limits.crit_seconds)
+        state = _worse(state, behind)
+        parts.append(f"source behind {_seconds(source_behind_s)}")
+        warn = "" if limits.warn_seconds is None else f"{limits.warn_seconds:g}"
+        crit = "" if limits.crit_seconds is None else f"{limits.crit_seconds:g}"
+        perf += f" 'source_behind_seconds'={source_behind_s:.3f}s;{warn};{crit};0"
     return CheckResult(state, f"LAG {state} - {'; '.join(parts)} | {perf}")

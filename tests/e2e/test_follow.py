@@ -295,8 +295,9 @@ def test_kill_9_of_follow_anywhere_then_a_rerun_reaches_the_same_end_state(
         for step in (None, step_one, step_two):
             if step is not None:
                 step(fake)
-            kills = _kill_follow(env, fake, rng, pg_url, 3 if step else 70)
+            # The step's run is published by the rerun, or already by a killed follow.
             before = _runs(pg_url) if _has_runs(pg_url) else 0
+            kills = _kill_follow(env, fake, rng, pg_url, 3 if step else 70)
             ok(_follow(env, fake))
             # ... and process or sink killed while they derive or write what follow published.
             stage = rng.choice(["process", "sink"])
@@ -395,6 +396,19 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
         assert source["deployment"] == fake.base_url
         assert source["behind_seconds"] == 0 and source["freshness_seconds"] == round(freshness, 3)
         assert "freshness" in ok(khala(["lag", "--samples", "1"], env)).stdout
+        check = khala(["lag", "--check", "--samples", "1"], env)
+        assert check.exit_code == 0 and "; source behind 0.0s" in check.stdout, check.stdout
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "khala_app", "lag", "--watch", "--json", "--interval", "0.5"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert watch.stdout is not None
+            first = orjson.loads(watch.stdout.readline())
+        finally:
+            watch.terminate()
+            watch.wait(timeout=30)
+        assert first["source"]["deployment"] == fake.base_url
     finally:
         follow.send_signal(signal.SIGTERM)
         code = follow.wait(timeout=30)
@@ -403,5 +417,6 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
     assert code == 143, output
     # With -v: neither the deploy key nor any email of the deployment's documents.
     assert KEY not in output and "follow: run=" in output
+    assert "follow: cursor=" in output  # the status line every 5 s
     emails = {d["email"] for d in fake.state()["users"].values() if isinstance(d.get("email"), str)}
     assert all(e not in output for e in emails if "@" in e)

@@ -119,3 +119,14 @@ def test_threshold_problems() -> None:
     assert Thresholds(warn_lag=-1).problems() == ["--warn-lag must be at least 0, not -1"]
     nan = float("nan")
     assert Thresholds(warn_seconds=nan).problems() == ["--warn-seconds must be at least 0, not nan"]
+
+
+@pytest.mark.parametrize(
+    ("behind", "state"), [(0.0, "OK"), (300.0, "WARNING"), (900.0, "CRITICAL")]
+)
+def test_a_followed_deployment_is_judged_by_how_far_behind_it_is(behind: float, state: str) -> None:
+    result = check_report(report(group("k.sink")), Thresholds(), source_behind_s=behind)
+    assert result.state == state
+    assert f"; source behind {behind:.0f}" in result.summary
+    assert result.summary.endswith(f"'source_behind_seconds'={behind:.3f}s;300;900;0")
+    assert "source" not in check_report(report(group("k.sink")), Thresholds()).summary
