@@ -4,9 +4,24 @@ port), started and stopped as a context manager, handing every GET to `_handle`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
+
+
+def send_reply(
+    handler: BaseHTTPRequestHandler, status: int, payload: bytes, headers: Mapping[str, str]
+) -> None:
+    """A JSON answer: status, its length, the reply's own headers, then the body."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    for name, value in headers.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(payload)
+    handler.wfile.flush()
 
 
 class _Server(ThreadingHTTPServer):

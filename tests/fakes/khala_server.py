@@ -20,6 +20,7 @@ replies (per path) come before the normal answer.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import threading
 import zipfile
 from collections import defaultdict, deque
@@ -34,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from producers.live_api import DOCUMENT_DELTAS, JSON_SCHEMAS, LIST_SNAPSHOT, export_order
-from tests.fakes.http_fake import FakeHttpServer
+from tests.fakes.http_fake import FakeHttpServer, send_reply
 
 __all__ = ["DOCUMENT_DELTAS", "JSON_SCHEMAS", "LIST_SNAPSHOT", "FakeKhala", "Reply"]
 
@@ -205,17 +206,8 @@ class FakeKhala(FakeHttpServer):
         with self._lock:
             self.requests.append(Recorded(split.path, params, authorization, reply.status))
         payload = b"" if reply.body is None else orjson.dumps(reply.body)
-        try:
-            handler.send_response(reply.status)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(payload)))
-            for name, value in reply.headers.items():
-                handler.send_header(name, value)
-            handler.end_headers()
-            handler.wfile.write(payload)
-            handler.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client left
+            send_reply(handler, reply.status, payload, reply.headers)
 
     def _answer(self, path: str, params: dict[str, str], authorization: str | None) -> Reply:
         if authorization != f"Convex {self.deploy_key}":

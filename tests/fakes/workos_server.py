@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from tests.fakes.http_fake import FakeHttpServer
+from tests.fakes.http_fake import FakeHttpServer, send_reply
 
 USERS_PATH = "/user_management/users"
 
@@ -158,11 +158,4 @@ class FakeWorkos(FakeHttpServer):
             payload = b""
         else:
             payload = json.dumps(reply.body).encode()
-        handler.send_response(reply.status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(payload)))
-        for name, value in reply.headers.items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(payload)
-        handler.wfile.flush()
+        send_reply(handler, reply.status, payload, reply.headers)

@@ -92,7 +92,7 @@ def test_snake_case_body_is_mapped_and_key_sent_as_bearer(fake: FakeWorkos) -> N
         name="Ada Lovelace",
         avatar="https://img.example.com/ada.png",
     )
-    (request,) = fake.requests
+    (request,) = fake.settled_requests()
     assert request.path == user_path("user_ada")
     assert request.headers["Authorization"] == f"Bearer {KEY}"
     assert stats == LookupStats(calls=1, cache_hits=0, retries=0, failures=0)
@@ -256,7 +256,7 @@ def test_unexpected_status_is_a_failure_without_retry(fake: FakeWorkos) -> None:
 
 def test_check_key_accepts_a_good_key(fake: FakeWorkos) -> None:
     with_client(fake, lambda c: c.check_key())
-    (request,) = fake.requests
+    (request,) = fake.settled_requests()
     assert (request.path, request.query) == (USERS_PATH, "limit=1")
 
 
@@ -339,7 +339,7 @@ def test_concurrency_is_bounded(fake: FakeWorkos) -> None:
     fake.latency = 0.03
     users, stats = with_client(fake, lambda c: c.get_users(ids), concurrency=5)
     assert list(users) == ids and all(u is not None for u in users.values())
-    assert len(fake.requests) == 50 and stats.calls == 50
+    assert len(fake.settled_requests()) == 50 and stats.calls == 50
     assert 2 <= fake.max_in_flight <= 5  # concurrent, but never more than allowed
 
 
@@ -347,7 +347,7 @@ def test_rate_limit_spaces_request_starts(fake: FakeWorkos) -> None:
     ids = [f"user_{i}" for i in range(6)]
     rate = 20.0
     with_client(fake, lambda c: c.get_users(ids), concurrency=6, rate_per_second=rate)
-    starts = sorted(r.started for r in fake.requests)
+    starts = sorted(r.started for r in fake.settled_requests())
     assert starts[-1] - starts[0] >= (len(ids) - 1) / rate * 0.9
 
 
@@ -401,7 +401,7 @@ def test_sql_cache_survives_a_restart(fake: FakeWorkos, db_url: str) -> None:
 
     first, first_cached, _ = asyncio.run(run_once())
     assert first_cached == 0
-    assert len(fake.requests) == 4
+    assert len(fake.settled_requests()) == 4
     assert first["user_ada"] == WorkosUser(
         email="ada.lovelace@example.com", name="Ada Lovelace", avatar=ADA["profile_picture_url"]
     )
@@ -411,7 +411,7 @@ def test_sql_cache_survives_a_restart(fake: FakeWorkos, db_url: str) -> None:
     second, second_cached, stats = asyncio.run(run_once())
     assert second == first
     assert second_cached == 4 and stats.cache_hits == 4
-    assert fake.requests == []  # negatives (404, no valid email) are cached too
+    assert fake.settled_requests() == []  # negatives (404, no valid email) are cached too
 
 
 def test_sql_cache_does_not_keep_failures(fake: FakeWorkos, db_url: str) -> None:
