@@ -124,7 +124,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
         sasl_password=Secret(password) if password else None,
         ssl_cafile=env.get("KAFKA_SSL_CAFILE") or None,
-        partitions=_positive(env, "KHALA_TOPIC_PARTITIONS", 6),
+        partitions=_positive(env, "KHALA_TOPIC_PARTITIONS", 6, MAX_PARTITIONS),
         compression=_choice(env, "KAFKA_COMPRESSION_TYPE", _COMPRESSIONS) or "zstd",  # type: ignore[arg-type]
         trim_consumed=_flag(env, "KHALA_TRIM_CONSUMED"),
     )
@@ -145,12 +145,12 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         khala_deploy_key=Secret(deploy_key) if deploy_key else None,
         l402_allowlist_hosts=env.get("L402_ALLOWLIST_HOSTS", DEFAULT_L402_HOSTS),
         broker_home=env.get("KHALA_BROKER_HOME") or ".khala",
-        broker_idle_s=float(_positive(env, "KHALA_BROKER_IDLE_SECONDS", 60)),
-        derive_lease_s=float(_positive(env, "KHALA_DERIVE_LEASE_SECONDS", 30)),
-        retry_deadline_s=float(_positive(env, "KHALA_RETRY_DEADLINE_SECONDS", 120)),
-        max_entry_bytes=_positive(env, "KHALA_MAX_ENTRY_BYTES", 8 << 30),
-        max_ratio=float(_positive(env, "KHALA_MAX_RATIO", 200)),
-        max_total_bytes=_positive(env, "KHALA_MAX_TOTAL_BYTES", 32 << 30),
+        broker_idle_s=float(_positive(env, "KHALA_BROKER_IDLE_SECONDS", 60, _MAX_SECONDS)),
+        derive_lease_s=float(_positive(env, "KHALA_DERIVE_LEASE_SECONDS", 30, _MAX_SECONDS)),
+        retry_deadline_s=float(_positive(env, "KHALA_RETRY_DEADLINE_SECONDS", 120, _MAX_SECONDS)),
+        max_entry_bytes=_positive(env, "KHALA_MAX_ENTRY_BYTES", 8 << 30, _MAX_BYTES),
+        max_ratio=float(_positive(env, "KHALA_MAX_RATIO", 200, 1_000_000)),
+        max_total_bytes=_positive(env, "KHALA_MAX_TOTAL_BYTES", 32 << 30, _MAX_BYTES),
     )
 
 
@@ -203,11 +203,18 @@ def _flag(env: Mapping[str, str], name: str) -> bool | None:
     return raw in ("1", "true", "yes")
 
 
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+MAX_PARTITIONS: Final = 256
+"""Partitions per topic at most: each is a unit of parallelism, and the stages run a handful of
+workers; the embedded broker stalls creating many thousands."""
+_MAX_SECONDS: Final = 1_000_000  # beyond that, a float of seconds no longer makes a sane wait
+_MAX_BYTES: Final = 1 << 50
+
+
+def _positive(env: Mapping[str, str], name: str, default: int, maximum: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    # isdigit alone takes "²" too, which int() refuses.
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise UsageError(f"{name} must be a positive whole number, not {raw!r}")
+    # isdigit alone takes "²" too, which int() refuses; a 5,000-digit number int() refuses too.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or not 1 <= int(raw) <= maximum:
+        raise UsageError(f"{name} must be a whole number from 1 to {maximum:,}, not {raw[:40]!r}")
     return int(raw)

@@ -97,6 +97,10 @@ def test_bad_settings_exit_2_with_one_line(
         ("KHALA_MAX_ENTRY_BYTES", "\u00b2"),
         ("KHALA_RETRY_DEADLINE_SECONDS", "1.5"),
         ("KHALA_TOPIC_PARTITIONS", "-2"),
+        ("KHALA_TOPIC_PARTITIONS", "100000"),  # was: the embedded broker stalled
+        ("KHALA_RETRY_DEADLINE_SECONDS", "1" + "0" * 400),  # was: exit 1, OverflowError
+        ("KHALA_MAX_RATIO", "9" * 400),  # was: exit 1, OverflowError
+        ("KHALA_BROKER_IDLE_SECONDS", "9" * 5000),  # int() refuses more than 4,300 digits
     ],
 )
 def test_a_bad_number_in_the_environment_exits_2_naming_it(
