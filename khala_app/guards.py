@@ -23,10 +23,12 @@ if TYPE_CHECKING:
     from processors.workos import WorkosClient
 
 
-def refuse_empty(export: ExportSource, tables: Sequence[str]) -> None:
+def refuse_empty(export: ExportSource, tables: Sequence[str], flag: str) -> None:
     """UsageError (exit 2) when no chat table of `tables` holds a single document with its
-    key: `--replace` would empty the chat tables and import nothing into them (`--allow-empty`
-    to do so). Blueprints do not count: they fill no chat table.
+    key: `--replace` would empty the chat tables and import nothing into them, and
+    `--propagate-deletes` would delete every row imported before (a truncated or failed export
+    looks like this; `--allow-empty` to do so). Blueprints do not count: they fill no chat
+    table.
 
     Reads until the first document, so a real export costs one line."""
     for table in (t for t in tables if t in CHAT_TABLES):
@@ -38,7 +40,7 @@ def refuse_empty(export: ExportSource, tables: Sequence[str]) -> None:
                 if document_key(table, item.doc, document_hash(item.doc)) is not None:
                     return
     raise UsageError(
-        f"{export.path}: --replace of an export without a single document would empty the chat"
+        f"{export.path}: {flag} of an export without a single document would empty the chat"
         " tables; nothing was written (add --allow-empty if that is what you want)"
     )
 
@@ -61,7 +63,8 @@ async def checked_export(
     source: Path | str, settings: Settings, options: RunOptions, *, allow_empty: bool
 ) -> AsyncIterator[tuple[ExportSource, WorkosClient | None]]:
     """The export, opened and checked before anything is written: a valid source holding the
-    tables the run reads, not empty under --replace (unless `allow_empty`), and a WorkOS key
+    tables the run reads, not empty under --replace or --propagate-deletes (unless
+    `allow_empty`), and a WorkOS key
     WorkOS accepts when users are to be resolved (the processor truncates first under
     --replace). Yields the export and the checked (closed) WorkOS client, if any."""
     tables = read_tables(options.skip_blueprints)
@@ -72,7 +75,7 @@ async def checked_export(
         max_total_bytes=settings.max_total_bytes,
     ) as export:
         export.verify(tables)
-        if options.replace and not allow_empty:
-            refuse_empty(export, tables)
+        if not allow_empty and (options.replace or options.propagate_deletes):
+            refuse_empty(export, tables, "--replace" if options.replace else "--propagate-deletes")
         workos = await check_workos_key(settings) if options.resolve_workos_users else None
         yield export, workos

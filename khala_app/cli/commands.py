@@ -191,7 +191,8 @@ def _import_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-empty",
         action="store_true",
-        help="let --replace import an export without a single document (empties the tables)",
+        help="let --replace or --propagate-deletes import an export without a single document"
+        " (empties the tables)",
     )
     p.add_argument(
         "--resolve-workos-users",

@@ -243,9 +243,13 @@ def test_replace_with_an_empty_export_is_refused_unless_allowed(
         ["import-chat", str(only_blueprints), "--replace"],
         ["import-chat", str(only_blueprints), "--replace", "--dry-run"],
         ["publish", str(only_blueprints), "--replace"],
+        ["import-chat", str(empty), "--propagate-deletes"],
+        ["import-chat", str(empty), "--propagate-deletes", "--dry-run"],
+        ["import-chat", str(only_blueprints), "--propagate-deletes"],
     ):
         line = _one_error_line(khala(args, env), 2)
         assert "without a single document" in line and "--allow-empty" in line
+        assert ("--replace" if "--replace" in args else "--propagate-deletes") in line
     assert counts(pg_url, CHAT) == before
     assert _runs(pg_url) == 1  # nothing registered either
     # A merge import of it changes nothing and is allowed; --allow-empty empties on purpose.
