@@ -24,7 +24,9 @@ source reported no more changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -32,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from khala_app.publication import publish_run
 from khala_app.topic_owner import prepare_topics_waiting
@@ -43,6 +45,7 @@ from khala_stream.contract import Topics
 from khala_stream.contract.tables import CHAT_TABLES, SOURCE_TABLES
 from khala_stream.db.port import Database, open_database
 from khala_stream.errors import DeployKeyError, UsageError
+from khala_stream.processes import pid_alive
 from producers import live_mirror
 from producers.export_reader import open_export
 from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
@@ -321,6 +324,22 @@ class _Freshness:
         logger.info("follow: run=%d freshness_s=%.2f", run_id, seconds)
 
 
+_SPOOL: Final = "khala-follow-"
+
+
+def _spool_folder() -> Path:
+    """A fresh temporary folder for one publication's state, named after this process; first
+    the folders of processes that no longer run are removed (a follow killed with -9 cannot
+    remove its own, and each holds a copy of the followed state)."""
+    for old in Path(tempfile.gettempdir()).glob(f"{_SPOOL}*-*"):
+        pid = old.name[len(_SPOOL) :].split("-", 1)[0]
+        with contextlib.suppress(OSError):
+            mine = old.lstat().st_uid == os.getuid() and old.is_dir() and not old.is_symlink()
+            if mine and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_SPOOL}{os.getpid()}-"))
+
+
 async def _publish(
     db: Database,
     live: Settings,
@@ -337,7 +356,7 @@ async def _publish(
         skip_blueprints="blueprints" not in options.tables,
         incremental=True,
     )
-    folder = Path(tempfile.mkdtemp(prefix="khala-follow-"))
+    folder = _spool_folder()
     try:
         began = time.monotonic()
         await db.run(live_mirror.write_folder, followed, folder, state.state_ns)

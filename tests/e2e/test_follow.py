@@ -286,7 +286,13 @@ def test_kill_9_of_follow_anywhere_then_a_rerun_reaches_the_same_end_state(
     pg_admin_url: str,
     make_stages: MakeStages,
 ) -> None:
-    env = {**stage_env(kafka_bootstrap, topic_prefix, pg_url), "KHALA_DEPLOY_KEY": KEY}
+    spool = tmp_path / "tmp"  # follow's temporary folders, one per publication
+    spool.mkdir()
+    env = {
+        **stage_env(kafka_bootstrap, topic_prefix, pg_url),
+        "KHALA_DEPLOY_KEY": KEY,
+        "TMPDIR": str(spool),
+    }
     stages = make_stages(env).start()
     rng = random.Random(29)  # kills: mid-walk, publishing, mid-deltas (see the printout)
     fake.page_size = 3  # many pages: a kill lands inside the walk or the publication
@@ -299,6 +305,8 @@ def test_kill_9_of_follow_anywhere_then_a_rerun_reaches_the_same_end_state(
             before = _runs(pg_url) if _has_runs(pg_url) else 0
             kills = _kill_follow(env, fake, rng, pg_url, 3 if step else 70)
             ok(_follow(env, fake))
+            # What the killed follows left in TMPDIR, the rerun removed.
+            assert list(spool.glob("khala-follow-*")) == [], kills
             # ... and process or sink killed while they derive or write what follow published.
             stage = rng.choice(["process", "sink"])
             target, delay = ("deriving", 0.3) if stage == "process" else ("derived", 1.0)
