@@ -110,7 +110,7 @@ class SinkService:
 
         # Read before the batch's transaction: on SQLite that transaction holds the one write
         # lock, and a read on another connection (which begins IMMEDIATE) would wait on it.
-        for run_id in {c.run_id for c in changes} | {b.run_id for b in row_batches}:
+        for run_id in {c.run_id for c in changes} | {b.batch.run_id for b in row_batches}:
             await self._export_of(run_id)
 
         async def set_aside(refused: list[Refusal]) -> None:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from aiokafka import ConsumerRecord
 
-from khala_stream.contract import RowBatch, RowChange
+from khala_stream.contract import RowChange
 from khala_stream.contract.codec import (
+    CheckedRowBatch,
     CodecError,
+    check_row_batch,
     decode_changes,
     read_row_batch,
-    row_batch_changes,
 )
 from khala_stream.contract.dead_letters import DeadLetter, ReasonCode
 from khala_stream.dead_letters import record_letter
@@ -29,7 +30,7 @@ from sinks.change_rules import forbidden, forbidden_table
 @dataclass(slots=True)
 class ScreenedChanges:
     changes: list[RowChange] = field(default_factory=list)
-    row_batches: list[RowBatch] = field(default_factory=list)
+    row_batches: list[CheckedRowBatch] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
 
 
@@ -43,15 +44,14 @@ def screen_changes(batch: Batch) -> ScreenedChanges:
             if not r.value:
                 continue
             try:
-                row_batch = read_row_batch(r.headers, r.value)
+                batch_of = read_row_batch(r.headers, r.value)
+                # A row batch is decoded here once, and written from what is decoded.
+                row_batch = check_row_batch(batch_of) if batch_of is not None else None
                 changes = decode_changes(r.value) if row_batch is None else []
-                # Row batches are decoded again as the sink writes them (one at a time, to
-                # keep its memory flat); decoding here only checks them.
-                checked = row_batch_changes(row_batch) if row_batch is not None else changes
             except CodecError as exc:
                 screened.letters.append(_letter(r, "undecodable_record", str(exc)))
                 continue
-            if (why := _forbidden(row_batch, checked)) is not None:
+            if (why := _forbidden(row_batch, changes)) is not None:
                 screened.letters.append(_letter(r, "forbidden_change", why))
             elif row_batch is not None:
                 screened.row_batches.append(row_batch)
@@ -60,9 +60,9 @@ def screen_changes(batch: Batch) -> ScreenedChanges:
     return screened
 
 
-def _forbidden(row_batch: RowBatch | None, changes: list[RowChange]) -> str | None:
+def _forbidden(row_batch: CheckedRowBatch | None, changes: list[RowChange]) -> str | None:
     if row_batch is not None:
-        return forbidden_table(row_batch.table, row_batch.columns)
+        return forbidden_table(row_batch.batch.table, row_batch.batch.columns)
     return next((why for c in changes if (why := forbidden(c)) is not None), None)
 
 

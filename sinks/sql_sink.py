@@ -28,8 +28,8 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from khala_stream.contract.changes import RowBatch, RowChange
-from khala_stream.contract.codec import dumps_text, loads, row_batch_changes
+from khala_stream.contract.changes import RowChange
+from khala_stream.contract.codec import CheckedRowBatch, dumps_text, row_batch_changes
 from khala_stream.db.errors import is_refusal, is_transient, refusal_reason
 from khala_stream.db.importer_tables import OFFSETS, REFUSALS, ROWS
 from khala_stream.db.laravel_tables import (
@@ -126,7 +126,7 @@ class SqlSink:
         self,
         changes: Sequence[RowChange],
         *,
-        batches: Sequence[RowBatch] = (),
+        batches: Sequence[CheckedRowBatch] = (),
         offsets: Sequence[OffsetAdvance] = (),
         on_refused: OnRefused | None = None,
     ) -> ApplyResult:
@@ -181,8 +181,11 @@ async def _already_applied(conn: AsyncConnection, offsets: Sequence[OffsetAdvanc
     return False
 
 
+_BatchKind = tuple[int, str, tuple[str, ...], bool]  # run, table, columns, new
+
+
 async def _write_all(
-    conn: AsyncConnection, dialect: SqlDialect, plan: _Plan, batches: Sequence[RowBatch]
+    conn: AsyncConnection, dialect: SqlDialect, plan: _Plan, batches: Sequence[CheckedRowBatch]
 ) -> tuple[dict[str, int], list[Refusal]]:
     rows: Counter[str] = Counter()
     refused: list[Refusal] = []
@@ -190,16 +193,17 @@ async def _write_all(
         await dialect.truncate(conn, change.table)
         await conn.execute(sa.delete(ROWS).where(ROWS.c.dest_table == change.table))
         rows[change.table] += 1
-    alike: defaultdict[tuple[int, str, tuple[str, ...], bool], list[RowBatch]] = defaultdict(list)
-    for batch in batches:
-        alike[(batch.run_id, batch.table, batch.columns, batch.new)].append(batch)
+    alike: defaultdict[_BatchKind, list[CheckedRowBatch]] = defaultdict(list)
+    for checked in batches:
+        b = checked.batch
+        alike[(b.run_id, b.table, b.columns, b.new)].append(checked)
     for group in alike.values():
         written = await _write_batches(conn, dialect, group)
         if written is None:
-            for batch in group:  # row by row, with the other changes
-                plan.add(row_batch_changes(batch))
+            for checked in group:  # row by row, with the other changes
+                plan.add(row_batch_changes(checked))
         else:
-            rows[group[0].table] += written
+            rows[group[0].batch.table] += written
     for table, bucket in plan.tables.items():
         changes = list(bucket.values())
         prepared, bad = await _prepare(conn, dialect, table, changes)
@@ -233,14 +237,14 @@ async def _write_all(
 
 
 async def _write_batches(
-    conn: AsyncConnection, dialect: SqlDialect, batches: list[RowBatch]
+    conn: AsyncConnection, dialect: SqlDialect, batches: list[CheckedRowBatch]
 ) -> int | None:
     """PostgreSQL: `RowBatch`es of one run, table, column set and newness, binary-COPied
     straight into a table that was empty (`_copy_new`), or else into a staging table and
     upserted from there with their ledger rows in one statement; their row count. None:
     they go row by row instead (another database, ids the sink must look up, an unknown
     column, or a statement that failed: a refused row, a key twice)."""
-    first = batches[0]
+    first = batches[0].batch
     table, columns = first.table, list(first.columns)
     # Run events carry no id: new ones take the next ids of the table's sequence here; the
     # ids of rows written before are in the ledger, and looked up row by row.
@@ -280,13 +284,13 @@ async def _write_batches(
 
 
 async def _copy_new(
-    conn: AsyncConnection, dialect: SqlDialect, batches: Sequence[RowBatch]
+    conn: AsyncConnection, dialect: SqlDialect, batches: Sequence[CheckedRowBatch]
 ) -> int | None:
     """Rows of a table that was empty COPied straight into it, and their entries into the
     ledger: half the work of staging them first and inserting from there. None, with
     nothing written, when the table or the ledger refuses one (a row already there: the
     caller upserts instead)."""
-    first = batches[0]
+    first = batches[0].batch
     table, columns = first.table, first.columns
     entries: list[tuple[Any, ...]] = []
     rows = _batch_records(dialect, table, columns, batches, ledger=(entries, first.run_id))
@@ -305,19 +309,18 @@ def _batch_records(
     dialect: SqlDialect,
     table: str,
     columns: Sequence[str],
-    batches: Sequence[RowBatch],
+    batches: Sequence[CheckedRowBatch],
     *,
     ledger: tuple[list[tuple[Any, ...]], int] | None = None,
 ) -> Iterator[tuple[Any, ...]]:
     """The batches' rows as the driver takes them: a COPY costs PostgreSQL a third less than
     parsing the same rows from JSON. Each row ends with its ledger key and hash, or, given
-    `ledger` (entries, run), its ledger entry goes to the entries instead. Decoded one batch
-    at a time, so the sink holds at most one batch's objects."""
+    `ledger` (entries, run), its ledger entry goes to the entries instead."""
     kinds = _column_kinds(table)
     plan = [(name, kinds[name]) for name in columns]
     entries, run_id = ledger if ledger is not None else (None, None)
-    for batch in batches:
-        for values in loads(batch.rows):
+    for checked in batches:
+        for values in checked.rows:
             row = [_value(dialect, kind, values.get(name)) for name, kind in plan]
             if entries is None:
                 row += (values["_k"], values["_h"])

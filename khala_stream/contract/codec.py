@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import orjson
@@ -68,16 +69,20 @@ def _run_id(value: Any) -> int:
     return value
 
 
-def _source_ref(src: Any) -> SourceRef | None:
-    if src is None:
-        return None
-    if not (
+def _is_source(src: Any) -> bool:
+    return (
         isinstance(src, list)
         and len(src) == 3
         and isinstance(src[0], str)
         and type(src[1]) is int
         and (src[2] is None or isinstance(src[2], str))
-    ):
+    )
+
+
+def _source_ref(src: Any) -> SourceRef | None:
+    if src is None:
+        return None
+    if not _is_source(src):
         raise CodecError("a change's source is not [table, line, _id]")
     return SourceRef(table=src[0], line=src[1], doc_id=src[2])
 
@@ -225,30 +230,52 @@ def read_row_batch(headers: Headers, value: bytes) -> RowBatch | None:
 _LEDGER_MEMBERS: Final = ("_k", "_h", "_s")
 
 
-def row_batch_changes(batch: RowBatch) -> list[RowChange]:
-    """A `RowBatch` as the upsert changes it stands for; CodecError for rows that are not
-    objects with a ledger key, hash and source, or hold a column the batch does not name."""
+@dataclass(frozen=True, slots=True)
+class CheckedRowBatch:
+    """A `RowBatch` whose rows were decoded and checked once (`check_row_batch`), so that the
+    sink writes them without decoding the message again."""
+
+    batch: RowBatch
+    rows: list[dict[str, Any]]
+    """Each row's columns, and its ledger members `_k` (key), `_h` (hash), `_s` (source)."""
+
+
+def check_row_batch(batch: RowBatch) -> CheckedRowBatch:
+    """The batch's rows, decoded; CodecError for rows that are not objects with a ledger key,
+    hash and source, or that hold a column the batch does not name."""
     rows = _json(batch.rows)
     if not isinstance(rows, list):
         raise CodecError("a row batch is not a JSON array")
     named = {*batch.columns, *_LEDGER_MEMBERS}
-    changes = []
     for values in rows:
         if not isinstance(values, dict) or not named.issuperset(values):
             raise CodecError("a row batch's row is not an object of the batch's columns")
-        key, digest = values.pop("_k", None), values.pop("_h", None)
-        source = _source_ref(values.pop("_s", None))
-        if not isinstance(key, str) or not isinstance(digest, str) or source is None:
+        if not (
+            isinstance(values.get("_k"), str)
+            and isinstance(values.get("_h"), str)
+            and _is_source(values.get("_s"))
+        ):
             raise CodecError("a row batch's row lacks its ledger key, hash or source")
+    return CheckedRowBatch(batch, rows)
+
+
+def row_batch_changes(batch: RowBatch | CheckedRowBatch) -> list[RowChange]:
+    """A `RowBatch` as the upsert changes it stands for; CodecError as `check_row_batch`."""
+    checked = batch if isinstance(batch, CheckedRowBatch) else check_row_batch(batch)
+    run_id, table = checked.batch.run_id, checked.batch.table
+    changes = []
+    for row in checked.rows:
+        values = {k: v for k, v in row.items() if k not in _LEDGER_MEMBERS}
+        source_table, line, doc_id = row["_s"]
         changes.append(
             RowChange(
-                run_id=batch.run_id,
-                table=batch.table,
+                run_id=run_id,
+                table=table,
                 op="upsert",
-                key=key,
+                key=row["_k"],
                 values=values,
-                row_hash=digest,
-                source=source,
+                row_hash=row["_h"],
+                source=SourceRef(table=source_table, line=line, doc_id=doc_id),
             )
         )
     return changes

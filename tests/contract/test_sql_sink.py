@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.contract.changes import RowBatch, RowChange, RowUpsert, SourceRef
-from khala_stream.contract.codec import row_batches
+from khala_stream.contract.changes import RowChange, RowUpsert, SourceRef
+from khala_stream.contract.codec import CheckedRowBatch, check_row_batch, row_batches
 from khala_stream.db import (
     create_engine,
     dialect_name,
@@ -473,11 +473,12 @@ def test_stored_forms_of_timestamps_json_and_booleans(db_url: str) -> None:
     run(db_url, body)
 
 
-def batch_of(*changes: RowChange, new: bool = False) -> RowBatch:
-    """The upserts as the derivation sends them: one `RowBatch` (they share their columns)."""
+def batch_of(*changes: RowChange, new: bool = False) -> CheckedRowBatch:
+    """The upserts as the derivation sends them and the sink reads them: one `RowBatch` (they
+    share their columns), decoded."""
     upserts = [RowUpsert(c.key, dict(c.values), c.row_hash or "", c.source) for c in changes]  # type: ignore[arg-type]
     [batch] = row_batches(1, changes[0].table, upserts, 1 << 20, new=new)
-    return batch
+    return check_row_batch(batch)
 
 
 def run_row(rid: str, **extra: Any) -> RowChange:

@@ -6,9 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
-from khala_stream.contract.changes import RowChange, RowUpsert, SourceRef
+from khala_stream.contract.changes import RowBatch, RowChange, RowUpsert, SourceRef
 from khala_stream.contract.codec import (
+    CodecError,
+    check_row_batch,
     read_row_batch,
     row_batch_changes,
     row_batch_headers,
@@ -57,3 +60,34 @@ def test_the_sink_reads_back_the_changes_that_went_in() -> None:
         )
     ]
     assert read_row_batch([("khala-table", b"runs")], b"[]") is None  # an array of changes
+
+
+@pytest.mark.parametrize(
+    ("rows", "reason"),
+    [
+        (b'{"id": "r1"}', "not a JSON array"),
+        (b'[["r1"]]', "not an object of the batch's columns"),
+        (b'[{"id": "r1", "colour": "red", "_k": "r1", "_h": "h", "_s": ["runs", 1, null]}]',
+         "not an object of the batch's columns"),
+        (b'[{"id": "r1", "_h": "h", "_s": ["runs", 1, null]}]', "lacks its ledger key"),
+        (b'[{"id": "r1", "_k": "r1", "_h": 7, "_s": ["runs", 1, null]}]', "lacks its ledger key"),
+        (b'[{"id": "r1", "_k": "r1", "_h": "h", "_s": ["runs", "1", null]}]', "lacks its ledger"),
+        (b'[{"id": "r1", "_k": "r1", "_h": "h"}]', "lacks its ledger key, hash or source"),
+    ],
+)  # fmt: skip
+def test_a_row_batch_whose_rows_are_not_the_contract_is_refused_whole(
+    rows: bytes, reason: str
+) -> None:
+    batch = RowBatch(run_id=3, table="runs", columns=("id",), rows=rows)
+    with pytest.raises(CodecError, match=reason):
+        check_row_batch(batch)
+    with pytest.raises(CodecError, match=reason):
+        row_batch_changes(batch)
+
+
+def test_a_checked_batch_keeps_the_rows_it_decoded() -> None:
+    [batch] = row_batches(3, "runs", [_upsert("r1", n=1), _upsert("r2", n=2)], 1 << 20)
+    checked = check_row_batch(batch)
+    assert checked.batch == batch
+    assert [(r["_k"], r["n"]) for r in checked.rows] == [("r1", 1), ("r2", 2)]
+    assert row_batch_changes(checked) == row_batch_changes(batch)
