@@ -48,39 +48,43 @@ def read_headers(headers: Sequence[tuple[str, bytes]]) -> Provenance:
     """The provenance of a document message, from its headers; ProvenanceError when one is
     missing or malformed (what the store could not hold: a run or line that is not a 32-bit
     count, a table name that is not a source table, a hash that is not a sha256)."""
-    h = {k: v for k, v in headers}
-
-    def text(name: str) -> str:
-        value = h.get(name)
-        if value is None:
-            raise ProvenanceError(f"no {name} header")
-        try:
-            decoded = value.decode()
-        except UnicodeDecodeError:
-            raise ProvenanceError(f"the {name} header is not UTF-8") from None
-        if "\0" in decoded:
-            raise ProvenanceError(f"the {name} header holds a NUL character")
-        return decoded
-
-    def count(name: str, lowest: int) -> int:
-        value = text(name)
-        if not value.isascii() or not value.isdigit() or not lowest <= int(value) < 2**31:
-            raise ProvenanceError(f"the {name} header {value[:40]!r} is not a number")
-        return int(value)
-
-    table, digest = text("khala-table"), text("khala-hash")
+    h = dict(headers)
+    table, digest = _text(h, "khala-table"), _text(h, "khala-hash")
     if table not in DOCUMENT_KEYS:
         raise ProvenanceError(f"the khala-table header {table[:40]!r} is not a source table")
     if len(digest) != 64 or not _HASH_CHARS.issuperset(digest):
         raise ProvenanceError("the khala-hash header is not a sha256")
     return Provenance(
-        export_sha256=text("khala-export"),
-        run_id=count("khala-run", 1),
+        export_sha256=_text(h, "khala-export"),
+        run_id=_count(h, "khala-run", 1),
         table=table,
-        line=count("khala-line", 0),
-        doc_id=(text("khala-id") if "khala-id" in h else "") or None,
+        line=_count(h, "khala-line", 0),
+        doc_id=(_text(h, "khala-id") if "khala-id" in h else "") or None,
         content_hash=digest,
     )
+
+
+# Module-level, not closures of `read_headers`: it runs once per document message.
+def _text(headers: dict[str, bytes], name: str) -> str:
+    value = headers.get(name)
+    if value is None:
+        raise ProvenanceError(f"no {name} header")
+    try:
+        decoded = value.decode()
+    except UnicodeDecodeError:
+        raise ProvenanceError(f"the {name} header is not UTF-8") from None
+    if "\0" in decoded:
+        raise ProvenanceError(f"the {name} header holds a NUL character")
+    return decoded
+
+
+def _count(headers: dict[str, bytes], name: str, lowest: int) -> int:
+    value = headers.get(name)
+    # ASCII digits only (bytes.isdigit): no decoding, no NUL, no other script's digits.
+    if value is not None and value.isdigit() and lowest <= (number := int(value)) < 2**31:
+        return number
+    text = _text(headers, name)
+    raise ProvenanceError(f"the {name} header {text[:40]!r} is not a number")
 
 
 def string_field(doc: dict[str, Any], name: str) -> str | None:
