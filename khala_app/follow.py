@@ -35,12 +35,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from khala_app.publication import publish_run
 from khala_app.topic_owner import prepare_topics_waiting
 from khala_stream import import_runs, metrics
 from khala_stream.broker.clients import broker_session
-from khala_stream.config import Settings
+from khala_stream.config import Settings, is_http_url
 from khala_stream.contract import Topics
 from khala_stream.contract.tables import CHAT_TABLES, SOURCE_TABLES
 from khala_stream.db.port import Database, open_database
@@ -121,10 +122,7 @@ class FollowReport:
 
 
 def _check_deployment(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+    if not is_http_url(url) or urlsplit(url).username is not None:
         raise UsageError(f"--deployment must be an http(s) URL without credentials, not {url!r}")
     return url.rstrip("/")
 

@@ -168,28 +168,37 @@ def topic_prefix(value: str, name: str) -> str:
     return value
 
 
+PORTS: Final = range(1, 65536)
+
+
 def bootstrap_servers(raw: str, name: str) -> str | None:
     """`host[:port]` items separated by commas, or None when unset; UsageError naming `name`."""
     if not raw.strip():
         return None
     for item in (item.strip() for item in raw.split(",")):
-        port = item.rpartition(":")[2] if ":" in item and not item.endswith("]") else "0"
-        if not item or not (port.isascii() and port.isdigit()):
-            raise UsageError(f"{name} must be host:port items separated by commas")
+        port = item.rpartition(":")[2] if ":" in item and not item.endswith("]") else "1"
+        if not item or not (port.isascii() and port.isdigit() and int(port) in PORTS):
+            raise UsageError(
+                f"{name} must be host:port items separated by commas, ports 1 to 65535"
+            )
     return raw
+
+
+def is_http_url(raw: str) -> bool:
+    """An http:// or https:// URL with a host, and a port from 1 to 65535 if it names one."""
+    try:
+        parts = urlsplit(raw)
+        port = parts.port  # not a number, or past 65535: ValueError
+    except ValueError:  # that, or an unclosed IPv6 bracket
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
 
 
 def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    try:
-        parts = urlsplit(raw)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        _ = parts.port  # a port that is not a number raises
-    except ValueError:  # that, or an unclosed IPv6 bracket
-        valid = False
-    if not valid:  # the value is not repeated: a URL may hold a password
+    if not is_http_url(raw):  # the value is not repeated: a URL may hold a password
         raise UsageError(f"{name} must be an http:// or https:// URL")
     return raw
 

@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
+from khala_stream.config import PORTS
 from khala_stream.db.importer_tables import IMPORTER
 from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.errors import UsageError
@@ -57,6 +58,8 @@ def database_url(url: str) -> sa.URL:
         parsed = make_url(url)
     except (sa.exc.ArgumentError, ValueError):
         raise UsageError(f"DATABASE_URL is not a database URL: {_SUPPORTED}") from None
+    if parsed.port is not None and parsed.port not in PORTS:
+        raise UsageError("DATABASE_URL: the port must be from 1 to 65535")
     parsed = parsed.set(drivername=_DRIVERS.get(parsed.drivername, parsed.drivername))
     backend = parsed.get_backend_name()
     if backend not in ("postgresql", "sqlite") or parsed.drivername not in _DRIVERS.values():

@@ -58,6 +58,15 @@ def _one_error_line(result: CliResult, exit_code: int) -> str:
         (None, ["lag", "--interval", "nan"], "--interval"),  # was: slept forever
         (None, ["--topic-prefix", "a/b", "validate", "EXPORT"], "--topic-prefix"),
         (None, ["--bootstrap-servers", "h:x", "validate", "EXPORT"], "--bootstrap-servers"),
+        # Ports past 65535 or 0: were exit 1, "unexpected OverflowError" / ExceptionGroup /
+        # InvalidURL at the first connection.
+        (None, ["--bootstrap-servers", "127.0.0.1:99999", "lag"], "ports 1 to 65535"),
+        ("postgresql://a@127.0.0.1:99999/d", ["status"], "port must be from 1 to 65535"),
+        ("postgresql://a@127.0.0.1:0/d", ["db", "init"], "port must be from 1 to 65535"),
+        *(
+            (None, ["follow", "--deployment", url], "--deployment must be an http(s) URL")
+            for url in ("http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://127.0.0.1:0")
+        ),
         (None, ["lag", "--watch", "--interval", "inf"], "--interval"),
         (None, ["--database-url", f"postgresql://a:{PASSWORD}@h/d", "db", "init"], "DATABASE_URL"),
         # A global option after the command too (issue 24): refused the same way.
@@ -94,6 +103,8 @@ def test_bad_settings_exit_2_with_one_line(
         ("KHALA_TOPIC_PREFIX", "bad prefix/x"),  # was: 160,000 log lines, exit 1 after 40 s
         ("WORKOS_BASE_URL", "http://[::1"),  # was: exit 1, "unexpected InvalidURL"
         ("WORKOS_BASE_URL", "not a url"),
+        ("WORKOS_BASE_URL", "http://127.0.0.1:70000"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092,127.0.0.1:99999"),
         ("KHALA_MAX_ENTRY_BYTES", "\u00b2"),
         ("KHALA_RETRY_DEADLINE_SECONDS", "1.5"),
         ("KHALA_TOPIC_PARTITIONS", "-2"),
