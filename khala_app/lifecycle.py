@@ -1,4 +1,5 @@
-"""How a command stops: SIGTERM or SIGINT end it and everything it started, exit 128 + signal.
+"""How a command stops: SIGTERM, SIGINT or SIGHUP end it and everything it started, exit 128 +
+signal. A SIGHUP that was ignored when the command started (`nohup`) stays ignored.
 
 In the event loop a signal cancels the command's coroutine, so that its `finally` blocks stop
 what it started (stage children, the embedded broker) before the command exits; outside the
@@ -26,7 +27,12 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 2.5
 """How long a stage service may take to reach its batch boundary once asked to stop."""
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """SIGINT and SIGTERM; SIGHUP too (a closed terminal or session), unless it is ignored: who
+    started the command under `nohup` asked for it to outlive a hangup."""
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
 
 
 class Interrupted(BaseException):
@@ -51,11 +57,11 @@ def _raise(signum: int, _frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """Inside, outside the event loop, SIGTERM and SIGINT raise Interrupted (`finally` runs)."""
+    """Inside, outside the event loop, the stop signals raise Interrupted (`finally` runs)."""
     if not _in_main_thread():  # only the main thread may set signal handlers
         yield
         return
-    previous = {sig: signal.signal(sig, _raise) for sig in _SIGNALS}
+    previous = {sig: signal.signal(sig, _raise) for sig in _stop_signals()}
     try:
         yield
     finally:
@@ -66,7 +72,7 @@ def stop_signals() -> Iterator[None]:
 def run_until_signalled(
     coro: Coroutine[Any, Any, T], *, on_signal: Callable[[], None] | None = None
 ) -> T:
-    """Run `coro` in a new event loop; the first SIGTERM/SIGINT cancels it → Interrupted.
+    """Run `coro` in a new event loop; the first stop signal cancels it → Interrupted.
 
     With `on_signal`, the first signal calls it instead and the cancel follows only after
     STOP_GRACE_S. Later signals are ignored: the stop under way is bounded already, and a
@@ -105,8 +111,9 @@ async def _cancelled_by_signals(
 
     if not _in_main_thread():
         return await coro
-    previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
-    for sig in _SIGNALS:
+    signals = _stop_signals()
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
         loop.add_signal_handler(sig, handle, sig)
     try:
         return await coro

@@ -267,7 +267,9 @@ def test_sigkill_to_import_chat_alone_leaves_nothing_running_for_long(
 
 
 @pytest.mark.parametrize(
-    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)],  # SIGHUP: was killed
+    ids=["SIGTERM", "SIGINT", "SIGHUP"],  # outright, its broker left to idle out
 )
 def test_a_signal_to_lag_watch_stops_it_and_its_broker(
     signum: int, code: int, sqlite_url: str, mark: str, census: BrokerCensus, tmp_path: Path
@@ -282,6 +284,31 @@ def test_a_signal_to_lag_watch_stops_it_and_its_broker(
     assert "Traceback" not in result.stderr
     assert product_processes(mark) == {}
     census.assert_never_two()
+
+
+def test_a_command_started_under_nohup_outlives_a_hangup(
+    sqlite_url: str, mark: str, tmp_path: Path
+) -> None:
+    env = environment(mark, sqlite_url, None, tmp_path / "home")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "khala_app", "lag", "--watch", "--json", "--interval", "0.2"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    wait_for("a broker", lambda: bool(brokers(mark)), proc)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert proc.poll() is None, proc.communicate()
+
+    result = stop(proc, signal.SIGTERM)
+
+    assert result.exit_code == 143, result.stderr
+    assert product_processes(mark) == {}
 
 
 def test_sigterm_to_a_process_service_in_the_middle_of_a_derivation(
