@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from khala_stream.config import Settings
+from khala_stream.errors import RuntimeFailure
 from khala_stream.terminal import printable
 
 if TYPE_CHECKING:
@@ -86,8 +87,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.set_defaults(handler=handler)
 
     p = sub.add_parser("generate", help="write a synthetic export (deterministic per seed)")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="where to write")
-    p.add_argument("--users", type=_at_least(0), default=20, help="users, 0 or more (default 20)")
+    p.add_argument(
+        "--out",
+        type=_new_file,
+        required=True,
+        metavar="FILE.zip",
+        help="where to write, in a folder that exists (a file there is replaced)",
+    )
+    p.add_argument(
+        "--users",
+        type=_at_least(0, most=10_000_000),
+        default=20,
+        help="users, between 0 and 10,000,000 (default 20)",
+    )
     p.add_argument(
         "--seed",
         type=_at_least(0),
@@ -96,15 +108,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--threads-per-user",
-        type=_at_least(0),
+        type=_at_least(0, most=10_000),
         default=3,
-        help="threads of each user, 0 or more (default 3)",
+        help="threads of each user, between 0 and 10,000 (default 3)",
     )
     p.add_argument(
         "--messages-per-thread",
-        type=_at_least(0),
+        type=_at_least(0, most=10_000),
         default=8,
-        help="messages of each thread, 0 or more (default 8)",
+        help="messages of each thread, between 0 and 10,000 (default 8)",
     )
     p.add_argument(
         "--edge-cases", action="store_true", help="include the reference's edge cases (default: no)"
@@ -137,8 +149,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         operations.add_metrics_flags(sub.choices[name])
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than `minimum` (else a usage error, exit 2)."""
+def _at_least(minimum: int, *, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `minimum` (to `most`), else a usage error (exit 2)."""
 
     def parse(text: str) -> int:
         try:
@@ -147,9 +159,23 @@ def _at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}, not {value}")
         return value
 
     return parse
+
+
+def _new_file(text: str) -> Path:
+    """An argparse type: a path to write a file to by renaming one over it, which would
+    replace a device, a folder's entry or a link as readily as a file: so only a regular file
+    or nothing may be there, in a folder that exists."""
+    path = Path(text)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise argparse.ArgumentTypeError(f"{text} is there and is not a regular file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {path.parent}")
+    return path
 
 
 def _seconds(text: str) -> float:
@@ -400,14 +426,17 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
     from producers.generator import generate_export
 
-    made = generate_export(
-        args.out,
-        users=args.users,
-        seed=args.seed,
-        threads_per_user=args.threads_per_user,
-        messages_per_thread=args.messages_per_thread,
-        edge_cases=args.edge_cases,
-    )
+    try:
+        made = generate_export(
+            args.out,
+            users=args.users,
+            seed=args.seed,
+            threads_per_user=args.threads_per_user,
+            messages_per_thread=args.messages_per_thread,
+            edge_cases=args.edge_cases,
+        )
+    except OSError as exc:  # a full disk, a read-only folder: nothing is left half-written
+        raise RuntimeFailure(f"cannot write {args.out}: {exc.strerror or exc}") from None
     from khala_stream.contract import SOURCE_TABLES
 
     # What the importer reads: the documents of the six source tables. The extra tables a

@@ -302,3 +302,14 @@ def test_workos_key_is_checked_before_any_truncation_on_every_path(
             ok(khala(["sink", "--until-idle"], right, timeout=120))
     assert counts(pg_url, CHAT) == before  # replaced by the same rows
     assert {m["id"] for m in rows(pg_url, "messages")}
+
+
+def test_an_export_generate_cannot_write_is_one_line_and_exit_1(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    env = env_for("127.0.0.1:9", topic_prefix, f"sqlite+aiosqlite:///{tmp_path}/k.db")
+    # /proc takes no new files: the write fails after the checks (was: exit 1, "unexpected
+    # FileNotFoundError").
+    result = khala(["generate", "--out", "/proc/khala-x.zip", "--users", "1"], env, cwd=tmp_path)
+    line = _one_error_line(result, 1)
+    assert "cannot write /proc/khala-x.zip" in line

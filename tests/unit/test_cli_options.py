@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,24 @@ def test_out_of_range_numbers_are_usage_errors() -> None:
     with pytest.raises(SystemExit) as exit_:
         _parser().parse_args(["generate", "--out", "x.zip", "--users", "-1"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--users", str(10**20)], "argument --users: must be at most 10,000,000"),  # was exit 1,
+        (["--messages-per-thread", "10001"], "must be at most 10,000"),  # "OverflowError"
+        (["--out", "{tmp}"], "is there and is not a regular file"),
+        (["--out", "/dev/null"], "is there and is not a regular file"),  # was: replaced the
+        (["--out", "{tmp}/no/such/x.zip"], "no such folder"),  # device; made the folders
+    ],
+)
+def test_generate_refuses_what_it_cannot_write_over_or_into(
+    argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", "--out", str(tmp_path / "x.zip"), *(a.format(tmp=tmp_path) for a in argv)]
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(args)
+    assert exit_.value.code == 2
+    assert words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
