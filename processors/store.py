@@ -444,11 +444,13 @@ async def documents_of_threads(
 
 async def lingering(conn: AsyncConnection, table: str, previous_generation: int) -> bool:
     """Whether `table` holds a document that was gone before the run `previous_generation`
-    (vanished, and kept: without --propagate-deletes, or withheld), keyless ones included."""
+    (vanished, and kept: without --propagate-deletes, or withheld). Keyless documents are
+    not counted: one is kept whenever the lines before it shift (its key is its line and
+    content), and it comes back only with the document it was, at its line."""
     c = DOCUMENTS.c
     found = await conn.scalar(
         sa.select(sa.literal(1))
-        .where(c.source_table == table, c.export_seq < previous_generation)
+        .where(c.source_table == table, c.export_seq < previous_generation, keyed(c.doc_key))
         .limit(1)
     )
     return found is not None
