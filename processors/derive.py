@@ -85,9 +85,9 @@ COUNTER_KEYS: tuple[str, ...] = (
 )
 _BATCH = 2000
 _OWNER_PAGE = 500  # owners whose blueprints and autopilot rows are held at once
-# The tables whose rows are compared in batches with what is there (see `_Pending`).
 # The source tables whose documents belong to a thread (read by thread in a scoped derivation).
-_THREAD_TABLES: Final = frozenset({"threads", "runs", "messages", "receipts"})
+THREAD_TABLES: Final = ("threads", "runs", "messages", "receipts")
+# The tables whose rows are compared in batches with what is there (see `_Pending`).
 _ROW_TABLES: tuple[DestinationTable, ...] = (
     "threads",
     "agent_conversations",
@@ -350,7 +350,7 @@ class Derivation:
 
     async def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
         generation = self.context.generation(table)
-        if self.scope is not None and table in _THREAD_TABLES:
+        if self.scope is not None and table in THREAD_TABLES:
             pages = store.documents_of_threads(
                 self._documents, table, sorted(self.scope), generation
             )
@@ -928,6 +928,7 @@ __all__ = [
     "COUNTER_KEYS",
     "DELETED_WITH",
     "PROFILE_COLUMNS",
+    "THREAD_TABLES",
     "ChangeOutput",
     "Derivation",
     "Derived",

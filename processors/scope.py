@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -46,15 +46,12 @@ from khala_stream import import_runs
 from khala_stream.contract.tables import read_tables
 from khala_stream.db.importer_tables import REFUSALS
 from processors import store
-from processors.derive import RunContext
+from processors.derive import THREAD_TABLES, RunContext
 from processors.unchanged import rows_missing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCOPED_TABLES", "plan"]
-
-# The source tables whose changes a scoped derivation follows to their threads.
-SCOPED_TABLES: Final = ("threads", "runs", "messages", "receipts")
+__all__ = ["plan"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,7 +144,7 @@ async def _reach(conn: AsyncConnection, step: _Step) -> tuple[frozenset[str], st
         touched[table] += await store.newly_vanished(
             conn, table, generation, step.previous_generation(table)
         )
-        if touched[table] and table not in SCOPED_TABLES:
+        if touched[table] and table not in THREAD_TABLES:
             return frozenset(), f"{table} documents changed"
         if any(d.moved for d in touched[table]):
             return frozenset(), f"a {table} document moved to another thread, run or owner"
@@ -155,7 +152,7 @@ async def _reach(conn: AsyncConnection, step: _Step) -> tuple[frozenset[str], st
     reason = await _threads_forbid(conn, step, thread_docs)
     if reason is not None:
         return frozenset(), reason
-    reached = {d.thread_key or "" for table in SCOPED_TABLES for d in touched[table]}
+    reached = {d.thread_key or "" for table in THREAD_TABLES for d in touched[table]}
     named_runs = {d.link_key or "" for d in touched["runs"]}
     named_runs |= await store.referring(
         conn, "runs", "thread_key", [d.key for d in thread_docs], step.generation("runs"),
@@ -165,7 +162,7 @@ async def _reach(conn: AsyncConnection, step: _Step) -> tuple[frozenset[str], st
         conn, "messages", "link_key", named_runs, step.generation("messages")
     )
     if step.context.snapshot_ms != (step.previous.snapshot_ms or 0):
-        for table in SCOPED_TABLES:
+        for table in THREAD_TABLES:
             reached |= await store.timeless_threads(conn, table, step.generation(table))
     return frozenset(reached - {""}), None
 
