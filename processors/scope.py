@@ -29,7 +29,7 @@ The threads reached: those of every document inserted, changed or vanished in th
 threads of the messages naming a run whose document changed or whose thread's document did
 (the message's `run_id` follows whether that run is imported); with a new snapshot time, the
 threads of documents without a usable time. `Derivation` then checks the owners of those
-threads and the rows they would write (`Derivation.scope_owners`).
+threads and the rows they would write (`Derivation._scope_owners`).
 """
 
 from __future__ import annotations
