@@ -8,9 +8,11 @@ documents from a ZIP, on one PostgreSQL (fsync on) and one embedded broker per p
    (`tests/fakes/khala_server.py`, on 127.0.0.1, pages of 1,000), `process` and `sink` running
    as services on a fresh database; wall time from spawning `follow --until-caught-up` until
    the sink has applied the run. Throughput ratio = ZIP time / follow time (target >= 0.8).
-3. **follow, one step**: `--changes` messages edited in one commit at the source; time from
-   the commit to the sink having applied the run that carries them (freshness of that batch,
-   with `follow --until-caught-up` started at the commit: no poll interval counted).
+3. **follow, two steps**: `--changes` messages edited in one commit at the source (derived
+   scoped: only their threads), then as many again with one user renamed besides (derived in
+   full); per step the time from the commit to the sink having applied the run that carries
+   them (freshness of that batch, with `follow --until-caught-up` started at the commit: no
+   poll interval counted), and the CPU the `process` stage used for it.
 The two paths' ten tables are compared (tests/e2e/snapshot.py) after step 2.
 """
 
@@ -25,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from bench.exports import ensure_export, parse_size
 from bench.services import fresh_broker, postgres_server
@@ -80,12 +83,64 @@ def _latest(url: str) -> int:
     return asyncio.run(go())
 
 
+def _scoped_threads(url: str) -> int | None:
+    """How many threads the latest run's derivation derived, None when it derived all."""
+
+    async def go() -> int | None:
+        engine = create_engine(url)
+        try:
+            run = await import_runs.latest(engine)
+            return run.summary.scoped_threads if run and run.summary else None
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
 def _wait_applied(url: str, prefix: str, after: int, timeout: float = 3600) -> None:
     deadline = time.monotonic() + timeout
     while not _applied(url, prefix, after):
         if time.monotonic() > deadline:
             raise RuntimeError("the run was not applied in time")
         time.sleep(0.1)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _step(
+    fake: FakeKhala,
+    env: dict[str, str],
+    url: str,
+    prefix: str,
+    process_pid: int,
+    ts_s: int,
+    edits: list[tuple[str, dict[str, Any]]],
+    name: str,
+) -> None:
+    """One commit at the source, followed until the sink applied it: its freshness and the
+    `process` stage's CPU for it."""
+    before, cpu = _latest(url), _cpu_s(process_pid)
+    began = time.monotonic()
+    fake.commit(ts_s=ts_s, put=edits)
+    subprocess.run(_cli("follow", "--deployment", fake.base_url, "--until-caught-up"),
+                   env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    published_s = time.monotonic() - began
+    published_cpu = _cpu_s(process_pid)
+    _wait_applied(url, prefix, before)
+    step_s = time.monotonic() - began
+    after = _cpu_s(process_pid)
+    scoped = _scoped_threads(url)
+    derived = "every thread" if scoped is None else f"{scoped} threads"
+    print(
+        f"follow step of {len(edits)} changes ({name}: derived {derived}): {step_s:.1f} s from"
+        f" commit to applied (published in {published_s:.1f} s); process CPU {after - cpu:.2f} s"
+        f" ({after - published_cpu:.2f} s of it once published)",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,23 +193,20 @@ def main(argv: list[str] | None = None) -> int:
                 print("tables: identical" if not diff else f"tables differ:\n{diff}", flush=True)
 
                 messages = sorted(fake.state()["messages"].values(), key=lambda d: d["_id"])
-                edits = [
-                    ("messages", {**m, "text": f"edited {i}"})
-                    for i, m in enumerate(messages[: args.changes])
-                ]
-                before = _latest(url)
-                began = time.monotonic()
-                fake.commit(ts_s=T0 + 10, put=edits)
-                subprocess.run(_cli("follow", "--deployment", fake.base_url, "--until-caught-up"),
-                               env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-                published_s = time.monotonic() - began
-                _wait_applied(url, prefix, before)
-                step_s = time.monotonic() - began
-                print(
-                    f"follow step of {len(edits)} changes: {step_s:.1f} s from commit to"
-                    f" applied (published in {published_s:.1f} s)",
-                    flush=True,
-                )
+                users = sorted(fake.state()["users"].values(), key=lambda d: d["_id"])
+                for n, (name, extra) in enumerate(
+                    (
+                        ("scoped", []),
+                        # One user changed besides: the whole store is derived again.
+                        ("full", [("users", {**users[0], "name": "Renamed for the bench"})]),
+                    ),
+                    start=1,
+                ):
+                    edits = [
+                        ("messages", {**m, "text": f"edited {n}.{i}"})
+                        for i, m in enumerate(messages[: args.changes])
+                    ]
+                    _step(fake, env, url, prefix, stages[0].pid, T0 + 10 * n, edits + extra, name)
             finally:
                 for proc in stages:
                     proc.terminate()

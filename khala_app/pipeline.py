@@ -66,6 +66,7 @@ from processors.derive import (
     withheld_deletes,
 )
 from processors.identity import WorkosLookup
+from processors.linkage import document_refs
 from processors.lookups import MemoryUserIds, TargetView
 from processors.workos import WorkosClient, WorkosUser
 from processors.workos_cache import MemoryWorkosCache, SqlWorkosCache, resolve_with_cache
@@ -573,6 +574,7 @@ async def _load_scratch(
                 key = keyless_key(table, item.line, digest)  # as the publisher does
                 if key is None:
                     continue
+            thread_key, link_key, timeless = document_refs(table, key, item.doc)
             batch.append(
                 store.IncomingDocument(
                     run_id=run_id,
@@ -582,6 +584,9 @@ async def _load_scratch(
                     content_hash=digest,
                     doc_id=None,
                     raw=item.raw,
+                    thread_key=thread_key,
+                    link_key=link_key,
+                    timeless=timeless,
                 )
             )
             if len(batch) >= 2000:

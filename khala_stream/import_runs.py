@@ -21,6 +21,9 @@ from khala_stream.contract.runs import DerivationSummary, PublishManifest
 from khala_stream.db.importer_tables import OFFSETS, RUNS
 from khala_stream.errors import RuntimeFailure
 
+FOLLOW_SOURCE: Final = "follow "
+"""How the source of a run `follow` published begins (`follow <deployment> cursor=<cursor>`)."""
+
 
 class Superseded(RuntimeFailure):
     """A newer import of this database registered its run before this one was derived."""

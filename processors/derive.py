@@ -85,6 +85,8 @@ COUNTER_KEYS: tuple[str, ...] = (
 )
 _BATCH = 2000
 _OWNER_PAGE = 500  # owners whose blueprints and autopilot rows are held at once
+# The source tables whose documents belong to a thread (read by thread in a scoped derivation).
+THREAD_TABLES: Final = ("threads", "runs", "messages", "receipts")
 # The tables whose rows are compared in batches with what is there (see `_Pending`).
 _ROW_TABLES: tuple[DestinationTable, ...] = (
     "threads",
@@ -182,6 +184,8 @@ class Derived:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_KEYS, 0))
     written: dict[str, int] = field(default_factory=dict)
     documents: dict[str, store.TableChanges] = field(default_factory=dict)
+    scoped_threads: int | None = None
+    """How many threads a scoped derivation derived (its counters count theirs); None: all."""
 
 
 class _Pending:
@@ -234,9 +238,12 @@ class Derivation:
         out: ChangeOutput,
         statistics: Mapping[str, store.TableChanges] | None = None,
         progress: PhaseProgress | None = None,
+        scope: frozenset[str] | None = None,
     ) -> None:
         """`statistics`: the run's `store.table_changes`, when the caller has them already;
-        `progress` hears each phase's items done (and total, when known) as it goes."""
+        `progress` hears each phase's items done (and total, when known) as it goes; `scope`:
+        the only threads whose rows can differ from those written (`processors/scope.py`),
+        or None to derive everything."""
         self.context = context
         self.view = view
         self._documents = documents
@@ -251,6 +258,7 @@ class Derivation:
         self._phase: tuple[str, int | None] | None = None  # (name, total) of the current one
         self._phase_done = 0
         self.refused_tables: set[str] = set()  # tables with refused values (`refused_again`)
+        self.scope = scope
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -341,7 +349,14 @@ class Derivation:
         }
 
     async def _pages(self, table: str) -> AsyncIterator[list[StoredDocument]]:
-        async for page in store.iter_pages(self._documents, table, self.context.generation(table)):
+        generation = self.context.generation(table)
+        if self.scope is not None and table in THREAD_TABLES:
+            pages = store.documents_of_threads(
+                self._documents, table, sorted(self.scope), generation
+            )
+        else:
+            pages = store.iter_pages(self._documents, table, generation)
+        async for page in pages:
             yield page
             self._advance(len(page))
 
@@ -388,6 +403,14 @@ class Derivation:
     async def run(self) -> Derived:
         self.untouched = await self.view.untouched(_ROW_TABLES)
         self.refused_tables = await self.view.refused_tables()
+        if self.scope is not None:
+            owners = await self._scope_owners()
+            if owners is not None:
+                await self._run_scoped(*owners)
+                self.result.scoped_threads = len(self.scope)
+                await self._vanished()
+                return self.result
+            self.scope = None
         with Workspace() as self._work:
             resolver = IdentityResolver(
                 run_id=self.context.run_id,
@@ -419,6 +442,102 @@ class Derivation:
             self._end()
         await self._vanished()
         return self.result
+
+    # A scoped derivation (processors/scope.py): the row phases over the threads in scope,
+    # with their owners' users and autopilots as they are.
+
+    async def _run_scoped(
+        self, threads: list[tuple[str, str]], owners: dict[str, Owner], runs: list[str]
+    ) -> None:
+        with Workspace() as self._work:
+            self._work.add_threads(threads)
+            self._work.set_owners(owners)
+            self._work.add_runs(runs)  # imported runs of other threads named by messages here
+            for phase, work in (
+                ("runs", self._runs),
+                ("messages", self._messages),
+                ("threads", self._threads),
+                ("run events", self._events),
+            ):
+                self._begin(phase)
+                await work()
+            self._end()
+
+    async def _scope_owners(
+        self,
+    ) -> tuple[list[tuple[str, str]], dict[str, Owner], list[str]] | None:
+        """What the row phases of a scoped derivation need to know beyond their threads: the
+        (thread, owner) pairs in scope, each owner's `Owner` as the full derivation would
+        find it (users and autopilots untouched: their rows as they are), and the imported
+        runs of other threads that messages in scope name. None (and why, logged) when the
+        scope cannot be derived alone after all: an owner without its user or autopilot row,
+        or a row in scope that another thread's document writes too."""
+        assert self.scope is not None
+        scope = sorted(self.scope)
+        threads = [
+            (d.key, owner)
+            async for page in self._scoped_documents("threads", scope)
+            for d in page
+            if (owner := string_field(d.doc, "ownerId")) is not None
+        ]
+        workos_ids = sorted({owner for _, owner in threads})
+        users = await self.view.users_by_workos(workos_ids)
+        autopilots = await self.view.autopilots_by_owner([u.id for u in users.values()])
+        owners: dict[str, Owner] = {}
+        for w in workos_ids:
+            if w not in users or (autopilot := autopilots.get(users[w].id)) is None:
+                self._unscoped("an owner in scope has no user or autopilot row")
+                return None
+            owners[w] = Owner(users[w].id, autopilot.id, autopilot.config_version)
+        named: set[str] = set()
+        for table, keys_of in (("runs", run_keys), ("messages", message_keys)):
+            rows: dict[str, str] = {}  # row key → the thread of the document that writes it
+            async for page in self._scoped_documents(table, scope):
+                for d in page:
+                    if (keys := keys_of(d.doc)) is None:
+                        continue
+                    # One row from documents of two threads: the later one in file order wins,
+                    # which the documents in scope alone do not show.
+                    if rows.setdefault(keys[1], keys[0]) != keys[0]:
+                        self._unscoped(f"one {table} row from documents of two threads")
+                        return None
+                if table == "messages":
+                    named |= {r for d in page if (r := string_field(d.doc, "runId"))}
+            written = await self.view.threads_of(table, sorted(rows))
+            if any(rows[key] != thread for key, thread in written.items()):
+                self._unscoped(f"{table} rows in scope written from another thread's documents")
+                return None
+        return threads, owners, await self._imported_runs(named)
+
+    async def _imported_runs(self, run_ids: set[str]) -> list[str]:
+        """Those of `run_ids` a full derivation imports: a run document whose thread has an
+        owner (every owner has an autopilot)."""
+        runs = {
+            keys
+            for d in await self._current("runs", "link_key", run_ids)
+            if (keys := run_keys(d.doc)) is not None
+        }
+        owned = {
+            d.key
+            for d in await self._current("threads", "doc_key", {thread for thread, _ in runs})
+            if string_field(d.doc, "ownerId") is not None
+        }
+        return sorted({run_id for thread, run_id in runs if thread in owned})
+
+    async def _current(self, table: str, column: str, values: set[str]) -> list[StoredDocument]:
+        return await store.documents_where(
+            self._documents, table, column, sorted(values), self.context.generation(table)
+        )
+
+    def _scoped_documents(
+        self, table: str, threads: list[str]
+    ) -> AsyncIterator[list[StoredDocument]]:
+        return store.documents_of_threads(
+            self._documents, table, threads, self.context.generation(table)
+        )
+
+    def _unscoped(self, reason: str) -> None:
+        logger.info("run %d: derived in full: %s", self.context.run_id, reason)
 
     # Identities (reference §4): the users in file order, then owners of threads who are not
     # among them, in the order of their first thread.
@@ -809,6 +928,7 @@ __all__ = [
     "COUNTER_KEYS",
     "DELETED_WITH",
     "PROFILE_COLUMNS",
+    "THREAD_TABLES",
     "ChangeOutput",
     "Derivation",
     "Derived",

@@ -11,7 +11,9 @@ from typing import Any
 from khala_stream.contract.codec import dumps_text
 from processors.fields import (
     ASCII_TRIM,
+    CREATED_CHAIN,
     created_at,
+    first_usable_ms,
     int_field,
     is_uuid,
     php_truthy,
@@ -96,6 +98,22 @@ def thread_rows(
         "updated_at": updated,
     }
     return thread, conversation
+
+
+def document_refs(table: str, key: str, doc: dict[str, Any]) -> tuple[str, str, bool]:
+    """(thread, link, timeless) of a stored document, '' for none: the thread whose rows it
+    may change (a thread: its own key); the run it names (a thread: its owner); timeless when
+    it has no usable creation time, so its rows take the export's snapshot time."""
+    if table == "users":
+        return "", "", False
+    thread = key if table == "threads" else string_field(doc, "threadId") or ""
+    link = ""
+    if table == "threads":
+        link = string_field(doc, "ownerId") or ""
+    elif table in ("runs", "messages", "receipts"):
+        link = string_field(doc, "runId") or ""
+    timeless = first_usable_ms(doc, CREATED_CHAIN, 0) == 0
+    return thread, link, timeless
 
 
 def run_keys(doc: dict[str, Any]) -> tuple[str, str] | None:

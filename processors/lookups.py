@@ -230,6 +230,31 @@ class TargetView:
         )
         return {r[0] for r in rows}
 
+    async def threads_of(self, table: str, keys: Sequence[str]) -> dict[str, str]:
+        """The thread each of these rows of `table` (runs or messages) is in now."""
+        if table in self._emptied or not keys:
+            return {}
+        t = TABLES[table].c
+        key, thread = t[primary_key(table)], t["thread_id"]
+        rows = await self._rows(
+            sa.select(key, thread).where(one_of(key, chunk, self._dialect))
+            for chunk in _chunks(keys)
+        )
+        return {str(k): str(th) for k, th in rows}
+
+    async def thread_users(self, thread_ids: Sequence[str]) -> dict[str, str | None]:
+        """The WorkOS id of the user owning each of these threads' rows (None: no such user)."""
+        if "threads" in self._emptied or not thread_ids:
+            return {}
+        t, u = TABLES["threads"].c, TABLES["users"].c
+        rows = await self._rows(
+            sa.select(t.id, u.workos_id)
+            .select_from(TABLES["threads"].outerjoin(TABLES["users"], u.id == t.user_id))
+            .where(one_of(t.id, chunk, self._dialect))
+            for chunk in _chunks(thread_ids)
+        )
+        return {str(thread): workos_id for thread, workos_id in rows}
+
     async def legacy_events(
         self, run_ids: Sequence[str], *, unlinked_only: bool = False
     ) -> list[LegacyEvent]:

@@ -52,7 +52,7 @@ from khala_stream.runtime import (
     Waiting,
     end_offsets,
 )
-from processors import store, unchanged
+from processors import scope, store, unchanged
 from processors.autopilots import parse_allowed_hosts
 from processors.derive import (
     COUNTER_KEYS,
@@ -420,6 +420,7 @@ class Processor:
             documents={t: asdict(c) for t, c in result.documents.items()},
             fingerprint=fingerprint,
             skipped=reused,
+            scoped_threads=result.scoped_threads,
         )
         if not await import_runs.mark_derived(
             self._engine, run.id, self._worker, summary=summary, changes_end=ends
@@ -447,13 +448,14 @@ class Processor:
                 conn, run.id, read_tables(run.options.skip_blueprints), context.carried
             )
             reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
+            threads = await scope.plan(conn, run, context, fingerprint) if reused is None else None
         if reused is not None:
             logger.info("run %d: the last derived run's documents; nothing to derive", run.id)
             result = Derived(counters=dict.fromkeys(COUNTER_KEYS, 0) | reused)
             result.documents = documents
         else:
             await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
-            result = await self._derive_all(run, context, out, documents)
+            result = await self._derive_all(run, context, out, documents, threads)
         return result, reused is not None, await out.drain()
 
     async def _derive_all(
@@ -462,7 +464,9 @@ class Processor:
         context: RunContext,
         out: KafkaChangeOutput,
         statistics: dict[str, store.TableChanges],
+        threads: frozenset[str] | None,
     ) -> Derived:
+        """`threads`: the scope of a scoped derivation (`processors/scope.py`), or None."""
         flags = run.options
         async with contextlib.AsyncExitStack() as stack:
             # The WorkOS key is checked before the truncation: a missing or refused key must
@@ -483,6 +487,7 @@ class Processor:
                 out=out,
                 statistics=statistics,
                 progress=self._derive_progress,
+                scope=threads,
             )
             result = await derivation.run()
         return result

@@ -18,6 +18,7 @@ from khala_stream.contract.dead_letters import DeadLetter
 from khala_stream.contract.documents import ProvenanceError, read_headers
 from khala_stream.dead_letters import record_letter
 from khala_stream.runtime import Batch
+from processors.linkage import document_refs
 from processors.store import IncomingDocument
 
 
@@ -67,6 +68,7 @@ def _document(r: ConsumerRecord[bytes, bytes], topics: Topics) -> IncomingDocume
         raise _Unreadable(f"the value is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise _Unreadable("the value is not a JSON object")
+    thread_key, link_key, timeless = document_refs(provenance.table, key, document)
     return IncomingDocument(
         run_id=provenance.run_id,
         table=provenance.table,
@@ -75,4 +77,7 @@ def _document(r: ConsumerRecord[bytes, bytes], topics: Topics) -> IncomingDocume
         content_hash=provenance.content_hash,
         doc_id=provenance.doc_id,
         raw=r.value,
+        thread_key=thread_key,
+        link_key=link_key,
+        timeless=timeless,
     )

@@ -37,6 +37,11 @@ class IncomingDocument:
     content_hash: str
     doc_id: str | None
     raw: bytes
+    thread_key: str | None = None
+    """Its thread, '' for none (`linkage.document_refs`); None: not known, which keeps every
+    derivation of the store full (processors/scope.py)."""
+    link_key: str | None = None
+    timeless: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,9 @@ _COLUMNS: tuple[str, ...] = (
     "first_seq",
     "changed_seq",
     "document",
+    "thread_key",
+    "link_key",
+    "timeless",
 )
 
 
@@ -95,6 +103,21 @@ def _upsert(insert: Any) -> Any:
             "doc_id": new.doc_id,
             "content_hash": new.content_hash,
             "document": new.document,
+            "thread_key": new.thread_key,
+            "link_key": new.link_key,
+            "timeless": new.timeless,
+            # A scoped derivation cannot see the thread or run a document left (the store
+            # keeps only the latest version): it derives in full when one moved.
+            "moved_seq": sa.case(
+                (
+                    sa.or_(
+                        old.thread_key.is_distinct_from(new.thread_key),
+                        old.link_key.is_distinct_from(new.link_key),
+                    ),
+                    new.export_seq,
+                ),
+                else_=old.moved_seq,
+            ),
             "changed_seq": sa.case(
                 (old.content_hash != new.content_hash, new.export_seq), else_=old.changed_seq
             ),
@@ -139,7 +162,7 @@ def _rows(documents: list[IncomingDocument]) -> Iterator[tuple[Any, ...]]:
     # A generator: each document's text is decoded as COPY sends it, not all at once.
     return (
         (d.table, d.key, d.content_hash, d.doc_id, d.run_id, d.line, d.run_id, d.run_id,
-         d.raw.decode())
+         d.raw.decode(), d.thread_key, d.link_key, d.timeless)
         for d in documents
     )  # fmt: skip
 
@@ -299,3 +322,177 @@ async def forget(conn: AsyncConnection, table: str, keys: Sequence[str]) -> None
                 DOCUMENTS.c.doc_key.in_(keys[start : start + 500]),
             )
         )
+
+
+# -- what a scoped derivation reads (processors/scope.py): by index, never the whole store ---
+
+
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """A document this run changed, inserted or saw vanish, with what it refers to."""
+
+    key: str
+    thread_key: str | None
+    link_key: str | None
+    inserted: bool
+    moved: bool
+    present: bool
+    """In this run (False: it vanished)."""
+
+
+async def changed_documents(
+    conn: AsyncConnection, table: str, run_id: int, generation: int
+) -> list[Touched]:
+    """The documents of `table` this run inserted or changed (none when the table is carried:
+    `generation` is then an earlier run's)."""
+    if generation != run_id:
+        return []
+    c = DOCUMENTS.c
+    rows = await conn.execute(
+        sa.select(c.doc_key, c.thread_key, c.link_key, c.first_seq, c.moved_seq).where(
+            c.source_table == table, c.changed_seq == run_id, c.export_seq == run_id
+        )
+    )
+    return [
+        Touched(k, t, r, first == run_id, moved == run_id, True) for k, t, r, first, moved in rows
+    ]
+
+
+async def newly_vanished(
+    conn: AsyncConnection, table: str, generation: int, previous_generation: int
+) -> list[Touched]:
+    """The documents of `table` the previous run had (`previous_generation`) and this one has
+    not (none when the table is carried over from that run)."""
+    if generation == previous_generation:
+        return []
+    c = DOCUMENTS.c
+    rows = await conn.execute(
+        sa.select(c.doc_key, c.thread_key, c.link_key).where(
+            c.source_table == table, c.export_seq == previous_generation
+        )
+    )
+    return [Touched(k, t, r, False, False, False) for k, t, r in rows]
+
+
+async def any_unreferenced(conn: AsyncConnection, tables: Sequence[str]) -> bool:
+    """Whether a document of `tables` was stored before the store kept its references."""
+    c = DOCUMENTS.c
+    found = await conn.scalar(
+        sa.select(sa.literal(1)).where(c.source_table.in_(tables), c.thread_key.is_(None)).limit(1)
+    )
+    return found is not None
+
+
+async def referring(
+    conn: AsyncConnection,
+    table: str,
+    column: str,
+    values: Iterable[str],
+    generation: int,
+    wanted: str = "thread_key",
+) -> set[str]:
+    """The `wanted` references of `table`'s documents of `generation` whose `column`
+    ("thread_key", "link_key" or "doc_key") is one of `values`."""
+    c = DOCUMENTS.c
+    values = sorted(set(values) - {""})
+    found: set[str] = set()
+    for start in range(0, len(values), 500):
+        chunk = values[start : start + 500]
+        rows = await conn.execute(
+            sa.select(c[wanted]).where(
+                c.source_table == table, c[column].in_(chunk), c.export_seq == generation
+            )
+        )
+        found.update(v for (v,) in rows if v)
+    return found
+
+
+async def timeless_threads(conn: AsyncConnection, table: str, generation: int) -> set[str]:
+    """The threads of `table`'s documents (of `generation`) whose rows take the snapshot's
+    time (`linkage.document_refs`)."""
+    c = DOCUMENTS.c
+    rows = await conn.execute(
+        sa.select(c.thread_key).where(
+            c.source_table == table, c.export_seq == generation, c.timeless.is_not(False)
+        )
+    )
+    return {t for (t,) in rows if t}
+
+
+async def documents_of_threads(
+    engine: AsyncEngine, table: str, thread_keys: Sequence[str], generation: int
+) -> AsyncIterator[list[StoredDocument]]:
+    """`table`'s documents (of `generation`) of these threads, a few hundred threads at a
+    time, each thread's documents in file order in one page."""
+    c = DOCUMENTS.c
+    keys = sorted(set(thread_keys))
+    for start in range(0, len(keys), 500):
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(c.doc_key, c.line, c.document)
+                .where(
+                    c.source_table == table,
+                    c.thread_key.in_(keys[start : start + 500]),
+                    c.export_seq == generation,
+                )
+                .order_by(c.line)
+            )
+            documents = [StoredDocument(k, line, orjson.loads(doc)) for k, line, doc in rows]
+        if documents:
+            yield documents
+
+
+async def lingering(conn: AsyncConnection, table: str, previous_generation: int) -> bool:
+    """Whether `table` holds a document that was gone before the run `previous_generation`
+    (vanished, and kept: without --propagate-deletes, or withheld). Keyless documents are
+    not counted: one is kept whenever the lines before it shift (its key is its line and
+    content), and it comes back only with the document it was, at its line."""
+    c = DOCUMENTS.c
+    found = await conn.scalar(
+        sa.select(sa.literal(1))
+        .where(c.source_table == table, c.export_seq < previous_generation, keyed(c.doc_key))
+        .limit(1)
+    )
+    return found is not None
+
+
+async def established_owners(
+    conn: AsyncConnection, owners: Iterable[str], generation: int, run_id: int
+) -> set[str]:
+    """Those of `owners` who own a thread (of `generation`) stored before run `run_id`."""
+    c = DOCUMENTS.c
+    wanted = sorted(set(owners) - {""})
+    found: set[str] = set()
+    for start in range(0, len(wanted), 500):
+        rows = await conn.execute(
+            sa.select(c.link_key)
+            .distinct()
+            .where(
+                c.source_table == "threads",
+                c.link_key.in_(wanted[start : start + 500]),
+                c.export_seq == generation,
+                c.first_seq < run_id,
+            )
+        )
+        found.update(o for (o,) in rows)
+    return found
+
+
+async def documents_where(
+    engine: AsyncEngine, table: str, column: str, values: Sequence[str], generation: int
+) -> list[StoredDocument]:
+    """`table`'s documents of `generation` whose `column` ("doc_key", "thread_key" or
+    "link_key") is one of `values`."""
+    c = DOCUMENTS.c
+    found: list[StoredDocument] = []
+    async with engine.connect() as conn:
+        for start in range(0, len(values), 500):
+            rows = await conn.execute(
+                sa.select(c.doc_key, c.line, c.document).where(
+                    c.source_table == table,
+                    c[column].in_(values[start : start + 500]),
+                    c.export_seq == generation,
+                )
+            )
+            found += [StoredDocument(k, line, orjson.loads(doc)) for k, line, doc in rows]
+    return found

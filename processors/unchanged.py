@@ -30,7 +30,7 @@ from khala_stream.db.laravel_tables import TABLES, primary_key
 from processors.derive import COUNTER_KEYS, RunContext
 from processors.store import TableChanges
 
-__all__ = ["fingerprint", "reusable_counters"]
+__all__ = ["fingerprint", "reusable_counters", "rows_missing"]
 
 # Counted only when the derivation writes something; zero when everything is settled.
 _WRITES_ONLY = frozenset(
@@ -80,12 +80,14 @@ async def reusable_counters(
     summary = previous.summary
     if summary.fingerprint != options:
         return None
+    if summary.scoped_threads is not None:
+        return None  # its counters are those of the threads it derived, not the export's
     order = run.manifest.order if run.manifest is not None else None
     if not order or previous.manifest is None or previous.manifest.order != order:
         return None  # reordered (or published before the order was recorded)
     if any(c.get("deleted", 0) for c in summary.documents.values()):
         return None  # the previous derivation did not see every document of the ledger
-    if await _unsettled_refusals(conn, previous.id) or await _rows_missing(conn):
+    if await _unsettled_refusals(conn, previous.id) or await rows_missing(conn):
         return None
     return {
         key: 0 if key in _WRITES_ONLY else summary.counters.get(key, 0)
@@ -105,7 +107,7 @@ async def _unsettled_refusals(conn: AsyncConnection, run_id: int) -> bool:
     return found is not None
 
 
-async def _rows_missing(conn: AsyncConnection) -> bool:
+async def rows_missing(conn: AsyncConnection) -> bool:
     """Whether a row the ledger records is gone from its table (deleted in Laravel).
 
     One anti-join per table, by the ledger's key; a table the ledger holds nothing of costs

@@ -33,10 +33,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS
 from khala_stream.db.queries import insert_for, staged
 from khala_stream.errors import UsageError
+from khala_stream.import_runs import FOLLOW_SOURCE
 from producers.live_api import Cursor, LiveValue
 
 TABLE_FILE = "documents.jsonl"
-RUN_SOURCE = "follow "
+RUN_SOURCE = FOLLOW_SOURCE
 """How a run `follow` published names its source: `follow <deployment> cursor=<cursor>`."""
 _PAGE = 2000
 

@@ -355,6 +355,7 @@ def encode_summary(summary: DerivationSummary) -> bytes:
             "documents": summary.documents,
             "fingerprint": summary.fingerprint,
             "skipped": summary.skipped,
+            "scoped_threads": summary.scoped_threads,
         }
     )
 
@@ -380,4 +381,9 @@ def decode_summary(data: bytes | str, *, run_id: int) -> DerivationSummary:
         documents={t: _counts(c) for t, c in (raw.get("documents") or {}).items()},
         fingerprint=raw.get("fingerprint"),
         skipped=bool(raw.get("skipped", False)),
+        scoped_threads=_optional_int(raw.get("scoped_threads")),
     )
+
+
+def _optional_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None

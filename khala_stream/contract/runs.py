@@ -58,3 +58,6 @@ class DerivationSummary:
     """The options the derivation's result depends on (processors/unchanged.py)."""
     skipped: bool = False
     """The derivation was skipped: the export was the last derived run's, unchanged."""
+    scoped_threads: int | None = None
+    """The derivation derived only this many threads, those the run's changes reach; its
+    counters count theirs (processors/scope.py). None: it derived every document."""

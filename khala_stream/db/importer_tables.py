@@ -65,11 +65,27 @@ DOCUMENTS: Final = sa.Table(
     sa.Column("first_seq", sa.Integer(), nullable=False),
     sa.Column("changed_seq", sa.Integer(), nullable=False),
     sa.Column("document", sa.Text(), nullable=False),
+    # What a scoped derivation looks documents up by (processors/scope.py). NULL: stored
+    # before these columns existed, so not known; '' when the document has none.
+    sa.Column("thread_key", sa.Text(), nullable=True),  # its thread (threadId; a thread: key)
+    sa.Column("link_key", sa.Text(), nullable=True),  # the run it names; a thread: its owner
+    sa.Column("timeless", sa.Boolean(), nullable=True),  # no usable time: rows take the snapshot's
+    sa.Column("moved_seq", sa.Integer(), nullable=True),  # run that changed one of the two
     sa.Index(
         "khala_import_documents_source_table_export_seq_line_index",
         "source_table",
         "export_seq",
         "line",
+    ),
+    sa.Index("khala_import_documents_changed_index", "source_table", "changed_seq"),
+    sa.Index("khala_import_documents_thread_index", "source_table", "thread_key"),
+    sa.Index("khala_import_documents_link_index", "source_table", "link_key"),
+    sa.Index(
+        "khala_import_documents_timeless_index",
+        "source_table",
+        "export_seq",
+        postgresql_where=sa.text("timeless IS NOT FALSE"),
+        sqlite_where=sa.text("timeless IS NOT FALSE"),
     ),
 )
 

@@ -13,6 +13,7 @@ from khala_stream.contract.documents import keyless_key
 from khala_stream.db.queries import stored_before
 from khala_stream.db.statistics import Growth
 from processors import store
+from processors.linkage import document_refs
 from producers.ledger import _MARK_PG
 from tests.contract.engine import explained, run_on
 
@@ -179,5 +180,55 @@ def test_keyless_documents_are_read_back_but_never_counted_or_vanished(db_url: s
             vanished = await store.vanished_keys(conn, "messages", 2)
         assert changes["messages"] == store.TableChanges(deleted=2)
         assert sorted(vanished) == ["%x", "m_1"]
+
+    run_on(db_url, body)
+
+
+def _message(run_id: int, line: int, key: str, thread: str, text: str) -> store.IncomingDocument:
+    doc = {"_id": key, "threadId": thread, "messageId": key, "text": text}
+    raw = orjson.dumps(doc)
+    thread_key, link_key, timeless = document_refs("messages", key, doc)
+    return store.IncomingDocument(
+        run_id=run_id, table="messages", key=key, line=line,
+        content_hash=hashlib.sha256(raw).hexdigest(), doc_id=key, raw=raw,
+        thread_key=thread_key, link_key=link_key, timeless=timeless,
+    )  # fmt: skip
+
+
+def test_the_store_finds_what_a_run_changed_and_what_moved_by_thread(db_url: str) -> None:
+    """What a scoped derivation reads (processors/scope.py): the documents a run inserted or
+    changed, those it lost, the documents of a thread; a document whose thread changed is
+    marked moved in that run, one whose text changed is not; one gone before the run before
+    lingers."""
+
+    async def body(engine: AsyncEngine) -> None:
+        first = [_message(1, n, f"m{n}", "t1" if n < 2 else "t2", "a") for n in range(4)]
+        await _apply(engine, first)
+        await _apply(
+            engine,
+            [_message(2, 0, "m0", "t1", "edited"), _message(2, 1, "m1", "t2", "a"),
+             _message(2, 2, "m2", "t2", "a"), _message(2, 4, "m4", "t3", "new")],
+        )  # fmt: skip
+        async with engine.connect() as conn:
+            changed = await store.changed_documents(conn, "messages", 2, 2)
+            assert {(d.key, d.thread_key, d.inserted, d.moved) for d in changed} == {
+                ("m0", "t1", False, False),
+                ("m1", "t2", False, True),
+                ("m4", "t3", True, False),
+            }
+            # m2 is unchanged: the publisher marked it (here: stored again, same content).
+            gone = await store.newly_vanished(conn, "messages", 2, 1)
+            assert [(d.key, d.thread_key, d.present) for d in gone] == [("m3", "t2", False)]
+            assert await store.changed_documents(conn, "messages", 2, 1) == []  # carried
+            assert not await store.lingering(conn, "messages", 1)
+            assert await store.lingering(conn, "messages", 2)  # m3, from run 1
+            of_t2 = await store.referring(conn, "messages", "thread_key", ["t2"], 2, "doc_key")
+            assert of_t2 == {"m1", "m2"}
+            assert not await store.any_unreferenced(conn, ["messages"])
+        pages = [
+            [d.key for d in page]
+            async for page in store.documents_of_threads(engine, "messages", ["t2", "t3"], 2)
+        ]
+        assert pages == [["m1", "m2", "m4"]]
 
     run_on(db_url, body)

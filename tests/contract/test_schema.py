@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.db import IMPORTER, LARAVEL, create_engine, dialect_name, init_db
+from processors import store
 from tests.contract.engine import run_on
 
 LARAVEL_NAMES = set(LARAVEL.tables)
@@ -266,7 +267,51 @@ def test_importer_tables_shape(db_url: str) -> None:
         uniques = await reflect(engine, lambda i: i.get_unique_constraints("khala_import_user_ids"))
         assert [u["column_names"] for u in uniques] == [["user_id"]]
         indexes = await reflect(engine, lambda i: i.get_indexes("khala_import_documents"))
-        assert [x["column_names"] for x in indexes] == [["source_table", "export_seq", "line"]]
+        assert sorted(x["column_names"] for x in indexes) == [
+            ["source_table", "changed_seq"],
+            ["source_table", "export_seq"],  # of the documents without a usable time
+            ["source_table", "export_seq", "line"],
+            ["source_table", "link_key"],
+            ["source_table", "thread_key"],
+        ]
+
+    run(db_url, body)
+
+
+def test_init_db_gives_a_document_store_of_an_earlier_version_its_references(
+    db_url: str,
+) -> None:
+    """A `khala_import_documents` from before a scoped derivation looked documents up by
+    thread: init_db adds the columns (NULL in the rows there: not known, so derivations stay
+    full, processors/scope.py) and their indexes."""
+
+    async def body(engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "CREATE TABLE khala_import_documents (source_table VARCHAR(16) NOT NULL, "
+                    "doc_key TEXT NOT NULL, content_hash VARCHAR(64) NOT NULL, doc_id TEXT, "
+                    "export_seq INTEGER NOT NULL, line INTEGER NOT NULL, "
+                    "first_seq INTEGER NOT NULL, changed_seq INTEGER NOT NULL, "
+                    "document TEXT NOT NULL, PRIMARY KEY (source_table, doc_key))"
+                )
+            )
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO khala_import_documents VALUES "
+                    "('messages', 'm1', 'h', NULL, 1, 1, 1, 1, '{}')"
+                )
+            )
+        created = await init_db(engine, laravel=False)
+        assert "khala_import_documents" not in created
+        columns = await reflect(
+            engine, lambda i: [c["name"] for c in i.get_columns("khala_import_documents")]
+        )
+        assert columns[-4:] == ["thread_key", "link_key", "timeless", "moved_seq"]
+        indexes = await reflect(engine, lambda i: i.get_indexes("khala_import_documents"))
+        assert ["source_table", "thread_key"] in [x["column_names"] for x in indexes]
+        async with engine.connect() as conn:
+            assert await store.any_unreferenced(conn, ["messages"])
 
     run(db_url, body)
 
