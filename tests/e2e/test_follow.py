@@ -417,6 +417,12 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
             watch.terminate()
             watch.wait(timeout=30)
         assert first["source"]["deployment"] == fake.base_url
+        # The status line comes every 5 s: seen before follow is stopped, however quickly the
+        # steps above went (they took longer than 5 s before steps were derived scoped).
+        deadline = time.monotonic() + 30
+        while "follow: cursor=" not in (tmp_path / "follow.log").read_text():
+            assert follow.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
     finally:
         follow.send_signal(signal.SIGTERM)
         code = follow.wait(timeout=30)
