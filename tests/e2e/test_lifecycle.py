@@ -128,7 +128,12 @@ def mark() -> Iterator[str]:
             os.kill(pid, signal.SIGKILL)
 
 
-def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+def start(
+    args: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    preexec_fn: Callable[[], object] | None = None,
+) -> subprocess.Popen[str]:
     """A command in a session of its own: a signal to its pid reaches it alone."""
     return subprocess.Popen(
         [sys.executable, "-m", "khala_app", *args],
@@ -138,6 +143,7 @@ def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[s
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -286,20 +292,15 @@ def test_a_signal_to_lag_watch_stops_it_and_its_broker(
     census.assert_never_two()
 
 
+def _as_nohup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does before it starts a command
+
+
 def test_a_command_started_under_nohup_outlives_a_hangup(
     sqlite_url: str, mark: str, tmp_path: Path
 ) -> None:
     env = environment(mark, sqlite_url, None, tmp_path / "home")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "khala_app", "lag", "--watch", "--json", "--interval", "0.2"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
-    )
+    proc = start(["lag", "--watch", "--json", "--interval", "0.2"], env, tmp_path, _as_nohup)
     wait_for("a broker", lambda: bool(brokers(mark)), proc)
     proc.send_signal(signal.SIGHUP)
     time.sleep(1.0)

@@ -20,9 +20,8 @@ import sqlalchemy as sa
 from khala_stream.contract.codec import decode_summary
 from khala_stream.db.importer_tables import RUNS
 from tests.e2e.harness import ok, rows, run_db
-from tests.e2e.snapshot import assert_same_tables, table_snapshot
-from tests.e2e.stages import MakeStages, Stages, fresh_database, generated_export, stage_env
-from tests.e2e.test_follow import KEY, T0, Mirror, _follow
+from tests.e2e.stages import MakeStages, fresh_database, generated_export, stage_env
+from tests.e2e.test_follow import KEY, T0, Mirror, _compare, _follow
 from tests.fakes.khala_server import FakeKhala
 
 pytestmark = pytest.mark.timeout(600)
@@ -178,15 +177,6 @@ def _last_run_scope(db_url: str) -> int | None:
     return decode_summary(counters, run_id=run_id).scoped_threads
 
 
-def _compare(db_url: str, mirror: Mirror, fake: FakeKhala, stages: Stages, context: str) -> None:
-    expected = mirror.import_state(fake)
-    stages.wait_applied(db_url, timeout=180)
-    try:
-        assert_same_tables(expected, table_snapshot(db_url), context=context)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{stages.tails()}") from None
-
-
 @pytest.mark.parametrize("propagate", [False, True], ids=["merge", "propagate-deletes"])
 def test_each_batch_derives_what_a_full_derivation_does_scoped_when_it_may(
     fake: FakeKhala,
@@ -218,7 +208,7 @@ def test_each_batch_derives_what_a_full_derivation_does_scoped_when_it_may(
     with fresh_database(pg_admin_url) as other:
         mirror = Mirror(tmp_path, kafka_bootstrap, other, flags)
         ok(_follow(env, fake, *flags))
-        _compare(pg_url, mirror, fake, stages, "after the snapshot")
+        _compare(pg_url, mirror.import_state(fake), stages, "after the snapshot")
         assert _last_run_scope(pg_url) is None  # the first run: no run before it
         lingering = False  # documents vanished and kept (no --propagate-deletes)
         for step, changes in enumerate(plan, start=1):
@@ -232,7 +222,7 @@ def test_each_batch_derives_what_a_full_derivation_does_scoped_when_it_may(
             fake.commit(ts_s=T0 + 10 * step, put=puts, delete=deletes)
             ok(_follow(env, fake, *flags))
             names = ", ".join(c.__name__ for c in changes)
-            _compare(pg_url, mirror, fake, stages, f"after step {step} ({names})")
+            _compare(pg_url, mirror.import_state(fake), stages, f"after step {step} ({names})")
             scoped = _last_run_scope(pg_url)
             may = all(c in SCOPED or c in DELETES for c in changes) and not lingering
             assert (scoped is not None) == may, f"step {step} ({names}): scoped={scoped}"
