@@ -242,19 +242,6 @@ class TargetView:
         )
         return {str(k): str(th) for k, th in rows}
 
-    async def thread_users(self, thread_ids: Sequence[str]) -> dict[str, str | None]:
-        """The WorkOS id of the user owning each of these threads' rows (None: no such user)."""
-        if "threads" in self._emptied or not thread_ids:
-            return {}
-        t, u = TABLES["threads"].c, TABLES["users"].c
-        rows = await self._rows(
-            sa.select(t.id, u.workos_id)
-            .select_from(TABLES["threads"].outerjoin(TABLES["users"], u.id == t.user_id))
-            .where(one_of(t.id, chunk, self._dialect))
-            for chunk in _chunks(thread_ids)
-        )
-        return {str(thread): workos_id for thread, workos_id in rows}
-
     async def legacy_events(
         self, run_ids: Sequence[str], *, unlinked_only: bool = False
     ) -> list[LegacyEvent]:
