@@ -10,7 +10,10 @@ with the documents it covers):
 3. Publish the state as a newer export of the deployment (a merge import, SPEC §5): the
    mirror written as a folder export, in `_creationTime`, `_id` order, through the one publish
    path (`khala_app/publication.py`), so `process` and `sink` derive and write it as they do
-   any export. The state is marked published only after the broker acknowledged it.
+   any export. The state is marked published only after the broker acknowledged it. A later
+   step is published as an amendment of the run before instead, once that run is derived:
+   only what changed, with the lines of the rest kept (`producers/amendment.py`), so a
+   step costs what it changed, not the size of the state.
 4. Poll `document_deltas` from the stored cursor; each page goes into the mirror with the
    cursor after it (a cursor the source no longer serves: a new snapshot, step 2). When the
    source has nothing more (`hasMore` false) and something followed changed, publish again
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from khala_app.publication import publish_run
+from khala_app.publication import publish_amendment_run, publish_run
 from khala_app.topic_owner import prepare_topics_waiting
 from khala_stream import import_runs, metrics
 from khala_stream.broker.clients import broker_session
@@ -48,9 +51,11 @@ from khala_stream.db.port import Database, open_database
 from khala_stream.errors import DeployKeyError, UsageError
 from khala_stream.processes import pid_alive
 from producers import live_mirror
+from producers.amendment import amendment_sha256
 from producers.export_reader import open_export
 from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
 from producers.live_mirror import FollowState
+from producers.publisher import PublishReport
 
 logger = logging.getLogger(__name__)
 # The line per publication shown without -v, as the stages' status lines are.
@@ -260,12 +265,14 @@ async def _follow_deltas(
         older = state.state_ns < await db.run(live_mirror.newest_export_ms) * 1_000_000
         if state.unpublished and (caught_up or not older):
             pending = state.pending_ns
-            state = await _publish(db, live, followed, state, options, report)
-            metrics.source_position(published_ns=state.published_ns)
-            if state.published_run is not None:
-                freshness.published(state.published_run, pending)
-            if on_published is not None:
-                on_published(report)
+            after = await _publish(db, live, followed, state, options, report)
+            if after is not None:
+                state = after
+                metrics.source_position(published_ns=state.published_ns)
+                if state.published_run is not None:
+                    freshness.published(state.published_run, pending)
+                if on_published is not None:
+                    on_published(report)
         await freshness.check()
         pages = 0
         if caught_up and options.until_caught_up:
@@ -345,8 +352,11 @@ async def _publish(
     state: FollowState,
     options: FollowOptions,
     report: FollowReport,
-) -> FollowState:
-    """Publish the mirror at `state` as one run (a newer export of the deployment)."""
+) -> FollowState | None:
+    """Publish the mirror at `state` as one run (a newer export of the deployment): as an
+    amendment of the run before when it can be one, else whole. None: not now, the run
+    before is still to be derived (an amendment waits for it; a second whole state would only
+    supersede it)."""
     run_options = import_runs.RunOptions(
         propagate_deletes=options.propagate_deletes,
         # Left out by --tables: as --skip-blueprints. Missing at the source: as an export
@@ -354,6 +364,98 @@ async def _publish(
         skip_blueprints="blueprints" not in options.tables,
         incremental=True,
     )
+    base = await _amendable(db, state, run_options, followed)
+    if base == "wait" and not options.until_caught_up:
+        return None
+    run_id: int | None = None
+    if isinstance(base, import_runs.ImportRun):
+        run_id, published = await _publish_amendment(db, live, followed, state, base, run_options)
+    if run_id is None:
+        run_id, published = await _publish_whole(db, live, followed, state, run_options)
+    report.runs.append(run_id)
+    report.published.update(published.published)
+    after = await db.run(live_mirror.load_state, state.deployment)
+    assert after is not None
+    return after
+
+
+async def _amendable(
+    db: Database, state: FollowState, run_options: import_runs.RunOptions, followed: Sequence[str]
+) -> import_runs.ImportRun | str:
+    """The run this state can be published as an amendment of (`producers/amendment.py`):
+    the last one published from the mirror, the newest of the database, derived, with these
+    options and tables and no line its reader refused. "wait" while that run is still to be
+    derived, "whole" when there is none."""
+    latest = await db.run(import_runs.latest)
+    if (
+        latest is None
+        or state.lines_run is None
+        or latest.id != state.lines_run
+        or latest.options != run_options
+        or latest.manifest is None
+        or sorted(latest.manifest.tables) != sorted(followed)
+        or any(latest.manifest.rejected.values())
+    ):
+        return "whole"
+    if latest.status == "published":
+        return "wait"
+    return latest if latest.status == "derived" else "whole"
+
+
+async def _publish_amendment(
+    db: Database,
+    live: Settings,
+    followed: Sequence[str],
+    state: FollowState,
+    base: import_runs.ImportRun,
+    run_options: import_runs.RunOptions,
+) -> tuple[int | None, PublishReport]:
+    """Publish the changes since `base` as its amendment; (None, …) when they cannot be one."""
+    assert base.manifest is not None
+    empty = PublishReport(run_id=0, sha256="", snapshot_ms=0)
+    plan, reason = await db.run(live_mirror.plan_amendment, followed, state.published_version)
+    if plan is None:
+        logger.info("follow: the state is published whole: %s", reason)
+        return None, empty
+    sha256 = amendment_sha256(base.id, plan)
+    source = live_mirror.run_source(state.deployment, state.delta_cursor)
+    run_id = await db.run(import_runs.register, source=source, sha256=sha256, options=run_options)
+    if run_id != base.id + 1:
+        # Another import registered a run since `base`: its documents are no longer the
+        # store's latest (this run, superseded by the next one, stays unpublished).
+        logger.warning("follow: run %d is not the one after run %d; the state is published"
+                       " whole", run_id, base.id)  # fmt: skip
+        return None, empty
+    started = time.monotonic()
+    published = await publish_amendment_run(
+        live, db, base.manifest, plan, run_id, run_options,
+        sha256=sha256, snapshot_ms=state.state_ns // 1_000_000,
+    )  # fmt: skip
+    new_lines = {table: amendment.new_lines for table, amendment in plan.items()}
+    await db.run(
+        live_mirror.mark_published, state.deployment, state.version, state.state_ns, run_id,
+        tables=followed, new_lines=new_lines,
+    )  # fmt: skip
+    _status.info(
+        "follow: run=%d version=%d cursor=%s amends=%d published=%s seconds=%.2f",
+        run_id,
+        state.version,
+        state.delta_cursor,
+        base.id,
+        dict(published.published),
+        time.monotonic() - started,
+    )
+    return run_id, published
+
+
+async def _publish_whole(
+    db: Database,
+    live: Settings,
+    followed: Sequence[str],
+    state: FollowState,
+    run_options: import_runs.RunOptions,
+) -> tuple[int, PublishReport]:
+    """Publish the mirror at `state` whole, written as a folder export."""
     folder = _spool_folder()
     try:
         began = time.monotonic()
@@ -368,12 +470,11 @@ async def _publish(
             started = time.monotonic()
             published = await publish_run(live, db, export, run_id, run_options)
         await db.run(
-            live_mirror.mark_published, state.deployment, state.version, state.state_ns, run_id
-        )
+            live_mirror.mark_published, state.deployment, state.version, state.state_ns, run_id,
+            tables=followed,
+        )  # fmt: skip
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    report.runs.append(run_id)
-    report.published.update(published.published)
     _status.info(
         "follow: run=%d version=%d cursor=%s published=%s seconds=%.2f",
         run_id,
@@ -382,6 +483,4 @@ async def _publish(
         dict(published.published),
         time.monotonic() - started,
     )
-    after = await db.run(live_mirror.load_state, state.deployment)
-    assert after is not None
-    return after
+    return run_id, published

@@ -5,7 +5,8 @@ group falls behind, and stops waiting for a processor that is not running)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 
@@ -15,10 +16,12 @@ from khala_stream.backpressure import Backpressure
 from khala_stream.broker.clients import make_producer
 from khala_stream.config import Settings
 from khala_stream.contract import Topics
+from khala_stream.contract.runs import PublishManifest
 from khala_stream.db.port import Database
 from khala_stream.errors import RuntimeFailure, UsageError
 from khala_stream.progress import ProgressCallback
 from producers import live_mirror
+from producers.amendment import Amendment
 from producers.export_reader import ExportSource
 from producers.publisher import Publisher, PublishReport
 
@@ -69,13 +72,42 @@ async def publish_run(
 ) -> PublishReport:
     """Publish `export` as run `run_id` (`Publisher.publish`; `applied`: publish it again after
     the broker lost documents); a broker that lost acknowledged records is RuntimeFailure."""
+    async with _publisher(live, db, options, progress) as publisher:
+        return await publisher.publish(export, run_id, applied=applied)
+
+
+async def publish_amendment_run(
+    live: Settings,
+    db: Database,
+    base: PublishManifest,
+    amendments: Mapping[str, Amendment],
+    run_id: int,
+    options: import_runs.RunOptions,
+    *,
+    sha256: str,
+    snapshot_ms: int,
+) -> PublishReport:
+    """Publish run `run_id` as run `base` amended (`Publisher.publish_amendment`)."""
+    async with _publisher(live, db, options, None) as publisher:
+        return await publisher.publish_amendment(
+            base, amendments, run_id, sha256=sha256, snapshot_ms=snapshot_ms
+        )
+
+
+@contextlib.asynccontextmanager
+async def _publisher(
+    live: Settings,
+    db: Database,
+    options: import_runs.RunOptions,
+    progress: ProgressCallback | None,
+) -> AsyncIterator[Publisher]:
     topics = Topics(live.topic_prefix)
     # A producer of its own each time: after the broker lost records, an idempotent producer's
     # sequence numbers run ahead of the broker's and every send is refused.
     producer = make_producer(live.kafka)
     await producer.start()
     try:
-        publisher = Publisher(
+        yield Publisher(
             producer=producer,
             db=db,
             topics=topics,
@@ -87,7 +119,6 @@ async def publish_run(
                 db.engine, topics.processor_group, limit=PROCESSOR_BEHIND, deadline_s=db.deadline_s
             ),
         )
-        return await publisher.publish(export, run_id, applied=applied)
     except (OutOfOrderSequenceNumber, UnknownProducerId) as exc:
         raise RuntimeFailure(
             "the broker lost messages it had acknowledged while the export was being"

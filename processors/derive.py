@@ -169,12 +169,13 @@ class RunContext:
     options: RunOptions
     withheld_deletes: Mapping[str, str] = field(default_factory=dict)
     """Tables whose vanished documents are kept, with why (`withheld_deletes`)."""
-    carried: Mapping[str, int] = field(default_factory=dict)
-    """Tables whose documents are stored under an earlier run (`PublishManifest.carried`)."""
+    generations: Mapping[str, int] = field(default_factory=dict)
+    """Tables whose documents are stored under an earlier run, carried over or patched
+    (`PublishManifest.generations`)."""
 
     def generation(self, table: str) -> int:
         """The run under which the store holds this run's documents of `table`."""
-        return self.carried.get(table, self.run_id)
+        return self.generations.get(table, self.run_id)
 
 
 @dataclass(slots=True)
@@ -888,7 +889,7 @@ class Derivation:
         else:
             async with self._documents.connect() as conn:
                 self.result.documents = await store.table_changes(
-                    conn, run_id, read, self.context.carried
+                    conn, run_id, read, self.context.generations
                 )
         if not self.context.options.propagate_deletes:
             return

@@ -397,7 +397,7 @@ class Processor:
             allowed_hosts=parse_allowed_hosts(self._settings.l402_allowlist_hosts),
             options=run.options,
             withheld_deletes=withheld_deletes(manifest, read_tables(run.options.skip_blueprints)),
-            carried=manifest.carried,
+            generations=manifest.generations(),
         )
         fingerprint = unchanged.fingerprint(context)
         work = asyncio.ensure_future(self._derive_claimed(run, context, fingerprint, out))
@@ -445,7 +445,7 @@ class Processor:
         await self._cover_lost_offsets(run, out)
         async with self._engine.connect() as conn:
             documents = await store.table_changes(
-                conn, run.id, read_tables(run.options.skip_blueprints), context.carried
+                conn, run.id, read_tables(run.options.skip_blueprints), context.generations
             )
             reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
             threads = await scope.plan(conn, run, context, fingerprint) if reused is None else None

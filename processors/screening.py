@@ -61,6 +61,20 @@ def _document(r: ConsumerRecord[bytes, bytes], topics: Topics) -> IncomingDocume
         raise _Unreadable("the key is empty or holds a NUL character")
     if r.value is None:
         raise _Unreadable("the record has no value")
+    if provenance.deleted:
+        if r.value:
+            raise _Unreadable("a tombstone with a value")
+        return IncomingDocument(
+            run_id=provenance.run_id,
+            table=provenance.table,
+            key=key,
+            line=provenance.line,
+            content_hash=provenance.content_hash,
+            doc_id=provenance.doc_id,
+            raw=b"",
+            generation=provenance.generation,
+            deleted=True,
+        )
     # The derivation parses the stored text again: what it could not parse stops here.
     try:
         document = orjson.loads(r.value)
@@ -80,4 +94,5 @@ def _document(r: ConsumerRecord[bytes, bytes], topics: Topics) -> IncomingDocume
         thread_key=thread_key,
         link_key=link_key,
         timeless=timeless,
+        generation=provenance.generation,
     )

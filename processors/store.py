@@ -42,6 +42,14 @@ class IncomingDocument:
     derivation of the store full (processors/scope.py)."""
     link_key: str | None = None
     timeless: bool | None = None
+    generation: int | None = None
+    """A `follow` patch's: the earlier run whose documents this one amends (`Provenance`)."""
+    deleted: bool = False
+    """A patch's tombstone: the key left the state of run `generation` in this run."""
+
+    @property
+    def export_seq(self) -> int:
+        return self.run_id if self.generation is None else self.generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +101,15 @@ def _latest(documents: Iterable[IncomingDocument]) -> list[IncomingDocument]:
 
 def _upsert(insert: Any) -> Any:
     """The store's conflict rule: a newer export, or a later line of the same one, replaces
-    what is stored; `changed_seq` moves only when the content did."""
+    what is stored; `changed_seq` moves only when the content did.
+
+    A `follow` patch (`export_seq` an earlier run's, `changed_seq` its own run) amends its
+    generation in place: it replaces the stored version of that generation whatever its line
+    (the patch names the key's winner), and a document back in the state after it left counts
+    as changed and moved (a scoped derivation cannot know what it was)."""
     old, new = DOCUMENTS.c, insert.excluded
+    patch = new.changed_seq > new.export_seq
+    back = sa.and_(patch, old.export_seq < new.export_seq)
     return insert.on_conflict_do_update(
         index_elements=[old.source_table, old.doc_key],
         set_={
@@ -113,18 +128,21 @@ def _upsert(insert: Any) -> Any:
                     sa.or_(
                         old.thread_key.is_distinct_from(new.thread_key),
                         old.link_key.is_distinct_from(new.link_key),
+                        back,
                     ),
-                    new.export_seq,
+                    new.changed_seq,
                 ),
                 else_=old.moved_seq,
             ),
             "changed_seq": sa.case(
-                (old.content_hash != new.content_hash, new.export_seq), else_=old.changed_seq
+                (sa.or_(old.content_hash != new.content_hash, back), new.changed_seq),
+                else_=old.changed_seq,
             ),
         },
         where=sa.or_(
             new.export_seq > old.export_seq,
-            sa.and_(new.export_seq == old.export_seq, new.line > old.line),
+            sa.and_(new.export_seq == old.export_seq, sa.not_(patch), new.line > old.line),
+            sa.and_(new.export_seq == old.export_seq, patch, new.changed_seq >= old.changed_seq),
         ),
     )
 
@@ -140,8 +158,12 @@ async def apply_documents(
     """
     if not documents:
         return
-    latest = _latest(documents)
-    if conn.dialect.name == "postgresql":
+    newest = _latest(documents)
+    await _bury(conn, [d for d in newest if d.deleted])
+    latest = [d for d in newest if not d.deleted]
+    if not latest:
+        pass  # tombstones only
+    elif conn.dialect.name == "postgresql":
         if not (fresh and await _copy_new(conn, latest)):
             # COPY and one INSERT … SELECT: a VALUES statement of a few thousand rows costs
             # more to build and to parse than to execute.
@@ -161,10 +183,28 @@ async def apply_documents(
 def _rows(documents: list[IncomingDocument]) -> Iterator[tuple[Any, ...]]:
     # A generator: each document's text is decoded as COPY sends it, not all at once.
     return (
-        (d.table, d.key, d.content_hash, d.doc_id, d.run_id, d.line, d.run_id, d.run_id,
+        (d.table, d.key, d.content_hash, d.doc_id, d.export_seq, d.line, d.run_id, d.run_id,
          d.raw.decode(), d.thread_key, d.link_key, d.timeless)
         for d in documents
     )  # fmt: skip
+
+
+async def _bury(conn: AsyncConnection, tombstones: list[IncomingDocument]) -> None:
+    """A patch's tombstones: each key leaves its generation's documents (stored under the run
+    before it, so it counts as vanished) and counts as changed in the patch's run. One key at
+    a time, in key order (`_latest`), the store's one lock order."""
+    c = DOCUMENTS.c
+    for d in tombstones:
+        await conn.execute(
+            sa.update(DOCUMENTS)
+            .where(
+                c.source_table == d.table,
+                c.doc_key == d.key,
+                c.export_seq == d.export_seq,
+                c.changed_seq <= d.run_id,
+            )
+            .values(export_seq=d.export_seq - 1, changed_seq=d.run_id)
+        )
 
 
 async def _copy_new(conn: AsyncConnection, documents: list[IncomingDocument]) -> bool:
@@ -344,13 +384,11 @@ async def changed_documents(
     conn: AsyncConnection, table: str, run_id: int, generation: int
 ) -> list[Touched]:
     """The documents of `table` this run inserted or changed (none when the table is carried:
-    `generation` is then an earlier run's)."""
-    if generation != run_id:
-        return []
+    nothing of it was sent)."""
     c = DOCUMENTS.c
     rows = await conn.execute(
         sa.select(c.doc_key, c.thread_key, c.link_key, c.first_seq, c.moved_seq).where(
-            c.source_table == table, c.changed_seq == run_id, c.export_seq == run_id
+            c.source_table == table, c.changed_seq == run_id, c.export_seq == generation
         )
     )
     return [
@@ -359,17 +397,18 @@ async def changed_documents(
 
 
 async def newly_vanished(
-    conn: AsyncConnection, table: str, generation: int, previous_generation: int
+    conn: AsyncConnection, table: str, run_id: int, generation: int, previous_generation: int
 ) -> list[Touched]:
     """The documents of `table` the previous run had (`previous_generation`) and this one has
-    not (none when the table is carried over from that run)."""
-    if generation == previous_generation:
-        return []
+    not: all of that generation's when this run's is another, else those a patch's
+    tombstones took out of it in this run."""
     c = DOCUMENTS.c
+    if generation == previous_generation:
+        gone = sa.and_(c.changed_seq == run_id, c.export_seq < generation)
+    else:
+        gone = c.export_seq == previous_generation
     rows = await conn.execute(
-        sa.select(c.doc_key, c.thread_key, c.link_key).where(
-            c.source_table == table, c.export_seq == previous_generation
-        )
+        sa.select(c.doc_key, c.thread_key, c.link_key).where(c.source_table == table, gone)
     )
     return [Touched(k, t, r, False, False, False) for k, t, r in rows]
 

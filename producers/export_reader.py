@@ -35,12 +35,14 @@ __all__ = [
     "DEFAULT_MAX_TOTAL_BYTES",
     "HOLDS_NUL",
     "MAX_DEPTH",
+    "MAX_LINE_BYTES",
     "RATIO_FROM_BYTES",
     "TOO_DEEP",
     "ExportSource",
     "RejectedLine",
     "SourceDocument",
     "open_export",
+    "parse_document",
 ]
 
 DEFAULT_MAX_ENTRY_BYTES: Final = 8 * 2**30
@@ -223,14 +225,14 @@ def _parse_lines(
             line = line[:-1]
         if not line.strip():  # bytes.strip() strips ASCII whitespace only
             continue
-        document, reason = _parse_document(line)
+        document, reason = parse_document(line)
         if document is not None:
             yield SourceDocument(table=table, entry=entry, line=number, raw=line, doc=document)
         else:
             yield RejectedLine(table=table, entry=entry, line=number, raw=line, reason=reason)
 
 
-def _parse_document(line: bytes) -> tuple[dict[str, Any] | None, str]:
+def parse_document(line: bytes) -> tuple[dict[str, Any] | None, str]:
     """The one parse rule for a line (SPEC §8.1): (the document, "") or (None, why not).
 
     A document is a JSON object nested at most `MAX_DEPTH` levels, with no NUL character in

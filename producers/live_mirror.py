@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +30,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from khala_stream.contract.documents import string_field
+from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS
 from khala_stream.db.queries import insert_for, staged
 from khala_stream.errors import UsageError
 from khala_stream.import_runs import FOLLOW_SOURCE
+from producers.amendment import Amendment, Winner
+from producers.export_reader import MAX_LINE_BYTES, parse_document
 from producers.live_api import Cursor, LiveValue
 
 TABLE_FILE = "documents.jsonl"
@@ -66,6 +70,9 @@ class FollowState:
     freshness_s: float | None
     freshness_run: int | None
     updated_at: datetime
+    lines_run: int | None = None
+    """The run whose state a step may amend in place (`plan_amendment`); None after a new
+    snapshot, before it is published whole."""
 
     @property
     def unpublished(self) -> bool:
@@ -108,6 +115,7 @@ def _from_row(row: Any) -> FollowState:
         freshness_s=row.freshness_s,
         freshness_run=row.freshness_run,
         updated_at=row.updated_at,
+        lines_run=row.lines_run,
     )
 
 
@@ -177,6 +185,7 @@ async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor)
             "delta_cursor": None,
             "state_ns": _as_ns(snapshot),
             "pending_ns": None,
+            "lines_run": None,  # the new snapshot's documents have no lines yet
             "updated_at": _now(),
         }
         if old is None:
@@ -277,25 +286,186 @@ async def apply_delta_page(
 
 
 async def mark_published(
-    engine: AsyncEngine, deployment: str, version: int, state_ns: int, run_id: int
+    engine: AsyncEngine,
+    deployment: str,
+    version: int,
+    state_ns: int,
+    run_id: int,
+    *,
+    tables: Sequence[str],
+    new_lines: Mapping[str, Mapping[str, int]] | None = None,
 ) -> None:
     """The state at `version` is published (the broker acknowledged it) as run `run_id`; the
-    changes waiting for it are now waiting for that run's rows (`record_freshness`)."""
+    changes waiting for it are now waiting for that run's rows (`record_freshness`).
+
+    The documents' lines and keys become those of the state published (what a later step
+    may amend): with `new_lines` (an amendment, `plan_amendment`) those of the documents
+    that changed, else every document's place in file order in `tables`."""
+    c = SOURCE_DOCUMENTS.c
     async with engine.begin() as conn:
+        state = await _locked(conn, deployment)
+        if new_lines is None:
+            for table in tables:
+                await _number(conn, table)
+        else:
+            for table, lines in new_lines.items():
+                if lines:
+                    await conn.execute(
+                        sa.update(SOURCE_DOCUMENTS)
+                        .where(c.source_table == table, c.doc_id == sa.bindparam("i"))
+                        .values(line=sa.bindparam("n")),
+                        [{"i": i, "n": n} for i, n in lines.items()],
+                    )
+            await conn.execute(
+                sa.update(SOURCE_DOCUMENTS)
+                .where(c.version > state.published_version, c.version <= version)
+                .values(
+                    line=sa.case((c.deleted, None), else_=c.line),
+                    published_key=sa.case((c.deleted, None), else_=c.doc_key),
+                )
+            )
         await conn.execute(
             sa.update(FOLLOW)
-            .where(FOLLOW.c.singleton == 1, FOLLOW.c.deployment == deployment)
+            .where(FOLLOW.c.singleton == 1)
             .values(
                 published_pending_ns=FOLLOW.c.pending_ns,
                 pending_ns=None,
-                published_version=sa.func.greatest(FOLLOW.c.published_version, version)
-                if conn.dialect.name == "postgresql"
-                else sa.func.max(FOLLOW.c.published_version, version),
+                published_version=max(state.published_version, version),
                 published_ns=state_ns,
                 published_run=run_id,
+                lines_run=run_id,
                 updated_at=_now(),
             )
         )
+
+
+async def _number(conn: AsyncConnection, table: str) -> None:
+    """Each document of `table` gets its line in the state written whole (`write_folder`'s
+    order); a deleted one none."""
+    c = SOURCE_DOCUMENTS.c
+    doc_id = c.doc_id.collate("C") if conn.dialect.name == "postgresql" else c.doc_id
+    order = sa.func.row_number().over(order_by=(c.creation_time, doc_id))
+    numbered = (
+        sa.select(c.doc_id.label("i"), order.label("n"))
+        .where(c.source_table == table, sa.not_(c.deleted))
+        .subquery()
+    )
+    await conn.execute(
+        sa.update(SOURCE_DOCUMENTS)
+        .where(
+            c.source_table == table,
+            c.doc_id == numbered.c.i,
+            sa.or_(
+                c.line.is_distinct_from(numbered.c.n),
+                c.published_key.is_distinct_from(c.doc_key),
+            ),
+        )
+        .values(line=numbered.c.n, published_key=c.doc_key)
+    )
+    await conn.execute(
+        sa.update(SOURCE_DOCUMENTS)
+        .where(c.source_table == table, c.deleted, c.line.is_not(None))
+        .values(line=None, published_key=None)
+    )
+
+
+_MAX_AMENDED = 50_000
+"""Changed documents of one table an amendment carries at most (it holds them in memory)."""
+
+
+async def plan_amendment(
+    engine: AsyncEngine, tables: Sequence[str], published_version: int
+) -> tuple[dict[str, Amendment] | None, str]:
+    """The changes since the state at `published_version` as an amendment of that state, per
+    table that changed (`producers/amendment.py`); or None and why it cannot be one: a new
+    document before the last line, a changed document without its key, or one the reader
+    would refuse (the state published whole sets it aside, as an export's reader does)."""
+    c = SOURCE_DOCUMENTS.c
+    plan: dict[str, Amendment] = {}
+    async with engine.connect() as conn:
+        for table in tables:
+            changed = (
+                await conn.execute(
+                    sa.select(
+                        c.doc_id, c.deleted, c.creation_time, c.doc_key, c.line,
+                        c.published_key, c.document,
+                    )
+                    .where(c.source_table == table, c.version > published_version)
+                    .limit(_MAX_AMENDED + 1)
+                )
+            ).all()  # fmt: skip
+            if len(changed) > _MAX_AMENDED:
+                return None, f"more than {_MAX_AMENDED} {table} documents changed"
+            if changed:
+                amendment, reason = await _amend(conn, table, changed)
+                if amendment is None:
+                    return None, reason
+                plan[table] = amendment
+    return plan, ""
+
+
+async def _amend(
+    conn: AsyncConnection, table: str, changed: Sequence[Any]
+) -> tuple[Amendment | None, str]:
+    c = SOURCE_DOCUMENTS.c
+    keys: set[str] = set()
+    for row in changed:
+        if row.line is not None and row.published_key is None:
+            return None, f"a changed {table} document was published without its key"
+        if row.published_key is not None:
+            keys.add(row.published_key)
+        if row.deleted:
+            continue
+        if row.doc_key is None:
+            return None, f"a changed {table} document has no key"
+        raw = row.document.encode()
+        if len(raw) > MAX_LINE_BYTES or parse_document(raw)[0] is None:
+            return None, f"a changed {table} document is one the reader refuses"
+        keys.add(row.doc_key)
+    new = sorted(
+        (r for r in changed if not r.deleted and r.line is None),
+        key=lambda r: (r.creation_time, r.doc_id),
+    )
+    new_lines: dict[str, int] = {}
+    if new:
+        last = (
+            await conn.execute(
+                sa.select(c.creation_time, c.doc_id)
+                .where(c.source_table == table, sa.not_(c.deleted), c.line.is_not(None))
+                .order_by(c.line.desc())
+                .limit(1)
+            )
+        ).first()
+        if last is not None and (new[0].creation_time, new[0].doc_id) <= tuple(last):
+            return None, f"a new {table} document comes before the last in file order"
+        top = await conn.scalar(sa.select(sa.func.max(c.line)).where(c.source_table == table))
+        new_lines = {r.doc_id: (top or 0) + n for n, r in enumerate(new, start=1)}
+    winners: dict[str, Winner] = {}
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), 500):
+        rows = await conn.execute(
+            sa.select(c.doc_key, c.doc_id, c.line, c.document).where(
+                c.source_table == table,
+                c.doc_key.in_(ordered[start : start + 500]),
+                sa.not_(c.deleted),
+            )
+        )
+        for key, doc_id, line, document in rows:
+            line = new_lines.get(doc_id, line)
+            if line is None:
+                return None, f"a {table} document has no line in the state published"
+            if key not in winners or line > winners[key].line:
+                winners[key] = Winner(key, line, doc_id, document.encode())
+    gone = sorted(keys - winners.keys())
+    # A document in the state published has its key there (a keyless one stopped us above).
+    added = sum(1 for r in changed if not r.deleted and r.published_key is None)
+    left = sum(1 for r in changed if r.deleted and r.published_key is not None)
+    return Amendment(
+        documents=[winners[k] for k in sorted(winners)],
+        gone=gone,
+        new_lines=new_lines,
+        present_change=added - left,
+    ), ""
 
 
 async def record_freshness(engine: AsyncEngine, run_id: int, seconds: float) -> None:
@@ -343,6 +513,7 @@ async def _apply(
             "deleted": v.deleted,
             "version": version,
             "document": "" if v.deleted else _dump(v.document),
+            "doc_key": None if v.deleted else string_field(v.document, DOCUMENT_KEYS[v.table]),  # type: ignore[index]
         }
         for _, v in sorted(latest.items())
     ]
@@ -372,6 +543,8 @@ def _upsert(insert: Any) -> Any:
     newer; a deletion keeps the document's place (`_creationTime`). Returns what it wrote."""
     old, new = SOURCE_DOCUMENTS.c, insert.excluded
     keep_creation = sa.case((new.deleted, old.creation_time), else_=new.creation_time)
+    # A document whose place in file order moved has no line in the state published.
+    keep_line = sa.case((keep_creation != old.creation_time, None), else_=old.line)
     return insert.on_conflict_do_update(
         index_elements=[old.source_table, old.doc_id],
         set_={
@@ -380,6 +553,8 @@ def _upsert(insert: Any) -> Any:
             "deleted": new.deleted,
             "version": new.version,
             "document": new.document,
+            "doc_key": new.doc_key,
+            "line": keep_line,
         },
         where=new.ts > old.ts,
     ).returning(SOURCE_DOCUMENTS.c.source_table, SOURCE_DOCUMENTS.c.deleted)

@@ -6,7 +6,9 @@ still seeds its thread's title.
 Incremental publishing sends only new and changed documents; an unchanged one (same content
 hash in the ledger) is marked as part of this export in the ledger instead (SPEC §5). A table
 whose entry is byte for byte the one of the run just before is not read at all: the run carries
-that run's documents of it over (`PublishManifest.carried`), and its counts with them.
+that run's documents of it over (`PublishManifest.carried`), and its counts with them. A
+`follow` step may instead be published as an amendment of the run before
+(`publish_amendment`, `producers/amendment.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,7 @@ from khala_stream.db.port import Database
 from khala_stream.db.queries import stored_before
 from khala_stream.dead_letters import publish_dead_letters
 from khala_stream.progress import ProgressCallback
+from producers.amendment import Amendment
 from producers.batches import PartitionedBatches
 from producers.export_reader import (
     HOLDS_NUL,
@@ -57,7 +60,7 @@ _BATCH_BYTES = 1 << 20  # of raw lines: parsed, a batch takes several times that
 _YIELD_EVERY = 100
 _AHEAD = 2  # batches marked and sent while the next is read
 _MAX_HELD = 20_000  # lines held back at most (see `_send`)
-"""Called with (table, lines read so far) as publishing goes."""
+_NOTHING = hashlib.sha256(b"").hexdigest()  # a tombstone's content hash
 
 
 @dataclass(slots=True)
@@ -82,6 +85,7 @@ class PublishReport:
     carried: dict[str, int] = field(default_factory=dict)
     carried_order: dict[str, str] = field(default_factory=dict)
     """The order digests of carried tables, as their run recorded them."""
+    patched: dict[str, int] = field(default_factory=dict)
 
     def orders(self) -> dict[str, str]:
         return {t: d.hexdigest() for t, d in self.order.items()} | self.carried_order
@@ -101,6 +105,7 @@ class PublishReport:
             order=self.orders(),
             entries=dict(self.entries),
             carried=dict(self.carried),
+            patched=dict(self.patched),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -115,6 +120,7 @@ class PublishReport:
             "ignored_tables": self.ignored_tables,
             "order": self.orders(),
             "carried": dict(self.carried),
+            "patched": dict(self.patched),
         }
 
 
@@ -207,6 +213,55 @@ class Publisher:
         )
         await self._db.run(
             import_runs.mark_published, run_id, manifest=manifest, snapshot_ms=report.snapshot_ms
+        )
+        return report
+
+    async def publish_amendment(
+        self,
+        base: PublishManifest,
+        amendments: Mapping[str, Amendment],
+        run_id: int,
+        *,
+        sha256: str,
+        snapshot_ms: int,
+    ) -> PublishReport:
+        """Publish run `run_id` as run `base` amended in place (`producers/amendment.py`):
+        the tables in `amendments` send their winners and tombstones under the generation
+        `base` stores them in, the others are carried over from `base`. `base` listed no
+        rejected line in an amended table (its count could not be kept true)."""
+        report = PublishReport(run_id=run_id, sha256=sha256, snapshot_ms=snapshot_ms)
+        report.tables, report.ignored_tables = list(base.tables), list(base.ignored_tables)
+        for table in read_tables(self._skip_blueprints):
+            if table not in base.tables:
+                continue  # as the export it amends: missing
+            entry = base.entries.get(table, "")
+            amendment = amendments.get(table)
+            if amendment is None:
+                if entry:
+                    report.entries[table] = entry
+                _carry(table, entry, base, report, self._max_reported)
+                continue
+            generation = base.generation(table)
+            report.patched[table] = generation
+            report.source[table] = base.source.get(table, 0) + amendment.present_change
+            if base.missing_key.get(table):
+                report.missing_key[table] = base.missing_key[table]
+            # Another order than any export's: no later run takes it for the same documents.
+            order = hashlib.sha256(f"amends {base.run_id} as {run_id}: ".encode())
+            report.order[table] = order
+            outgoing = []
+            for w in amendment.documents:
+                doc = orjson.loads(w.raw)
+                item = SourceDocument(table=table, entry=entry, line=w.line, raw=w.raw, doc=doc)
+                outgoing.append((w.key, document_hash(doc), item))
+            await self._emit(table, outgoing, report, generation=generation, gone=amendment.gone)
+            report.unchanged[table] = max(0, report.source[table] - len(outgoing))
+        manifest = report.manifest()
+        await self._producer.send_and_wait(
+            self._topics.manifests, codec.encode_manifest(manifest), key=str(run_id).encode()
+        )
+        await self._db.run(
+            import_runs.mark_published, run_id, manifest=manifest, snapshot_ms=snapshot_ms
         )
         return report
 
@@ -367,9 +422,16 @@ class Publisher:
         metrics.record_batch("publish", {table: read + len(letters)}, elapsed)
 
     async def _emit(
-        self, table: str, outgoing: list[tuple[str, str, SourceDocument]], report: PublishReport
+        self,
+        table: str,
+        outgoing: list[tuple[str, str, SourceDocument]],
+        report: PublishReport,
+        *,
+        generation: int | None = None,
+        gone: Sequence[str] = (),
     ) -> tuple[str, dict[int, int]]:
-        """Send (key, content hash, document)s to the table's topic; the end offsets reached."""
+        """Send (key, content hash, document)s to the table's topic, and a tombstone for each
+        key `gone` (an amendment of `generation`); the end offsets reached."""
         topic = self._topics.source(table)
         batches = await PartitionedBatches.for_topic(self._producer, topic)
         for key, digest, item in outgoing:
@@ -380,12 +442,25 @@ class Publisher:
                 line=item.line,
                 doc_id=item.doc.get("_id") if isinstance(item.doc.get("_id"), str) else None,
                 content_hash=digest,
+                generation=generation,
             )
             await batches.add(key.encode(), item.raw, document_headers(provenance))
-        if outgoing:
-            report.published[table] += len(outgoing)
+        for key in gone:
+            tombstone = Provenance(
+                export_sha256=report.sha256,
+                run_id=report.run_id,
+                table=table,
+                line=0,
+                doc_id=None,
+                content_hash=_NOTHING,
+                generation=generation,
+                deleted=True,
+            )
+            await batches.add(key.encode(), b"", document_headers(tombstone))
+        if outgoing or gone:
+            report.published[table] += len(outgoing) + len(gone)
         ends = await batches.flush()
-        metrics.record_output("publish", {table: len(outgoing)})
+        metrics.record_output("publish", {table: len(outgoing) + len(gone)})
         return topic, ends
 
 

@@ -285,8 +285,9 @@ def row_batch_changes(batch: RowBatch | CheckedRowBatch) -> list[RowChange]:
 # Version 0 is the shape stored before records had a version: a plain object without "v".
 # Manifest version 2 added `entries` and `carried`: a reader that ignored `carried` would read
 # a carried table's documents where there are none, so version 1 readers must refuse it.
+# Version 3 added `patched`, for the same reason.
 
-MANIFEST_VERSION: Final = 2
+MANIFEST_VERSION: Final = 3
 SUMMARY_VERSION: Final = 1
 
 
@@ -320,6 +321,7 @@ def encode_manifest(manifest: PublishManifest) -> bytes:
             "order": manifest.order,
             "entries": manifest.entries,
             "carried": manifest.carried,
+            "patched": manifest.patched,
         }
     )
 
@@ -343,6 +345,7 @@ def decode_manifest(data: bytes | str, *, run_id: int, export_sha256: str) -> Pu
         order={str(t): str(d) for t, d in (raw.get("order") or {}).items()},
         entries={str(t): str(d) for t, d in (raw.get("entries") or {}).items()},
         carried=_counts(raw.get("carried")),
+        patched=_counts(raw.get("patched")),
     )
 
 

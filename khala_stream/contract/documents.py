@@ -24,10 +24,15 @@ class Provenance:
     line: int
     doc_id: str | None
     content_hash: str
+    generation: int | None = None
+    """A `follow` patch (`PublishManifest.patched`): the earlier run whose documents of the
+    table this one amends, in place; None: the run's own."""
+    deleted: bool = False
+    """A `follow` patch's tombstone: the key is gone from the state (the value is empty)."""
 
 
 def document_headers(p: Provenance) -> list[tuple[str, bytes]]:
-    return [
+    headers = [
         ("khala-export", p.export_sha256.encode()),
         ("khala-run", str(p.run_id).encode()),
         ("khala-table", p.table.encode()),
@@ -35,6 +40,11 @@ def document_headers(p: Provenance) -> list[tuple[str, bytes]]:
         ("khala-id", (p.doc_id or "").encode()),
         ("khala-hash", p.content_hash.encode()),
     ]
+    if p.generation is not None:
+        headers.append(("khala-generation", str(p.generation).encode()))
+    if p.deleted:
+        headers.append(("khala-deleted", b"1"))
+    return headers
 
 
 class ProvenanceError(ValueError):
@@ -54,13 +64,24 @@ def read_headers(headers: Sequence[tuple[str, bytes]]) -> Provenance:
         raise ProvenanceError(f"the khala-table header {table[:40]!r} is not a source table")
     if len(digest) != 64 or not _HASH_CHARS.issuperset(digest):
         raise ProvenanceError("the khala-hash header is not a sha256")
+    run_id = _count(h, "khala-run", 1)
+    generation = _count(h, "khala-generation", 1) if "khala-generation" in h else None
+    if generation is not None and generation >= run_id:
+        raise ProvenanceError("the khala-generation header names no earlier run")
+    deleted = h.get("khala-deleted")
+    if deleted not in (None, b"1"):
+        raise ProvenanceError("the khala-deleted header is not 1")
+    if deleted and generation is None:
+        raise ProvenanceError("a khala-deleted record without its khala-generation")
     return Provenance(
         export_sha256=_text(h, "khala-export"),
-        run_id=_count(h, "khala-run", 1),
+        run_id=run_id,
         table=table,
         line=_count(h, "khala-line", 0),
         doc_id=(_text(h, "khala-id") if "khala-id" in h else "") or None,
         content_hash=digest,
+        generation=generation,
+        deleted=deleted is not None,
     )
 
 

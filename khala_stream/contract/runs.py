@@ -37,10 +37,18 @@ class PublishManifest:
     carried: dict[str, int] = field(default_factory=dict)
     """Tables whose entry is the previous run's, byte for byte: nothing of them was read or
     sent, and their documents are the store's of the run named here (`generation`)."""
+    patched: dict[str, int] = field(default_factory=dict)
+    """Tables a `follow` step amended in place: only the documents that changed were sent,
+    stored under the run named here (with tombstones for keys gone), whose other documents
+    stay this run's (`generation`)."""
 
     def generation(self, table: str) -> int:
         """The run whose documents in the store are this run's documents of `table`."""
-        return self.carried.get(table, self.run_id)
+        return self.carried.get(table) or self.patched.get(table) or self.run_id
+
+    def generations(self) -> dict[str, int]:
+        """`generation` of every table whose documents are stored under an earlier run."""
+        return self.carried | self.patched
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -194,6 +194,9 @@ FOLLOW: Final = sa.Table(
     sa.Column("freshness_s", sa.Float(), nullable=True),
     sa.Column("freshness_run", sa.Integer(), nullable=True),
     sa.Column("updated_at", sa.DateTime(), nullable=False),
+    # The run whose state the source documents' `line` and `published_key` describe, which a
+    # step may amend in place (producers/live_mirror.py); NULL after a new snapshot.
+    sa.Column("lines_run", sa.Integer(), nullable=True),
 )
 
 # `follow`: the deployment's documents of the followed tables as last reported (the later
@@ -208,9 +211,15 @@ SOURCE_DOCUMENTS: Final = sa.Table(
     sa.Column("deleted", sa.Boolean(create_constraint=False), nullable=False),
     sa.Column("version", sa.Integer(), nullable=False),  # FOLLOW.version that last changed it
     sa.Column("document", sa.Text(), nullable=False),  # the export line (no _table, _ts)
+    sa.Column("doc_key", sa.Text(), nullable=True),  # its key (SPEC §8.2); NULL: none found
+    sa.Column("line", sa.Integer(), nullable=True),  # its line in the state published
+    sa.Column("published_key", sa.Text(), nullable=True),  # its key in the state published
     sa.Index(
         "khala_import_source_documents_order_index", "source_table", "creation_time", "doc_id"
     ),
+    sa.Index("khala_import_source_documents_version_index", "source_table", "version"),
+    sa.Index("khala_import_source_documents_key_index", "source_table", "doc_key"),
+    sa.Index("khala_import_source_documents_line_index", "source_table", "line"),
 )
 
 IMPORTER_TABLES: Final[dict[str, sa.Table]] = dict(IMPORTER.tables)

@@ -184,14 +184,23 @@ def test_keyless_documents_are_read_back_but_never_counted_or_vanished(db_url: s
     run_on(db_url, body)
 
 
-def _message(run_id: int, line: int, key: str, thread: str, text: str) -> store.IncomingDocument:
+def _message(
+    run_id: int, line: int, key: str, thread: str, text: str, generation: int | None = None
+) -> store.IncomingDocument:
     doc = {"_id": key, "threadId": thread, "messageId": key, "text": text}
     raw = orjson.dumps(doc)
     thread_key, link_key, timeless = document_refs("messages", key, doc)
     return store.IncomingDocument(
         run_id=run_id, table="messages", key=key, line=line,
         content_hash=hashlib.sha256(raw).hexdigest(), doc_id=key, raw=raw,
-        thread_key=thread_key, link_key=link_key, timeless=timeless,
+        thread_key=thread_key, link_key=link_key, timeless=timeless, generation=generation,
+    )  # fmt: skip
+
+
+def _tombstone(run_id: int, key: str, generation: int) -> store.IncomingDocument:
+    return store.IncomingDocument(
+        run_id=run_id, table="messages", key=key, line=0, content_hash="0" * 64, doc_id=None,
+        raw=b"", generation=generation, deleted=True,
     )  # fmt: skip
 
 
@@ -217,7 +226,7 @@ def test_the_store_finds_what_a_run_changed_and_what_moved_by_thread(db_url: str
                 ("m4", "t3", True, False),
             }
             # m2 is unchanged: the publisher marked it (here: stored again, same content).
-            gone = await store.newly_vanished(conn, "messages", 2, 1)
+            gone = await store.newly_vanished(conn, "messages", 2, 2, 1)
             assert [(d.key, d.thread_key, d.present) for d in gone] == [("m3", "t2", False)]
             assert await store.changed_documents(conn, "messages", 2, 1) == []  # carried
             assert not await store.lingering(conn, "messages", 1)
@@ -230,5 +239,58 @@ def test_the_store_finds_what_a_run_changed_and_what_moved_by_thread(db_url: str
             async for page in store.documents_of_threads(engine, "messages", ["t2", "t3"], 2)
         ]
         assert pages == [["m1", "m2", "m4"]]
+
+    run_on(db_url, body)
+
+
+def test_an_amendment_changes_its_generation_in_place(db_url: str) -> None:
+    """A `follow` amendment (run 3 of generation 2): what it sends replaces the stored version
+    of that generation whatever its line, a tombstone takes its key out of the generation, a
+    document back after it vanished counts as moved; the rest stays as run 2 stored it, and
+    the generation reads as the amended export, in line order."""
+
+    async def body(engine: AsyncEngine) -> None:
+        await _apply(engine, [_message(1, 2 * n, f"m{n}", "t1", "a") for n in range(5)])
+        # Run 2: m3 vanished (stays in the store, under run 1).
+        await _apply(engine, [_message(2, 2 * n, f"m{n}", "t1", "a") for n in (0, 1, 2, 4)])
+        await _apply(
+            engine,
+            [_message(3, 0, "m0", "t1", "edited", 2),
+             _message(3, 3, "m2", "t2", "from an earlier line", 2),  # the key's new winner
+             _message(3, 6, "m3", "t1", "a", 2),  # back, as it was
+             _message(3, 19, "m9", "t1", "new", 2),
+             _tombstone(3, "m4", 2)],
+        )  # fmt: skip
+        async with engine.connect() as conn:
+            changed = await store.changed_documents(conn, "messages", 3, 2)
+            assert {(d.key, d.inserted, d.moved) for d in changed} == {
+                ("m0", False, False),
+                ("m2", False, True),
+                ("m3", False, True),
+                ("m9", True, False),
+            }
+            gone = await store.newly_vanished(conn, "messages", 3, 2, 2)
+            assert [(d.key, d.thread_key) for d in gone] == [("m4", "t1")]
+            changes = await store.table_changes(conn, 3, ["messages"], {"messages": 2})
+            assert changes["messages"] == store.TableChanges(
+                inserted=1, updated=3, unchanged=1, deleted=1
+            )
+            assert await store.vanished_keys(conn, "messages", 2) == ["m4"]
+        pages = [
+            [(d.key, d.line, d.doc["text"]) for d in page]
+            async for page in store.iter_pages(engine, "messages", 2)
+        ]
+        assert pages == [
+            [("m0", 0, "edited"), ("m1", 2, "a"), ("m2", 3, "from an earlier line"),
+             ("m3", 6, "a"), ("m9", 19, "new")]
+        ]  # fmt: skip
+        # Delivered again (a replay after a crash), the amendment changes nothing more; a
+        # tombstone of an older run does not take out what a newer amendment wrote.
+        await _apply(engine, [_message(3, 0, "m0", "t1", "edited", 2), _tombstone(3, "m4", 2)])
+        await _apply(engine, [_message(4, 0, "m0", "t1", "edited again", 2)])
+        await _apply(engine, [_tombstone(3, "m0", 2)])
+        async with engine.connect() as conn:
+            assert [d.key for d in await store.changed_documents(conn, "messages", 4, 2)] == ["m0"]
+            assert await store.newly_vanished(conn, "messages", 4, 2, 2) == []
 
     run_on(db_url, body)

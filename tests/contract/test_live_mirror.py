@@ -102,3 +102,140 @@ def test_any_arrival_order_keeps_the_latest_version(
         assert (out / "users" / "documents.jsonl").stat().st_mtime_ns == (S + 100) * 10**9
 
     run_on(db_url, body)
+
+
+def _winners(folder: Path) -> list[tuple[str, dict[str, object]]]:
+    """The messages export in `folder` as the store sees it: per key its last line's document
+    (SPEC §8.2), keys in the order of those lines."""
+    lines = (folder / "messages" / "documents.jsonl").read_bytes().splitlines()
+    last: dict[str, tuple[int, dict[str, object]]] = {}
+    for n, line in enumerate(lines, start=1):
+        doc = orjson.loads(line)
+        if isinstance(doc.get("messageId"), str):
+            last[doc["messageId"]] = (n, doc)
+    return [(k, d) for k, (_, d) in sorted(last.items(), key=lambda kv: kv[1][0])]
+
+
+def _amended(
+    state: dict[str, tuple[int, dict[str, object]]], amendment: live_mirror.Amendment
+) -> dict[str, tuple[int, dict[str, object]]]:
+    after = dict(state)
+    for winner in amendment.documents:
+        after[winner.key] = (winner.line, orjson.loads(winner.raw))
+    for key in amendment.gone:
+        assert key in after, f"a tombstone for {key}, which the state does not hold"
+        del after[key]
+    return after
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(seed=st.integers(0, 2**32))
+def test_an_amendment_makes_the_state_a_whole_publication_would(
+    db_url: str, tmp_path: Path, seed: int
+) -> None:
+    """Random steps of edits, deletions, new documents and key changes over keys that repeat:
+    each step's amendment (`plan_amendment`), applied to what the store holds, gives the keys
+    and documents a whole publication of the step gives, in the same order; the planner
+    declines exactly when a changed document has no key or a new one comes before the last
+    line."""
+    rng = random.Random(seed)
+    keys = [f"k{n}" for n in range(6)]
+    clock = [S]
+
+    def message(doc_id: str, created: float) -> dict[str, object]:
+        clock[0] += 1
+        doc: dict[str, object] = {"_id": doc_id, "_creationTime": created, "text": clock[0]}
+        if rng.random() < 0.9:
+            doc["messageId"] = rng.choice(keys)
+        return doc
+
+    def live(doc: dict[str, object], ts: int, deleted: bool = False) -> LiveValue:
+        return LiveValue(
+            table="messages", doc_id=str(doc["_id"]), ts=ts, deleted=deleted,
+            creation_time=float(doc["_creationTime"]), document={} if deleted else doc,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    async def body(engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(sa.delete(FOLLOW))
+            await conn.execute(sa.delete(SOURCE_DOCUMENTS))
+        docs = {f"d{n}": message(f"d{n}", float(rng.randint(0, 20))) for n in range(12)}
+        await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
+        page = [live(d, S) for d in docs.values()]
+        await live_mirror.apply_snapshot_page(engine, DEPLOYMENT, "messages", page, "c", True)
+        state = await live_mirror.finish_snapshot(engine, DEPLOYMENT)
+        folder = tmp_path / f"{seed}-0"
+        await live_mirror.write_folder(engine, ["messages"], folder, S)
+        await live_mirror.mark_published(
+            engine, DEPLOYMENT, state.version, S, 1, tables=["messages"]
+        )
+        stored = await _lines_of(engine, dict(enumerate(_winners(folder))))
+        top = 20.0
+        for step in range(1, 5):
+            ts = S + 100 * step
+            changes: list[LiveValue] = []
+            keyless = out_of_order = False
+            for doc_id in rng.sample(sorted(docs), k=min(3, len(docs))):
+                was = docs[doc_id]
+                if rng.random() < 0.3:
+                    changes.append(live(was, ts, deleted=True))
+                    keyless |= "messageId" not in was
+                    del docs[doc_id]
+                    continue
+                docs[doc_id] = now = {**message(doc_id, float(was["_creationTime"]))}  # type: ignore[arg-type]
+                keyless |= "messageId" not in was or "messageId" not in now
+                changes.append(live(now, ts))
+            for n in range(rng.randint(0, 2)):
+                created = top + 1 + n if rng.random() < 0.8 else float(rng.randint(0, 20))
+                out_of_order |= created <= top
+                docs[f"n{step}.{n}"] = new = message(f"n{step}.{n}", created)
+                keyless |= "messageId" not in new
+                changes.append(live(new, ts))
+            top = max(top, *(float(d["_creationTime"]) for d in docs.values()))  # type: ignore[arg-type]
+            state, _ = await live_mirror.apply_delta_page(
+                engine, DEPLOYMENT, changes, ts, ["messages"]
+            )
+            plan, reason = await live_mirror.plan_amendment(
+                engine, ["messages"], state.published_version
+            )
+            folder = tmp_path / f"{seed}-{step}"
+            await live_mirror.write_folder(engine, ["messages"], folder, ts)
+            expected = _winners(folder)
+            if plan is None:
+                # Out of order or keyless, or a document published keyless before.
+                assert out_of_order or keyless or "without its key" in reason, reason
+                await live_mirror.mark_published(
+                    engine, DEPLOYMENT, state.version, ts, step + 1, tables=["messages"]
+                )
+                stored = await _lines_of(engine, dict(enumerate(expected)))
+                continue
+            assert not out_of_order and not keyless
+            stored = _amended(stored, plan.get("messages", live_mirror.Amendment()))
+            in_order = sorted(stored.items(), key=lambda kv: kv[1][0])
+            assert [(k, d) for k, (_, d) in in_order] == expected, f"step {step}"
+            new_lines = {t: a.new_lines for t, a in plan.items()}
+            await live_mirror.mark_published(
+                engine, DEPLOYMENT, state.version, ts, step + 1, tables=["messages"],
+                new_lines=new_lines,
+            )  # fmt: skip
+
+    run_on(db_url, body)
+
+
+async def _lines_of(
+    engine: AsyncEngine, winners: dict[int, tuple[str, dict[str, object]]]
+) -> dict[str, tuple[int, dict[str, object]]]:
+    """The store's view after a whole publication: each key's winner at the line the mirror
+    gave its document."""
+    c = SOURCE_DOCUMENTS.c
+    async with engine.connect() as conn:
+        lines = dict(
+            (await conn.execute(sa.select(c.doc_id, c.line).where(c.source_table == "messages")))
+            .tuples()
+            .all()
+        )
+    return {k: (lines[str(d["_id"])], d) for _, (k, d) in winners.items()}

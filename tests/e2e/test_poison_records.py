@@ -153,6 +153,18 @@ DOCUMENT_POISON = [
     Poison(_DOC, "undecodable_record", "the key is empty", _document_headers(), b""),
     Poison(b"[1, 2]", "undecodable_record", "not a JSON object", _document_headers()),
     Poison(None, "undecodable_record", "the record has no value", _document_headers()),
+    Poison(
+        _DOC,
+        "undecodable_record",
+        "a tombstone with a value",
+        _document_headers(khala_run=b"5", khala_generation=b"2", khala_deleted=b"1"),
+    ),
+    Poison(
+        _DOC,
+        "undecodable_record",
+        "names no earlier run",
+        _document_headers(khala_generation=b"1"),
+    ),
 ]
 
 

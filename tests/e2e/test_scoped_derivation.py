@@ -3,7 +3,10 @@ then random batches of changes at the source: after every batch the ten Laravel 
 a merge import of a ZIP of the source's state into a second database (a full derivation of
 the same documents), and a batch a scoped derivation may take did take it (its run's summary
 names the threads it derived), while one it may not (a user or blueprint changed, a message
-moved to another thread, a new owner, documents that vanished earlier and are kept) did not.
+moved to another thread, a new owner, documents that vanished earlier and are kept in a table
+published whole) did not. Every batch is published as an amendment of the run before (only
+what changed), except one whose new message comes before the last in file order, which is
+published whole.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from khala_stream.contract.codec import decode_summary
+from khala_stream.contract.codec import decode_manifest, decode_summary
+from khala_stream.contract.runs import PublishManifest
 from khala_stream.db.importer_tables import RUNS
 from tests.e2e.harness import ok, rows, run_db
 from tests.e2e.stages import MakeStages, fresh_database, generated_export, stage_env
@@ -131,6 +135,36 @@ def delete_receipt(s: Source, rng: random.Random) -> Commit:
     return [], [("receipts", rng.choice(s.of_threads("receipts", "_id"))["_id"])]
 
 
+def repeat_a_key(s: Source, rng: random.Random) -> Commit:
+    """A new message with the key of an existing one: the later line is the key's winner."""
+    message = rng.choice(s.of_threads("messages", "messageId"))
+    return [("messages", {**message, "_id": f"dup_{s.step}", "_creationTime": s.now,
+                          "text": f"a later line of its key, step {s.step}"})], []  # fmt: skip
+
+
+def delete_a_repeated_key(s: Source, rng: random.Random) -> Commit:
+    """The later line of a repeated key goes: the earlier one is the key's winner again."""
+    later = sorted(i for i in s.state["messages"] if i.startswith("dup_"))
+    return [], [("messages", rng.choice(later))]
+
+
+def rekey_message(s: Source, rng: random.Random) -> Commit:
+    """A message takes another key: its old key is gone, its new one new."""
+    message = rng.choice(s.of_threads("messages", "messageId"))
+    return [("messages", {**message, "messageId": s.uuid(500), "updatedAtMs": s.now})], []
+
+
+def backdated_message(s: Source, rng: random.Random) -> Commit:
+    """A new message whose `_creationTime` is older than the newest document's: it takes a
+    line before others, so the state is published whole."""
+    thread = rng.choice(s.threads)
+    return [("messages", {
+        "_id": f"msg_old_{s.step}", "_creationTime": T0 * 1000 - 5, "threadId": thread["threadId"],
+        "messageId": s.uuid(400), "role": "user", "status": "final",
+        "text": f"step {s.step}, dated before", "createdAtMs": s.now,
+    })], []  # fmt: skip
+
+
 def move_message(s: Source, rng: random.Random) -> Commit:
     message = rng.choice(s.of_threads("messages", "messageId"))
     other = rng.choice([t for t in s.threads if t["threadId"] != message["threadId"]])
@@ -164,17 +198,21 @@ SCOPED: tuple[Change, ...] = (
     new_messages, edit_message, edit_run, edit_receipt, new_thread_of_an_owner
 )  # fmt: skip
 DELETES: tuple[Change, ...] = (delete_message, delete_run, delete_receipt)
+KEYS: tuple[Change, ...] = (repeat_a_key, delete_a_repeated_key, rekey_message, backdated_message)
 FULL: tuple[Change, ...] = (
     move_message, new_thread_of_a_new_owner, change_user, change_blueprint
 )  # fmt: skip
 
 
-def _last_run_scope(db_url: str) -> int | None:
-    ((run_id, counters),) = run_db(
-        db_url, [sa.select(RUNS.c.id, RUNS.c.counters).order_by(RUNS.c.id.desc()).limit(1)]
+def _last_run(db_url: str) -> tuple[int | None, PublishManifest]:
+    """The last run's scoped threads and manifest."""
+    query = sa.select(RUNS.c.id, RUNS.c.counters, RUNS.c.expected, RUNS.c.export_sha256)
+    ((run_id, counters, expected, sha),) = run_db(
+        db_url, [query.order_by(RUNS.c.id.desc()).limit(1)]
     )[0]
     assert counters is not None, f"run {run_id} is not derived"
-    return decode_summary(counters, run_id=run_id).scoped_threads
+    manifest = decode_manifest(expected, run_id=run_id, export_sha256=sha)
+    return decode_summary(counters, run_id=run_id).scoped_threads, manifest
 
 
 @pytest.mark.parametrize("propagate", [False, True], ids=["merge", "propagate-deletes"])
@@ -202,6 +240,9 @@ def test_each_batch_derives_what_a_full_derivation_does_scoped_when_it_may(
         # and every later run is derived in full. Runs and receipts go.
         [rng.choice(DELETES[1:] if propagate else DELETES), edit_message],
         [edit_run, edit_receipt],
+        [repeat_a_key, rekey_message],
+        [delete_a_repeated_key, edit_run],
+        [backdated_message, edit_run],
         *([f, rng.choice(SCOPED)] for f in rng.sample(FULL, len(FULL))),
         [new_messages],
     ]
@@ -209,8 +250,8 @@ def test_each_batch_derives_what_a_full_derivation_does_scoped_when_it_may(
         mirror = Mirror(tmp_path, kafka_bootstrap, other, flags)
         ok(_follow(env, fake, *flags))
         _compare(pg_url, mirror.import_state(fake), stages, "after the snapshot")
-        assert _last_run_scope(pg_url) is None  # the first run: no run before it
-        lingering = False  # documents vanished and kept (no --propagate-deletes)
+        assert _last_run(pg_url)[0] is None  # the first run: no run before it
+        lingering: set[str] = set()  # tables with documents vanished and kept
         for step, changes in enumerate(plan, start=1):
             source = Source(fake, pg_url, step)
             puts: list[tuple[str, dict[str, Any]]] = []
@@ -223,7 +264,23 @@ def test_each_batch_derives_what_a_full_derivation_does_scoped_when_it_may(
             ok(_follow(env, fake, *flags))
             names = ", ".join(c.__name__ for c in changes)
             _compare(pg_url, mirror.import_state(fake), stages, f"after step {step} ({names})")
-            scoped = _last_run_scope(pg_url)
-            may = all(c in SCOPED or c in DELETES for c in changes) and not lingering
-            assert (scoped is not None) == may, f"step {step} ({names}): scoped={scoped}"
-            lingering = lingering or (bool(deletes) and not propagate)
+            scoped, manifest = _last_run(pg_url)
+            changed = {t for t, _ in puts} | {t for t, _ in deletes}
+            whole = backdated_message in changes
+            if whole:
+                assert not manifest.patched, f"step {step} ({names}): amended"
+            else:
+                assert set(manifest.patched) == changed, f"step {step} ({names}): {manifest}"
+                assert set(manifest.carried) == set(manifest.tables) - changed
+            # A table published whole may bring back, unmarked, a document that vanished.
+            read_whole = lingering - set(manifest.generations())
+            may = all(c in SCOPED or c in DELETES or c in KEYS for c in changes)
+            assert (scoped is not None) == (
+                may and not read_whole
+            ), f"step {step} ({names}): scoped={scoped}"
+            # Kept: what vanished without --propagate-deletes, and messages always (the
+            # export's keyless messages withhold their deletes); a new key leaves the old.
+            vanished = {t for t, _ in deletes} | (
+                {"messages"} if rekey_message in changes else set()
+            )
+            lingering |= {t for t in vanished if not propagate or t == "messages"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
@@ -74,4 +76,25 @@ def test_provenance_headers_are_checked() -> None:
     for name, value in [("khala-run", b"0"), ("khala-line", b"1e3"), ("khala-table", b"x")]:
         headers = dict(document_headers(good)) | {name: value}
         with pytest.raises(ProvenanceError, match=name):
+            read_headers(list(headers.items()))
+
+
+def test_an_amendments_headers_name_an_earlier_generation() -> None:
+    """A `follow` amendment's document names the earlier run it amends; its tombstone says
+    so too, and neither may name this run or a later one."""
+    base = Provenance(
+        export_sha256="e" * 64, run_id=3, table="runs", line=1, doc_id=None, content_hash="a" * 64
+    )
+    amended = dataclasses.replace(base, generation=2)
+    tombstone = dataclasses.replace(base, generation=2, deleted=True)
+    assert read_headers(document_headers(amended)) == amended
+    assert read_headers(document_headers(tombstone)) == tombstone
+    bad = [
+        (dict(document_headers(amended)) | {"khala-generation": b"3"}, "names no earlier run"),
+        (dict(document_headers(amended)) | {"khala-generation": b"0"}, "khala-generation"),
+        (dict(document_headers(tombstone)) | {"khala-deleted": b"yes"}, "is not 1"),
+        (dict(document_headers(base)) | {"khala-deleted": b"1"}, "without its khala-generation"),
+    ]
+    for headers, why in bad:
+        with pytest.raises(ProvenanceError, match=why):
             read_headers(list(headers.items()))

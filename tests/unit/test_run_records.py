@@ -29,6 +29,7 @@ MANIFEST = PublishManifest(
     order={"messages": "cd" * 32},
     entries={"messages": "ef" * 32, "users": "01" * 32},
     carried={"users": 5},
+    patched={"runs": 4},
 )
 
 SUMMARY = DerivationSummary(
@@ -66,7 +67,7 @@ def test_a_manifest_stored_before_versions_is_read() -> None:
         "order": {"messages": "cd" * 32},
     }
     decoded = codec.decode_manifest(orjson.dumps(stored), run_id=7, export_sha256=SHA)
-    assert decoded == dataclasses.replace(MANIFEST, entries={}, carried={})
+    assert decoded == dataclasses.replace(MANIFEST, entries={}, carried={}, patched={})
 
 
 def test_a_summary_stored_before_versions_is_read() -> None:
@@ -95,7 +96,19 @@ def test_a_carried_table_is_read_from_the_run_it_was_carried_from() -> None:
     assert MANIFEST.generation("messages") == 7
 
 
-@pytest.mark.parametrize("version", [3, 99, -1, "1", None, True])
+def test_a_patched_table_is_read_from_the_run_it_amends() -> None:
+    assert MANIFEST.generation("runs") == 4
+    assert MANIFEST.generations() == {"users": 5, "runs": 4}
+
+
+def test_a_version_2_manifest_patches_no_table() -> None:
+    stored = {**orjson.loads(codec.encode_manifest(MANIFEST)), "v": 2}
+    del stored["patched"]
+    manifest = codec.decode_manifest(orjson.dumps(stored), run_id=7, export_sha256=SHA)
+    assert manifest.patched == {} and manifest.generation("runs") == 7
+
+
+@pytest.mark.parametrize("version", [4, 99, -1, "1", None, True])
 def test_an_unknown_manifest_version_is_a_clear_error(version: object) -> None:
     data = orjson.dumps({**orjson.loads(codec.encode_manifest(MANIFEST)), "v": version})
     with pytest.raises(UnknownRecordVersion) as raised:
