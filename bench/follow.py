@@ -13,6 +13,11 @@ documents from a ZIP, on one PostgreSQL (fsync on) and one embedded broker per p
    full); per step the time from the commit to the sink having applied the run that carries
    them (freshness of that batch, with `follow --until-caught-up` started at the commit: no
    poll interval counted), and the CPU the `process` stage used for it.
+4. **follow, sustained**: `follow` running (its 1-second poll), `--rate` message edits a
+   second at the source for `--seconds` (five commits a second, each edit another message):
+   per change the time from its commit to the sink having applied a run that carries it
+   (p50, p95, max; target p95 <= 5 s), and the `process` stage's CPU per change (target: the
+   same at 100k and 1M).
 The two paths' ten tables are compared (tests/e2e/snapshot.py) after step 2.
 """
 
@@ -143,10 +148,97 @@ def _step(
     )
 
 
+def _cursor_of(run: import_runs.ImportRun) -> int:
+    """The source position a `follow` run carries the changes up to (`run_source`)."""
+    return int(run.source.rsplit("cursor=", 1)[1])
+
+
+async def _applied_cursor(engine: Any, prefix: str) -> int | None:
+    """The source position of the newest of the last few runs the sink has applied, if any."""
+    latest = await import_runs.latest(engine)
+    for run_id in range(latest.id, max(0, latest.id - 3), -1) if latest else ():
+        run = await import_runs.load(engine, run_id)
+        if run is not None and await import_runs.applied_by_sink(
+            engine, run, f"{prefix}.sink", f"{prefix}.changes"
+        ):
+            return _cursor_of(run)
+    return None
+
+
+def _sustained(
+    fake: FakeKhala,
+    env: dict[str, str],
+    url: str,
+    prefix: str,
+    process_pid: int,
+    rate: int,
+    seconds: float,
+    logs: Path,
+) -> None:
+    """Phase 4 (module docstring)."""
+    messages = sorted(fake.state()["messages"].values(), key=lambda d: d["_id"])
+    per_commit = max(1, rate // 5)
+    follow = subprocess.Popen(_cli("follow", "--deployment", fake.base_url), env=env,
+                              stdout=subprocess.DEVNULL,
+                              stderr=(logs / "follow-sustained.log").open("wb"))  # fmt: skip
+
+    async def go() -> tuple[list[float], int]:
+        engine = create_engine(url)
+        latencies: list[float] = []
+        pending: list[tuple[int, float]] = []  # (commit _ts, monotonic time of the commit)
+        try:
+            await asyncio.sleep(3)  # follow started and caught up with nothing to publish
+            began = time.monotonic()
+            commits = 0
+            while True:
+                now = time.monotonic()
+                if now - began < seconds and now >= began + commits / 5:
+                    edits = [
+                        ("messages", {**m, "text": f"sustained {commits}.{j}"})
+                        for j, m in enumerate(
+                            messages[(commits * per_commit + j) % len(messages)]
+                            for j in range(per_commit)
+                        )
+                    ]
+                    pending.append((fake.commit(ts_s=time.time(), put=edits), time.monotonic()))
+                    commits += 1
+                cursor = await _applied_cursor(engine, prefix)
+                while pending and cursor is not None and pending[0][0] <= cursor:
+                    latencies += [time.monotonic() - pending.pop(0)[1]] * per_commit
+                if not pending and time.monotonic() - began >= seconds:
+                    return latencies, commits * per_commit
+                if pending and time.monotonic() - pending[0][1] > 600:
+                    raise RuntimeError("a change was not applied within 10 minutes")
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.dispose()
+
+    cpu = _cpu_s(process_pid)
+    try:
+        latencies, changes = asyncio.run(go())
+    finally:
+        follow.terminate()
+        follow.wait(timeout=60)
+    used = _cpu_s(process_pid) - cpu
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))]
+
+    print(
+        f"follow sustained, {rate} changes/s for {seconds:.0f} s ({changes} changes): commit to"
+        f" applied p50 {pct(0.5):.2f} s, p95 {pct(0.95):.2f} s, max {latencies[-1]:.2f} s;"
+        f" process CPU {used:.2f} s, {1000 * used / changes:.2f} ms per change",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.follow")
     parser.add_argument("--size", default="20k")
     parser.add_argument("--changes", type=int, default=50)
+    parser.add_argument("--rate", type=int, default=50, help="changes a second, phase 4")
+    parser.add_argument("--seconds", type=float, default=30, help="phase 4's length")
     args = parser.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="khala-bench-follow-"))
     export = ensure_export(parse_size(args.size), 1, log_dir=logs)
@@ -207,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                         for i, m in enumerate(messages[: args.changes])
                     ]
                     _step(fake, env, url, prefix, stages[0].pid, T0 + 10 * n, edits + extra, name)
+                _sustained(fake, env, url, prefix, stages[0].pid, args.rate, args.seconds, logs)
             finally:
                 for proc in stages:
                     proc.terminate()

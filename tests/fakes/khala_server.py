@@ -126,12 +126,12 @@ class FakeKhala(FakeHttpServer):
     def commit(
         self,
         *,
-        ts_s: int,
+        ts_s: float,
         put: Iterable[tuple[str, dict[str, Any]]] = (),
         delete: Iterable[tuple[str, str]] = (),
     ) -> int:
         """One transaction at `ts_s` seconds (after every earlier one); its `_ts` (ns)."""
-        ts = ts_s * NS
+        ts = round(ts_s * NS)
         with self._lock:
             if self._log and ts <= self._log[-1].ts:
                 raise ValueError("commits go forward in time")
