@@ -240,23 +240,23 @@ class FakeKhala(FakeHttpServer):
                 {"code": "SnapshotTooOld", "message": f"snapshot {snapshot} is out of retention"},
             )
         table = params.get("tableName")
-        items, ts_of = self._snapshot_items(snapshot, table)
+        items, keys, ts_of = self._snapshot_items(snapshot, table)
         after = params.get("cursor")
-        if after is not None:
-            keys = [_page_key(t, i, table) for t, i, _ in items]
-            items = items[bisect.bisect_right(keys, after) :]
-        page, rest = items[: self.page_size], items[self.page_size :]
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        page = items[start : start + self.page_size]
+        more = start + self.page_size < len(items)
         values = [{**d, "_table": t, "_ts": ts_of[(t, i)]} for t, i, d in page]
         cursor = _page_key(page[-1][0], page[-1][1], table) if page else after
         return Reply(
-            200, {"values": values, "cursor": cursor, "hasMore": bool(rest), "snapshot": snapshot}
+            200, {"values": values, "cursor": cursor, "hasMore": more, "snapshot": snapshot}
         )
 
     def _snapshot_items(
         self, snapshot: int, table: str | None
-    ) -> tuple[list[tuple[str, str, dict[str, Any]]], dict[tuple[str, str], int]]:
-        """A snapshot's documents in page order, and their versions' `_ts` (kept per snapshot
-        and table while the log does not grow: pages of a big table stay cheap)."""
+    ) -> tuple[list[tuple[str, str, dict[str, Any]]], list[Any], dict[tuple[str, str], int]]:
+        """A snapshot's documents in page order, their page keys, and their versions' `_ts`
+        (kept per snapshot and table while the log does not grow: a page costs its size, as
+        a real deployment's does, not the table's)."""
         with self._lock:
             key = (snapshot, table, len(self._log))
             cached = self._cache.get(key)
@@ -266,7 +266,7 @@ class FakeKhala(FakeHttpServer):
         items = sorted(
             (t, i, d) for t, docs in state.items() if table in (None, t) for i, d in docs.items()
         )
-        found = (items, self._versions(snapshot))
+        found = (items, [_page_key(t, i, table) for t, i, _ in items], self._versions(snapshot))
         with self._lock:
             self._cache = {key: found}
         return found
