@@ -454,7 +454,10 @@ class Processor:
             result = Derived(counters=dict.fromkeys(COUNTER_KEYS, 0) | reused)
             result.documents = documents
         else:
-            await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
+            if threads is None:
+                # A full derivation's reads are planned over the whole store; a scoped one's go
+                # by index, and an ANALYZE of a 1M-document store would cost it seconds.
+                await analyze(self._engine, [DOCUMENTS.name, ROWS.name])
             result = await self._derive_all(run, context, out, documents, threads)
         return result, reused is not None, await out.drain()
 
