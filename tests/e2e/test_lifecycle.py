@@ -281,7 +281,8 @@ def test_a_signal_to_lag_watch_stops_it_and_its_broker(
     signum: int, code: int, sqlite_url: str, mark: str, census: BrokerCensus, tmp_path: Path
 ) -> None:
     env = environment(mark, sqlite_url, None, tmp_path / "home")
-    proc = start(["lag", "--watch", "--json", "--interval", "0.2"], env, tmp_path)
+    # Started as from a terminal, even when the tests themselves run under nohup.
+    proc = start(["lag", "--watch", "--json", "--interval", "0.2"], env, tmp_path, _hangup_kills)
     wait_for("a broker", lambda: bool(brokers(mark)), proc)
 
     result = stop(proc, signum)
@@ -294,6 +295,10 @@ def test_a_signal_to_lag_watch_stops_it_and_its_broker(
 
 def _as_nohup() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does before it starts a command
+
+
+def _hangup_kills() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # what a shell started from a terminal has
 
 
 def test_a_command_started_under_nohup_outlives_a_hangup(
