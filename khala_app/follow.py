@@ -367,12 +367,12 @@ async def _publish(
     base = await _amendable(db, state, run_options, followed)
     if base == "wait" and not options.until_caught_up:
         return None
-    run_id: int | None = None
+    published = None
     if isinstance(base, import_runs.ImportRun):
-        run_id, published = await _publish_amendment(db, live, followed, state, base, run_options)
-    if run_id is None:
-        run_id, published = await _publish_whole(db, live, followed, state, run_options)
-    report.runs.append(run_id)
+        published = await _publish_amendment(db, live, followed, state, base, run_options)
+    if published is None:
+        published = await _publish_whole(db, live, followed, state, run_options)
+    report.runs.append(published.run_id)
     report.published.update(published.published)
     after = await db.run(live_mirror.load_state, state.deployment)
     assert after is not None
@@ -409,14 +409,13 @@ async def _publish_amendment(
     state: FollowState,
     base: import_runs.ImportRun,
     run_options: import_runs.RunOptions,
-) -> tuple[int | None, PublishReport]:
-    """Publish the changes since `base` as its amendment; (None, …) when they cannot be one."""
+) -> PublishReport | None:
+    """Publish the changes since `base` as its amendment; None when they cannot be one."""
     assert base.manifest is not None
-    empty = PublishReport(run_id=0, sha256="", snapshot_ms=0)
     plan, reason = await db.run(live_mirror.plan_amendment, followed, state.published_version)
     if plan is None:
         logger.info("follow: the state is published whole: %s", reason)
-        return None, empty
+        return None
     sha256 = amendment_sha256(base.id, plan)
     source = live_mirror.run_source(state.deployment, state.delta_cursor)
     run_id = await db.run(import_runs.register, source=source, sha256=sha256, options=run_options)
@@ -425,7 +424,7 @@ async def _publish_amendment(
         # store's latest (this run, superseded by the next one, stays unpublished).
         logger.warning("follow: run %d is not the one after run %d; the state is published"
                        " whole", run_id, base.id)  # fmt: skip
-        return None, empty
+        return None
     started = time.monotonic()
     published = await publish_amendment_run(
         live, db, base.manifest, plan, run_id, run_options,
@@ -445,7 +444,7 @@ async def _publish_amendment(
         dict(published.published),
         time.monotonic() - started,
     )
-    return run_id, published
+    return published
 
 
 async def _publish_whole(
@@ -454,7 +453,7 @@ async def _publish_whole(
     followed: Sequence[str],
     state: FollowState,
     run_options: import_runs.RunOptions,
-) -> tuple[int, PublishReport]:
+) -> PublishReport:
     """Publish the mirror at `state` whole, written as a folder export."""
     folder = _spool_folder()
     try:
@@ -483,4 +482,4 @@ async def _publish_whole(
         dict(published.published),
         time.monotonic() - started,
     )
-    return run_id, published
+    return published

@@ -61,28 +61,20 @@ def _document(r: ConsumerRecord[bytes, bytes], topics: Topics) -> IncomingDocume
         raise _Unreadable("the key is empty or holds a NUL character")
     if r.value is None:
         raise _Unreadable("the record has no value")
-    if provenance.deleted:
+    if provenance.deleted:  # an amendment's tombstone: nothing to parse, nothing it refers to
         if r.value:
             raise _Unreadable("a tombstone with a value")
-        return IncomingDocument(
-            run_id=provenance.run_id,
-            table=provenance.table,
-            key=key,
-            line=provenance.line,
-            content_hash=provenance.content_hash,
-            doc_id=provenance.doc_id,
-            raw=b"",
-            generation=provenance.generation,
-            deleted=True,
-        )
-    # The derivation parses the stored text again: what it could not parse stops here.
-    try:
-        document = orjson.loads(r.value)
-    except orjson.JSONDecodeError as exc:
-        raise _Unreadable(f"the value is not JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise _Unreadable("the value is not a JSON object")
-    thread_key, link_key, timeless = document_refs(provenance.table, key, document)
+        thread_key = link_key = None
+        timeless = None
+    else:
+        # The derivation parses the stored text again: what it could not parse stops here.
+        try:
+            document = orjson.loads(r.value)
+        except orjson.JSONDecodeError as exc:
+            raise _Unreadable(f"the value is not JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise _Unreadable("the value is not a JSON object")
+        thread_key, link_key, timeless = document_refs(provenance.table, key, document)
     return IncomingDocument(
         run_id=provenance.run_id,
         table=provenance.table,
@@ -95,4 +87,5 @@ def _document(r: ConsumerRecord[bytes, bytes], topics: Topics) -> IncomingDocume
         link_key=link_key,
         timeless=timeless,
         generation=provenance.generation,
+        deleted=provenance.deleted,
     )

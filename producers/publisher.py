@@ -207,13 +207,7 @@ class Publisher:
                 continue
             await self._publish_table(export, table, report)
         report.published.update(applied or {})  # Counter.update adds
-        manifest = report.manifest()
-        await self._producer.send_and_wait(
-            self._topics.manifests, codec.encode_manifest(manifest), key=str(run_id).encode()
-        )
-        await self._db.run(
-            import_runs.mark_published, run_id, manifest=manifest, snapshot_ms=report.snapshot_ms
-        )
+        await self._announce(report)
         return report
 
     async def publish_amendment(
@@ -256,14 +250,23 @@ class Publisher:
                 outgoing.append((w.key, document_hash(doc), item))
             await self._emit(table, outgoing, report, generation=generation, gone=amendment.gone)
             report.unchanged[table] = max(0, report.source[table] - len(outgoing))
+        await self._announce(report)
+        return report
+
+    async def _announce(self, report: PublishReport) -> None:
+        """The run is published: its manifest to the manifests topic, then to its run row."""
         manifest = report.manifest()
         await self._producer.send_and_wait(
-            self._topics.manifests, codec.encode_manifest(manifest), key=str(run_id).encode()
+            self._topics.manifests,
+            codec.encode_manifest(manifest),
+            key=str(report.run_id).encode(),
         )
         await self._db.run(
-            import_runs.mark_published, run_id, manifest=manifest, snapshot_ms=snapshot_ms
+            import_runs.mark_published,
+            report.run_id,
+            manifest=manifest,
+            snapshot_ms=report.snapshot_ms,
         )
-        return report
 
     async def _publish_table(self, export: ExportSource, table: str, report: PublishReport) -> None:
         batch: list[SourceDocument] = []
