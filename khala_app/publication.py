@@ -5,7 +5,9 @@ group falls behind, and stops waiting for a processor that is not running)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Mapping
 
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
@@ -18,19 +20,12 @@ from khala_stream.config import Settings
 from khala_stream.contract import Topics
 from khala_stream.contract.runs import PublishManifest
 from khala_stream.db.port import Database
-from khala_stream.errors import RuntimeFailure, UsageError
+from khala_stream.errors import RuntimeFailure
 from khala_stream.progress import ProgressCallback
-from producers import live_mirror
+from producers import later_state
 from producers.amendment import Amendment
 from producers.export_reader import ExportSource
 from producers.publisher import Publisher, PublishReport
-
-
-def _utc(ns: int) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
 
 PROCESSOR_BEHIND = 15_000
 """Documents the processor may be behind the publisher, per table."""
@@ -41,23 +36,36 @@ async def open_run(
 ) -> int:
     """Create the topics (waiting for the broker) and register a new run for `export`.
 
-    UsageError (exit 2, nothing written) when this database follows a live deployment
-    (`follow`) whose published state is newer than the export's snapshot: the export's older
-    versions would replace newer ones (the later state wins, SPEC §5)."""
-    followed = await db.run(live_mirror.followed_up_to)
-    if followed is not None and followed[1] > (export.snapshot_ms or 0) * 1_000_000:
-        deployment, published_ns = followed
-        raise UsageError(
-            f"{export.path}: this database follows {deployment}, whose state published here"
-            f" ({_utc(published_ns)}) is newer than this export's snapshot"
-            f" ({_utc((export.snapshot_ms or 0) * 1_000_000)}): its older versions would"
-            " replace newer ones; nothing was written (import a newer export, or --replace"
-            " into a database that does not follow one)"
-        )
+    When this database follows a deployment whose published state is newer than the export,
+    the run keeps the followed tables as they are (`producers/later_state.py`), so it is
+    registered right after the newest run once that one is derived; waited for up to the
+    database's deadline (RuntimeFailure, nothing written, when it is not derived by then)."""
     await prepare_topics_waiting(live, db)
-    return await db.run(
-        import_runs.register, source=str(export.path), sha256=export.sha256(), options=options
-    )
+    snapshot_ms = export.snapshot_ms or 0
+    source, sha256 = str(export.path), export.sha256()
+    deadline = time.monotonic() + db.deadline_s
+    while await db.run(later_state.followed_after, snapshot_ms) is not None:
+        newest = await db.run(import_runs.latest)
+        assert newest is not None  # follow published a run
+        if newest.status == "derived":
+            run_id = await db.run(
+                import_runs.register_after, newest.id, source=source, sha256=sha256, options=options
+            )
+            if run_id is not None:
+                return run_id
+            continue  # another run came first: wait for it in turn
+        if time.monotonic() > deadline:
+            raise RuntimeFailure(
+                f"{export.path}: this export is older than the state of the deployment this"
+                f" database follows, so its run keeps that state, which run {newest.id}"
+                f" ({newest.status}) holds; it is not derived after {db.deadline_s:.0f} s:"
+                " nothing was written; rerun once it is (is the process stage running?)"
+            )
+        await asyncio.sleep(_POLL_S)
+    return await db.run(import_runs.register, source=source, sha256=sha256, options=options)
+
+
+_POLL_S = 0.5
 
 
 async def publish_run(
@@ -72,8 +80,9 @@ async def publish_run(
 ) -> PublishReport:
     """Publish `export` as run `run_id` (`Publisher.publish`; `applied`: publish it again after
     the broker lost documents); a broker that lost acknowledged records is RuntimeFailure."""
+    later = await db.run(later_state.later_state, run_id, export.snapshot_ms or 0)
     async with _publisher(live, db, options, progress) as publisher:
-        return await publisher.publish(export, run_id, applied=applied)
+        return await publisher.publish(export, run_id, applied=applied, later=later)
 
 
 async def publish_amendment_run(

@@ -111,24 +111,41 @@ _PENDING: Final = ("publishing", "published")  # runs not derived yet
 async def register(engine: AsyncEngine, *, source: str, sha256: str, options: RunOptions) -> int:
     """A new run, publishing; earlier runs not derived yet are superseded (module docstring)."""
     async with engine.begin() as conn:
-        result = await conn.execute(
-            sa.insert(RUNS)
-            .values(
-                export_sha256=sha256,
-                source=source,
-                options=orjson.dumps(options.to_json()).decode(),
-                status="publishing",
-                created_at=_now(),
-            )
-            .returning(RUNS.c.id)
+        return await _register(conn, source=source, sha256=sha256, options=options)
+
+
+async def register_after(
+    engine: AsyncEngine, after: int, *, source: str, sha256: str, options: RunOptions
+) -> int | None:
+    """As `register`, only while run `after` is the newest; None (nothing registered) once
+    another run came after it."""
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # SQLite has one writer at a time anyway
+            await conn.execute(sa.text(f"LOCK TABLE {RUNS.name} IN EXCLUSIVE MODE"))
+        if await conn.scalar(sa.select(sa.func.max(RUNS.c.id))) != after:
+            return None
+        return await _register(conn, source=source, sha256=sha256, options=options)
+
+
+async def _register(conn: AsyncConnection, *, source: str, sha256: str, options: RunOptions) -> int:
+    result = await conn.execute(
+        sa.insert(RUNS)
+        .values(
+            export_sha256=sha256,
+            source=source,
+            options=orjson.dumps(options.to_json()).decode(),
+            status="publishing",
+            created_at=_now(),
         )
-        run_id = int(result.scalar_one())
-        await conn.execute(
-            sa.update(RUNS)
-            .where(RUNS.c.id < run_id, RUNS.c.status.in_(_PENDING))
-            .values(status="superseded", claim=None, claimed_at=None)
-        )
-        return run_id
+        .returning(RUNS.c.id)
+    )
+    run_id = int(result.scalar_one())
+    await conn.execute(
+        sa.update(RUNS)
+        .where(RUNS.c.id < run_id, RUNS.c.status.in_(_PENDING))
+        .values(status="superseded", claim=None, claimed_at=None)
+    )
+    return run_id
 
 
 async def mark_published(

@@ -144,17 +144,6 @@ def run_source(deployment: str, cursor: Cursor | None) -> str:
     return f"{RUN_SOURCE}{deployment} cursor={cursor}"
 
 
-async def followed_up_to(engine: AsyncEngine) -> tuple[str, int] | None:
-    """The followed deployment and the source time (ns) of the state last published from it;
-    None when this database follows none (or has no tables yet)."""
-    async with engine.connect() as conn:
-        names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
-        if FOLLOW.name not in names:
-            return None
-        row = (await conn.execute(sa.select(FOLLOW.c.deployment, FOLLOW.c.published_ns))).first()
-    return None if row is None else (row.deployment, int(row.published_ns))
-
-
 async def newest_export_ms(engine: AsyncEngine) -> int:
     """The newest snapshot time (ms) of an export imported into this database (not one
     `follow` published); 0 when none."""

@@ -52,6 +52,7 @@ from producers.export_reader import (
     RejectedLine,
     SourceDocument,
 )
+from producers.later_state import LaterState
 from producers.ledger import Marking, mark_unchanged
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class Publisher:
         run_id: int,
         *,
         applied: Mapping[str, int] | None = None,
+        later: LaterState | None = None,
     ) -> PublishReport:
         """Publish `export` as run `run_id`.
 
@@ -184,18 +186,27 @@ class Publisher:
         is published again because the broker lost documents it had acknowledged: only what
         the store lacks is sent (the rest is "unchanged"), no dead letter is sent twice, and
         the run announces `applied` plus what was sent, so the derivation waits for those.
+        With `later`, the export is older than a followed deployment's state: the tables
+        `follow` publishes are carried over as the run before holds them, whatever the export
+        has of them (`producers/later_state.py`).
         """
         self._again = applied is not None
-        report = PublishReport(
-            run_id=run_id, sha256=export.sha256(), snapshot_ms=export.snapshot_ms or 0
-        )
-        report.tables = sorted(t for t in export.tables if t in SOURCE_TABLES)
+        snapshot_ms = (export.snapshot_ms or 0) if later is None else later.snapshot_ms
+        report = PublishReport(run_id=run_id, sha256=export.sha256(), snapshot_ms=snapshot_ms)
+        kept = later.tables if later is not None else ()
+        report.tables = sorted({t for t in export.tables if t in SOURCE_TABLES} | set(kept))
         report.ignored_tables = sorted(t for t in export.tables if t not in SOURCE_TABLES)
         # Published again after a loss, a table may be half marked: it is marked in full.
         base = None
         if self._carry_unchanged and not self._again:
             base = await self._db.run(_carry_base, run_id)
         for table in read_tables(self._skip_blueprints):  # reference §6.4
+            if later is not None and table in kept:
+                entry = later.base.entries.get(table, "")
+                if entry:
+                    report.entries[table] = entry
+                _carry(table, entry, later.base, report, self._max_reported)
+                continue
             digest = export.entry_sha256(table)
             if digest is not None:
                 report.entries[table] = digest

@@ -4,6 +4,8 @@ still read; one written by a newer khala-stream is refused with a clear error.""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -81,3 +83,21 @@ def test_a_run_written_by_a_newer_version_is_refused(db_url: str, column: str) -
 
     with pytest.raises(UnknownRecordVersion, match="has version 42, and this khala-stream"):
         run_on(db_url, body, laravel=False)
+
+
+def test_a_run_registered_after_another_only_while_that_one_is_the_newest(db_url: str) -> None:
+    """`register_after`: concurrent registrations cannot both come right after one run."""
+
+    async def body(engine: AsyncEngine) -> list[int | None]:
+        first = await _registered(engine)
+        after = [
+            import_runs.register_after(
+                engine, first, source="older.zip", sha256=SHA, options=OPTIONS
+            )
+            for _ in range(4)
+        ]
+        return [first, *await asyncio.gather(*after)]
+
+    first, *after = run_on(db_url, body, laravel=False)
+    assert first is not None
+    assert [a for a in after if a is not None] == [first + 1], after

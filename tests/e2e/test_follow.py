@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -202,11 +203,10 @@ def test_follow_equals_a_merge_import_after_the_snapshot_and_each_step(
         (thread,) = [t for t in rows(pg_url, "threads") if t["id"] == facts["thread"]]
         assert thread["title"] == facts["title"]
         assert (len(after["run_events"]) < len(before["run_events"]) + 1) == propagate
-        # An export older than the state follow published: refused, nothing written.
-        older = khala(["import-chat", str(tmp_path / "state-1.zip")], env)
-        assert older.exit_code == 2, older.stderr
-        assert "is newer than this export's snapshot" in older.stderr
-        assert table_snapshot(pg_url) == after and _runs(pg_url) == 2
+        # An export older than the state follow published: older for every document of the
+        # tables follow follows (all of them here), so it changes nothing (a run of its own).
+        ok(khala(["import-chat", str(tmp_path / "state-1.zip"), *flags], env, timeout=300))
+        assert table_snapshot(pg_url) == after and _runs(pg_url) == 3
 
         step_two(fake)
         ok(_follow(env, fake, *flags))
@@ -239,6 +239,60 @@ def test_follow_equals_a_merge_import_after_the_snapshot_and_each_step(
         again = ok(_follow(env, fake, *flags))
         assert "runs published: none" in again.stdout
         assert _runs(pg_url) == runs
+
+
+def _mixed_export(followed: Path, older: Path, table: str, out: Path) -> Path:
+    """`followed` with the entry of `table` taken from `older` (its time too: the export's
+    snapshot time stays the newest entry's)."""
+    with (
+        zipfile.ZipFile(followed) as new,
+        zipfile.ZipFile(older) as old,
+        zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as mixed,
+    ):
+        entry = f"{table}/documents.jsonl"
+        for info in new.infolist():
+            source = old if info.filename == entry else new
+            mixed.writestr(source.getinfo(info.filename), source.read(info.filename))
+    return out
+
+
+def test_an_older_export_keeps_the_followed_tables_and_brings_the_others(
+    fake: FakeKhala,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    pg_url: str,
+    pg_admin_url: str,
+    make_stages: MakeStages,
+) -> None:
+    """Documents are versioned by time: an export taken before the state `follow` published
+    is older for every document of the tables it follows, whatever the export holds of them,
+    and the only source of the others."""
+    env = stage_env(kafka_bootstrap, topic_prefix, pg_url)
+    stages = make_stages(env).start()
+    older = fake.write_export(tmp_path / "older.zip")
+    step_one(fake)  # changes in every table, blueprints included
+    followed = ["users", "threads", "runs", "messages", "receipts"]
+    ok(_follow(env, fake, "--tables", *followed))
+    stages.wait_applied(pg_url, timeout=180)
+    before = table_snapshot(pg_url)
+
+    result = ok(khala(["import-chat", str(older)], env, timeout=300))
+    assert _runs(pg_url) == 2, result.stdout
+
+    # As merge imports of exports alone: the source now without its blueprints (what follow
+    # published), then the source's followed tables now with the older export's blueprints.
+    now = fake.write_export(tmp_path / "now.zip")
+    mixed = _mixed_export(now, older, "blueprints", tmp_path / "mixed.zip")
+    with fresh_database(pg_admin_url) as other:
+        cmp_env = env_for(kafka_bootstrap, "cmp_mixed", other)
+        ok(khala(["import-chat", str(now), "--skip-blueprints"], cmp_env))
+        ok(khala(["import-chat", str(mixed)], cmp_env))
+        expected = table_snapshot(other)
+    _compare(pg_url, expected, stages, "after an older export")
+    after = table_snapshot(pg_url)
+    assert after["autopilot_profiles"] != before["autopilot_profiles"]  # its blueprints came in
+    assert after["messages"] == before["messages"]  # its messages did not
 
 
 def _runs(db_url: str) -> int:
