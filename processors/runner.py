@@ -14,8 +14,8 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, fields
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
@@ -445,7 +445,11 @@ class Processor:
         await self._cover_lost_offsets(run, out)
         async with self._engine.connect() as conn:
             documents = await store.table_changes(
-                conn, run.id, read_tables(run.options.skip_blueprints), context.generations
+                conn,
+                run.id,
+                read_tables(run.options.skip_blueprints),
+                context.generations,
+                await _before(conn, run.id),
             )
             reused = await unchanged.reusable_counters(conn, run, fingerprint, documents)
             threads = await scope.plan(conn, run, context, fingerprint) if reused is None else None
@@ -574,3 +578,29 @@ class Processor:
             )
             if not renewed:
                 return
+
+
+_STATISTICS: Final = frozenset(f.name for f in fields(store.TableChanges))
+
+
+async def _before(conn: AsyncConnection, run_id: int) -> store.Before | None:
+    """The run just before `run_id` when it is derived, for `store.table_changes`."""
+    previous = await import_runs.latest_derived_before(conn, run_id)
+    if (
+        previous is None
+        or previous.id != run_id - 1
+        or previous.manifest is None
+        or previous.summary is None
+    ):
+        return None
+    manifest = previous.manifest
+    return store.Before(
+        generations={t: manifest.generation(t) for t in manifest.tables},
+        documents={
+            t: store.TableChanges(**c)
+            for t, c in previous.summary.documents.items()
+            # As recorded by this version, and still the store's: a run that propagated
+            # deletes may have taken the vanished documents it counted out of the store.
+            if set(c) == _STATISTICS and not (previous.options.propagate_deletes and c["deleted"])
+        },
+    )

@@ -302,36 +302,74 @@ async def documents_by_key(
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class Before:
+    """The run derived just before the one whose statistics are taken: the generation of
+    each table it read and its statistics."""
+
+    generations: Mapping[str, int]
+    documents: Mapping[str, TableChanges]
+
+
 async def table_changes(
-    conn: AsyncConnection, run_id: int, tables: Iterable[str], carried: Mapping[str, int]
+    conn: AsyncConnection,
+    run_id: int,
+    tables: Iterable[str],
+    carried: Mapping[str, int],
+    before: Before | None = None,
 ) -> dict[str, TableChanges]:
     """Inserted / updated / unchanged documents of this run and documents that vanished
     (keyless ones are no documents here: they were set aside). `carried`: the tables whose
-    documents are stored under an earlier run (`PublishManifest.carried`)."""
+    documents are stored under an earlier run (`PublishManifest.generations`). With `before`
+    (the run just before, derived), a table of the same generation there is counted from its
+    statistics and the documents this run changed, by index, not over its whole generation."""
     c = DOCUMENTS.c
     found: dict[str, TableChanges] = {}
     for table in tables:
         generation = carried.get(table, run_id)
         of_table = sa.and_(c.source_table == table, keyed(c.doc_key))
-        inserted, updated, same = (
-            await conn.execute(
-                sa.select(
-                    sa.func.sum(sa.case((c.first_seq == run_id, 1), else_=0)),
-                    sa.func.sum(
-                        sa.case(
-                            (sa.and_(c.changed_seq == run_id, c.first_seq < run_id), 1), else_=0
-                        )
-                    ),
-                    sa.func.sum(sa.case((c.changed_seq < run_id, 1), else_=0)),
-                ).where(of_table, c.export_seq == generation)
+        gone = int(
+            await conn.scalar(sa.select(sa.func.count()).where(of_table, c.export_seq < generation))
+            or 0
+        )
+        known = None
+        if before is not None and table in carried and before.generations.get(table) == generation:
+            known = before.documents.get(table)
+        in_generation = c.export_seq == generation
+        if known is not None:
+            # Only this run's changes are new since `before` counted the table.
+            inserted, updated, new = (
+                await conn.execute(
+                    sa.select(
+                        sa.func.sum(
+                            sa.case((sa.and_(c.first_seq == run_id, in_generation), 1), else_=0)
+                        ),
+                        sa.func.sum(
+                            sa.case((sa.and_(c.first_seq < run_id, in_generation), 1), else_=0)
+                        ),
+                        sa.func.sum(sa.case((c.first_seq == run_id, 1), else_=0)),
+                    ).where(of_table, c.changed_seq == run_id)
+                )
+            ).one()
+            stored = (
+                known.inserted + known.updated + known.unchanged + known.deleted + int(new or 0)
             )
-        ).one()
-        gone = await conn.scalar(
-            sa.select(sa.func.count()).where(of_table, c.export_seq < generation)
-        )
-        found[table] = TableChanges(
-            int(inserted or 0), int(updated or 0), int(same or 0), int(gone or 0)
-        )
+            same = stored - gone - int(inserted or 0) - int(updated or 0)
+        else:
+            inserted, updated, same = (
+                await conn.execute(
+                    sa.select(
+                        sa.func.sum(sa.case((c.first_seq == run_id, 1), else_=0)),
+                        sa.func.sum(
+                            sa.case(
+                                (sa.and_(c.changed_seq == run_id, c.first_seq < run_id), 1), else_=0
+                            )
+                        ),
+                        sa.func.sum(sa.case((c.changed_seq < run_id, 1), else_=0)),
+                    ).where(of_table, in_generation)
+                )
+            ).one()
+        found[table] = TableChanges(int(inserted or 0), int(updated or 0), int(same or 0), gone)
     return found
 
 

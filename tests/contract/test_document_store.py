@@ -253,6 +253,8 @@ def test_an_amendment_changes_its_generation_in_place(db_url: str) -> None:
         await _apply(engine, [_message(1, 2 * n, f"m{n}", "t1", "a") for n in range(5)])
         # Run 2: m3 vanished (stays in the store, under run 1).
         await _apply(engine, [_message(2, 2 * n, f"m{n}", "t1", "a") for n in (0, 1, 2, 4)])
+        async with engine.connect() as conn:
+            two = await store.table_changes(conn, 2, ["messages"], {})
         await _apply(
             engine,
             [_message(3, 0, "m0", "t1", "edited", 2),
@@ -274,6 +276,11 @@ def test_an_amendment_changes_its_generation_in_place(db_url: str) -> None:
             changes = await store.table_changes(conn, 3, ["messages"], {"messages": 2})
             assert changes["messages"] == store.TableChanges(
                 inserted=1, updated=3, unchanged=1, deleted=1
+            )
+            # Counted from run 2's statistics and run 3's changes alone: the same.
+            before = store.Before(generations={"messages": 2}, documents=two)
+            assert (
+                await store.table_changes(conn, 3, ["messages"], {"messages": 2}, before) == changes
             )
             assert await store.vanished_keys(conn, "messages", 2) == ["m4"]
         pages = [

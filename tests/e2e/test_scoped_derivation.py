@@ -11,9 +11,11 @@ published whole.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,9 @@ import sqlalchemy as sa
 
 from khala_stream.contract.codec import decode_manifest, decode_summary
 from khala_stream.contract.runs import PublishManifest
+from khala_stream.db.engine import create_engine
 from khala_stream.db.importer_tables import RUNS
+from processors import store
 from tests.e2e.harness import ok, rows, run_db
 from tests.e2e.stages import MakeStages, fresh_database, generated_export, stage_env
 from tests.e2e.test_follow import KEY, T0, Mirror, _compare, _follow
@@ -204,6 +208,36 @@ FULL: tuple[Change, ...] = (
 )  # fmt: skip
 
 
+def _statistics_hold(db_url: str, manifest: PublishManifest, propagate: bool) -> None:
+    """The last run's recorded document statistics (counted from the run before's and its
+    own changes when it could) are those of the whole store (the vanished ones before the
+    run deleted them, with --propagate-deletes)."""
+    (((counters,),),) = run_db(
+        db_url, [sa.select(RUNS.c.counters).where(RUNS.c.id == manifest.run_id)]
+    )
+    recorded = decode_summary(counters, run_id=manifest.run_id).documents
+
+    async def count() -> dict[str, dict[str, int]]:
+        engine = create_engine(db_url)
+        try:
+            async with engine.connect() as conn:
+                counted = await store.table_changes(
+                    conn, manifest.run_id, list(recorded), manifest.generations()
+                )
+        finally:
+            await engine.dispose()
+        return {t: asdict(c) for t, c in counted.items()}
+
+    def kept(stats: dict[str, int]) -> dict[str, int]:
+        return {k: v for k, v in stats.items() if not (propagate and k == "deleted")}
+
+    counted = asyncio.run(count())
+    differ = {
+        t: (recorded[t], counted[t]) for t in recorded if kept(recorded[t]) != kept(counted[t])
+    }
+    assert not differ, f"run {manifest.run_id} ({manifest}): recorded, counted: {differ}"
+
+
 def _last_run(db_url: str) -> tuple[int | None, PublishManifest]:
     """The last run's scoped threads and manifest."""
     query = sa.select(RUNS.c.id, RUNS.c.counters, RUNS.c.expected, RUNS.c.export_sha256)
@@ -265,6 +299,7 @@ def test_each_batch_derives_what_a_full_derivation_does_scoped_when_it_may(
             names = ", ".join(c.__name__ for c in changes)
             _compare(pg_url, mirror.import_state(fake), stages, f"after step {step} ({names})")
             scoped, manifest = _last_run(pg_url)
+            _statistics_hold(pg_url, manifest, propagate)
             changed = {t for t, _ in puts} | {t for t, _ in deletes}
             whole = backdated_message in changes
             if whole:
