@@ -206,17 +206,18 @@ class TargetView:
         found: set[str] = set()
         async with self._engine.connect() as conn:
             for name in tables:
-                table = TABLES[name]
-                row = await conn.scalar(sa.select(sa.literal(1)).select_from(table).limit(1))
-                ledger = await conn.scalar(
-                    sa.select(sa.literal(1)).where(ROWS.c.dest_table == name).limit(1)
-                )
-                refused = None
+                # In this order, each probe only when the ones before found nothing: a probe
+                # of the ledger for a table it holds nothing of can read the whole ledger.
+                probes = [sa.select(sa.literal(1)).select_from(TABLES[name]).limit(1)]
+                probes.append(sa.select(sa.literal(1)).where(ROWS.c.dest_table == name).limit(1))
                 if self._has_ledger:
-                    refused = await conn.scalar(
+                    probes.append(
                         sa.select(sa.literal(1)).where(REFUSALS.c.dest_table == name).limit(1)
                     )
-                if row is None and ledger is None and refused is None:
+                for probe in probes:
+                    if await conn.scalar(probe) is not None:
+                        break
+                else:
                     found.add(name)
         return found
 
