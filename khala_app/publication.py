@@ -20,7 +20,7 @@ from khala_stream.config import Settings
 from khala_stream.contract import Topics
 from khala_stream.contract.runs import PublishManifest
 from khala_stream.db.port import Database
-from khala_stream.errors import RuntimeFailure
+from khala_stream.errors import RuntimeFailure, UsageError
 from khala_stream.progress import ProgressCallback
 from producers import later_state
 from producers.amendment import Amendment
@@ -44,6 +44,12 @@ async def open_run(
     snapshot_ms = export.snapshot_ms or 0
     source, sha256 = str(export.path), export.sha256()
     deadline = time.monotonic() + db.deadline_s
+    if options.replace and await db.run(later_state.followed_after, snapshot_ms) is not None:
+        raise UsageError(
+            f"{export.path}: --replace of an export older than the state of the deployment"
+            " this database follows: follow would publish that state over it again; nothing"
+            " was written (a merge import keeps the followed tables and reads the others)"
+        )
     while await db.run(later_state.followed_after, snapshot_ms) is not None:
         newest = await db.run(import_runs.latest)
         assert newest is not None  # follow published a run
@@ -80,7 +86,9 @@ async def publish_run(
 ) -> PublishReport:
     """Publish `export` as run `run_id` (`Publisher.publish`; `applied`: publish it again after
     the broker lost documents); a broker that lost acknowledged records is RuntimeFailure."""
-    later = await db.run(later_state.later_state, run_id, export.snapshot_ms or 0)
+    later = None
+    if not options.replace:  # refused for an older export (`open_run`)
+        later = await db.run(later_state.later_state, run_id, export.snapshot_ms or 0)
     async with _publisher(live, db, options, progress) as publisher:
         return await publisher.publish(export, run_id, applied=applied, later=later)
 

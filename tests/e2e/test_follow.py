@@ -207,6 +207,11 @@ def test_follow_equals_a_merge_import_after_the_snapshot_and_each_step(
         # tables follow follows (all of them here), so it changes nothing (a run of its own).
         ok(khala(["import-chat", str(tmp_path / "state-1.zip"), *flags], env, timeout=300))
         assert table_snapshot(pg_url) == after and _runs(pg_url) == 3
+        # Replacing the tables with it: follow would publish its state over it again.
+        replace = khala(["import-chat", str(tmp_path / "state-1.zip"), "--replace"], env)
+        assert replace.exit_code == 2, replace.stderr
+        assert "--replace of an export older" in replace.stderr
+        assert table_snapshot(pg_url) == after and _runs(pg_url) == 3
 
         step_two(fake)
         ok(_follow(env, fake, *flags))
