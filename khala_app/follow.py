@@ -467,7 +467,9 @@ async def _publish_whole(
                 import_runs.register, source=source, sha256=export.sha256(), options=run_options
             )
             started = time.monotonic()
-            published = await publish_run(live, db, export, run_id, run_options)
+            published = await publish_run(
+                live, db, export, run_id, run_options, followed_state=True
+            )
         await db.run(
             live_mirror.mark_published, state.deployment, state.version, state.state_ns, run_id,
             tables=followed,

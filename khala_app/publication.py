@@ -52,7 +52,8 @@ async def open_run(
         )
     while await db.run(later_state.followed_after, snapshot_ms) is not None:
         newest = await db.run(import_runs.latest)
-        assert newest is not None  # follow published a run
+        if newest is None:
+            break  # no run at all: nothing to keep
         if newest.status == "derived":
             run_id = await db.run(
                 import_runs.register_after, newest.id, source=source, sha256=sha256, options=options
@@ -83,11 +84,14 @@ async def publish_run(
     *,
     progress: ProgressCallback | None = None,
     applied: Mapping[str, int] | None = None,
+    followed_state: bool = False,
 ) -> PublishReport:
     """Publish `export` as run `run_id` (`Publisher.publish`; `applied`: publish it again after
-    the broker lost documents); a broker that lost acknowledged records is RuntimeFailure."""
+    the broker lost documents); a broker that lost acknowledged records is RuntimeFailure.
+    `followed_state`: the export is the followed deployment's state (`follow`), never older
+    than itself (its time in milliseconds can fall before the last state's in nanoseconds)."""
     later = None
-    if not options.replace:  # refused for an older export (`open_run`)
+    if not (options.replace or followed_state):  # --replace: refused when older (`open_run`)
         later = await db.run(later_state.later_state, run_id, export.snapshot_ms or 0)
     async with _publisher(live, db, options, progress) as publisher:
         return await publisher.publish(export, run_id, applied=applied, later=later)
