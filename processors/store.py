@@ -338,39 +338,32 @@ async def table_changes(
         in_generation = c.export_seq == generation
         if known is not None:
             # Only this run's changes are new since `before` counted the table.
-            inserted, updated, new = (
-                await conn.execute(
-                    sa.select(
-                        sa.func.sum(
-                            sa.case((sa.and_(c.first_seq == run_id, in_generation), 1), else_=0)
-                        ),
-                        sa.func.sum(
-                            sa.case((sa.and_(c.first_seq < run_id, in_generation), 1), else_=0)
-                        ),
-                        sa.func.sum(sa.case((c.first_seq == run_id, 1), else_=0)),
-                    ).where(of_table, c.changed_seq == run_id)
-                )
-            ).one()
-            stored = (
-                known.inserted + known.updated + known.unchanged + known.deleted + int(new or 0)
+            inserted, updated, new = await _count(
+                conn,
+                sa.and_(of_table, c.changed_seq == run_id),
+                sa.and_(c.first_seq == run_id, in_generation),
+                sa.and_(c.first_seq < run_id, in_generation),
+                c.first_seq == run_id,
             )
-            same = stored - gone - int(inserted or 0) - int(updated or 0)
+            stored = known.inserted + known.updated + known.unchanged + known.deleted + new
+            same = stored - gone - inserted - updated
         else:
-            inserted, updated, same = (
-                await conn.execute(
-                    sa.select(
-                        sa.func.sum(sa.case((c.first_seq == run_id, 1), else_=0)),
-                        sa.func.sum(
-                            sa.case(
-                                (sa.and_(c.changed_seq == run_id, c.first_seq < run_id), 1), else_=0
-                            )
-                        ),
-                        sa.func.sum(sa.case((c.changed_seq < run_id, 1), else_=0)),
-                    ).where(of_table, in_generation)
-                )
-            ).one()
-        found[table] = TableChanges(int(inserted or 0), int(updated or 0), int(same or 0), gone)
+            inserted, updated, same = await _count(
+                conn,
+                sa.and_(of_table, in_generation),
+                c.first_seq == run_id,
+                sa.and_(c.changed_seq == run_id, c.first_seq < run_id),
+                c.changed_seq < run_id,
+            )
+        found[table] = TableChanges(inserted, updated, same, gone)
     return found
+
+
+async def _count(conn: AsyncConnection, where: Any, *conditions: Any) -> list[int]:
+    """How many documents matching `where` meet each of `conditions`, in one pass."""
+    sums = [sa.func.sum(sa.case((condition, 1), else_=0)) for condition in conditions]
+    row = (await conn.execute(sa.select(*sums).where(where))).one()
+    return [int(n or 0) for n in row]
 
 
 async def vanished_keys(conn: AsyncConnection, table: str, generation: int) -> list[str]:
