@@ -44,16 +44,16 @@ async def open_run(
     snapshot_ms = export.snapshot_ms or 0
     source, sha256 = str(export.path), export.sha256()
     deadline = time.monotonic() + db.deadline_s
-    if options.replace and await db.run(later_state.followed_after, snapshot_ms) is not None:
+    if await db.run(later_state.followed_after, snapshot_ms) is None:
+        return await db.run(import_runs.register, source=source, sha256=sha256, options=options)
+    if options.replace:
         raise UsageError(
             f"{export.path}: --replace of an export older than the state of the deployment"
             " this database follows: follow would publish that state over it again; nothing"
             " was written (a merge import keeps the followed tables and reads the others)"
         )
-    while await db.run(later_state.followed_after, snapshot_ms) is not None:
-        newest = await db.run(import_runs.latest)
-        if newest is None:
-            break  # no run at all: nothing to keep
+    # The followed state only moves forward: once newer than the export, it stays newer.
+    while (newest := await db.run(import_runs.latest)) is not None:
         if newest.status == "derived":
             run_id = await db.run(
                 import_runs.register_after, newest.id, source=source, sha256=sha256, options=options

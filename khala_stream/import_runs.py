@@ -305,6 +305,20 @@ async def latest_derived_before(conn: AsyncConnection, run_id: int) -> ImportRun
     return from_row(row) if row is not None else None
 
 
+async def derived_just_before(conn: AsyncConnection, run_id: int) -> ImportRun | None:
+    """The run directly before `run_id` when its derivation completed, else None: only then
+    are its documents in the store, and no run between moved them. Ids may skip (a sequence
+    does not give back a number a failed registration took), so "directly" is asked, not
+    computed."""
+    previous = await latest_derived_before(conn, run_id)
+    if previous is None:
+        return None
+    between = await conn.scalar(
+        sa.select(RUNS.c.id).where(RUNS.c.id > previous.id, RUNS.c.id < run_id).limit(1)
+    )
+    return previous if between is None else None
+
+
 async def latest(engine: AsyncEngine) -> ImportRun | None:
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(RUNS).order_by(RUNS.c.id.desc()).limit(1))).first()

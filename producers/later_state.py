@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream import import_runs
 from khala_stream.contract.runs import PublishManifest
-from khala_stream.db.importer_tables import FOLLOW, RUNS
+from khala_stream.db.importer_tables import FOLLOW
 from khala_stream.errors import RuntimeFailure
 
 
@@ -50,11 +50,9 @@ class StateMoved(RuntimeFailure):
 
 async def followed_after(engine: AsyncEngine, snapshot_ms: int) -> int | None:
     """The run `follow` last published when its state is newer than `snapshot_ms`, else None
-    (the database follows no deployment, or the export is not older)."""
+    (the database follows no deployment, or the export is not older). The importer's tables
+    exist (`open_database` made them)."""
     async with engine.connect() as conn:
-        names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
-        if FOLLOW.name not in names:
-            return None
         row = (await conn.execute(sa.select(FOLLOW.c.published_ns, FOLLOW.c.published_run))).first()
     if row is None or row.published_run is None or row.published_ns <= snapshot_ms * 1_000_000:
         return None
@@ -69,16 +67,10 @@ async def later_state(engine: AsyncEngine, run_id: int, snapshot_ms: int) -> Lat
     if followed is None:
         return None
     async with engine.connect() as conn:
-        before = await import_runs.latest_derived_before(conn, run_id)
-        between = await conn.scalar(
-            sa.select(sa.func.count())
-            .select_from(RUNS)
-            .where(RUNS.c.id > (before.id if before else 0), RUNS.c.id < run_id)
-        )
+        before = await import_runs.derived_just_before(conn, run_id)
     follow_run = await import_runs.load(engine, followed)
     if (
         before is None
-        or between
         or before.manifest is None
         or follow_run is None
         or follow_run.manifest is None

@@ -500,11 +500,11 @@ def _carry(
 
 
 async def _carry_base(engine: AsyncEngine, run_id: int) -> PublishManifest | None:
-    """The manifest of the run just before `run_id` when its derivation completed, else None:
-    only then are its documents in the store, and no run in between moved them."""
+    """The manifest of the run just before `run_id` when it can be carried over from
+    (`import_runs.derived_just_before`, not a --replace), else None."""
     async with engine.connect() as conn:
-        previous = await import_runs.latest_derived_before(conn, run_id)
-    if previous is None or previous.id != run_id - 1 or previous.options.replace:
+        previous = await import_runs.derived_just_before(conn, run_id)
+    if previous is None or previous.options.replace:
         return None
     return previous.manifest
 
