@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.contract.documents import string_field
 from khala_stream.contract.tables import DOCUMENT_KEYS
-from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS
+from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS, SOURCE_LINES
 from khala_stream.db.queries import insert_for, staged
 from khala_stream.errors import UsageError
 from khala_stream.import_runs import FOLLOW_SOURCE
@@ -166,6 +166,7 @@ async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor)
     async with engine.begin() as conn:
         old = await _load(conn, deployment)
         await conn.execute(sa.delete(SOURCE_DOCUMENTS))
+        await conn.execute(sa.delete(SOURCE_LINES))
         values = {
             "deployment": deployment,
             "phase": "snapshot",
@@ -290,29 +291,15 @@ async def mark_published(
     The documents' lines and keys become those of the state published (what a later step
     may amend): with `new_lines` (an amendment, `plan_amendment`) those of the documents
     that changed, else every document's place in file order in `tables`."""
-    c = SOURCE_DOCUMENTS.c
     async with engine.begin() as conn:
         state = await _locked(conn, deployment)
         if new_lines is None:
             for table in tables:
                 await _number(conn, table)
         else:
-            for table, lines in new_lines.items():
-                if lines:
-                    await conn.execute(
-                        sa.update(SOURCE_DOCUMENTS)
-                        .where(c.source_table == table, c.doc_id == sa.bindparam("i"))
-                        .values(line=sa.bindparam("n")),
-                        [{"i": i, "n": n} for i, n in lines.items()],
-                    )
-            await conn.execute(
-                sa.update(SOURCE_DOCUMENTS)
-                .where(c.version > state.published_version, c.version <= version)
-                .values(
-                    line=sa.case((c.deleted, None), else_=c.line),
-                    published_key=sa.case((c.deleted, None), else_=c.doc_key),
-                )
-            )
+            for table in tables:
+                await _add_lines(conn, table, new_lines.get(table, {}))
+                await _publish_keys(conn, table, state.published_version, version)
         await conn.execute(
             sa.update(FOLLOW)
             .where(FOLLOW.c.singleton == 1)
@@ -330,31 +317,80 @@ async def mark_published(
 
 async def _number(conn: AsyncConnection, table: str) -> None:
     """Each document of `table` gets its line in the state written whole (`write_folder`'s
-    order); a deleted one none."""
-    c = SOURCE_DOCUMENTS.c
+    order) and its key there; a deleted one none."""
+    c, lines = SOURCE_DOCUMENTS.c, SOURCE_LINES.c
     doc_id = c.doc_id.collate("C") if conn.dialect.name == "postgresql" else c.doc_id
     order = sa.func.row_number().over(order_by=(c.creation_time, doc_id))
-    numbered = (
-        sa.select(c.doc_id.label("i"), order.label("n"))
-        .where(c.source_table == table, sa.not_(c.deleted))
-        .subquery()
-    )
+    await conn.execute(sa.delete(SOURCE_LINES).where(lines.source_table == table))
     await conn.execute(
-        sa.update(SOURCE_DOCUMENTS)
-        .where(
-            c.source_table == table,
-            c.doc_id == numbered.c.i,
-            sa.or_(
-                c.line.is_distinct_from(numbered.c.n),
-                c.published_key.is_distinct_from(c.doc_key),
+        sa.insert(SOURCE_LINES).from_select(
+            ["source_table", "doc_id", "line", "creation_time", "published_key"],
+            sa.select(c.source_table, c.doc_id, order, c.creation_time, c.doc_key).where(
+                c.source_table == table, sa.not_(c.deleted)
             ),
         )
-        .values(line=numbered.c.n, published_key=c.doc_key)
     )
+
+
+async def _add_lines(conn: AsyncConnection, table: str, lines: Mapping[str, int]) -> None:
+    """The documents `lines` names (`_id` -> line) are at those lines now, where they are."""
+    c = SOURCE_DOCUMENTS.c
+    ids = sorted(lines)
+    for start in range(0, len(ids), 500):
+        await conn.execute(
+            sa.delete(SOURCE_LINES).where(
+                SOURCE_LINES.c.source_table == table,
+                SOURCE_LINES.c.doc_id.in_(ids[start : start + 500]),
+            )
+        )
+    if ids:
+        await conn.execute(
+            sa.insert(SOURCE_LINES).from_select(
+                ["source_table", "doc_id", "line", "creation_time", "published_key"],
+                sa.select(
+                    c.source_table,
+                    c.doc_id,
+                    sa.cast(sa.bindparam("n"), sa.Integer),
+                    c.creation_time,
+                    c.doc_key,
+                ).where(c.source_table == table, c.doc_id == sa.bindparam("i")),
+            ),
+            [{"i": i, "n": lines[i]} for i in ids],
+        )
+
+
+async def _publish_keys(conn: AsyncConnection, table: str, after: int, upto: int) -> None:
+    """The documents of `table` changed in versions (`after`, `upto`] are published: a
+    deleted one has no line any more, the others their key."""
+    c, lines = SOURCE_DOCUMENTS.c, SOURCE_LINES.c
+    changed = sa.and_(
+        c.source_table == table,
+        c.source_table == lines.source_table,
+        c.doc_id == lines.doc_id,
+        c.version > after,
+        c.version <= upto,
+    )
+    await conn.execute(sa.delete(SOURCE_LINES).where(sa.exists().where(changed, c.deleted)))
     await conn.execute(
-        sa.update(SOURCE_DOCUMENTS)
-        .where(c.source_table == table, c.deleted, c.line.is_not(None))
-        .values(line=None, published_key=None)
+        sa.update(SOURCE_LINES)
+        .where(sa.exists().where(changed, sa.not_(c.deleted)))
+        .values(
+            published_key=sa.select(c.doc_key)
+            .where(c.source_table == lines.source_table, c.doc_id == lines.doc_id)
+            .scalar_subquery()
+        )
+    )
+
+
+def _lined(select: sa.Select[Any]) -> sa.Select[Any]:
+    """`select` over the mirror with each document's line in the state published (NULL when
+    it has none, or its place in file order moved since) and its key there."""
+    c, lines = SOURCE_DOCUMENTS.c, SOURCE_LINES.c
+    line = sa.case((lines.creation_time == c.creation_time, lines.line), else_=None)
+    return select.add_columns(line.label("line"), lines.published_key).outerjoin_from(
+        SOURCE_DOCUMENTS,
+        SOURCE_LINES,
+        sa.and_(lines.source_table == c.source_table, lines.doc_id == c.doc_id),
     )
 
 
@@ -375,14 +411,11 @@ async def plan_amendment(
         for table in tables:
             changed = (
                 await conn.execute(
-                    sa.select(
-                        c.doc_id, c.deleted, c.creation_time, c.doc_key, c.line,
-                        c.published_key, c.document,
-                    )
+                    _lined(sa.select(c.doc_id, c.deleted, c.creation_time, c.doc_key, c.document))
                     .where(c.source_table == table, c.version > published_version)
                     .limit(_MAX_AMENDED + 1)
                 )
-            ).all()  # fmt: skip
+            ).all()
             if len(changed) > _MAX_AMENDED:
                 return None, f"more than {_MAX_AMENDED} {table} documents changed"
             if changed:
@@ -417,29 +450,40 @@ async def _amend(
     )
     new_lines: dict[str, int] = {}
     if new:
+        lines = SOURCE_LINES.c
         last = (
             await conn.execute(
                 sa.select(c.creation_time, c.doc_id)
-                .where(c.source_table == table, sa.not_(c.deleted), c.line.is_not(None))
-                .order_by(c.line.desc())
+                .join(
+                    SOURCE_LINES,
+                    sa.and_(lines.source_table == c.source_table, lines.doc_id == c.doc_id),
+                )
+                .where(
+                    lines.source_table == table,
+                    sa.not_(c.deleted),
+                    lines.creation_time == c.creation_time,
+                )
+                .order_by(lines.line.desc())
                 .limit(1)
             )
         ).first()
         if last is not None and (new[0].creation_time, new[0].doc_id) <= tuple(last):
             return None, f"a new {table} document comes before the last in file order"
-        top = await conn.scalar(sa.select(sa.func.max(c.line)).where(c.source_table == table))
+        top = await conn.scalar(
+            sa.select(sa.func.max(lines.line)).where(lines.source_table == table)
+        )
         new_lines = {r.doc_id: (top or 0) + n for n, r in enumerate(new, start=1)}
     winners: dict[str, Winner] = {}
     ordered = sorted(keys)
     for start in range(0, len(ordered), 500):
         rows = await conn.execute(
-            sa.select(c.doc_key, c.doc_id, c.line, c.document).where(
+            _lined(sa.select(c.doc_key, c.doc_id, c.document)).where(
                 c.source_table == table,
                 c.doc_key.in_(ordered[start : start + 500]),
                 sa.not_(c.deleted),
             )
         )
-        for key, doc_id, line, document in rows:
+        for key, doc_id, document, line, _ in rows:
             line = new_lines.get(doc_id, line)
             if line is None:
                 return None, f"a {table} document has no line in the state published"
@@ -532,8 +576,6 @@ def _upsert(insert: Any) -> Any:
     newer; a deletion keeps the document's place (`_creationTime`). Returns what it wrote."""
     old, new = SOURCE_DOCUMENTS.c, insert.excluded
     keep_creation = sa.case((new.deleted, old.creation_time), else_=new.creation_time)
-    # A document whose place in file order moved has no line in the state published.
-    keep_line = sa.case((keep_creation != old.creation_time, None), else_=old.line)
     return insert.on_conflict_do_update(
         index_elements=[old.source_table, old.doc_id],
         set_={
@@ -543,7 +585,6 @@ def _upsert(insert: Any) -> Any:
             "version": new.version,
             "document": new.document,
             "doc_key": new.doc_key,
-            "line": keep_line,
         },
         where=new.ts > old.ts,
     ).returning(SOURCE_DOCUMENTS.c.source_table, SOURCE_DOCUMENTS.c.deleted)

@@ -23,6 +23,7 @@ __all__ = [
     "ROWS",
     "RUNS",
     "SOURCE_DOCUMENTS",
+    "SOURCE_LINES",
     "USER_IDS",
     "WORKOS_CACHE",
 ]
@@ -194,8 +195,8 @@ FOLLOW: Final = sa.Table(
     sa.Column("freshness_s", sa.Float(), nullable=True),
     sa.Column("freshness_run", sa.Integer(), nullable=True),
     sa.Column("updated_at", sa.DateTime(), nullable=False),
-    # The run whose state the source documents' `line` and `published_key` describe, which a
-    # step may amend in place (producers/live_mirror.py); NULL after a new snapshot.
+    # The run whose state SOURCE_LINES describes, which a step may amend in place
+    # (producers/live_mirror.py); NULL after a new snapshot.
     sa.Column("lines_run", sa.Integer(), nullable=True),
 )
 
@@ -212,14 +213,26 @@ SOURCE_DOCUMENTS: Final = sa.Table(
     sa.Column("version", sa.Integer(), nullable=False),  # FOLLOW.version that last changed it
     sa.Column("document", sa.Text(), nullable=False),  # the export line (no _table, _ts)
     sa.Column("doc_key", sa.Text(), nullable=True),  # its key (SPEC §8.2); NULL: none found
-    sa.Column("line", sa.Integer(), nullable=True),  # its line in the state published
-    sa.Column("published_key", sa.Text(), nullable=True),  # its key in the state published
     sa.Index(
         "khala_import_source_documents_order_index", "source_table", "creation_time", "doc_id"
     ),
     sa.Index("khala_import_source_documents_version_index", "source_table", "version"),
     sa.Index("khala_import_source_documents_key_index", "source_table", "doc_key"),
-    sa.Index("khala_import_source_documents_line_index", "source_table", "line"),
+)
+
+# `follow`: each mirrored document's line and key in the state of FOLLOW.lines_run, which a
+# later step may amend (producers/live_mirror.py). A table of its own so that numbering a whole
+# state writes narrow rows rather than every document again; a line holds while the document
+# keeps the `_creationTime` it was numbered at (its place in file order).
+SOURCE_LINES: Final = sa.Table(
+    "khala_import_source_lines",
+    IMPORTER,
+    sa.Column("source_table", sa.String(64), primary_key=True),
+    sa.Column("doc_id", sa.Text(), primary_key=True),
+    sa.Column("line", sa.Integer(), nullable=False),
+    sa.Column("creation_time", sa.Float(), nullable=False),  # when numbered
+    sa.Column("published_key", sa.Text(), nullable=True),  # NULL: published without a key
+    sa.Index("khala_import_source_lines_line_index", "source_table", "line"),
 )
 
 IMPORTER_TABLES: Final[dict[str, sa.Table]] = dict(IMPORTER.tables)

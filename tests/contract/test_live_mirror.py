@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.db.importer_tables import FOLLOW, SOURCE_DOCUMENTS
+from khala_stream.db.importer_tables import FOLLOW, SOURCE_DOCUMENTS, SOURCE_LINES
 from producers import live_mirror
 from producers.live_api import LiveValue, export_order
 from tests.contract.engine import run_on
@@ -76,6 +76,7 @@ def test_any_arrival_order_keeps_the_latest_version(
         async with engine.begin() as conn:  # the database is the test's, not the example's
             await conn.execute(sa.delete(FOLLOW))
             await conn.execute(sa.delete(SOURCE_DOCUMENTS))
+            await conn.execute(sa.delete(SOURCE_LINES))
         await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
         for table in ("users", "threads"):
             mine = [v for v in snapshot if v.table == table]
@@ -163,6 +164,7 @@ def test_an_amendment_makes_the_state_a_whole_publication_would(
         async with engine.begin() as conn:
             await conn.execute(sa.delete(FOLLOW))
             await conn.execute(sa.delete(SOURCE_DOCUMENTS))
+            await conn.execute(sa.delete(SOURCE_LINES))
         docs = {f"d{n}": message(f"d{n}", float(rng.randint(0, 20))) for n in range(12)}
         await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
         page = [live(d, S) for d in docs.values()]
@@ -178,6 +180,7 @@ def test_an_amendment_makes_the_state_a_whole_publication_would(
             ts = S + 100 * step
             changes: list[LiveValue] = []
             keyless = out_of_order = False
+            moved: list[str] = []
             for doc_id in rng.sample(sorted(docs), k=min(3, len(docs))):
                 was = docs[doc_id]
                 if rng.random() < 0.3:
@@ -185,12 +188,22 @@ def test_an_amendment_makes_the_state_a_whole_publication_would(
                     keyless |= "messageId" not in was
                     del docs[doc_id]
                     continue
-                docs[doc_id] = now = {**message(doc_id, float(was["_creationTime"]))}  # type: ignore[arg-type]
+                created = float(was["_creationTime"])  # type: ignore[arg-type]
+                if rng.random() < 0.15:  # its place in file order moves: its line is no more
+                    created = float(rng.randint(0, 30))
+                    if created != was["_creationTime"]:
+                        moved.append(doc_id)
+                docs[doc_id] = now = message(doc_id, created)
                 keyless |= "messageId" not in was or "messageId" not in now
                 changes.append(live(now, ts))
             # The place in file order (`_creationTime`, then `_id`) of the last line still in
-            # the state: a deleted document's line is no one's.
-            top = max([(-1.0, ""), *((d["_creationTime"], i) for i, d in docs.items())])  # type: ignore[list-item]
+            # the state: a deleted document's line is no one's, nor a moved one's, which comes
+            # in order only after it, as a new document does.
+            top = max(
+                [(-1.0, ""), *((d["_creationTime"], i) for i, d in docs.items() if i not in moved)]  # type: ignore[list-item]
+            )
+            for doc_id in moved:
+                out_of_order |= (docs[doc_id]["_creationTime"], doc_id) <= top  # type: ignore[operator]
             for n in range(rng.randint(0, 2)):
                 created = float(top[0]) + 1 + n if rng.random() < 0.8 else float(rng.randint(0, 20))
                 out_of_order |= (created, f"n{step}.{n}") <= top
@@ -232,7 +245,7 @@ async def _lines_of(
 ) -> dict[str, tuple[int, dict[str, object]]]:
     """The store's view after a whole publication: each key's winner at the line the mirror
     gave its document."""
-    c = SOURCE_DOCUMENTS.c
+    c = SOURCE_LINES.c
     async with engine.connect() as conn:
         lines = dict(
             (await conn.execute(sa.select(c.doc_id, c.line).where(c.source_table == "messages")))
