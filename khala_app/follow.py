@@ -53,6 +53,7 @@ from khala_stream.processes import pid_alive
 from producers import live_mirror
 from producers.amendment import amendment_sha256
 from producers.export_reader import open_export
+from producers.live_api import Cursor, SnapshotPage
 from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
 from producers.live_mirror import FollowState
 from producers.publisher import PublishReport
@@ -207,21 +208,7 @@ async def _snapshot(
             logger.info("follow: snapshot=%s pinned", pinned.snapshot)
         try:
             for table in followed:
-                cursor, done = state.table_cursors.get(table, (None, False))
-                while not done:
-                    page = await client.snapshot_page(table, snapshot=state.snapshot, cursor=cursor)
-                    if page.snapshot != state.snapshot:
-                        raise SnapshotExpired(state.snapshot)  # the source moved it: again
-                    cursor, done = page.cursor, not page.has_more
-                    state = await db.run(
-                        live_mirror.apply_snapshot_page,
-                        deployment,
-                        table,
-                        page.values,
-                        cursor,
-                        done,
-                    )
-                    report.snapshot_documents[table] += len(page.values)
+                state = await _walk_table(client, db, deployment, state, table, report)
             state = await db.run(live_mirror.finish_snapshot, deployment)
         except SnapshotExpired:
             logger.warning("follow: snapshot=%s no longer served; walking a new one",
@@ -229,6 +216,42 @@ async def _snapshot(
             report.snapshot_restarts += 1
             report.snapshot_documents.clear()
             state = None
+    return state
+
+
+async def _walk_table(
+    client: LiveClient,
+    db: Database,
+    deployment: str,
+    state: FollowState,
+    table: str,
+    report: FollowReport,
+) -> FollowState:
+    """Walk `table`'s snapshot from where it stopped, each page into the mirror with the
+    cursor after it. The next page is asked for while one is stored: the source and the
+    database work at the same time, and the position still moves only with the page."""
+    cursor, done = state.table_cursors.get(table, (None, False))
+    snapshot = state.snapshot
+
+    def ask(after: Cursor | None) -> asyncio.Future[SnapshotPage]:
+        return asyncio.ensure_future(client.snapshot_page(table, snapshot=snapshot, cursor=after))
+
+    asked = None if done else ask(cursor)
+    try:
+        while asked is not None:
+            page = await asked
+            if page.snapshot != snapshot:
+                raise SnapshotExpired(snapshot)  # the source moved it: again
+            cursor, done = page.cursor, not page.has_more
+            asked = None if done else ask(cursor)
+            state = await db.run(
+                live_mirror.apply_snapshot_page, deployment, table, page.values, cursor, done
+            )
+            report.snapshot_documents[table] += len(page.values)
+    finally:
+        if asked is not None:  # this page failed to be stored: the next one is not wanted
+            asked.cancel()
+            await asyncio.gather(asked, return_exceptions=True)
     return state
 
 
