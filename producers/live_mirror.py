@@ -383,11 +383,13 @@ async def _publish_keys(conn: AsyncConnection, table: str, after: int, upto: int
 
 
 def _lined(select: sa.Select[Any]) -> sa.Select[Any]:
-    """`select` over the mirror with each document's line in the state published (NULL when
-    it has none, or its place in file order moved since) and its key there."""
+    """`select` over the mirror with, per document, whether it is in the state published
+    (`published`), its line there (`line`: NULL when it is not, or its place in file order
+    moved since) and its key there (`published_key`)."""
     c, lines = SOURCE_DOCUMENTS.c, SOURCE_LINES.c
     line = sa.case((lines.creation_time == c.creation_time, lines.line), else_=None)
-    return select.add_columns(line.label("line"), lines.published_key).outerjoin_from(
+    published = lines.line.is_not(None).label("published")
+    return select.add_columns(line.label("line"), lines.published_key, published).outerjoin_from(
         SOURCE_DOCUMENTS,
         SOURCE_LINES,
         sa.and_(lines.source_table == c.source_table, lines.doc_id == c.doc_id),
@@ -432,7 +434,7 @@ async def _amend(
     c = SOURCE_DOCUMENTS.c
     keys: set[str] = set()
     for row in changed:
-        if row.line is not None and row.published_key is None:
+        if row.published and row.published_key is None:  # moved or not: its old line stays
             return None, f"a changed {table} document was published without its key"
         if row.published_key is not None:
             keys.add(row.published_key)
@@ -483,7 +485,7 @@ async def _amend(
                 sa.not_(c.deleted),
             )
         )
-        for key, doc_id, document, line, _ in rows:
+        for key, doc_id, document, line, _, _ in rows:
             line = new_lines.get(doc_id, line)
             if line is None:
                 return None, f"a {table} document has no line in the state published"

@@ -263,6 +263,7 @@ def test_importer_tables_shape(db_url: str) -> None:
             "khala_import_identity": ["singleton"],
             "khala_import_follow": ["singleton"],
             "khala_import_source_documents": ["source_table", "doc_id"],
+            "khala_import_source_lines": ["source_table", "doc_id"],
         }
         uniques = await reflect(engine, lambda i: i.get_unique_constraints("khala_import_user_ids"))
         assert [u["column_names"] for u in uniques] == [["user_id"]]
