@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
-test: venv ## Run the test suite (starts its own Kafka broker and PostgreSQL)
-	$(BIN)/pytest -q
+# Test workers: one per core, at most four. Each starts its own broker and PostgreSQL; a
+# module's tests stay on one worker (its module fixtures are built once).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=4; echo $$n)
+
+test: venv ## Run the test suite (starts its own Kafka broker and PostgreSQL per worker)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv ## ruff check, ruff format --check, and the import layers (lint-imports)
 	$(BIN)/ruff check .
