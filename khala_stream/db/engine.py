@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.util import await_only
 
 from khala_stream.config import PORTS
-from khala_stream.db.importer_tables import IMPORTER
+from khala_stream.db.importer_tables import FOLLOW, IMPORTER, SOURCE_LINES
 from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.errors import UsageError
 
@@ -209,6 +209,10 @@ async def init_db(engine: AsyncEngine, *, laravel: bool = True) -> list[str]:
         for table in IMPORTER.sorted_tables:
             if table.name in existing:
                 _upgrade(conn, table)
+        if SOURCE_LINES.name not in existing and FOLLOW.name in existing:
+            # An earlier version kept the followed state's lines in the mirror's rows: none
+            # are known here, so the next step publishes the state whole, which numbers it.
+            conn.execute(sa.update(FOLLOW).values(lines_run=None))
         return [table.name for table in missing]
 
     async with engine.begin() as conn:

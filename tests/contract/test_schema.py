@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.db import IMPORTER, LARAVEL, create_engine, dialect_name, init_db
+from khala_stream.db.importer_tables import FOLLOW
 from processors import store
 from tests.contract.engine import run_on
 
@@ -313,6 +314,35 @@ def test_init_db_gives_a_document_store_of_an_earlier_version_its_references(
         assert ["source_table", "thread_key"] in [x["column_names"] for x in indexes]
         async with engine.connect() as conn:
             assert await store.any_unreferenced(conn, ["messages"])
+
+    run(db_url, body)
+
+
+def test_a_followed_state_of_an_earlier_version_is_published_whole_next(db_url: str) -> None:
+    """Before `khala_import_source_lines` the mirror's rows held the lines of the state
+    published: init_db creates the table empty and forgets which run the lines described, so
+    `follow` publishes its next state whole (numbering it) instead of amending without lines."""
+
+    async def body(engine: AsyncEngine) -> None:
+        await init_db(engine, laravel=False)
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("DROP TABLE khala_import_source_lines"))
+            await conn.execute(
+                sa.insert(FOLLOW).values(
+                    singleton=1, deployment="https://d", phase="deltas", table_cursors="{}",
+                    state_ns=1, version=3, published_version=3, published_ns=1,
+                    published_run=7, lines_run=7, updated_at=sa.func.current_timestamp(),
+                )
+            )  # fmt: skip
+        assert await init_db(engine, laravel=False) == ["khala_import_source_lines"]
+        async with engine.connect() as conn:
+            row = (await conn.execute(sa.select(FOLLOW.c.lines_run, FOLLOW.c.published_run))).one()
+        assert tuple(row) == (None, 7)
+        async with engine.begin() as conn:
+            await conn.execute(sa.update(FOLLOW).values(lines_run=8))
+        assert await init_db(engine, laravel=False) == []
+        async with engine.connect() as conn:
+            assert await conn.scalar(sa.select(FOLLOW.c.lines_run)) == 8  # only on creation
 
     run(db_url, body)
 
