@@ -1,7 +1,7 @@
 """Issue 25's bench entry: `follow` of a live deployment against `import-chat` of the same
 documents from a ZIP, on one PostgreSQL (fsync on) and one embedded broker per path.
 
-    .venv/bin/python -m bench.follow --size 20k [--changes 50]
+    .venv/bin/python -m bench.follow --size 20k [--changes 50] [--edge-cases]
 
 1. **ZIP**: `import-chat EXPORT` on a fresh database: wall time from spawn to exit.
 2. **follow, snapshot**: the same documents served by the fake deployment of the tests
@@ -239,9 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=50)
     parser.add_argument("--rate", type=int, default=50, help="changes a second, phase 4")
     parser.add_argument("--seconds", type=float, default=30, help="phase 4's length")
+    parser.add_argument(
+        "--edge-cases",
+        action="store_true",
+        help="serve a `generate --edge-cases` export (repeated keys, bad lines, keyless documents)",
+    )
     args = parser.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="khala-bench-follow-"))
-    export = ensure_export(parse_size(args.size), 1, log_dir=logs)
+    export = ensure_export(parse_size(args.size), 1, edge_cases=args.edge_cases, log_dir=logs)
     print(f"export: {export.documents:,} documents ({export.path.name}); logs in {logs}",
           flush=True)  # fmt: skip
     with postgres_server(durable=True) as pg:
