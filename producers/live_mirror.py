@@ -359,26 +359,25 @@ async def _add_lines(conn: AsyncConnection, table: str, lines: Mapping[str, int]
         )
 
 
+_LINE_OF_DOCUMENT = sa.and_(
+    SOURCE_LINES.c.source_table == SOURCE_DOCUMENTS.c.source_table,
+    SOURCE_LINES.c.doc_id == SOURCE_DOCUMENTS.c.doc_id,
+)
+"""A mirror document and its row in the lines table."""
+
+
 async def _publish_keys(conn: AsyncConnection, table: str, after: int, upto: int) -> None:
     """The documents of `table` changed in versions (`after`, `upto`] are published: a
     deleted one has no line any more, the others their key."""
-    c, lines = SOURCE_DOCUMENTS.c, SOURCE_LINES.c
+    c = SOURCE_DOCUMENTS.c
     changed = sa.and_(
-        c.source_table == table,
-        c.source_table == lines.source_table,
-        c.doc_id == lines.doc_id,
-        c.version > after,
-        c.version <= upto,
+        _LINE_OF_DOCUMENT, c.source_table == table, c.version > after, c.version <= upto
     )
     await conn.execute(sa.delete(SOURCE_LINES).where(sa.exists().where(changed, c.deleted)))
     await conn.execute(
         sa.update(SOURCE_LINES)
         .where(sa.exists().where(changed, sa.not_(c.deleted)))
-        .values(
-            published_key=sa.select(c.doc_key)
-            .where(c.source_table == lines.source_table, c.doc_id == lines.doc_id)
-            .scalar_subquery()
-        )
+        .values(published_key=sa.select(c.doc_key).where(_LINE_OF_DOCUMENT).scalar_subquery())
     )
 
 
@@ -390,9 +389,7 @@ def _lined(select: sa.Select[Any]) -> sa.Select[Any]:
     line = sa.case((lines.creation_time == c.creation_time, lines.line), else_=None)
     published = lines.line.is_not(None).label("published")
     return select.add_columns(line.label("line"), lines.published_key, published).outerjoin_from(
-        SOURCE_DOCUMENTS,
-        SOURCE_LINES,
-        sa.and_(lines.source_table == c.source_table, lines.doc_id == c.doc_id),
+        SOURCE_DOCUMENTS, SOURCE_LINES, _LINE_OF_DOCUMENT
     )
 
 
@@ -456,10 +453,7 @@ async def _amend(
         last = (
             await conn.execute(
                 sa.select(c.creation_time, c.doc_id)
-                .join(
-                    SOURCE_LINES,
-                    sa.and_(lines.source_table == c.source_table, lines.doc_id == c.doc_id),
-                )
+                .join(SOURCE_LINES, _LINE_OF_DOCUMENT)
                 .where(
                     lines.source_table == table,
                     sa.not_(c.deleted),
