@@ -7,6 +7,8 @@ with the documents it covers):
    anything is written).
 2. First time only: pin a snapshot (`list_snapshot` without a table) and walk each followed
    table in pages; a snapshot the source no longer serves is walked again from a new one.
+   The snapshot's state is published as it is walked (`_SnapshotPublication`): each table
+   once its walk is done, while the next one is walked.
 3. Publish the state as a newer export of the deployment (a merge import, SPEC §5): the
    mirror written as a folder export, in `_creationTime`, `_id` order, through the one publish
    path (`khala_app/publication.py`), so `process` and `sink` derive and write it as they do
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -52,7 +55,7 @@ from khala_stream.errors import DeployKeyError, UsageError
 from khala_stream.processes import pid_alive
 from producers import live_mirror
 from producers.amendment import amendment_sha256
-from producers.export_reader import open_export
+from producers.export_reader import folder_in_writing, open_export
 from producers.live_api import Cursor, SnapshotPage
 from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
 from producers.live_mirror import FollowState
@@ -169,7 +172,7 @@ async def follow(
                 await prepare_topics_waiting(live, db)
                 while True:
                     began = time.monotonic()
-                    state = await _snapshot(client, db, deployment, followed, found, report)
+                    state = await _snapshot(client, db, live, followed, found, options, report)
                     if report.snapshot_documents:
                         _status.info(
                             "follow: snapshot walked: documents=%d seconds=%.2f",
@@ -195,27 +198,39 @@ async def follow(
 async def _snapshot(
     client: LiveClient,
     db: Database,
-    deployment: str,
+    live: Settings,
     followed: Sequence[str],
     state: FollowState | None,
+    options: FollowOptions,
     report: FollowReport,
 ) -> FollowState:
-    """Walk the snapshot (again, from where it stopped); the state once every table is done."""
+    """Walk the snapshot (again, from where it stopped), publishing it on the way when it can
+    be; the state once every table is done."""
+    deployment = report.deployment
     while state is None or state.phase == "snapshot":
         if state is None:
             pinned = await client.snapshot_page(None, snapshot=None, cursor=None)
             state = await db.run(live_mirror.start_snapshot, deployment, pinned.snapshot)
             logger.info("follow: snapshot=%s pinned", pinned.snapshot)
+        snapshot = state.snapshot
+        publication = await _SnapshotPublication.start(db, live, followed, state, options)
         try:
             for table in followed:
                 state = await _walk_table(client, db, deployment, state, table, report)
+                if publication is not None:
+                    publication.walked(table)
             state = await db.run(live_mirror.finish_snapshot, deployment)
+            if publication is not None:
+                state = await publication.finish(state, report)
         except SnapshotExpired:
             logger.warning("follow: snapshot=%s no longer served; walking a new one",
-                           state.snapshot)  # fmt: skip
+                           snapshot)  # fmt: skip
             report.snapshot_restarts += 1
             report.snapshot_documents.clear()
             state = None
+        finally:
+            if publication is not None:
+                await publication.close()
     return state
 
 
@@ -380,13 +395,7 @@ async def _publish(
     amendment of the run before when it can be one, else whole. None: not now, the run
     before is still to be derived (an amendment waits for it; a second whole state would only
     supersede it)."""
-    run_options = import_runs.RunOptions(
-        propagate_deletes=options.propagate_deletes,
-        # Left out by --tables: as --skip-blueprints. Missing at the source: as an export
-        # without the table (the derivation reads none).
-        skip_blueprints="blueprints" not in options.tables,
-        incremental=True,
-    )
+    run_options = _run_options(options)
     base = await _amendable(db, state, run_options, followed)
     if base == "wait" and not options.until_caught_up:
         return None
@@ -400,6 +409,16 @@ async def _publish(
     after = await db.run(live_mirror.load_state, state.deployment)
     assert after is not None
     return after
+
+
+def _run_options(options: FollowOptions) -> import_runs.RunOptions:
+    return import_runs.RunOptions(
+        propagate_deletes=options.propagate_deletes,
+        # Left out by --tables: as --skip-blueprints. Missing at the source: as an export
+        # without the table (the derivation reads none).
+        skip_blueprints="blueprints" not in options.tables,
+        incremental=True,
+    )
 
 
 async def _amendable(
@@ -508,3 +527,113 @@ async def _publish_whole(
         time.monotonic() - started,
     )
     return published
+
+
+class _SnapshotPublication:
+    """A snapshot's state published as it is walked: one run, its tables in the publisher's
+    order (the walk's), each written out as a folder export's table file and read once its
+    walk is done, while the next table is walked. The state is marked published (step 3) only
+    when every table is walked and the broker acknowledged the run: a follow stopped before
+    then publishes the state whole when it resumes, and the run left behind is superseded."""
+
+    def __init__(
+        self,
+        db: Database,
+        live: Settings,
+        followed: Sequence[str],
+        state: FollowState,
+        run_options: import_runs.RunOptions,
+        run_id: int,
+    ) -> None:
+        self._db = db
+        self._deployment = state.deployment
+        self._followed = tuple(followed)
+        self._state_ns = state.snapshot_ns
+        self._run_id = run_id
+        self._walked = {table: asyncio.Event() for table in followed}
+        self._folder = _spool_folder()
+        self._began = time.monotonic()
+        export = folder_in_writing(
+            self._folder,
+            self._followed,
+            snapshot_ms=self._state_ns // 1_000_000,
+            sha256=_snapshot_sha256(state),
+        )
+        self._task = asyncio.ensure_future(
+            publish_run(
+                live, db, export, run_id, run_options, followed_state=True, ready=self._ready
+            )  # fmt: skip
+        )
+
+    @classmethod
+    async def start(
+        cls,
+        db: Database,
+        live: Settings,
+        followed: Sequence[str],
+        state: FollowState,
+        options: FollowOptions,
+    ) -> _SnapshotPublication | None:
+        """Register the run and start publishing; None when the state cannot go out as it is
+        walked: its snapshot position carries no source time, or an export imported since is
+        newer (the state then waits for deltas that make it newer, step 4)."""
+        newest_export_ns = await db.run(live_mirror.newest_export_ms) * 1_000_000
+        if state.snapshot_ns == 0 or state.snapshot_ns < newest_export_ns:
+            return None
+        run_options = _run_options(options)
+        run_id = await db.run(
+            import_runs.register,
+            source=live_mirror.run_source(state.deployment, state.snapshot),
+            sha256=_snapshot_sha256(state),
+            options=run_options,
+        )
+        return cls(db, live, followed, state, run_options, run_id)
+
+    async def _ready(self, table: str) -> None:
+        walked = self._walked.get(table)
+        if walked is None:
+            return  # not followed: the export has no such table
+        await walked.wait()
+        await self._db.run(live_mirror.write_folder, [table], self._folder, self._state_ns)
+
+    def walked(self, table: str) -> None:
+        """`table`'s walk is done: it may be published. Raises what stopped the publication."""
+        if self._task.done():
+            self._task.result()
+        self._walked[table].set()
+
+    async def finish(self, state: FollowState, report: FollowReport) -> FollowState:
+        """Every table walked (`state`, from `finish_snapshot`): once the broker has the run,
+        the state is published; the state after."""
+        published = await self._task
+        await self._db.run(
+            live_mirror.mark_published, self._deployment, state.version, state.state_ns,
+            self._run_id, tables=self._followed,
+        )  # fmt: skip
+        report.runs.append(self._run_id)
+        report.published.update(published.published)
+        _status.info(
+            "follow: run=%d version=%d snapshot=%s published=%s seconds=%.2f (as walked)",
+            self._run_id,
+            state.version,
+            state.snapshot,
+            dict(published.published),
+            time.monotonic() - self._began,
+        )
+        after = await self._db.run(live_mirror.load_state, self._deployment)
+        assert after is not None
+        return after
+
+    async def close(self) -> None:
+        """Stop publishing if it has not finished, and remove the written tables."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _snapshot_sha256(state: FollowState) -> str:
+    """A state published as it is walked names its snapshot instead of its bytes, which are
+    not all known when the first of them goes out."""
+    return hashlib.sha256(
+        live_mirror.run_source(state.deployment, state.snapshot).encode()
+    ).hexdigest()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 
@@ -85,16 +85,18 @@ async def publish_run(
     progress: ProgressCallback | None = None,
     applied: Mapping[str, int] | None = None,
     followed_state: bool = False,
+    ready: Callable[[str], Awaitable[None]] | None = None,
 ) -> PublishReport:
     """Publish `export` as run `run_id` (`Publisher.publish`; `applied`: publish it again after
     the broker lost documents); a broker that lost acknowledged records is RuntimeFailure.
     `followed_state`: the export is the followed deployment's state (`follow`), never older
-    than itself (its time in milliseconds can fall before the last state's in nanoseconds)."""
+    than itself (its time in milliseconds can fall before the last state's in nanoseconds);
+    `ready`: the export is still being written (`Publisher.publish`)."""
     later = None
     if not (options.replace or followed_state):  # --replace: refused when older (`open_run`)
         later = await db.run(later_state.later_state, run_id, export.snapshot_ms or 0)
     async with _publisher(live, db, options, progress) as publisher:
-        return await publisher.publish(export, run_id, applied=applied, later=later)
+        return await publisher.publish(export, run_id, applied=applied, later=later, ready=ready)
 
 
 async def publish_amendment_run(

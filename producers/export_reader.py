@@ -17,7 +17,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -352,6 +352,7 @@ class ExportSource:
         zip_infos: dict[str, zipfile.ZipInfo],
         max_entry_bytes: int,
         max_ratio: float,
+        sha256: str | None = None,
     ) -> None:
         self.path = path
         self.kind = kind
@@ -362,7 +363,7 @@ class ExportSource:
         self._zip_infos = zip_infos
         self._max_entry_bytes = max_entry_bytes
         self._max_ratio = max_ratio
-        self._sha256: str | None = None
+        self._sha256 = sha256
         self._entry_digests: dict[str, str] = {}
 
     def __enter__(self) -> ExportSource:
@@ -625,6 +626,26 @@ def _open_folder(path: Path, max_entry_bytes: int, max_total_bytes: int) -> Expo
         zip_infos={},
         max_entry_bytes=max_entry_bytes,
         max_ratio=DEFAULT_MAX_RATIO,
+    )
+
+
+def folder_in_writing(
+    path: Path, tables: Sequence[str], *, snapshot_ms: int, sha256: str
+) -> ExportSource:
+    """A folder export of our own making whose table files are still being written (`follow`
+    walking a snapshot): its tables, time and fingerprint are known before its files, and a
+    table is read only once its writer finished it (`Publisher.publish`'s `ready`)."""
+    return ExportSource(
+        path=path,
+        kind="folder",
+        size_bytes=0,
+        tables={table: f"{table}/{TABLE_FILE}" for table in tables},
+        snapshot_ms=snapshot_ms,
+        zip_file=None,
+        zip_infos={},
+        max_entry_bytes=1 << 62,
+        max_ratio=DEFAULT_MAX_RATIO,
+        sha256=sha256,
     )
 
 

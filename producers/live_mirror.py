@@ -37,10 +37,9 @@ from khala_stream.db.queries import insert_for, staged
 from khala_stream.errors import UsageError
 from khala_stream.import_runs import FOLLOW_SOURCE
 from producers.amendment import Amendment, Winner
-from producers.export_reader import MAX_LINE_BYTES, parse_document
+from producers.export_reader import MAX_LINE_BYTES, TABLE_FILE, parse_document
 from producers.live_api import Cursor, LiveValue
 
-TABLE_FILE = "documents.jsonl"
 RUN_SOURCE = FOLLOW_SOURCE
 """How a run `follow` published names its source: `follow <deployment> cursor=<cursor>`."""
 _PAGE = 2000
@@ -77,6 +76,11 @@ class FollowState:
     @property
     def unpublished(self) -> bool:
         return self.version > self.published_version
+
+    @property
+    def snapshot_ns(self) -> int:
+        """The snapshot's source time; 0 when its position says nothing about time."""
+        return _as_ns(self.snapshot)
 
 
 @dataclass(slots=True)

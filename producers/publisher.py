@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +179,7 @@ class Publisher:
         *,
         applied: Mapping[str, int] | None = None,
         later: LaterState | None = None,
+        ready: Callable[[str], Awaitable[None]] | None = None,
     ) -> PublishReport:
         """Publish `export` as run `run_id`.
 
@@ -188,7 +189,8 @@ class Publisher:
         the run announces `applied` plus what was sent, so the derivation waits for those.
         With `later`, the export is older than a followed deployment's state: the tables
         `follow` publishes are carried over as the run before holds them, whatever the export
-        has of them (`producers/later_state.py`).
+        has of them (`producers/later_state.py`). With `ready`, the export is still being
+        written (`follow` walking a snapshot): a table is read once `ready(table)` returned.
         """
         self._again = applied is not None
         snapshot_ms = (export.snapshot_ms or 0) if later is None else later.snapshot_ms
@@ -207,6 +209,8 @@ class Publisher:
                     report.entries[table] = entry
                 _carry(table, entry, later.base, report, self._max_reported)
                 continue
+            if ready is not None:
+                await ready(table)
             digest = export.entry_sha256(table)
             if digest is not None:
                 report.entries[table] = digest

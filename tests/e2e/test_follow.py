@@ -205,13 +205,14 @@ def test_follow_equals_a_merge_import_after_the_snapshot_and_each_step(
         assert (len(after["run_events"]) < len(before["run_events"]) + 1) == propagate
         # An export older than the state follow published: older for every document of the
         # tables follow follows (all of them here), so it changes nothing (a run of its own).
+        runs = _runs(pg_url)
         ok(khala(["import-chat", str(tmp_path / "state-1.zip"), *flags], env, timeout=300))
-        assert table_snapshot(pg_url) == after and _runs(pg_url) == 3
+        assert table_snapshot(pg_url) == after and _runs(pg_url) == runs + 1
         # Replacing the tables with it: follow would publish its state over it again.
         replace = khala(["import-chat", str(tmp_path / "state-1.zip"), "--replace"], env)
         assert replace.exit_code == 2, replace.stderr
         assert "--replace of an export older" in replace.stderr
-        assert table_snapshot(pg_url) == after and _runs(pg_url) == 3
+        assert table_snapshot(pg_url) == after and _runs(pg_url) == runs + 1
 
         step_two(fake)
         ok(_follow(env, fake, *flags))
@@ -244,6 +245,59 @@ def test_follow_equals_a_merge_import_after_the_snapshot_and_each_step(
         again = ok(_follow(env, fake, *flags))
         assert "runs published: none" in again.stdout
         assert _runs(pg_url) == runs
+
+
+def test_the_snapshot_is_published_as_it_is_walked_and_sigterm_then_resume_loses_nothing(
+    fake: FakeKhala,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    pg_url: str,
+    pg_admin_url: str,
+    make_stages: MakeStages,
+) -> None:
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    env = {
+        **stage_env(kafka_bootstrap, topic_prefix, pg_url),
+        "KHALA_DEPLOY_KEY": KEY,
+        "TMPDIR": str(spool),
+    }
+    stages = make_stages(env).start()
+    fake.held = {"blueprints"}  # the last table walked: the source is slow to serve it
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
+         "--until-caught-up"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    earlier = ("users", "threads", "runs", "messages", "receipts")
+    stored: dict[str, int] = {}
+    try:
+        # The tables walked before it reach the processor while it is still being walked.
+        deadline = time.monotonic() + 120
+        while set(stored) != set(earlier):
+            assert follow.poll() is None and time.monotonic() < deadline, stored
+            query = (
+                "SELECT source_table, count(*) FROM khala_import_documents" " GROUP BY source_table"
+            )
+            (found,) = run_db(pg_url, [sa.text(query)])
+            stored = {t: n for t, n in found if t in earlier}
+            time.sleep(0.2)
+        assert rows(pg_url, "users") == []  # the run is not complete: nothing derived
+        # Stopped by its supervisor half way: it stops, and leaves no written table behind.
+        follow.send_signal(signal.SIGTERM)
+        code = follow.wait(timeout=30)
+    finally:
+        follow.kill()
+        follow.wait()
+    assert code == 143
+    assert list(spool.glob("khala-follow-*")) == []
+    fake.held = set()
+    with fresh_database(pg_admin_url) as other:
+        result = ok(_follow(env, fake))
+        assert "runs published: " in result.stdout
+        expected = Mirror(tmp_path, kafka_bootstrap, other, ()).import_state(fake)
+        _compare(pg_url, expected, stages, "after a stopped walk, resumed")
 
 
 def _mixed_export(followed: Path, older: Path, table: str, out: Path) -> Path:

@@ -79,6 +79,9 @@ class FakeKhala(FakeHttpServer):
         """Snapshot pages served before the snapshot being walked expires (once)."""
         self.on_expiry: Callable[[], None] | None = None
         """Called as the snapshot expires (to commit something: time moves on)."""
+        self.held: set[str] = set()
+        """Tables whose snapshot pages answer 503 with Retry-After for now (a deployment slow
+        to serve one table)."""
         self._pages_served = 0
         self._cache: dict[Any, Any] = {}
         self.deltas_kept_after = 0
@@ -228,6 +231,8 @@ class FakeKhala(FakeHttpServer):
 
     def _snapshot(self, params: dict[str, str]) -> Reply:
         snapshot = int(params["snapshot"]) if "snapshot" in params else self.now
+        if params.get("tableName") in self.held:
+            return Reply(503, {"code": "Unavailable"}, {"Retry-After": "1"})
         if "tableName" in params:
             self._pages_served += 1
             if self._pages_served == self.expire_at_page:
