@@ -59,11 +59,21 @@ from producers.export_reader import folder_in_writing, open_export
 from producers.live_api import Cursor, SnapshotPage
 from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
 from producers.live_mirror import FollowState
-from producers.publisher import PublishReport
+from producers.publisher import InWriting, PublishReport
 
 logger = logging.getLogger(__name__)
 # The line per publication shown without -v, as the stages' status lines are.
 _status = logging.getLogger("khala_stream.status")
+
+_WALK_ORDER: Final = ("messages", "receipts", "runs", "threads", "blueprints", "users")
+"""The order a snapshot's tables are walked in: a chat deployment's largest first, so that
+the others are walked while it is published, the longest of the publications."""
+assert sorted(_WALK_ORDER) == sorted(SOURCE_TABLES)
+
+
+def _in_walk_order(tables: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted(tables, key=_WALK_ORDER.index))
+
 
 _STATUS_EVERY_S = 5.0
 _PAGES_PER_PUBLISH = 50
@@ -215,7 +225,7 @@ async def _snapshot(
         snapshot = state.snapshot
         publication = await _SnapshotPublication.start(db, live, followed, state, options)
         try:
-            for table in followed:
+            for table in _in_walk_order(followed):
                 state = await _walk_table(client, db, deployment, state, table, report)
                 if publication is not None:
                     publication.walked(table)
@@ -530,9 +540,9 @@ async def _publish_whole(
 
 
 class _SnapshotPublication:
-    """A snapshot's state published as it is walked: one run, its tables in the publisher's
-    order (the walk's), each written out as a folder export's table file and read once its
-    walk is done, while the next table is walked. The state is marked published (step 3) only
+    """A snapshot's state published as it is walked: one run, its tables in the order they
+    are walked, each written out as a folder export's table file and published once its walk
+    is done, while the next table is walked. The state is marked published (step 3) only
     when every table is walked and the broker acknowledged the run: a follow stopped before
     then publishes the state whole when it resumes, and the run left behind is superseded."""
 
@@ -559,9 +569,10 @@ class _SnapshotPublication:
             snapshot_ms=self._state_ns // 1_000_000,
             sha256=_snapshot_sha256(state),
         )
+        writing = InWriting(order=_in_walk_order(followed), ready=self._ready)
         self._task = asyncio.ensure_future(
             publish_run(
-                live, db, export, run_id, run_options, followed_state=True, ready=self._ready
+                live, db, export, run_id, run_options, followed_state=True, writing=writing
             )  # fmt: skip
         )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 
@@ -25,7 +25,7 @@ from khala_stream.progress import ProgressCallback
 from producers import later_state
 from producers.amendment import Amendment
 from producers.export_reader import ExportSource
-from producers.publisher import Publisher, PublishReport
+from producers.publisher import InWriting, Publisher, PublishReport
 
 PROCESSOR_BEHIND = 15_000
 """Documents the processor may be behind the publisher, per table."""
@@ -85,18 +85,20 @@ async def publish_run(
     progress: ProgressCallback | None = None,
     applied: Mapping[str, int] | None = None,
     followed_state: bool = False,
-    ready: Callable[[str], Awaitable[None]] | None = None,
+    writing: InWriting | None = None,
 ) -> PublishReport:
     """Publish `export` as run `run_id` (`Publisher.publish`; `applied`: publish it again after
     the broker lost documents); a broker that lost acknowledged records is RuntimeFailure.
     `followed_state`: the export is the followed deployment's state (`follow`), never older
     than itself (its time in milliseconds can fall before the last state's in nanoseconds);
-    `ready`: the export is still being written (`Publisher.publish`)."""
+    `writing`: the export is still being written (`Publisher.publish`)."""
     later = None
     if not (options.replace or followed_state):  # --replace: refused when older (`open_run`)
         later = await db.run(later_state.later_state, run_id, export.snapshot_ms or 0)
     async with _publisher(live, db, options, progress) as publisher:
-        return await publisher.publish(export, run_id, applied=applied, later=later, ready=ready)
+        return await publisher.publish(
+            export, run_id, applied=applied, later=later, writing=writing
+        )
 
 
 async def publish_amendment_run(

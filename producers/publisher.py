@@ -139,6 +139,21 @@ def reason_code(rejected: RejectedLine) -> ReasonCode:
     return "invalid_json"
 
 
+@dataclass(frozen=True, slots=True)
+class InWriting:
+    """An export still being written table by table (`follow` publishing a snapshot as it
+    walks it): the tables go out in the order they are written (each is stored on its own,
+    so no other order is needed), each once `ready(table)` returned."""
+
+    order: tuple[str, ...]
+    ready: Callable[[str], Awaitable[None]]
+
+    def arrange(self, tables: Sequence[str]) -> list[str]:
+        """`tables` in the order they are written; first those never written (the export
+        has none of them: nothing to wait for)."""
+        return sorted(tables, key=lambda t: self.order.index(t) if t in self.order else -1)
+
+
 class Publisher:
     """Publishes one export as one import run."""
 
@@ -179,7 +194,7 @@ class Publisher:
         *,
         applied: Mapping[str, int] | None = None,
         later: LaterState | None = None,
-        ready: Callable[[str], Awaitable[None]] | None = None,
+        writing: InWriting | None = None,
     ) -> PublishReport:
         """Publish `export` as run `run_id`.
 
@@ -189,8 +204,8 @@ class Publisher:
         the run announces `applied` plus what was sent, so the derivation waits for those.
         With `later`, the export is older than a followed deployment's state: the tables
         `follow` publishes are carried over as the run before holds them, whatever the export
-        has of them (`producers/later_state.py`). With `ready`, the export is still being
-        written (`follow` walking a snapshot): a table is read once `ready(table)` returned.
+        has of them (`producers/later_state.py`). With `writing`, the export is still being
+        written: its tables go out in the order they are written, each once written.
         """
         self._again = applied is not None
         snapshot_ms = (export.snapshot_ms or 0) if later is None else later.snapshot_ms
@@ -202,15 +217,16 @@ class Publisher:
         base = None
         if self._carry_unchanged and not self._again:
             base = await self._db.run(_carry_base, run_id)
-        for table in read_tables(self._skip_blueprints):  # reference §6.4
+        tables = read_tables(self._skip_blueprints)  # reference §6.4
+        for table in tables if writing is None else writing.arrange(tables):
             if later is not None and table in kept:
                 entry = later.base.entries.get(table, "")
                 if entry:
                     report.entries[table] = entry
                 _carry(table, entry, later.base, report, self._max_reported)
                 continue
-            if ready is not None:
-                await ready(table)
+            if writing is not None:
+                await writing.ready(table)
             digest = export.entry_sha256(table)
             if digest is not None:
                 report.entries[table] = digest

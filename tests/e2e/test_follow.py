@@ -264,25 +264,24 @@ def test_the_snapshot_is_published_as_it_is_walked_and_sigterm_then_resume_loses
         "TMPDIR": str(spool),
     }
     stages = make_stages(env).start()
-    fake.held = {"blueprints"}  # the last table walked: the source is slow to serve it
+    fake.held = {"users"}  # the source is slow to serve one table
     follow = subprocess.Popen(
         [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
          "--until-caught-up"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "follow.log").open("wb"),
     )  # fmt: skip
-    earlier = ("users", "threads", "runs", "messages", "receipts")
     stored: dict[str, int] = {}
     try:
-        # The tables walked before it reach the processor while it is still being walked.
+        # Tables walked before it reach the processor while it is still being walked.
         deadline = time.monotonic() + 120
-        while set(stored) != set(earlier):
-            assert follow.poll() is None and time.monotonic() < deadline, stored
-            query = (
-                "SELECT source_table, count(*) FROM khala_import_documents" " GROUP BY source_table"
-            )
+        while not stored:
+            assert follow.poll() is None, (tmp_path / "follow.log").read_text()
+            assert time.monotonic() < deadline
+            query = "SELECT source_table, count(*) FROM khala_import_documents GROUP BY 1"
             (found,) = run_db(pg_url, [sa.text(query)])
-            stored = {t: n for t, n in found if t in earlier}
+            stored = dict(found)
             time.sleep(0.2)
+        assert "users" not in stored
         assert rows(pg_url, "users") == []  # the run is not complete: nothing derived
         # Stopped by its supervisor half way: it stops, and leaves no written table behind.
         follow.send_signal(signal.SIGTERM)
