@@ -60,22 +60,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "khala_app", *args]
 
 
-def _applied(url: str, prefix: str, after: int) -> bool:
-    async def go() -> bool:
-        engine = create_engine(url)
-        try:
-            run = await import_runs.latest(engine)
-            if run is None or run.id <= after:
-                return False
-            return await import_runs.applied_by_sink(
-                engine, run, f"{prefix}.sink", f"{prefix}.changes"
-            )
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
-
-
 def _latest(url: str) -> int:
     async def go() -> int:
         engine = create_engine(url)
@@ -103,11 +87,30 @@ def _scoped_threads(url: str) -> int | None:
 
 
 def _wait_applied(url: str, prefix: str, after: int, timeout: float = 3600) -> None:
-    deadline = time.monotonic() + timeout
-    while not _applied(url, prefix, after):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the run was not applied in time")
-        time.sleep(0.1)
+    """Until the sink has applied a run newer than `after`; polled on one connection pool (a
+    poller starting an engine ten times a second would tax the path it measures)."""
+
+    async def go() -> None:
+        engine = create_engine(url)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                run = await import_runs.latest(engine)
+                if (
+                    run is not None
+                    and run.id > after
+                    and await import_runs.applied_by_sink(
+                        engine, run, f"{prefix}.sink", f"{prefix}.changes"
+                    )
+                ):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the run was not applied in time")
+                await asyncio.sleep(0.1)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
 
 
 def _cpu_s(pid: int) -> float:

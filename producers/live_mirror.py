@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from khala_stream.contract.documents import string_field
 from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS, SOURCE_LINES
-from khala_stream.db.queries import insert_for, staged
+from khala_stream.db.queries import copy_new_rows, insert_for, staged
 from khala_stream.errors import UsageError
 from khala_stream.import_runs import FOLLOW_SOURCE
 from producers.amendment import Amendment, Winner
@@ -211,7 +211,8 @@ async def apply_snapshot_page(
     """A page of `table`'s snapshot walk, and the cursor after it, in one transaction."""
     async with engine.begin() as conn:
         state = await _locked(conn, deployment)
-        await _apply(conn, [v for v in values if v.table == table], {table}, state.version)
+        page = [v for v in values if v.table == table]
+        await _apply(conn, page, {table}, state.version, walked=True)
         cursors = {t: [c, d] for t, (c, d) in state.table_cursors.items()}
         cursors[table] = [cursor, done]
         newest = max([state.state_ns, *(v.ts for v in values)])
@@ -523,9 +524,17 @@ async def _locked(conn: AsyncConnection, deployment: str) -> FollowState:
 
 
 async def _apply(
-    conn: AsyncConnection, values: Sequence[LiveValue], followed: set[str], version: int
+    conn: AsyncConnection,
+    values: Sequence[LiveValue],
+    followed: set[str],
+    version: int,
+    *,
+    walked: bool = False,
 ) -> PageEffect:
-    """Upsert `values` of the followed tables where not older than what is stored."""
+    """Upsert `values` of the followed tables where not older than what is stored.
+    `walked`: a page of a snapshot walk, whose documents the mirror most likely lacks (the
+    walk starts from an empty mirror and lists each document once): on PostgreSQL they are
+    COPied straight in, and upserted only when one is there already."""
     effect = PageEffect()
     latest: dict[tuple[str, str], LiveValue] = {}
     for v in values:
@@ -550,11 +559,17 @@ async def _apply(
         }
         for _, v in sorted(latest.items())
     ]
-    if conn.dialect.name == "postgresql":
-        # COPY and one INSERT … SELECT: a snapshot page of a thousand documents costs a
-        # fraction of what as many parameter sets do.
-        columns = tuple(rows[0])
-        records = (tuple(r[c] for c in columns) for r in rows)
+    columns = tuple(rows[0])
+    records = [tuple(r[c] for c in columns) for r in rows]
+    if (
+        walked
+        and conn.dialect.name == "postgresql"
+        and await copy_new_rows(conn, SOURCE_DOCUMENTS.name, columns, records)
+    ):
+        _count(effect, [(r["source_table"], r["deleted"]) for r in rows])
+    elif conn.dialect.name == "postgresql":
+        # COPY and one INSERT … SELECT: a page of a thousand documents costs a fraction of
+        # what as many parameter sets do.
         async with staged(conn, SOURCE_DOCUMENTS.name, columns, records) as name:
             stage = sa.table(name, *(sa.column(c) for c in columns))
             ordered = sa.select(stage).order_by(stage.c.source_table, stage.c.doc_id)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from khala_stream.db.errors import sqlstate
 from khala_stream.db.importer_tables import DOCUMENTS
 
 
@@ -86,6 +87,25 @@ async def copy_rows(
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
     await driver.copy_records_to_table(table, records=rows, columns=list(columns))
+
+
+async def copy_new_rows(
+    conn: AsyncConnection, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
+) -> bool:
+    """PostgreSQL: `rows` binary-COPied straight into `table`, under a savepoint of the
+    caller's transaction; False, with nothing written, when one of them is there already (a
+    unique violation: the caller upserts them instead)."""
+    try:
+        async with conn.begin_nested():
+            await copy_rows(conn, table, columns, rows)
+    except Exception as exc:
+        if sqlstate(exc) != _UNIQUE_VIOLATION:
+            raise
+        return False
+    return True
+
+
+_UNIQUE_VIOLATION: Final = "23505"
 
 
 async def execute_counted(conn: AsyncConnection, sql: str, *args: Any) -> int:

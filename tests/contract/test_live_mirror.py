@@ -80,7 +80,9 @@ def test_any_arrival_order_keeps_the_latest_version(
         await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
         for table in ("users", "threads"):
             mine = [v for v in snapshot if v.table == table]
-            await live_mirror.apply_snapshot_page(engine, DEPLOYMENT, table, mine, "c", True)
+            cut = rng.randint(0, len(mine))
+            for page in (mine[:cut], mine[cut:]):  # a document may come again, on another page
+                await live_mirror.apply_snapshot_page(engine, DEPLOYMENT, table, page, "c", True)
         await live_mirror.finish_snapshot(engine, DEPLOYMENT)
         cut = rng.randint(0, len(deltas))
         for page in (deltas[:cut], deltas[cut:]):
@@ -101,6 +103,32 @@ def test_any_arrival_order_keeps_the_latest_version(
         state = await live_mirror.load_state(engine, DEPLOYMENT)
         assert state is not None and state.phase == "deltas" and state.delta_cursor == S + 100
         assert (out / "users" / "documents.jsonl").stat().st_mtime_ns == (S + 100) * 10**9
+
+    run_on(db_url, body)
+
+
+def test_a_document_a_snapshot_lists_again_keeps_its_latest_version(db_url: str) -> None:
+    """Pages of a walk go straight into the mirror; one whose document is there already (a
+    source listing it twice) is upserted instead, by the same rule as deltas."""
+
+    async def body(engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(sa.delete(FOLLOW))
+            await conn.execute(sa.delete(SOURCE_DOCUMENTS))
+        await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
+        pages = [
+            [_value("users", "a", S + 1, 1, False)],
+            [_value("users", "b", S + 1, 1, False), _value("users", "a", S + 3, 3, False)],
+            [_value("users", "a", S + 2, 2, False), _value("users", "c", S + 1, 1, False)],
+        ]
+        for page in pages:
+            await live_mirror.apply_snapshot_page(engine, DEPLOYMENT, "users", page, "c", False)
+        async with engine.connect() as conn:
+            c = SOURCE_DOCUMENTS.c
+            found = (await conn.execute(sa.select(c.doc_id, c.ts).order_by(c.doc_id))).all()
+        assert [tuple(r) for r in found] == [("a", S + 3), ("b", S + 1), ("c", S + 1)]
+        state = await live_mirror.load_state(engine, DEPLOYMENT)
+        assert state is not None and state.table_cursors["users"] == ("c", False)
 
     run_on(db_url, body)
 
