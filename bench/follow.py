@@ -2,6 +2,7 @@
 documents from a ZIP, on one PostgreSQL (fsync on) and one embedded broker per path.
 
     .venv/bin/python -m bench.follow --size 20k [--changes 50] [--edge-cases]
+        [--rounds N] [--snapshot-only]
 
 1. **ZIP**: `import-chat EXPORT` on a fresh database: wall time from spawn to exit.
 2. **follow, snapshot**: the same documents served by the fake deployment of the tests
@@ -18,7 +19,10 @@ documents from a ZIP, on one PostgreSQL (fsync on) and one embedded broker per p
    per change the time from its commit to the sink having applied a run that carries it
    (p50, p95, max; target p95 <= 5 s), and the `process` stage's CPU per change (target: the
    same at 100k and 1M).
-The two paths' ten tables are compared (tests/e2e/snapshot.py) after step 2.
+The two paths' ten tables are compared (tests/e2e/snapshot.py) after step 2. With `--rounds N`
+phases 1 and 2 run N times, one path after the other, each on fresh databases and brokers,
+and the ratios of every round are printed (this machine's noise shows in their spread);
+phases 3 and 4 follow the last round unless `--snapshot-only`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -236,6 +241,34 @@ def _sustained(
     )
 
 
+def _steps(
+    fake: FakeKhala,
+    env: dict[str, str],
+    url: str,
+    prefix: str,
+    process_pid: int,
+    args: argparse.Namespace,
+    logs: Path,
+) -> None:
+    """Phases 3 and 4 (module docstring), on the state the snapshot phase left."""
+    messages = sorted(fake.state()["messages"].values(), key=lambda d: d["_id"])
+    users = sorted(fake.state()["users"].values(), key=lambda d: d["_id"])
+    for n, (name, extra) in enumerate(
+        (
+            ("scoped", []),
+            # One user changed besides: the whole store is derived again.
+            ("full", [("users", {**users[0], "name": "Renamed for the bench"})]),
+        ),
+        start=1,
+    ):
+        edits = [
+            ("messages", {**m, "text": f"edited {n}.{i}"})
+            for i, m in enumerate(messages[: args.changes])
+        ]
+        _step(fake, env, url, prefix, process_pid, T0 + 10 * n, edits + extra, name)
+    _sustained(fake, env, url, prefix, process_pid, args.rate, args.seconds, logs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.follow")
     parser.add_argument("--size", default="20k")
@@ -246,6 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         "--edge-cases",
         action="store_true",
         help="serve a `generate --edge-cases` export (repeated keys, bad lines, keyless documents)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat phases 1-2 this many times, alternating the paths (noise shows in the spread)",
+    )
+    parser.add_argument(
+        "--snapshot-only", action="store_true", help="phases 1-2 only: no steps, no sustained phase"
     )
     args = parser.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="khala-bench-follow-"))
@@ -260,67 +302,70 @@ def main(argv: list[str] | None = None) -> int:
         with FakeKhala(deploy_key=KEY) as fake:
             fake.load_export(export.path, ts_s=T0)
             zip_path = fake.write_export(logs / "state.zip")
-    with postgres_server(durable=True) as pg:
-        zip_db = pg.create_database("bench_zip")
-        with fresh_broker() as broker:
-            env = _env(pg.url(zip_db), broker.bootstrap)
-            pg.checkpoint()
-            began = time.monotonic()
-            with (logs / "zip.log").open("wb") as log:
-                subprocess.run(_cli("import-chat", str(zip_path)), env=env, check=True,
-                               stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
-            zip_s = time.monotonic() - began
-        print(f"zip import-chat: {zip_s:.1f} s", flush=True)
-
-        follow_db = pg.create_database("bench_follow")
-        with fresh_broker() as broker, FakeKhala(deploy_key=KEY, page_size=1000,
-                                                 delta_page_size=1000) as fake:  # fmt: skip
-            fake.load_export(export.path, ts_s=T0)
-            url = pg.url(follow_db)
-            env = _env(url, broker.bootstrap)
-            prefix = env["KHALA_TOPIC_PREFIX"]
-            stages = [
-                subprocess.Popen(_cli(stage), env=env, stdout=subprocess.DEVNULL,
-                                 stderr=(logs / f"{stage}.log").open("wb"))
-                for stage in ("process", "sink")
-            ]  # fmt: skip
-            try:
+    ratios: list[float] = []
+    with (
+        postgres_server(durable=True) as pg,
+        FakeKhala(deploy_key=KEY, page_size=1000, delta_page_size=1000) as fake,
+    ):
+        fake.load_export(export.path, ts_s=T0)
+        for round_ in range(1, args.rounds + 1):
+            last = round_ == args.rounds
+            zip_db = pg.create_database("bench_zip")
+            with fresh_broker() as broker:
+                env = _env(pg.url(zip_db), broker.bootstrap)
                 pg.checkpoint()
                 began = time.monotonic()
-                subprocess.run(_cli("follow", "--deployment", fake.base_url, "--until-caught-up"),
-                               env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-                published_s = time.monotonic() - began
-                _wait_applied(url, prefix, 0)
-                follow_s = time.monotonic() - began
-                print(
-                    f"follow snapshot: {follow_s:.1f} s (published in {published_s:.1f} s);"
-                    f" throughput ratio zip/follow = {zip_s / follow_s:.2f}",
-                    flush=True,
-                )
-                diff = diff_tables(table_snapshot(pg.url(zip_db)), table_snapshot(url))
-                print("tables: identical" if not diff else f"tables differ:\n{diff}", flush=True)
+                with (logs / f"zip-{round_}.log").open("wb") as log:
+                    subprocess.run(_cli("import-chat", str(zip_path)), env=env, check=True,
+                                   stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+                zip_s = time.monotonic() - began
+            print(f"round {round_}: zip import-chat: {zip_s:.1f} s", flush=True)
 
-                messages = sorted(fake.state()["messages"].values(), key=lambda d: d["_id"])
-                users = sorted(fake.state()["users"].values(), key=lambda d: d["_id"])
-                for n, (name, extra) in enumerate(
-                    (
-                        ("scoped", []),
-                        # One user changed besides: the whole store is derived again.
-                        ("full", [("users", {**users[0], "name": "Renamed for the bench"})]),
-                    ),
-                    start=1,
-                ):
-                    edits = [
-                        ("messages", {**m, "text": f"edited {n}.{i}"})
-                        for i, m in enumerate(messages[: args.changes])
-                    ]
-                    _step(fake, env, url, prefix, stages[0].pid, T0 + 10 * n, edits + extra, name)
-                _sustained(fake, env, url, prefix, stages[0].pid, args.rate, args.seconds, logs)
-            finally:
-                for proc in stages:
-                    proc.terminate()
-                for proc in stages:
-                    proc.wait(timeout=30)
+            follow_db = pg.create_database("bench_follow")
+            with fresh_broker() as broker:
+                url = pg.url(follow_db)
+                env = _env(url, broker.bootstrap)
+                prefix = env["KHALA_TOPIC_PREFIX"]
+                stages = [
+                    subprocess.Popen(_cli(stage), env=env, stdout=subprocess.DEVNULL,
+                                     stderr=(logs / f"{stage}-{round_}.log").open("wb"))
+                    for stage in ("process", "sink")
+                ]  # fmt: skip
+                try:
+                    pg.checkpoint()
+                    began = time.monotonic()
+                    with (logs / f"follow-{round_}.log").open("wb") as log:
+                        subprocess.run(
+                            _cli("follow", "--deployment", fake.base_url, "--until-caught-up"),
+                            env=env, check=True, stdout=subprocess.DEVNULL, stderr=log,
+                        )  # fmt: skip
+                    published_s = time.monotonic() - began
+                    _wait_applied(url, prefix, 0)
+                    follow_s = time.monotonic() - began
+                    ratios.append(zip_s / follow_s)
+                    print(
+                        f"round {round_}: follow snapshot: {follow_s:.1f} s (published in"
+                        f" {published_s:.1f} s); throughput ratio zip/follow = {ratios[-1]:.2f}",
+                        flush=True,
+                    )
+                    diff = diff_tables(table_snapshot(pg.url(zip_db)), table_snapshot(url))
+                    print("tables: identical" if not diff else f"tables differ:\n{diff}",
+                          flush=True)  # fmt: skip
+                    if last and not args.snapshot_only:
+                        _steps(fake, env, url, prefix, stages[0].pid, args, logs)
+                finally:
+                    for proc in stages:
+                        proc.terminate()
+                    for proc in stages:
+                        proc.wait(timeout=30)
+            pg.drop_database(zip_db)
+            pg.drop_database(follow_db)
+    if len(ratios) > 1:
+        print(
+            f"snapshot throughput ratio zip/follow over {len(ratios)} rounds:"
+            f" {' '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})",
+            flush=True,
+        )
     return 0
 
 

@@ -59,7 +59,7 @@ from producers.export_reader import folder_in_writing, open_export
 from producers.live_api import Cursor, SnapshotPage
 from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
 from producers.live_mirror import FollowState
-from producers.publisher import InWriting, PublishReport
+from producers.publisher import PublishReport
 
 logger = logging.getLogger(__name__)
 # The line per publication shown without -v, as the stages' status lines are.
@@ -67,7 +67,9 @@ _status = logging.getLogger("khala_stream.status")
 
 _WALK_ORDER: Final = ("messages", "receipts", "runs", "threads", "blueprints", "users")
 """The order a snapshot's tables are walked in: a chat deployment's largest first, so that
-the others are walked while it is published, the longest of the publications."""
+the others are walked while it is (its walk and its publication are the longest)."""
+_WALKERS: Final = 2
+"""Tables walked at once: one walker waits on the source or the database, the other works."""
 assert sorted(_WALK_ORDER) == sorted(SOURCE_TABLES)
 
 
@@ -225,10 +227,7 @@ async def _snapshot(
         snapshot = state.snapshot
         publication = await _SnapshotPublication.start(db, live, followed, state, options)
         try:
-            for table in _in_walk_order(followed):
-                state = await _walk_table(client, db, deployment, state, table, report)
-                if publication is not None:
-                    publication.walked(table)
+            await _walk(client, db, state, followed, publication, report)
             state = await db.run(live_mirror.finish_snapshot, deployment)
             if publication is not None:
                 state = await publication.finish(state, report)
@@ -244,19 +243,49 @@ async def _snapshot(
     return state
 
 
+async def _walk(
+    client: LiveClient,
+    db: Database,
+    state: FollowState,
+    followed: Sequence[str],
+    publication: _SnapshotPublication | None,
+    report: FollowReport,
+) -> None:
+    """Walk the tables of `followed` (from where they stopped) `_WALKERS` at a time, the
+    largest first, each handed to `publication` once walked. The first failure stops the
+    other walkers and is raised."""
+    waiting = list(_in_walk_order(followed))
+
+    async def walker() -> None:
+        while waiting:
+            table = waiting.pop(0)
+            await _walk_table(client, db, state, table, report)
+            if publication is not None:
+                publication.walked(table)
+
+    walkers = [asyncio.ensure_future(walker()) for _ in range(_WALKERS)]
+    try:
+        done, _ = await asyncio.wait(walkers, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        for task in walkers:
+            task.cancel()
+        await asyncio.gather(*walkers, return_exceptions=True)
+
+
 async def _walk_table(
     client: LiveClient,
     db: Database,
-    deployment: str,
     state: FollowState,
     table: str,
     report: FollowReport,
-) -> FollowState:
+) -> None:
     """Walk `table`'s snapshot from where it stopped, each page into the mirror with the
     cursor after it. The next page is asked for while one is stored: the source and the
     database work at the same time, and the position still moves only with the page."""
     cursor, done = state.table_cursors.get(table, (None, False))
-    snapshot = state.snapshot
+    deployment, snapshot = state.deployment, state.snapshot
 
     def ask(after: Cursor | None) -> asyncio.Future[SnapshotPage]:
         return asyncio.ensure_future(client.snapshot_page(table, snapshot=snapshot, cursor=after))
@@ -269,7 +298,7 @@ async def _walk_table(
                 raise SnapshotExpired(snapshot)  # the source moved it: again
             cursor, done = page.cursor, not page.has_more
             asked = None if done else ask(cursor)
-            state = await db.run(
+            await db.run(
                 live_mirror.apply_snapshot_page, deployment, table, page.values, cursor, done
             )
             report.snapshot_documents[table] += len(page.values)
@@ -277,7 +306,6 @@ async def _walk_table(
         if asked is not None:  # this page failed to be stored: the next one is not wanted
             asked.cancel()
             await asyncio.gather(asked, return_exceptions=True)
-    return state
 
 
 async def _follow_deltas(
@@ -540,9 +568,9 @@ async def _publish_whole(
 
 
 class _SnapshotPublication:
-    """A snapshot's state published as it is walked: one run, its tables in the order they
-    are walked, each written out as a folder export's table file and published once its walk
-    is done, while the next table is walked. The state is marked published (step 3) only
+    """A snapshot's state published as it is walked: one run, its tables in the order their
+    walks end, each written out as a folder export's table file and published while the
+    others are walked (`producers.publisher.InWriting`). The state is marked published (step 3) only
     when every table is walked and the broker acknowledged the run: a follow stopped before
     then publishes the state whole when it resumes, and the run left behind is superseded."""
 
@@ -560,7 +588,7 @@ class _SnapshotPublication:
         self._followed = tuple(followed)
         self._state_ns = state.snapshot_ns
         self._run_id = run_id
-        self._walked = {table: asyncio.Event() for table in followed}
+        self._walked: asyncio.Queue[str] = asyncio.Queue()
         self._folder = _spool_folder()
         self._began = time.monotonic()
         export = folder_in_writing(
@@ -569,10 +597,9 @@ class _SnapshotPublication:
             snapshot_ms=self._state_ns // 1_000_000,
             sha256=_snapshot_sha256(state),
         )
-        writing = InWriting(order=_in_walk_order(followed), ready=self._ready)
         self._task = asyncio.ensure_future(
             publish_run(
-                live, db, export, run_id, run_options, followed_state=True, writing=writing
+                live, db, export, run_id, run_options, followed_state=True, writing=self
             )  # fmt: skip
         )
 
@@ -600,18 +627,20 @@ class _SnapshotPublication:
         )
         return cls(db, live, followed, state, run_options, run_id)
 
-    async def _ready(self, table: str) -> None:
-        walked = self._walked.get(table)
-        if walked is None:
-            return  # not followed: the export has no such table
-        await walked.wait()
+    async def next_written(self, tables: Sequence[str]) -> str:
+        """`InWriting`: a table not followed at once, else the next one walked, written out."""
+        for table in tables:
+            if table not in self._followed:
+                return table  # the export has no such table
+        table = await self._walked.get()
         await self._db.run(live_mirror.write_folder, [table], self._folder, self._state_ns)
+        return table
 
     def walked(self, table: str) -> None:
         """`table`'s walk is done: it may be published. Raises what stopped the publication."""
         if self._task.done():
             self._task.result()
-        self._walked[table].set()
+        self._walked.put_nowait(table)
 
     async def finish(self, state: FollowState, report: FollowReport) -> FollowState:
         """Every table walked (`state`, from `finish_snapshot`): once the broker has the run,

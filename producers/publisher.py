@@ -18,9 +18,9 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -139,19 +139,15 @@ def reason_code(rejected: RejectedLine) -> ReasonCode:
     return "invalid_json"
 
 
-@dataclass(frozen=True, slots=True)
-class InWriting:
+class InWriting(Protocol):
     """An export still being written table by table (`follow` publishing a snapshot as it
-    walks it): the tables go out in the order they are written (each is stored on its own,
-    so no other order is needed), each once `ready(table)` returned."""
+    walks it): its tables go out in the order they are written (each is stored on its own,
+    so no other order is needed)."""
 
-    order: tuple[str, ...]
-    ready: Callable[[str], Awaitable[None]]
-
-    def arrange(self, tables: Sequence[str]) -> list[str]:
-        """`tables` in the order they are written; first those never written (the export
-        has none of them: nothing to wait for)."""
-        return sorted(tables, key=lambda t: self.order.index(t) if t in self.order else -1)
+    async def next_written(self, tables: Sequence[str]) -> str:
+        """The one of `tables` to read next: one the export will never hold at once (nothing
+        to wait for), else the next one written, once it is."""
+        ...
 
 
 class Publisher:
@@ -217,16 +213,16 @@ class Publisher:
         base = None
         if self._carry_unchanged and not self._again:
             base = await self._db.run(_carry_base, run_id)
-        tables = read_tables(self._skip_blueprints)  # reference §6.4
-        for table in tables if writing is None else writing.arrange(tables):
+        tables: list[str] = list(read_tables(self._skip_blueprints))  # reference §6.4
+        while tables:
+            table = tables[0] if writing is None else await writing.next_written(tables)
+            tables.remove(table)
             if later is not None and table in kept:
                 entry = later.base.entries.get(table, "")
                 if entry:
                     report.entries[table] = entry
                 _carry(table, entry, later.base, report, self._max_reported)
                 continue
-            if writing is not None:
-                await writing.ready(table)
             digest = export.entry_sha256(table)
             if digest is not None:
                 report.entries[table] = digest
