@@ -7,8 +7,9 @@ with the documents it covers):
    anything is written).
 2. First time only: pin a snapshot (`list_snapshot` without a table) and walk each followed
    table in pages; a snapshot the source no longer serves is walked again from a new one.
-   The snapshot's state is published as it is walked (`_SnapshotPublication`): each table
-   once its walk is done, while the next one is walked.
+   The snapshot's state is published as it is walked (`_SnapshotPublication`): two tables
+   are walked at once, the largest first, and each is published once walked while the
+   others still are.
 3. Publish the state as a newer export of the deployment (a merge import, SPEC §5): the
    mirror written as a folder export, in `_creationTime`, `_id` order, through the one publish
    path (`khala_app/publication.py`), so `process` and `sink` derive and write it as they do
@@ -569,10 +570,11 @@ async def _publish_whole(
 
 class _SnapshotPublication:
     """A snapshot's state published as it is walked: one run, its tables in the order their
-    walks end, each written out as a folder export's table file and published while the
-    others are walked (`producers.publisher.InWriting`). The state is marked published (step 3) only
-    when every table is walked and the broker acknowledged the run: a follow stopped before
-    then publishes the state whole when it resumes, and the run left behind is superseded."""
+    walks end (`producers.publisher.InWriting`), each written out as a folder export's table
+    file and published while the others are walked. The state is marked published (step 3)
+    only when every table is walked and the broker acknowledged the run: a follow stopped
+    before then publishes the state whole when it resumes, and the run left behind is
+    superseded."""
 
     def __init__(
         self,
@@ -598,9 +600,7 @@ class _SnapshotPublication:
             sha256=_snapshot_sha256(state),
         )
         self._task = asyncio.ensure_future(
-            publish_run(
-                live, db, export, run_id, run_options, followed_state=True, writing=self
-            )  # fmt: skip
+            publish_run(live, db, export, run_id, run_options, followed_state=True, writing=self)
         )
 
     @classmethod
