@@ -260,8 +260,9 @@ class FakeKhala(FakeHttpServer):
         self, snapshot: int, table: str | None
     ) -> tuple[list[tuple[str, str, dict[str, Any]]], list[Any], dict[tuple[str, str], int]]:
         """A snapshot's documents in page order, their page keys, and their versions' `_ts`
-        (kept per snapshot and table while the log does not grow: a page costs its size, as
-        a real deployment's does, not the table's)."""
+        (kept per snapshot and table while the log does not grow, for every table at once:
+        a page costs its size, as a real deployment's does, not the table's, however many
+        tables are walked at the same time)."""
         with self._lock:
             key = (snapshot, table, len(self._log))
             cached = self._cache.get(key)
@@ -273,7 +274,8 @@ class FakeKhala(FakeHttpServer):
         )
         found = (items, [_page_key(t, i, table) for t, i, _ in items], self._versions(snapshot))
         with self._lock:
-            self._cache = {key: found}
+            kept = {k: v for k, v in self._cache.items() if k[0] == snapshot and k[2] == key[2]}
+            self._cache = {**kept, key: found}
         return found
 
     def _versions(self, at: int) -> dict[tuple[str, str], int]:
