@@ -634,7 +634,7 @@ def folder_in_writing(
 ) -> ExportSource:
     """A folder export of our own making whose table files are still being written (`follow`
     walking a snapshot): its tables, time and fingerprint are known before its files, and a
-    table is read only once its writer finished it (`Publisher.publish`'s `ready`)."""
+    table is read only once its writer finished it (`producers.publisher.InWriting`)."""
     return ExportSource(
         path=path,
         kind="folder",
