@@ -567,6 +567,7 @@ class _SnapshotPublication:
         state: FollowState,
         run_options: import_runs.RunOptions,
         run_id: int,
+        sha256: str,
     ) -> None:
         self._db = db
         self._deployment = state.deployment
@@ -580,7 +581,7 @@ class _SnapshotPublication:
             self._folder,
             self._followed,
             snapshot_ms=self._state_ns // 1_000_000,
-            sha256=_snapshot_sha256(state),
+            sha256=sha256,
         )
         self._task = asyncio.ensure_future(
             publish_run(live, db, export, run_id, run_options, followed_state=True, writing=self)
@@ -602,13 +603,13 @@ class _SnapshotPublication:
         if state.snapshot_ns == 0 or state.snapshot_ns < newest_export_ns:
             return None
         run_options = _run_options(options)
+        source = live_mirror.run_source(state.deployment, state.snapshot)
+        # Named by its snapshot, not its bytes: they are not all known when the first go out.
+        sha256 = hashlib.sha256(source.encode()).hexdigest()
         run_id = await db.run(
-            import_runs.register,
-            source=live_mirror.run_source(state.deployment, state.snapshot),
-            sha256=_snapshot_sha256(state),
-            options=run_options,
+            import_runs.register, source=source, sha256=sha256, options=run_options
         )
-        return cls(db, live, followed, state, run_options, run_id)
+        return cls(db, live, followed, state, run_options, run_id, sha256)
 
     async def next_written(self, tables: Sequence[str]) -> str:
         """`InWriting`: a table not followed at once, else the next one walked, written out."""
@@ -652,11 +653,3 @@ class _SnapshotPublication:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         shutil.rmtree(self._folder, ignore_errors=True)
-
-
-def _snapshot_sha256(state: FollowState) -> str:
-    """A state published as it is walked names its snapshot instead of its bytes, which are
-    not all known when the first of them goes out."""
-    return hashlib.sha256(
-        live_mirror.run_source(state.deployment, state.snapshot).encode()
-    ).hexdigest()

@@ -256,13 +256,7 @@ def test_the_snapshot_is_published_as_it_is_walked_and_sigterm_then_resume_loses
     pg_admin_url: str,
     make_stages: MakeStages,
 ) -> None:
-    spool = tmp_path / "tmp"
-    spool.mkdir()
-    env = {
-        **stage_env(kafka_bootstrap, topic_prefix, pg_url),
-        "KHALA_DEPLOY_KEY": KEY,
-        "TMPDIR": str(spool),
-    }
+    env, spool = _spooled_env(tmp_path, kafka_bootstrap, topic_prefix, pg_url)
     stages = make_stages(env).start()
     fake.held = {"users"}  # the source is slow to serve one table
     follow = subprocess.Popen(
@@ -398,13 +392,7 @@ def test_kill_9_of_follow_anywhere_then_a_rerun_reaches_the_same_end_state(
     pg_admin_url: str,
     make_stages: MakeStages,
 ) -> None:
-    spool = tmp_path / "tmp"  # follow's temporary folders, one per publication
-    spool.mkdir()
-    env = {
-        **stage_env(kafka_bootstrap, topic_prefix, pg_url),
-        "KHALA_DEPLOY_KEY": KEY,
-        "TMPDIR": str(spool),
-    }
+    env, spool = _spooled_env(tmp_path, kafka_bootstrap, topic_prefix, pg_url)
     stages = make_stages(env).start()
     rng = random.Random(29)  # kills: mid-walk, publishing, mid-deltas (see the printout)
     fake.page_size = 3  # many pages: a kill lands inside the walk or the publication
@@ -432,6 +420,21 @@ def test_kill_9_of_follow_anywhere_then_a_rerun_reaches_the_same_end_state(
             _compare(pg_url, expected, stages, f"kills at {kills}")
     (state,) = run_db(pg_url, [sa.select(FOLLOW.c.phase, FOLLOW.c.version)])[0]
     assert state.phase == "deltas"
+
+
+def _spooled_env(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
+) -> tuple[dict[str, str], Path]:
+    """The stages' environment with the deploy key, and `follow`'s temporary folders (one per
+    publication) in a folder of the test's, to see what it leaves behind."""
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    env = {
+        **stage_env(kafka_bootstrap, topic_prefix, pg_url),
+        "KHALA_DEPLOY_KEY": KEY,
+        "TMPDIR": str(spool),
+    }
+    return env, spool
 
 
 def _kill_follow(
