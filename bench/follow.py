@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                                    stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
                 zip_s = time.monotonic() - began
             print(f"round {round_}: zip import-chat: {zip_s:.1f} s", flush=True)
+            pg.settle(zip_db)
 
             follow_db = pg.create_database("bench_follow")
             with fresh_broker() as broker:
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                     diff = diff_tables(table_snapshot(pg.url(zip_db)), table_snapshot(url))
                     print("tables: identical" if not diff else f"tables differ:\n{diff}",
                           flush=True)  # fmt: skip
+                    pg.settle(follow_db)
                     if last and not args.snapshot_only:
                         _steps(fake, env, url, prefix, stages[0].pid, args, logs)
                 finally:
