@@ -268,15 +268,32 @@ class FakeKhala(FakeHttpServer):
             cached = self._cache.get(key)
         if cached is not None:
             return cached
-        state = self.state(snapshot)
+        state, versions = self._state_at(snapshot, key[2])
         items = sorted(
             (t, i, d) for t, docs in state.items() if table in (None, t) for i, d in docs.items()
         )
-        found = (items, [_page_key(t, i, table) for t, i, _ in items], self._versions(snapshot))
-        with self._lock:
-            kept = {k: v for k, v in self._cache.items() if k[0] == snapshot and k[2] == key[2]}
-            self._cache = {**kept, key: found}
+        found = (items, [_page_key(t, i, table) for t, i, _ in items], versions)
+        self._keep(key, found)
         return found
+
+    def _state_at(
+        self, snapshot: int, log_length: int
+    ) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[tuple[str, str], int]]:
+        """The state and versions' `_ts` as of `snapshot`, worked out once for all its tables
+        (a deployment reads its snapshot; it does not replay its history for every table)."""
+        key = (snapshot, "\x00state", log_length)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is None:
+            cached = (self.state(snapshot), self._versions(snapshot))
+            self._keep(key, cached)
+        return cached
+
+    def _keep(self, key: tuple[int, str | None, int], value: Any) -> None:
+        """Cache `value` under `key`, dropping what belongs to another snapshot or log length."""
+        with self._lock:
+            kept = {k: v for k, v in self._cache.items() if k[0] == key[0] and k[2] == key[2]}
+            self._cache = {**kept, key: value}
 
     def _versions(self, at: int) -> dict[tuple[str, str], int]:
         with self._lock:
