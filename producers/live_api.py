@@ -10,6 +10,7 @@ Endpoint paths, query parameters and the documented shape of each answer
 
 Every value is an export line's document plus `_table` and `_ts` (nanoseconds); a deletion in
 `document_deltas` carries only `_id`, `_table`, `_ts` and `_deleted: true`. Pure code: no I/O.
+A parsed answer is taken over: its values become the page's documents, not copies of them.
 """
 
 from __future__ import annotations
@@ -183,7 +184,9 @@ def _value(endpoint: str, index: int, item: Any, *, deltas: bool) -> LiveValue:
     deleted = item.get("_deleted", False)
     if not isinstance(deleted, bool) or (deleted and not deltas):
         raise SourceAnswerError(endpoint, f"{where} with a _deleted that is not false")
-    document = {k: v for k, v in item.items() if k not in META_FIELDS}
+    for field in META_FIELDS:  # the parsed answer is ours: stripped in place, not copied
+        item.pop(field, None)
+    document = item
     created = document.get("_creationTime")
     creation = _creation_time(created)
     return LiveValue(

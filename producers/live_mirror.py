@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import sqlalchemy as sa
@@ -43,6 +43,10 @@ from producers.live_api import Cursor, LiveValue
 RUN_SOURCE = FOLLOW_SOURCE
 """How a run `follow` published names its source: `follow <deployment> cursor=<cursor>`."""
 _PAGE = 2000
+# A page's rows as `_apply` writes them into SOURCE_DOCUMENTS.
+_MIRROR_COLUMNS: Final = (
+    "source_table", "doc_id", "ts", "creation_time", "deleted", "version", "document", "doc_key"
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -546,27 +550,20 @@ async def _apply(
             latest[(v.table, v.doc_id)] = v
     if not latest:
         return effect
-    rows = [
-        {
-            "source_table": v.table,
-            "doc_id": v.doc_id,
-            "ts": v.ts,
-            "creation_time": v.creation_time,
-            "deleted": v.deleted,
-            "version": version,
-            "document": "" if v.deleted else _dump(v.document),
-            "doc_key": None if v.deleted else string_field(v.document, DOCUMENT_KEYS[v.table]),  # type: ignore[index]
-        }
+    # Tuples in `_MIRROR_COLUMNS` order, as COPY takes them (a dict per row cost as much again).
+    records = [
+        (v.table, v.doc_id, v.ts, v.creation_time, v.deleted, version,
+         "" if v.deleted else _dump(v.document),
+         None if v.deleted else string_field(v.document, DOCUMENT_KEYS[v.table]))  # type: ignore[index]
         for _, v in sorted(latest.items())
-    ]
-    columns = tuple(rows[0])
-    records = [tuple(r[c] for c in columns) for r in rows]
+    ]  # fmt: skip
+    columns = _MIRROR_COLUMNS
     if (
         walked
         and conn.dialect.name == "postgresql"
         and await copy_new_rows(conn, SOURCE_DOCUMENTS.name, columns, records)
     ):
-        _count(effect, [(r["source_table"], r["deleted"]) for r in rows])
+        _count(effect, [(table, deleted) for table, _, _, _, deleted, *_ in records])
     elif conn.dialect.name == "postgresql":
         # COPY and one INSERT … SELECT: a page of a thousand documents costs a fraction of
         # what as many parameter sets do.
@@ -577,12 +574,13 @@ async def _apply(
             result = await conn.execute(_upsert(insert))
             _count(effect, result.all())
     else:
+        rows = [dict(zip(columns, r, strict=True)) for r in records]
         for start in range(0, len(rows), 500):
             result = await conn.execute(
                 _upsert(insert_for(conn, SOURCE_DOCUMENTS)), rows[start : start + 500]
             )
             _count(effect, result.all())
-    effect.ignored += len(rows) - sum(effect.changed.values()) - sum(effect.deleted.values())
+    effect.ignored += len(records) - sum(effect.changed.values()) - sum(effect.deleted.values())
     return effect
 
 
