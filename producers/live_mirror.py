@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from khala_stream.contract.documents import string_field
 from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS, SOURCE_LINES
-from khala_stream.db.queries import copy_new_rows, insert_for, staged
+from khala_stream.db.queries import copy_new_rows, copy_out_lines, insert_for, staged
 from khala_stream.errors import UsageError
 from khala_stream.import_runs import FOLLOW_SOURCE
 from producers.amendment import Amendment, Winner
@@ -43,6 +43,11 @@ from producers.live_api import Cursor, LiveValue
 RUN_SOURCE = FOLLOW_SOURCE
 """How a run `follow` published names its source: `follow <deployment> cursor=<cursor>`."""
 _PAGE = 2000
+# A table's documents in file order (SPEC §5: `_creationTime`, then `_id` byte by byte).
+_FOLDER_SQL: Final = (
+    f"SELECT document FROM {SOURCE_DOCUMENTS.name} WHERE source_table = $1 AND NOT deleted"
+    ' ORDER BY creation_time, doc_id COLLATE "C"'
+)
 # A page's rows as `_apply` writes them into SOURCE_DOCUMENTS.
 _MIRROR_COLUMNS: Final = (
     "source_table", "doc_id", "ts", "creation_time", "deleted", "version", "document", "doc_key"
@@ -629,16 +634,20 @@ async def write_folder(
         count = 0
         with file.open("wb") as handle:
             async with engine.connect() as conn:
-                doc_id = c.doc_id.collate("C") if conn.dialect.name == "postgresql" else c.doc_id
-                result = await conn.stream(
-                    sa.select(c.document)
-                    .where(c.source_table == table, sa.not_(c.deleted))
-                    .order_by(c.creation_time, doc_id)
-                    .execution_options(yield_per=_PAGE)
-                )
-                async for (document,) in result:
-                    handle.write(document.encode() + b"\n")
-                    count += 1
+                if conn.dialect.name == "postgresql":
+                    # Straight from the server into the file: a row object per document
+                    # cost several times what the query does.
+                    count = await copy_out_lines(conn, _FOLDER_SQL, table, out=handle)
+                else:
+                    result = await conn.stream(
+                        sa.select(c.document)
+                        .where(c.source_table == table, sa.not_(c.deleted))
+                        .order_by(c.creation_time, c.doc_id)
+                        .execution_options(yield_per=_PAGE)
+                    )
+                    async for (document,) in result:
+                        handle.write(document.encode() + b"\n")
+                        count += 1
         os.utime(file, ns=(state_ns, state_ns))
         written[table] = count
     return written

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -106,6 +107,40 @@ async def copy_new_rows(
 
 
 _UNIQUE_VIOLATION: Final = "23505"
+
+
+async def copy_out_lines(conn: AsyncConnection, sql: str, *args: Any, out: BinaryIO) -> int:
+    """PostgreSQL: the values of the one text column `sql` selects (none NULL), one a line,
+    written to `out` as the server sends them (`COPY … TO STDOUT`, straight through the
+    driver: no row objects); the number of lines. COPY's text escapes are undone, so a line
+    is the value's UTF-8 bytes."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    rest, lines = b"", 0
+
+    async def take(chunk: bytes) -> None:
+        nonlocal rest, lines
+        block = rest + chunk
+        end = block.rfind(b"\n") + 1  # a raw newline only ends a row: an escape has none
+        rest = block[end:]
+        whole = block[:end]
+        lines += whole.count(b"\n")
+        out.write(_COPY_ESCAPE.sub(_unescape, whole) if b"\\" in whole else whole)
+
+    await driver.copy_from_query(sql, *args, output=take)
+    if rest:
+        raise ValueError("COPY ended inside a row")
+    return lines
+
+
+_COPY_ESCAPE: Final = re.compile(rb"\\(.)", re.DOTALL)
+_COPY_ESCAPES: Final = {
+    b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"f": b"\f", b"v": b"\v"
+}  # fmt: skip
+
+
+def _unescape(match: re.Match[bytes]) -> bytes:
+    return _COPY_ESCAPES[match.group(1)]
 
 
 async def execute_counted(conn: AsyncConnection, sql: str, *args: Any) -> int:

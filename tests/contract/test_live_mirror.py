@@ -25,7 +25,8 @@ S = 1_000
 
 def _value(table: str, doc_id: str, ts: int, version: int, deleted: bool) -> LiveValue:
     created = float(hash((table, doc_id)) % 7)  # ties on _creationTime: _id decides
-    document = {"_id": doc_id, "_creationTime": created, "v": version}
+    # Text that COPY escapes (a backslash; JSON's own escapes of a quote, a newline, a tab)
+    document = {"_id": doc_id, "_creationTime": created, "v": version, "text": 'a\\b "c"\n\td é'}
     return LiveValue(
         table=table,
         doc_id=doc_id,
