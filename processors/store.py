@@ -17,13 +17,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.contract.documents import KEYLESS_PREFIX
-from khala_stream.db.errors import sqlstate
 from khala_stream.db.importer_tables import APPLIED, DOCUMENTS
-from khala_stream.db.queries import copy_rows, insert_for, one_of, staged
+from khala_stream.db.queries import copy_new_rows, insert_for, one_of, staged
 
 _PAGE = 2000
 _PAGE_TEXT = 512 * 1024
-_UNIQUE_VIOLATION = "23505"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,7 +162,7 @@ async def apply_documents(
     if not latest:
         pass  # tombstones only
     elif conn.dialect.name == "postgresql":
-        if not (fresh and await _copy_new(conn, latest)):
+        if not (fresh and await copy_new_rows(conn, DOCUMENTS.name, _COLUMNS, _rows(latest))):
             # COPY and one INSERT … SELECT: a VALUES statement of a few thousand rows costs
             # more to build and to parse than to execute.
             async with staged(conn, DOCUMENTS.name, _COLUMNS, _rows(latest)) as name:
@@ -205,19 +203,6 @@ async def _bury(conn: AsyncConnection, tombstones: list[IncomingDocument]) -> No
             )
             .values(export_seq=d.export_seq - 1, changed_seq=d.run_id)
         )
-
-
-async def _copy_new(conn: AsyncConnection, documents: list[IncomingDocument]) -> bool:
-    """COPY `documents` into the store as new ones; False (and nothing written) if one of
-    their keys is already there."""
-    try:
-        async with conn.begin_nested():
-            await copy_rows(conn, DOCUMENTS.name, _COLUMNS, _rows(documents))
-    except Exception as exc:
-        if sqlstate(exc) == _UNIQUE_VIOLATION:
-            return False
-        raise
-    return True
 
 
 async def _count_applied(conn: AsyncConnection, documents: Sequence[IncomingDocument]) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any, BinaryIO, Final
 
 import sqlalchemy as sa
@@ -87,7 +88,38 @@ async def copy_rows(
     has begun it with a statement or a savepoint before, or the COPY commits on its own."""
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    await driver.copy_records_to_table(table, records=rows, columns=list(columns))
+    await _until_lost(
+        driver, driver.copy_records_to_table(table, records=rows, columns=list(columns))
+    )
+
+
+async def _until_lost(driver: Any, operation: Awaitable[object]) -> None:
+    """`operation` on asyncpg connection `driver`, ended by the connection's loss.
+
+    asyncpg's COPY IN waits for the socket to take more data without watching for the loss
+    (`writing_allowed` is never set again): a server gone in the middle of a COPY would keep
+    it waiting for ever. The loss cancels it here and raises ConnectionResetError, which the
+    callers' retries wait out as any lost connection."""
+    work = asyncio.ensure_future(operation)
+    lost = False
+
+    def on_loss(_: object) -> None:
+        nonlocal lost
+        lost = True
+        work.cancel()
+
+    driver.add_termination_listener(on_loss)
+    try:
+        await work
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not lost or (current is not None and current.cancelling()):
+            raise
+        raise ConnectionResetError(
+            "the database connection was lost in the middle of a COPY"
+        ) from None
+    finally:
+        driver.remove_termination_listener(on_loss)
 
 
 async def copy_new_rows(
