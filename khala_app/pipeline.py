@@ -307,12 +307,18 @@ async def _documents_lost(
     async with engine.connect() as conn:
         applied = await store.applied_counts(conn, run_id)
     short = [t for t, n in announced.items() if applied.get(t, 0) < n]
+    if not short:
+        return None
     for table in short:
         topic = topics.source(table)
         positions = await import_runs.stored_positions(engine, topics.processor_group, topic)
         if not import_runs.reached(positions, await end_offsets(probe, topic)):
             return None
-    return applied if short else None
+    # Counted again: the positions commit with the documents they carry, and the counts read
+    # above may be older than the positions just read (the processor went on in between).
+    async with engine.connect() as conn:
+        applied = await store.applied_counts(conn, run_id)
+    return applied if any(applied.get(t, 0) < announced[t] for t in short) else None
 
 
 async def _applied(engine: AsyncEngine, run_id: int, topics: Topics) -> bool:
