@@ -22,11 +22,12 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from khala_stream.db.importer_tables import FOLLOW, RUNS
+from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS
 from tests.e2e.harness import CliResult, env_for, khala, ok, rows, run_db
 from tests.e2e.snapshot import Snapshot, assert_same_tables, table_snapshot
 from tests.e2e.stages import MakeStages, Stages, fresh_database, generated_export, stage_env
 from tests.fakes.khala_server import DOCUMENT_DELTAS, LIST_SNAPSHOT, FakeKhala, Reply
+from tests.fixtures.own_postgres import LocalPostgres
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -470,8 +471,12 @@ def _kill_follow(
 
 
 def _has_runs(db_url: str) -> bool:
-    query = "SELECT count(*) FROM information_schema.tables WHERE table_name = 'khala_import_runs'"
-    (found,) = run_db(db_url, [sa.text(query)])
+    return _has_table(db_url, RUNS.name)
+
+
+def _has_table(db_url: str, name: str) -> bool:
+    query = sa.text("SELECT count(*) FROM information_schema.tables WHERE table_name = :name")
+    (found,) = run_db(db_url, [query.bindparams(name=name)])
     return bool(found[0][0])
 
 
@@ -549,3 +554,52 @@ def test_a_running_follow_publishes_changes_as_they_come_and_lag_shows_the_sourc
     assert "follow: cursor=" in output  # the status line every 5 s
     emails = {d["email"] for d in fake.state()["users"].values() if isinstance(d.get("email"), str)}
     assert all(e not in output for e in emails if "@" in e)
+
+
+def test_a_database_outage_mid_walk_is_waited_out(
+    fake: FakeKhala,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    own_pg: LocalPostgres,
+    pg_admin_url: str,
+    make_stages: MakeStages,
+) -> None:
+    """The database stops while `follow` mirrors the snapshot (and the stages store and
+    derive it) and comes back: everything waits, and the end state is the uninterrupted one."""
+    db_url = own_pg.create_database()
+    env, _ = _spooled_env(tmp_path, kafka_bootstrap, topic_prefix, db_url)
+    env["KHALA_RETRY_DEADLINE_SECONDS"] = "90"
+    stages = make_stages(env).start()
+    fake.page_size = 3  # many pages: the walk is still going when the database stops
+    log = tmp_path / "follow.log"
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
+         "--until-caught-up"],
+        env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        mirrored = f"SELECT count(*) FROM {SOURCE_DOCUMENTS.name}"
+        while not (
+            _has_table(db_url, SOURCE_DOCUMENTS.name)
+            and run_db(db_url, [sa.text(mirrored)])[0][0][0]
+        ):
+            assert follow.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        own_pg.stop()
+        time.sleep(4)
+        assert follow.poll() is None, log.read_text()  # waiting, not failed
+        own_pg.start()
+        code = follow.wait(timeout=240)
+    finally:
+        follow.kill()
+        follow.wait()
+    err = log.read_text()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    assert "waiting for the database" in err, err
+    with fresh_database(pg_admin_url) as other:
+        expected = Mirror(tmp_path, kafka_bootstrap, other, ()).import_state(fake)
+        _compare(db_url, expected, stages, "after a database outage mid-walk")
