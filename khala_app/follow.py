@@ -77,7 +77,6 @@ def _in_walk_order(tables: Sequence[str]) -> tuple[str, ...]:
 
 _STATUS_EVERY_S = 5.0
 _PAGES_PER_PUBLISH = 50
-_PAGES_AHEAD = 4  # snapshot pages read ahead of the one being stored (a thousand documents each)
 """Delta pages read at most before the state is published even though more are waiting."""
 
 
@@ -267,42 +266,30 @@ async def _walk_table(
     report: FollowReport,
 ) -> None:
     """Walk `table`'s snapshot from where it stopped, each page into the mirror with the
-    cursor after it. Pages are read up to `_PAGES_AHEAD` ahead of the one being stored: the
-    source and the database work at the same time, and the position still moves only with
-    the page."""
+    cursor after it. The next page is asked for while one is stored: the source and the
+    database work at the same time, and the position still moves only with the page."""
     cursor, done = state.table_cursors.get(table, (None, False))
-    if done:
-        return
     deployment, snapshot = state.deployment, state.snapshot
-    ahead: asyncio.Queue[SnapshotPage | Exception] = asyncio.Queue(maxsize=_PAGES_AHEAD)
 
-    async def read(after: Cursor | None) -> None:
-        try:
-            while True:
-                page = await client.snapshot_page(table, snapshot=snapshot, cursor=after)
-                await ahead.put(page)
-                if page.snapshot != snapshot or not page.has_more:
-                    return
-                after = page.cursor
-        except Exception as exc:  # raised where the pages are stored, in their order
-            await ahead.put(exc)
+    def ask(after: Cursor | None) -> asyncio.Future[SnapshotPage]:
+        return asyncio.ensure_future(client.snapshot_page(table, snapshot=snapshot, cursor=after))
 
-    reader = asyncio.ensure_future(read(cursor))
+    asked = None if done else ask(cursor)
     try:
-        while not done:
-            page = await ahead.get()
-            if isinstance(page, Exception):
-                raise page
+        while asked is not None:
+            page = await asked
             if page.snapshot != snapshot:
                 raise SnapshotExpired(snapshot)  # the source moved it: again
             cursor, done = page.cursor, not page.has_more
+            asked = None if done else ask(cursor)
             await db.run(
                 live_mirror.apply_snapshot_page, deployment, table, page.values, cursor, done
             )
             report.snapshot_documents[table] += len(page.values)
     finally:
-        reader.cancel()  # done, or a page failed to be stored: the next ones are not wanted
-        await asyncio.gather(reader, return_exceptions=True)
+        if asked is not None:  # this page failed to be stored: the next one is not wanted
+            asked.cancel()
+            await asyncio.gather(asked, return_exceptions=True)
 
 
 async def _follow_deltas(
