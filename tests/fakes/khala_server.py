@@ -169,6 +169,12 @@ class FakeKhala(FakeHttpServer):
         with self._lock:
             return self._log[-1].ts if self._log else 0
 
+    def prepare_snapshot(self) -> None:
+        """Work out the pages of the snapshot now, of every table, before a walk asks for
+        them (a bench's untimed set-up: a deployment has its snapshot at hand)."""
+        for table in [None, *sorted(self._tables)]:
+            self._snapshot_items(self.now, table)
+
     def export_tables(self) -> dict[str, list[dict[str, Any]]]:
         """The state as an export lists it: per table, by `_creationTime` then `_id`."""
         return {
