@@ -14,11 +14,9 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -287,17 +285,6 @@ def topics_with_prefix(bootstrap: str, prefix: str) -> set[str]:
             await admin.close()
 
     return asyncio.run(go())
-
-
-@pytest.fixture
-def own_broker() -> Iterator[LocalBroker]:
-    base = Path(tempfile.mkdtemp(prefix="khala-outage-broker-", dir="/tmp"))
-    broker = start_local_broker(base / "data")
-    try:
-        yield broker
-    finally:
-        broker.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_broker_down_exits_1_within_the_deadline(

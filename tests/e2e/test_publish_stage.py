@@ -8,12 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -34,17 +31,6 @@ WAITING_FOR_BROKER = re.compile(
 def export(tmp_path_factory: pytest.TempPathFactory) -> GeneratedExport:
     out = tmp_path_factory.mktemp("publish-export") / "export.zip"
     return generate_export(out, users=6, seed=5, threads_per_user=2, messages_per_thread=5)
-
-
-@pytest.fixture
-def own_broker() -> Iterator[LocalBroker]:
-    base = Path(tempfile.mkdtemp(prefix="khala-publish-broker-", dir="/tmp"))
-    broker = start_local_broker(base / "data")
-    try:
-        yield broker
-    finally:
-        broker.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _statuses(db_url: str) -> list[str]:
