@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from khala_stream.config import Settings, bootstrap_servers, settings_from_env, topic_prefix
 from khala_stream.errors import KhalaError, UsageError
+from khala_stream.log_throttle import Throttle
 from khala_stream.terminal import EscapingFormatter, printable
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -153,6 +154,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # Log lines name entries and keys from the export: their control characters are escaped.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(Throttle("aiokafka"))  # a broker down: a line per reconnection attempt
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # The stages import-chat starts as child processes log as verbosely as their parent.
     given = args.verbose + getattr(args, "verbose_after", 0)
