@@ -22,6 +22,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
+from khala_stream.broker.local_broker import LocalBroker, start_local_broker
 from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS
 from tests.e2e.harness import CliResult, env_for, khala, ok, rows, run_db
 from tests.e2e.snapshot import Snapshot, assert_same_tables, table_snapshot
@@ -603,3 +604,59 @@ def test_a_database_outage_mid_walk_is_waited_out(
     with fresh_database(pg_admin_url) as other:
         expected = Mirror(tmp_path, kafka_bootstrap, other, ()).import_state(fake)
         _compare(db_url, expected, stages, "after a database outage mid-walk")
+
+
+def test_a_broker_restart_mid_publication_is_waited_out(
+    fake: FakeKhala,
+    tmp_path: Path,
+    own_broker: LocalBroker,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    pg_url: str,
+    pg_admin_url: str,
+    make_stages: MakeStages,
+) -> None:
+    """The broker stops while `follow` publishes the walked tables (and the stages read them)
+    and starts again on its data: everything waits, and the end state is the uninterrupted
+    one."""
+    env, _ = _spooled_env(tmp_path, own_broker.bootstrap, topic_prefix, pg_url)
+    env["KHALA_RETRY_DEADLINE_SECONDS"] = "90"
+    stages = make_stages(env).start()
+    fake.page_size = 3
+    log = tmp_path / "follow.log"
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
+         "--until-caught-up"],
+        env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )  # fmt: skip
+    restarted = None
+    try:
+        deadline = time.monotonic() + 120
+        stored = sa.text("SELECT count(*) FROM khala_import_documents")
+        while not (
+            _has_table(pg_url, "khala_import_documents") and run_db(pg_url, [stored])[0][0][0]
+        ):
+            assert follow.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        own_broker.stop()
+        time.sleep(3)
+        assert follow.poll() is None, log.read_text()  # waiting, not failed
+        restarted = start_local_broker(own_broker.data_dir, port=own_broker.port)
+        code = follow.wait(timeout=240)
+        err = log.read_text()
+        assert code == 0, err
+        assert "Traceback" not in err, err
+        # The client's complaint at each reconnection attempt (ten a second) is said once
+        # in a while, not each time.
+        complaints = [line for line in err.splitlines() if " aiokafka" in line]
+        assert 0 < len(complaints) <= 10, err
+        with fresh_database(pg_admin_url) as other:
+            expected = Mirror(tmp_path, kafka_bootstrap, other, ()).import_state(fake)
+            _compare(pg_url, expected, stages, "after a broker restart mid-publication")
+    finally:
+        follow.kill()
+        follow.wait()
+        stages.stop()
+        if restarted is not None:
+            restarted.stop()
