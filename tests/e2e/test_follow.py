@@ -261,11 +261,7 @@ def test_the_snapshot_is_published_as_it_is_walked_and_sigterm_then_resume_loses
     env, spool = _spooled_env(tmp_path, kafka_bootstrap, topic_prefix, pg_url)
     stages = make_stages(env).start()
     fake.held = {"users"}  # the source is slow to serve one table
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
-         "--until-caught-up"],
-        env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "follow.log").open("wb"),
-    )  # fmt: skip
+    follow = _start_follow(env, fake, tmp_path / "follow.log")
     stored: dict[str, int] = {}
     try:
         # Tables walked before it reach the processor while it is still being walked.
@@ -574,21 +570,9 @@ def test_a_database_outage_mid_walk_is_waited_out(
     stages = make_stages(env).start()
     fake.page_size = 3  # many pages: the walk is still going when the database stops
     log = tmp_path / "follow.log"
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
-         "--until-caught-up"],
-        env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
-    )  # fmt: skip
+    follow = _start_follow(env, fake, log)
     try:
-        deadline = time.monotonic() + 120
-        mirrored = f"SELECT count(*) FROM {SOURCE_DOCUMENTS.name}"
-        while not (
-            _has_table(db_url, SOURCE_DOCUMENTS.name)
-            and run_db(db_url, [sa.text(mirrored)])[0][0][0]
-        ):
-            assert follow.poll() is None, log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        _wait_for_rows(db_url, SOURCE_DOCUMENTS.name, follow, log)
         own_pg.stop()
         time.sleep(4)
         assert follow.poll() is None, log.read_text()  # waiting, not failed
@@ -624,21 +608,10 @@ def test_a_broker_restart_mid_publication_is_waited_out(
     stages = make_stages(env).start()
     fake.page_size = 3
     log = tmp_path / "follow.log"
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
-         "--until-caught-up"],
-        env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
-    )  # fmt: skip
+    follow = _start_follow(env, fake, log)
     restarted = None
     try:
-        deadline = time.monotonic() + 120
-        stored = sa.text("SELECT count(*) FROM khala_import_documents")
-        while not (
-            _has_table(pg_url, "khala_import_documents") and run_db(pg_url, [stored])[0][0][0]
-        ):
-            assert follow.poll() is None, log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        _wait_for_rows(pg_url, "khala_import_documents", follow, log)
         own_broker.stop()
         time.sleep(3)
         assert follow.poll() is None, log.read_text()  # waiting, not failed
@@ -660,3 +633,22 @@ def test_a_broker_restart_mid_publication_is_waited_out(
         stages.stop()
         if restarted is not None:
             restarted.stop()
+
+
+def _start_follow(env: dict[str, str], fake: FakeKhala, log: Path) -> subprocess.Popen[bytes]:
+    """`follow --until-caught-up` in the background, its stderr to `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "khala_app", "follow", "--deployment", fake.base_url,
+         "--until-caught-up"],
+        env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )  # fmt: skip
+
+
+def _wait_for_rows(db_url: str, table: str, follow: subprocess.Popen[bytes], log: Path) -> None:
+    """Until `table` exists and holds a row, `follow` still running."""
+    deadline = time.monotonic() + 120
+    count = sa.text(f"SELECT count(*) FROM {table}")
+    while not (_has_table(db_url, table) and run_db(db_url, [count])[0][0][0]):
+        assert follow.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"no row in {table} after 120 s"
+        time.sleep(0.02)
