@@ -35,6 +35,7 @@ from khala_stream.contract import (
 )
 from khala_stream.contract.codec import encode_change, row_batch_headers, row_batches
 from khala_stream.contract.runs import DerivationSummary, PublishManifest
+from khala_stream.db.engine import ensure_lookups
 from khala_stream.db.importer_tables import DOCUMENTS, ROWS
 from khala_stream.db.offsets import advance
 from khala_stream.db.queries import stored_before
@@ -206,6 +207,7 @@ class Processor:
         # The marking of unchanged documents looks the store up by key (producers/ledger.py).
         self._stored = Growth(engine, lambda _table: [DOCUMENTS.name])
         self._first_import: dict[tuple[int, str], bool] = {}
+        self._lookups = False  # the store's lookup indexes are known to exist
 
     async def run(
         self, *, until_idle: bool = False, stop: asyncio.Event | None = None
@@ -443,11 +445,14 @@ class Processor:
         # (after a crash, the changes of the interrupted attempt).
         await self._wait_for_sink(await end_offsets(self._probe, self._topics.changes), run.id)
         await self._cover_lost_offsets(run, out)
+        tables = read_tables(run.options.skip_blueprints)
+        if not self._lookups:
+            self._lookups = await ensure_lookups(self._engine, tables, run.id)
         async with self._engine.connect() as conn:
             documents = await store.table_changes(
                 conn,
                 run.id,
-                read_tables(run.options.skip_blueprints),
+                tables,
                 context.generations,
                 await _before(conn, run.id),
             )

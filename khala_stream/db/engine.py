@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import sqlite3
 import time
+from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +26,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.util import await_only
 
 from khala_stream.config import PORTS
-from khala_stream.db.importer_tables import FOLLOW, IMPORTER, SOURCE_LINES
+from khala_stream.db.importer_tables import (
+    DOCUMENT_LOOKUPS,
+    DOCUMENTS,
+    FOLLOW,
+    IMPORTER,
+    SOURCE_LINES,
+)
 from khala_stream.db.laravel_tables import LARAVEL
+from khala_stream.db.queries import stored_before
 from khala_stream.errors import UsageError
 
-__all__ = ["create_engine", "database_url", "dialect_name", "init_db"]
+__all__ = ["create_engine", "database_url", "dialect_name", "ensure_lookups", "init_db"]
 
 _DRIVERS = {
     "postgresql": "postgresql+asyncpg",
@@ -221,6 +229,28 @@ async def init_db(engine: AsyncEngine, *, laravel: bool = True) -> list[str]:
             # tables (UniqueViolation on pg_type); one at a time, the others find them there.
             await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK})
         return await conn.run_sync(_create)
+
+
+async def ensure_lookups(engine: AsyncEngine, tables: Sequence[str], run_id: int) -> bool:
+    """Build the document store's lookup indexes (`DOCUMENT_LOOKUPS`) that are missing, once
+    the store holds documents of `tables` from a run before `run_id`: True when they exist,
+    False when nothing looks documents up by them yet (a first import)."""
+    async with engine.begin() as conn:
+        if not await conn.run_sync(_missing_lookups):
+            return True
+        if not await stored_before(conn, tables, run_id):
+            return False
+        if conn.dialect.name == "postgresql":
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK})
+        for name in await conn.run_sync(_missing_lookups):
+            columns = ", ".join(DOCUMENT_LOOKUPS[name])
+            await conn.execute(sa.text(f"CREATE INDEX {name} ON {DOCUMENTS.name} ({columns})"))
+    return True
+
+
+def _missing_lookups(conn: Connection) -> list[str]:
+    have = {i["name"] for i in sa.inspect(conn).get_indexes(DOCUMENTS.name)}
+    return [name for name in DOCUMENT_LOOKUPS if name not in have]
 
 
 def _upgrade(conn: Connection, table: sa.Table) -> None:

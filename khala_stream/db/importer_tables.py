@@ -13,6 +13,7 @@ import sqlalchemy as sa
 __all__ = [
     "APPLIED",
     "DOCUMENTS",
+    "DOCUMENT_LOOKUPS",
     "FOLLOW",
     "IDENTITY",
     "IMPORTER",
@@ -78,9 +79,6 @@ DOCUMENTS: Final = sa.Table(
         "export_seq",
         "line",
     ),
-    sa.Index("khala_import_documents_changed_index", "source_table", "changed_seq"),
-    sa.Index("khala_import_documents_thread_index", "source_table", "thread_key"),
-    sa.Index("khala_import_documents_link_index", "source_table", "link_key"),
     sa.Index(
         "khala_import_documents_timeless_index",
         "source_table",
@@ -89,6 +87,16 @@ DOCUMENTS: Final = sa.Table(
         sqlite_where=sa.text("timeless IS NOT FALSE"),
     ),
 )
+
+# The store's indexes that only a later run looks documents up by (what it changed, the
+# documents of a thread or naming a run: `processors/scope.py`, `store.table_changes`), by
+# name: built once the store holds an earlier run's documents (`db.engine.ensure_lookups`),
+# so that a first import does not maintain them row by row; one sorted build costs less.
+DOCUMENT_LOOKUPS: Final[dict[str, tuple[str, ...]]] = {
+    "khala_import_documents_changed_index": ("source_table", "changed_seq"),
+    "khala_import_documents_thread_index": ("source_table", "thread_key"),
+    "khala_import_documents_link_index": ("source_table", "link_key"),
+}
 
 APPLIED: Final = sa.Table(
     "khala_import_applied",

@@ -12,7 +12,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.db import IMPORTER, LARAVEL, create_engine, dialect_name, init_db
-from khala_stream.db.importer_tables import FOLLOW
+from khala_stream.db.engine import ensure_lookups
+from khala_stream.db.importer_tables import DOCUMENT_LOOKUPS, DOCUMENTS, FOLLOW
 from processors import store
 from tests.contract.engine import run_on
 
@@ -269,13 +270,61 @@ def test_importer_tables_shape(db_url: str) -> None:
         uniques = await reflect(engine, lambda i: i.get_unique_constraints("khala_import_user_ids"))
         assert [u["column_names"] for u in uniques] == [["user_id"]]
         indexes = await reflect(engine, lambda i: i.get_indexes("khala_import_documents"))
+        # The lookups of later runs are not there yet (`ensure_lookups`, below).
         assert sorted(x["column_names"] for x in indexes) == [
-            ["source_table", "changed_seq"],
             ["source_table", "export_seq"],  # of the documents without a usable time
             ["source_table", "export_seq", "line"],
-            ["source_table", "link_key"],
-            ["source_table", "thread_key"],
         ]
+
+    run(db_url, body)
+
+
+async def _store_document(engine: AsyncEngine, run_id: int, key: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.insert(DOCUMENTS).values(
+                source_table="messages",
+                doc_key=key,
+                content_hash="h",
+                export_seq=run_id,
+                line=1,
+                first_seq=run_id,
+                changed_seq=run_id,
+                document="{}",
+            )
+        )
+
+
+async def _lookups(engine: AsyncEngine) -> list[list[str]]:
+    indexes = await reflect(engine, lambda i: i.get_indexes("khala_import_documents"))
+    wanted = [list(columns) for columns in DOCUMENT_LOOKUPS.values()]
+    return sorted(x["column_names"] for x in indexes if x["column_names"] in wanted)
+
+
+def test_the_store_lookups_are_built_once_it_holds_an_earlier_runs_documents(
+    db_url: str,
+) -> None:
+    """A first import does not maintain the indexes later runs look documents up by; the
+    derivation of the first run after it builds them, once, however many workers ask."""
+
+    async def body(engine: AsyncEngine) -> None:
+        await init_db(engine, laravel=False)
+        assert not await ensure_lookups(engine, ["messages"], 1)  # an empty store
+        await _store_document(engine, 1, "m1")
+        assert not await ensure_lookups(engine, ["messages"], 1)  # the run's own documents
+        assert not await ensure_lookups(engine, ["threads"], 2)  # another table's run
+        assert await _lookups(engine) == []
+        if dialect_name(engine) == "postgresql":
+            built = await asyncio.gather(
+                *(ensure_lookups(engine, ["messages"], 2) for _ in range(3))
+            )
+        else:
+            built = [await ensure_lookups(engine, ["messages"], 2)]
+        assert all(built)
+        assert await _lookups(engine) == sorted(map(list, DOCUMENT_LOOKUPS.values()))
+        assert await ensure_lookups(engine, ["messages"], 2)  # there: nothing to do
+        assert await init_db(engine, laravel=False) == []  # and init_db leaves them be
+        assert len(await _lookups(engine)) == len(DOCUMENT_LOOKUPS)
 
     run(db_url, body)
 
@@ -285,7 +334,7 @@ def test_init_db_gives_a_document_store_of_an_earlier_version_its_references(
 ) -> None:
     """A `khala_import_documents` from before a scoped derivation looked documents up by
     thread: init_db adds the columns (NULL in the rows there: not known, so derivations stay
-    full, processors/scope.py) and their indexes."""
+    full, processors/scope.py), and the next run's derivation their indexes."""
 
     async def body(engine: AsyncEngine) -> None:
         async with engine.begin() as conn:
@@ -310,8 +359,8 @@ def test_init_db_gives_a_document_store_of_an_earlier_version_its_references(
             engine, lambda i: [c["name"] for c in i.get_columns("khala_import_documents")]
         )
         assert columns[-4:] == ["thread_key", "link_key", "timeless", "moved_seq"]
-        indexes = await reflect(engine, lambda i: i.get_indexes("khala_import_documents"))
-        assert ["source_table", "thread_key"] in [x["column_names"] for x in indexes]
+        assert await ensure_lookups(engine, ["messages"], 2)  # the next run's derivation
+        assert ["source_table", "thread_key"] in await _lookups(engine)
         async with engine.connect() as conn:
             assert await store.any_unreferenced(conn, ["messages"])
 

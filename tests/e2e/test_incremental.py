@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from khala_stream.contract import codec
 from khala_stream.contract.runs import DerivationSummary, PublishManifest
-from khala_stream.db.importer_tables import REFUSALS, ROWS, RUNS
+from khala_stream.db.importer_tables import DOCUMENT_LOOKUPS, REFUSALS, ROWS, RUNS
 from khala_stream.db.laravel_tables import TABLES
 from producers.generator import generate_export, load_reference_fixture, write_fixture_zip
 from tests.e2e.harness import env_for, json_value, khala, ok, rows, run_db, versions
@@ -63,6 +63,12 @@ def _doc_stats(stdout: str) -> dict[str, dict[str, int]]:
     return stats
 
 
+def _store_lookups(db_url: str) -> set[str]:
+    """The document store's lookup indexes (`DOCUMENT_LOOKUPS`) present."""
+    query = sa.text("SELECT indexname FROM pg_indexes WHERE tablename = 'khala_import_documents'")
+    return {name for (name,) in run_db(db_url, [query])[0]} & set(DOCUMENT_LOOKUPS)
+
+
 def test_newer_export_publishes_only_changes_and_derived_values_follow(
     tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, pg_url: str
 ) -> None:
@@ -72,6 +78,7 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     (autopilot,) = rows(pg_url, "autopilots")
     assert autopilot["config_version"] == 2
     run_before = versions(pg_url)["runs"]
+    assert _store_lookups(pg_url) == set()  # a first import does without them
 
     v2 = _export(tmp_path / "v2.zip", _newer(tables))
     published = orjson.loads(ok(khala(["publish", str(v2), "--incremental", "--json"], env)).stdout)
@@ -80,6 +87,7 @@ def test_newer_export_publishes_only_changes_and_derived_values_follow(
     assert published["unchanged"] == {"users": 1, "threads": 2, "runs": 1, "messages": 1}
     ok(khala(["process", "--until-idle"], env))
     ok(khala(["sink", "--until-idle"], env))
+    assert _store_lookups(pg_url) == set(DOCUMENT_LOOKUPS)  # built for the first run after
 
     # The same newer export through import-chat: now nothing is new.
     result = ok(khala(["import-chat", str(v2)], env))
