@@ -146,6 +146,45 @@ def test_a_growing_store_keeps_the_marking_on_the_primary_key(pg_url: str) -> No
     assert "export_seq_line_index" not in after
 
 
+def test_the_store_is_analyzed_when_its_own_rows_double_whichever_tables_filled_it(
+    pg_url: str,
+) -> None:
+    """Growth counts rows per table ANALYZEd, not per key: documents of six source tables fill
+    one store, which is analyzed once per doubling of its rows (per key it was six times as
+    often), without the statistics of the documents' text that no plan uses."""
+
+    async def analyzed(engine: AsyncEngine) -> tuple[float, set[str]]:
+        async with engine.connect() as conn:
+            rows = await conn.scalar(
+                sa.text("SELECT reltuples FROM pg_class WHERE relname = 'khala_import_documents'")
+            )
+            columns = await conn.execute(
+                sa.text("SELECT attname FROM pg_stats WHERE tablename = 'khala_import_documents'")
+            )
+            return float(rows), {name for (name,) in columns}
+
+    async def body(engine: AsyncEngine) -> list[tuple[float, set[str]]]:
+        async with engine.begin() as conn:  # no ANALYZE but the stage's own
+            await conn.execute(
+                sa.text("ALTER TABLE khala_import_documents SET (autovacuum_enabled = false)")
+            )
+        growing = Growth(engine, lambda _table: ["khala_import_documents"], first_after=1000)
+        seen = []
+        for table in ("messages", "runs", "threads"):
+            await _apply(engine, _documents(table, 600, 10))
+            growing.added({table: 600})
+            await growing.refresh_if_due()
+            seen.append(await analyzed(engine))
+        return seen
+
+    (first, second, third) = run_on(pg_url, body)
+    assert first[0] < 0  # 600 rows: never analyzed yet
+    assert second[0] == 1200  # 1,200 rows of two tables: analyzed
+    assert {"source_table", "doc_key", "export_seq", "line"} <= second[1]
+    assert not {"document", "content_hash", "doc_id"} & second[1]
+    assert third[0] == 1200  # 1,800 < 2,400: not again
+
+
 def test_keyless_documents_are_read_back_but_never_counted_or_vanished(db_url: str) -> None:
     """Issue 22 item 8: a message without `messageId` is in the store for the title scan only;
     the document statistics and --propagate-deletes never see it (a `%` or `_` in a real key
