@@ -158,6 +158,10 @@ def _cpu(run: RunResult) -> list[str]:
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
                 total = sum(cpu.values())
                 lines.append(f"{s.export.label} {r.path}: CPU seconds: {parts} (sum {total:.1f})")
+                if len(r.processes) > 1:
+                    busiest = sorted(r.processes, key=lambda p: -p.get("cpu_s", 0))
+                    each = ", ".join(f"{p['name']} {p.get('cpu_s', 0):.1f}" for p in busiest)
+                    lines.append(f"  of ours, per process (sampled): {each}")
     return lines
 
 

@@ -71,6 +71,15 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def _own_cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` alone (not its children); 0 when it is gone."""
+    try:
+        fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def _name(pid: int) -> str:
     try:
         raw = (_PROC / str(pid) / "cmdline").read_bytes()
@@ -110,6 +119,8 @@ class ProcessPeak:
     pid: int
     name: str
     peak_kb: int = 0
+    cpu_seconds: float = 0.0
+    """Its own user + system CPU at the last sample (what it used after that is not seen)."""
 
 
 @dataclass(slots=True)
@@ -168,6 +179,7 @@ class TreeSampler:
             elif self._state.samples % 10 == 0:
                 entry.name = _name(pid)  # it may have exec'd since (a wrapper script, a shim)
             entry.peak_kb = max(entry.peak_kb, status.get("VmHWM", 0), status.get("VmRSS", 0))
+            entry.cpu_seconds = max(entry.cpu_seconds, _own_cpu_seconds(pid))
             total += status.get("VmRSS", 0)
             todo += children.get(pid, [])
         self._state.tree_peak_kb = max(self._state.tree_peak_kb, total)

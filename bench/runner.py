@@ -160,7 +160,8 @@ def _path_result(ctx: _Context, name: str, measured: Measured, load: float) -> P
         seconds=measured.seconds,
         peak_rss_kb=measured.peak_rss_kb or None,
         processes=[
-            {"pid": p.pid, "name": p.name, "peak_kb": p.peak_kb} for p in measured.processes
+            {"pid": p.pid, "name": p.name, "peak_kb": p.peak_kb, "cpu_s": round(p.cpu_seconds, 1)}
+            for p in measured.processes
         ],
         error=None if measured.ok else measured.stderr_tail(),
         load_before=load,
