@@ -22,6 +22,7 @@ DIRECT: Final = "direct (baseline)"
 CEILING: Final = "COPY (ceiling)"
 PATHS: Final = (KAFKA_FIRST, KAFKA_AGAIN, FLOOR_ONE, FLOOR_TWO, DIRECT, CEILING)
 
+_STATEMENTS_SHOWN: Final = 6
 RSS_LIMIT_MB: Final = 400.0
 RSS_GROWTH: Final = 0.10
 
@@ -162,6 +163,12 @@ def _cpu(run: RunResult) -> list[str]:
                     busiest = sorted(r.processes, key=lambda p: -p.get("cpu_s", 0))
                     each = ", ".join(f"{p['name']} {p.get('cpu_s', 0):.1f}" for p in busiest)
                     lines.append(f"  of ours, per process (sampled): {each}")
+                if statements := r.extra.get("statements"):
+                    each = ", ".join(
+                        f"{st['label']} {st['seconds']:.1f}"
+                        for st in statements[:_STATEMENTS_SHOWN]
+                    )
+                    lines.append(f"  of postgres, by statement (seconds executing): {each}")
     return lines
 
 

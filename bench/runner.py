@@ -49,6 +49,7 @@ from bench.report import (
 )
 from bench.rss import Measured, TreeSampler, cpu_seconds, read_status_kb, run_measured
 from bench.services import PostgresServer, fresh_broker, postgres_server
+from bench.statements import Statement
 from khala_stream.broker.local_broker import LocalBroker
 
 __all__ = ["Options", "run"]
@@ -66,6 +67,7 @@ _SCRUBBED = (
     "KHALA_TOPIC_PREFIX",
     "WORKOS_API_KEY",
 )
+_STATEMENTS_KEPT = 12  # of a step's grouped statements, in its results
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,8 @@ class _Context:
         self.databases: list[str] = []
         self.server_cpu: dict[str, float] = {}
         """CPU seconds the broker and PostgreSQL spent during the last measured step."""
+        self.server_statements: list[Statement] = []
+        """PostgreSQL's statements during the last measured step, grouped, longest first."""
 
     @contextlib.contextmanager
     def database(self, prefix: str) -> Iterator[str]:
@@ -124,6 +128,8 @@ class _Context:
         servers = ({"broker": broker_pid} if broker_pid is not None else {}) | {
             "postgres": self.server.pid
         }
+        self.server_cpu, self.server_statements = {}, []
+        self.server.reset_statements()
         before = {k: cpu_seconds(pid) for k, pid in servers.items()}
         try:
             measured = run_measured(
@@ -136,6 +142,7 @@ class _Context:
                 label=label,
             )
             self.server_cpu = {k: cpu_seconds(servers[k]) - v for k, v in before.items()}
+            self.server_statements = self.server.read_statements()
             return measured
         except TimeoutError as exc:
             return Measured(
@@ -165,7 +172,11 @@ def _path_result(ctx: _Context, name: str, measured: Measured, load: float) -> P
         ],
         error=None if measured.ok else measured.stderr_tail(),
         load_before=load,
-        extra={"tree_peak_kb": measured.tree_peak_kb, "cpu_seconds": cpu},
+        extra={
+            "tree_peak_kb": measured.tree_peak_kb,
+            "cpu_seconds": cpu,
+            "statements": [st.to_json() for st in ctx.server_statements[:_STATEMENTS_KEPT]],
+        },
     )
 
 

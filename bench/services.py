@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 from sqlalchemy.engine import make_url
 
+from bench.statements import AVAILABLE, EXTENSION, RESET, TOP, Statement, grouped
 from khala_stream.broker.local_broker import LocalBroker, start_local_broker
 from khala_stream.db.engine import create_engine, init_db
 
@@ -36,6 +37,8 @@ _DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 class PostgresServer:
     admin_url: str  # postgresql://postgres@127.0.0.1:PORT/postgres
     directory: Path
+    statements: bool = False
+    """`pg_stat_statements` is loaded: a step's statements are told apart (bench/statements.py)."""
 
     @property
     def pid(self) -> int:
@@ -95,6 +98,16 @@ class PostgresServer:
         """Flush the previous step's dirty pages, so the next step does not pay for them."""
         asyncio.run(self.admin("CHECKPOINT"))
 
+    def reset_statements(self) -> None:
+        if self.statements:
+            asyncio.run(self.admin(RESET))
+
+    def read_statements(self) -> list[Statement]:
+        """The statements run since `reset_statements`, in every database but the admin one."""
+        if not self.statements:
+            return []
+        return grouped(list(asyncio.run(self.admin(TOP))[0]))
+
     def settle(self, database: str) -> None:
         """Vacuum and analyse `database` now, untimed, so that the autovacuum its writes would
         set off does not run inside the next measured step (a path measured after another
@@ -108,6 +121,21 @@ class PostgresServer:
                 await conn.close()
 
         asyncio.run(vacuum())
+
+
+def _with_statements(server: PostgresServer) -> PostgresServer:
+    """`server` restarted with `pg_stat_statements` preloaded, when it has the module; else as
+    it is (a server told to preload a module it lacks would not start)."""
+    if not asyncio.run(server.admin(AVAILABLE))[0][0][0]:
+        return server
+    asyncio.run(server.admin(f"ALTER SYSTEM SET shared_preload_libraries = '{EXTENSION}'"))
+    port = str(make_url(server.admin_url).port)
+    for step in (("stop", str(server.directory)), ("start", str(server.directory), port)):
+        result = _run_postgres_sh(*step)
+        if result.returncode != 0:
+            raise RuntimeError(f"could not restart PostgreSQL:\n{result.stdout}{result.stderr}")
+    asyncio.run(server.admin(f"CREATE EXTENSION IF NOT EXISTS {EXTENSION}"))
+    return PostgresServer(admin_url=server.admin_url, directory=server.directory, statements=True)
 
 
 def _run_postgres_sh(*args: str) -> subprocess.CompletedProcess[str]:
@@ -141,7 +169,7 @@ def postgres_server(*, durable: bool = True, keep: bool = False) -> Iterator[Pos
                     "SELECT pg_reload_conf()",
                 )
             )
-        yield server
+        yield _with_statements(server)
     finally:
         _run_postgres_sh("stop", str(directory))
         if not keep:
