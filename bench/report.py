@@ -168,7 +168,10 @@ def _cpu(run: RunResult) -> list[str]:
                         f"{st['label']} {st['seconds']:.1f}"
                         for st in statements[:_STATEMENTS_SHOWN]
                     )
-                    lines.append(f"  of postgres, by statement (seconds executing): {each}")
+                    every = r.extra.get("statements_s", 0.0)
+                    lines.append(
+                        f"  of postgres, seconds executing statements ({every:.1f} in all): {each}"
+                    )
     return lines
 
 

@@ -176,6 +176,7 @@ def _path_result(ctx: _Context, name: str, measured: Measured, load: float) -> P
             "tree_peak_kb": measured.tree_peak_kb,
             "cpu_seconds": cpu,
             "statements": [st.to_json() for st in ctx.server_statements[:_STATEMENTS_KEPT]],
+            "statements_s": round(sum(st.seconds for st in ctx.server_statements), 1),
         },
     )
 
