@@ -73,10 +73,20 @@ def test_provenance_headers_are_checked() -> None:
         export_sha256="e" * 64, run_id=3, table="runs", line=1, doc_id=None, content_hash="a" * 64
     )
     assert read_headers(document_headers(good)) == good
-    for name, value in [("khala-run", b"0"), ("khala-line", b"1e3"), ("khala-table", b"x")]:
+    for name, value in [
+        ("khala-run", b"0"),
+        ("khala-line", b"1e3"),
+        ("khala-table", b"x"),
+        ("khala-table", b"runs\0"),
+        ("khala-table", None),
+        ("khala-hash", b"a" * 63),
+        ("khala-hash", b"A" * 64),
+        ("khala-hash", b"a" * 64 + b"\n"),
+        ("khala-hash", None),
+    ]:
         headers = dict(document_headers(good)) | {name: value}
         with pytest.raises(ProvenanceError, match=name):
-            read_headers(list(headers.items()))
+            read_headers(list(headers.items()))  # type: ignore[arg-type]
 
 
 def test_an_amendments_headers_name_an_earlier_generation() -> None:
