@@ -61,9 +61,7 @@ def cpu_seconds(pid: int) -> float:
     pending = [pid]
     while pending:
         current = pending.pop()
-        try:
-            fields = (_PROC / str(current) / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        if (fields := _stat_fields(current)) is None:
             continue
         # utime, stime, cutime, cstime: fields 14-17 of stat, 12-15 after "pid (comm)".
         total += sum(int(f) for f in fields[11:15]) / _TICKS
@@ -73,11 +71,18 @@ def cpu_seconds(pid: int) -> float:
 
 def _own_cpu_seconds(pid: int) -> float:
     """User + system CPU of `pid` alone (not its children); 0 when it is gone."""
-    try:
-        fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    if (fields := _stat_fields(pid)) is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after "pid (comm)" (comm may hold spaces and
+    parentheses, so split after it): state, ppid, …; None when the process is gone."""
+    try:
+        return (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
 
 
 def _name(pid: int) -> str:
@@ -103,13 +108,8 @@ def _parents() -> dict[int, list[int]]:
     for entry in _PROC.iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid …": comm may hold spaces and parentheses, so split after it.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) >= 2 and fields[1].isdigit():
+        fields = _stat_fields(entry.name)
+        if fields is not None and len(fields) >= 2 and fields[1].isdigit():
             children.setdefault(int(fields[1]), []).append(int(entry.name))
     return children
 
