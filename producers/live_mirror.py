@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 import sqlalchemy as sa
@@ -217,11 +217,15 @@ async def apply_snapshot_page(
     cursor: Cursor | None,
     done: bool,
 ) -> FollowState:
-    """A page of `table`'s snapshot walk, and the cursor after it, in one transaction."""
+    """A page of `table`'s snapshot walk, and the cursor after it, in one transaction.
+    Walkers of other tables store their pages at the same time: the state row is held
+    against changes of version while the page is stored, and locked only to move the
+    cursor."""
     async with engine.begin() as conn:
-        state = await _locked(conn, deployment)
+        state = await _locked(conn, deployment, "page")
         page = [v for v in values if v.table == table]
         await _apply(conn, page, {table}, state.version, walked=True)
+        state = await _locked(conn, deployment, "cursor")  # read again: the others' cursors
         cursors = {t: [c, d] for t, (c, d) in state.table_cursors.items()}
         cursors[table] = [cursor, done]
         newest = max([state.state_ns, *(v.ts for v in values)])
@@ -521,11 +525,17 @@ async def record_freshness(engine: AsyncEngine, run_id: int, seconds: float) -> 
         )
 
 
-async def _locked(conn: AsyncConnection, deployment: str) -> FollowState:
-    """The state row, locked for this transaction (two followers take turns)."""
+async def _locked(
+    conn: AsyncConnection, deployment: str, mode: Literal["update", "page", "cursor"] = "update"
+) -> FollowState:
+    """The state row, locked for this transaction. "update" (FOR UPDATE): a change of phase
+    or version; two followers take turns. "page" (FOR KEY SHARE): a snapshot page stored
+    under the state's version, which no "update" can change meanwhile; any number at once.
+    "cursor" (FOR NO KEY UPDATE): a page's cursor moved, one at a time, beside the pages'
+    locks (FOR UPDATE would deadlock with another walker's page)."""
     query = sa.select(FOLLOW).where(FOLLOW.c.singleton == 1)
     if conn.dialect.name == "postgresql":
-        query = query.with_for_update()
+        query = query.with_for_update(read=mode == "page", key_share=mode != "update")
     row = (await conn.execute(query)).first()
     if row is None or row.deployment != deployment:
         raise RuntimeError("no follow state for this deployment")
