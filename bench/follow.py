@@ -31,18 +31,22 @@ import argparse
 import asyncio
 import gc
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bench.exports import ensure_export, parse_size
-from bench.services import fresh_broker, postgres_server
+from bench.rss import cpu_seconds, own_cpu_seconds
+from bench.services import PostgresServer, fresh_broker, postgres_server
 from khala_stream import import_runs
+from khala_stream.broker.local_broker import LocalBroker
 from khala_stream.db.engine import create_engine
 from tests.e2e.snapshot import diff_tables, table_snapshot
 from tests.fakes.khala_server import FakeKhala
@@ -119,10 +123,34 @@ def _wait_applied(url: str, prefix: str, after: int, timeout: float = 3600) -> N
     asyncio.run(go())
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds process `pid` has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class _PathCpu:
+    """CPU seconds each process of one path used from the moment this is made: the servers
+    (PostgreSQL with the backends it reaped, the broker), `stages` by name, the commands the
+    bench waited for meanwhile (`import-chat` with its stages, or `follow`), and the bench
+    process itself (the fake deployment serves from it)."""
+
+    def __init__(self, pg: PostgresServer, broker: LocalBroker, waited: str,
+                 stages: Mapping[str, int] | None = None) -> None:  # fmt: skip
+        self._pids = {"postgres": pg.pid, "broker": broker.pid, **(stages or {})}
+        self._waited = waited
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {
+            self._waited: children.ru_utime + children.ru_stime,
+            **{name: cpu_seconds(pid) for name, pid in self._pids.items()},
+            "bench": time.process_time(),
+        }
+
+    def used(self) -> dict[str, float]:
+        now = self._read()
+        return {name: now[name] - self._start[name] for name in now}
+
+
+def _cpu_line(used: Mapping[str, float]) -> str:
+    parts = ", ".join(f"{name} {s:.1f}" for name, s in used.items())
+    return f"{sum(used.values()):.1f} ({parts})"
 
 
 def _step(
@@ -137,16 +165,16 @@ def _step(
 ) -> None:
     """One commit at the source, followed until the sink applied it: its freshness and the
     `process` stage's CPU for it."""
-    before, cpu = _latest(url), _cpu_s(process_pid)
+    before, cpu = _latest(url), own_cpu_seconds(process_pid)
     began = time.monotonic()
     fake.commit(ts_s=ts_s, put=edits)
     subprocess.run(_cli("follow", "--deployment", fake.base_url, "--until-caught-up"),
                    env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     published_s = time.monotonic() - began
-    published_cpu = _cpu_s(process_pid)
+    published_cpu = own_cpu_seconds(process_pid)
     _wait_applied(url, prefix, before)
     step_s = time.monotonic() - began
-    after = _cpu_s(process_pid)
+    after = own_cpu_seconds(process_pid)
     scoped = _scoped_threads(url)
     derived = "every thread" if scoped is None else f"{scoped} threads"
     print(
@@ -222,13 +250,13 @@ def _sustained(
         finally:
             await engine.dispose()
 
-    cpu = _cpu_s(process_pid)
+    cpu = own_cpu_seconds(process_pid)
     try:
         latencies, changes = asyncio.run(go())
     finally:
         follow.terminate()
         follow.wait(timeout=60)
-    used = _cpu_s(process_pid) - cpu
+    used = own_cpu_seconds(process_pid) - cpu
     latencies.sort()
 
     def pct(p: float) -> float:
@@ -319,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
             with fresh_broker() as broker:
                 env = _env(pg.url(zip_db), broker.bootstrap)
                 pg.checkpoint()
+                cpu = _PathCpu(pg, broker, "import-chat")
                 began = time.monotonic()
                 with (logs / f"zip-{round_}.log").open("wb") as log:
                     subprocess.run(_cli("import-chat", str(zip_path)), env=env, check=True,
                                    stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
                 zip_s = time.monotonic() - began
+                zip_cpu = cpu.used()
             print(f"round {round_}: zip import-chat: {zip_s:.1f} s", flush=True)
             pg.settle(zip_db)
 
@@ -332,13 +362,14 @@ def main(argv: list[str] | None = None) -> int:
                 url = pg.url(follow_db)
                 env = _env(url, broker.bootstrap)
                 prefix = env["KHALA_TOPIC_PREFIX"]
-                stages = [
-                    subprocess.Popen(_cli(stage), env=env, stdout=subprocess.DEVNULL,
-                                     stderr=(logs / f"{stage}-{round_}.log").open("wb"))
+                stages = {
+                    stage: subprocess.Popen(_cli(stage), env=env, stdout=subprocess.DEVNULL,
+                                            stderr=(logs / f"{stage}-{round_}.log").open("wb"))
                     for stage in ("process", "sink")
-                ]  # fmt: skip
+                }  # fmt: skip
                 try:
                     pg.checkpoint()
+                    cpu = _PathCpu(pg, broker, "follow", {k: p.pid for k, p in stages.items()})
                     began = time.monotonic()
                     with (logs / f"follow-{round_}.log").open("wb") as log:
                         subprocess.run(
@@ -348,22 +379,25 @@ def main(argv: list[str] | None = None) -> int:
                     published_s = time.monotonic() - began
                     _wait_applied(url, prefix, 0)
                     follow_s = time.monotonic() - began
+                    follow_cpu = cpu.used()
                     ratios.append(zip_s / follow_s)
                     print(
                         f"round {round_}: follow snapshot: {follow_s:.1f} s (published in"
                         f" {published_s:.1f} s); throughput ratio zip/follow = {ratios[-1]:.2f}",
                         flush=True,
                     )
+                    print(f"round {round_}: CPU seconds, zip {_cpu_line(zip_cpu)}; follow"
+                          f" {_cpu_line(follow_cpu)}", flush=True)  # fmt: skip
                     diff = diff_tables(table_snapshot(pg.url(zip_db)), table_snapshot(url))
                     print("tables: identical" if not diff else f"tables differ:\n{diff}",
                           flush=True)  # fmt: skip
                     pg.settle(follow_db)
                     if last and not args.snapshot_only:
-                        _steps(fake, env, url, prefix, stages[0].pid, args, logs)
+                        _steps(fake, env, url, prefix, stages["process"].pid, args, logs)
                 finally:
-                    for proc in stages:
+                    for proc in stages.values():
                         proc.terminate()
-                    for proc in stages:
+                    for proc in stages.values():
                         proc.wait(timeout=30)
             pg.drop_database(zip_db)
             pg.drop_database(follow_db)

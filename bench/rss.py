@@ -69,7 +69,7 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def _own_cpu_seconds(pid: int) -> float:
+def own_cpu_seconds(pid: int) -> float:
     """User + system CPU of `pid` alone (not its children); 0 when it is gone."""
     if (fields := _stat_fields(pid)) is None:
         return 0.0
@@ -179,7 +179,7 @@ class TreeSampler:
             elif self._state.samples % 10 == 0:
                 entry.name = _name(pid)  # it may have exec'd since (a wrapper script, a shim)
             entry.peak_kb = max(entry.peak_kb, status.get("VmHWM", 0), status.get("VmRSS", 0))
-            entry.cpu_seconds = max(entry.cpu_seconds, _own_cpu_seconds(pid))
+            entry.cpu_seconds = max(entry.cpu_seconds, own_cpu_seconds(pid))
             total += status.get("VmRSS", 0)
             todo += children.get(pid, [])
         self._state.tree_peak_kb = max(self._state.tree_peak_kb, total)
