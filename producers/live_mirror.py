@@ -32,7 +32,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.contract.documents import string_field
 from khala_stream.contract.tables import DOCUMENT_KEYS
-from khala_stream.db.importer_tables import FOLLOW, RUNS, SOURCE_DOCUMENTS, SOURCE_LINES
+from khala_stream.db.engine import create_lookups, drop_lookups
+from khala_stream.db.importer_tables import (
+    FOLLOW,
+    RUNS,
+    SOURCE_DOCUMENTS,
+    SOURCE_LINES,
+    SOURCE_LOOKUPS,
+)
 from khala_stream.db.queries import copy_new_rows, copy_out_lines, insert_for, staged
 from khala_stream.errors import UsageError
 from khala_stream.import_runs import FOLLOW_SOURCE
@@ -180,6 +187,7 @@ async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor)
         old = await _load(conn, deployment)
         await conn.execute(sa.delete(SOURCE_DOCUMENTS))
         await conn.execute(sa.delete(SOURCE_LINES))
+        await drop_lookups(conn, SOURCE_LOOKUPS)  # built again once the walk is done
         values = {
             "deployment": deployment,
             "phase": "snapshot",
@@ -243,6 +251,7 @@ async def finish_snapshot(engine: AsyncEngine, deployment: str) -> FollowState:
     """Every table walked: deltas follow from the snapshot; the state is to be published."""
     async with engine.begin() as conn:
         state = await _locked(conn, deployment)
+        await create_lookups(conn, SOURCE_DOCUMENTS.name, SOURCE_LOOKUPS)
         await conn.execute(
             sa.update(FOLLOW)
             .where(FOLLOW.c.singleton == 1)

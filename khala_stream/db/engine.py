@@ -14,7 +14,7 @@ import asyncio
 import inspect
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +37,15 @@ from khala_stream.db.laravel_tables import LARAVEL
 from khala_stream.db.queries import stored_before
 from khala_stream.errors import UsageError
 
-__all__ = ["create_engine", "database_url", "dialect_name", "ensure_lookups", "init_db"]
+__all__ = [
+    "create_engine",
+    "create_lookups",
+    "database_url",
+    "dialect_name",
+    "drop_lookups",
+    "ensure_lookups",
+    "init_db",
+]
 
 _DRIVERS = {
     "postgresql": "postgresql+asyncpg",
@@ -242,15 +250,34 @@ async def ensure_lookups(engine: AsyncEngine, tables: Sequence[str], run_id: int
             return False
         if conn.dialect.name == "postgresql":
             await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK})
-        for name in await conn.run_sync(_missing_lookups):
-            columns = ", ".join(DOCUMENT_LOOKUPS[name])
-            await conn.execute(sa.text(f"CREATE INDEX {name} ON {DOCUMENTS.name} ({columns})"))
+        await create_lookups(conn, DOCUMENTS.name, DOCUMENT_LOOKUPS)
     return True
 
 
 def _missing_lookups(conn: Connection) -> list[str]:
-    have = {i["name"] for i in sa.inspect(conn).get_indexes(DOCUMENTS.name)}
-    return [name for name in DOCUMENT_LOOKUPS if name not in have]
+    return _missing(conn, DOCUMENTS.name, DOCUMENT_LOOKUPS)
+
+
+def _missing(conn: Connection, table: str, lookups: Mapping[str, Sequence[str]]) -> list[str]:
+    have = {i["name"] for i in sa.inspect(conn).get_indexes(table)}
+    return [name for name in lookups if name not in have]
+
+
+async def create_lookups(
+    conn: AsyncConnection, table: str, lookups: Mapping[str, Sequence[str]]
+) -> None:
+    """Create the indexes of `lookups` (name -> columns) on `table` that are missing, in the
+    caller's transaction: indexes built once their table is filled, not row by row."""
+    for name in await conn.run_sync(_missing, table, lookups):
+        columns = ", ".join(lookups[name])
+        await conn.execute(sa.text(f"CREATE INDEX {name} ON {table} ({columns})"))
+
+
+async def drop_lookups(conn: AsyncConnection, lookups: Mapping[str, Sequence[str]]) -> None:
+    """Drop the indexes of `lookups` where present, in the caller's transaction (their table
+    is about to be filled again)."""
+    for name in lookups:
+        await conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
 
 
 def _upgrade(conn: Connection, table: sa.Table) -> None:

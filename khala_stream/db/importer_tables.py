@@ -25,6 +25,7 @@ __all__ = [
     "RUNS",
     "SOURCE_DOCUMENTS",
     "SOURCE_LINES",
+    "SOURCE_LOOKUPS",
     "USER_IDS",
     "WORKOS_CACHE",
 ]
@@ -224,9 +225,16 @@ SOURCE_DOCUMENTS: Final = sa.Table(
     sa.Index(
         "khala_import_source_documents_order_index", "source_table", "creation_time", "doc_id"
     ),
-    sa.Index("khala_import_source_documents_version_index", "source_table", "version"),
-    sa.Index("khala_import_source_documents_key_index", "source_table", "doc_key"),
 )
+
+# The mirror's indexes that only the steps after a snapshot look documents up by (what
+# changed since the state was published, a document by its key: producers/live_mirror.py),
+# by name: built once a snapshot is walked (`live_mirror.finish_snapshot`), so that the walk
+# does not maintain them row by row; one sorted build costs less.
+SOURCE_LOOKUPS: Final[dict[str, tuple[str, ...]]] = {
+    "khala_import_source_documents_version_index": ("source_table", "version"),
+    "khala_import_source_documents_key_index": ("source_table", "doc_key"),
+}
 
 # `follow`: each mirrored document's line and key in the state of FOLLOW.lines_run, which a
 # later step may amend (producers/live_mirror.py). A table of its own so that numbering a whole

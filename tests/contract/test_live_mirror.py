@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from khala_stream.db.importer_tables import FOLLOW, SOURCE_DOCUMENTS, SOURCE_LINES
+from khala_stream.db.importer_tables import FOLLOW, SOURCE_DOCUMENTS, SOURCE_LINES, SOURCE_LOOKUPS
 from producers import live_mirror
 from producers.live_api import LiveValue, export_order
 from tests.contract.engine import run_on
@@ -184,6 +184,31 @@ def test_walkers_of_two_tables_store_their_pages_at_once_and_keep_both_cursors(
             assert await live_mirror.document_ids(engine, table) == {f"{table}-1": False}
 
     run_on(pg_url, body)
+
+
+def test_the_steps_lookups_are_built_once_a_snapshot_is_walked(db_url: str) -> None:
+    """The walk does not maintain the indexes only later steps look the mirror up by
+    (`SOURCE_LOOKUPS`): `finish_snapshot` builds them, and a new snapshot drops them with
+    the documents it replaces."""
+
+    async def lookups(engine: AsyncEngine) -> set[str]:
+        async with engine.connect() as conn:
+            found = await conn.run_sync(
+                lambda sync: sa.inspect(sync).get_indexes(SOURCE_DOCUMENTS.name)
+            )
+        return {i["name"] for i in found} & set(SOURCE_LOOKUPS)
+
+    async def body(engine: AsyncEngine) -> None:
+        await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
+        page = [_value("users", "a", S + 1, 1, False)]
+        await live_mirror.apply_snapshot_page(engine, DEPLOYMENT, "users", page, "c", True)
+        assert await lookups(engine) == set()
+        await live_mirror.finish_snapshot(engine, DEPLOYMENT)
+        assert await lookups(engine) == set(SOURCE_LOOKUPS)
+        await live_mirror.start_snapshot(engine, DEPLOYMENT, S + 5)
+        assert await lookups(engine) == set()
+
+    run_on(db_url, body)
 
 
 def _winners(folder: Path) -> list[tuple[str, dict[str, object]]]:
