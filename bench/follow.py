@@ -45,6 +45,7 @@ from typing import Any
 from bench.exports import ensure_export, parse_size
 from bench.rss import cpu_seconds, own_cpu_seconds
 from bench.services import PostgresServer, fresh_broker, postgres_server
+from bench.statements import statements_line
 from khala_stream import import_runs
 from khala_stream.broker.local_broker import LocalBroker
 from khala_stream.db.engine import create_engine
@@ -123,16 +124,18 @@ def _wait_applied(url: str, prefix: str, after: int, timeout: float = 3600) -> N
     asyncio.run(go())
 
 
-class _PathCpu:
-    """CPU seconds each process of one path used from the moment this is made: the servers
-    (PostgreSQL with the backends it reaped, the broker), `stages` by name, the commands the
-    bench waited for meanwhile (`import-chat` with its stages, or `follow`), and the bench
-    process itself (the fake deployment serves from it)."""
+class _PathCost:
+    """What one path cost from the moment this is made: CPU seconds of each process (the
+    servers: PostgreSQL with the backends it reaped, the broker; `stages` by name; the
+    command the bench waited for meanwhile, `import-chat` with its stages or `follow`; the
+    bench process itself, which serves the fake deployment), and PostgreSQL's statements."""
 
     def __init__(self, pg: PostgresServer, broker: LocalBroker, waited: str,
                  stages: Mapping[str, int] | None = None) -> None:  # fmt: skip
+        self._pg = pg
         self._pids = {"postgres": pg.pid, "broker": broker.pid, **(stages or {})}
         self._waited = waited
+        pg.reset_statements()
         self._start = self._read()
 
     def _read(self) -> dict[str, float]:
@@ -143,14 +146,17 @@ class _PathCpu:
             "bench": time.process_time(),
         }
 
-    def used(self) -> dict[str, float]:
+    def lines(self) -> list[str]:
+        """CPU seconds in all and per process, then the statements' line (when the server
+        counts them)."""
         now = self._read()
-        return {name: now[name] - self._start[name] for name in now}
-
-
-def _cpu_line(used: Mapping[str, float]) -> str:
-    parts = ", ".join(f"{name} {s:.1f}" for name, s in used.items())
-    return f"{sum(used.values()):.1f} ({parts})"
+        used = {name: now[name] - self._start[name] for name in now}
+        each = ", ".join(f"{name} {s:.1f}" for name, s in used.items())
+        lines = [f"CPU seconds {sum(used.values()):.1f} ({each})"]
+        if statements := self._pg.read_statements():
+            every = sum(st.seconds for st in statements)
+            lines.append(statements_line([(st.label, st.seconds) for st in statements], every))
+        return lines
 
 
 def _step(
@@ -347,14 +353,16 @@ def main(argv: list[str] | None = None) -> int:
             with fresh_broker() as broker:
                 env = _env(pg.url(zip_db), broker.bootstrap)
                 pg.checkpoint()
-                cpu = _PathCpu(pg, broker, "import-chat")
+                cost = _PathCost(pg, broker, "import-chat")
                 began = time.monotonic()
                 with (logs / f"zip-{round_}.log").open("wb") as log:
                     subprocess.run(_cli("import-chat", str(zip_path)), env=env, check=True,
                                    stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
                 zip_s = time.monotonic() - began
-                zip_cpu = cpu.used()
+                zip_cost = cost.lines()
             print(f"round {round_}: zip import-chat: {zip_s:.1f} s", flush=True)
+            for line in zip_cost:
+                print(f"  zip: {line}", flush=True)
             pg.settle(zip_db)
 
             follow_db = pg.create_database("bench_follow")
@@ -369,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                 }  # fmt: skip
                 try:
                     pg.checkpoint()
-                    cpu = _PathCpu(pg, broker, "follow", {k: p.pid for k, p in stages.items()})
+                    cost = _PathCost(pg, broker, "follow", {k: p.pid for k, p in stages.items()})
                     began = time.monotonic()
                     with (logs / f"follow-{round_}.log").open("wb") as log:
                         subprocess.run(
@@ -379,15 +387,15 @@ def main(argv: list[str] | None = None) -> int:
                     published_s = time.monotonic() - began
                     _wait_applied(url, prefix, 0)
                     follow_s = time.monotonic() - began
-                    follow_cpu = cpu.used()
+                    follow_cost = cost.lines()
                     ratios.append(zip_s / follow_s)
                     print(
                         f"round {round_}: follow snapshot: {follow_s:.1f} s (published in"
                         f" {published_s:.1f} s); throughput ratio zip/follow = {ratios[-1]:.2f}",
                         flush=True,
                     )
-                    print(f"round {round_}: CPU seconds, zip {_cpu_line(zip_cpu)}; follow"
-                          f" {_cpu_line(follow_cpu)}", flush=True)  # fmt: skip
+                    for line in follow_cost:
+                        print(f"  follow: {line}", flush=True)
                     diff = diff_tables(table_snapshot(pg.url(zip_db)), table_snapshot(url))
                     print("tables: identical" if not diff else f"tables differ:\n{diff}",
                           flush=True)  # fmt: skip

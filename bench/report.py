@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from bench.exports import Export, size_label
+from bench.statements import statements_line
 
 __all__ = ["PathResult", "RunResult", "SizeResult", "format_report"]
 
@@ -22,7 +23,6 @@ DIRECT: Final = "direct (baseline)"
 CEILING: Final = "COPY (ceiling)"
 PATHS: Final = (KAFKA_FIRST, KAFKA_AGAIN, FLOOR_ONE, FLOOR_TWO, DIRECT, CEILING)
 
-_STATEMENTS_SHOWN: Final = 6
 RSS_LIMIT_MB: Final = 400.0
 RSS_GROWTH: Final = 0.10
 
@@ -164,14 +164,9 @@ def _cpu(run: RunResult) -> list[str]:
                     each = ", ".join(f"{p['name']} {p.get('cpu_s', 0):.1f}" for p in busiest)
                     lines.append(f"  of ours, per process (sampled): {each}")
                 if statements := r.extra.get("statements"):
-                    each = ", ".join(
-                        f"{st['label']} {st['seconds']:.1f}"
-                        for st in statements[:_STATEMENTS_SHOWN]
-                    )
                     every = r.extra.get("statements_s", 0.0)
-                    lines.append(
-                        f"  of postgres, seconds executing statements ({every:.1f} in all): {each}"
-                    )
+                    pairs = [(st["label"], st["seconds"]) for st in statements]
+                    lines.append(f"  {statements_line(pairs, every)}")
     return lines
 
 

@@ -12,6 +12,7 @@ for (WAL writing at commit, checkpoints, autovacuum) is the rest of the step's P
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -72,3 +73,14 @@ def grouped(rows: list[Any]) -> list[Statement]:
         (Statement(label, round(s, 2), c, r) for label, (s, c, r) in totals.items()),
         key=lambda s: -s.seconds,
     )
+
+
+SHOWN: Final = 6
+"""Statement groups a printed line names, the longest first."""
+
+
+def statements_line(statements: Sequence[tuple[str, float]], every: float) -> str:
+    """The line the bench prints of a step's statements: the seconds of all of them, then
+    the `SHOWN` longest groups (label, seconds), longest first."""
+    each = ", ".join(f"{label} {seconds:.1f}" for label, seconds in statements[:SHOWN])
+    return f"of postgres, seconds executing statements ({every:.1f} in all): {each}"
