@@ -7,9 +7,8 @@ with the documents it covers):
    anything is written).
 2. First time only: pin a snapshot (`list_snapshot` without a table) and walk each followed
    table in pages; a snapshot the source no longer serves is walked again from a new one.
-   The snapshot's state is published as it is walked (`_SnapshotPublication`): two tables
-   are walked at once, the largest first, and each is published once walked while the
-   others still are.
+   The snapshot's state is published as it is walked (`_SnapshotPublication`): the tables
+   are walked largest first, and each is published once walked while the next ones are.
 3. Publish the state as a newer export of the deployment (a merge import, SPEC §5): the
    mirror written as a folder export, in `_creationTime`, `_id` order, through the one publish
    path (`khala_app/publication.py`), so `process` and `sink` derive and write it as they do
@@ -70,9 +69,6 @@ _WALK_ORDER: Final = ("messages", "receipts", "runs", "threads", "blueprints", "
 """The order a snapshot's tables are walked in: a chat deployment's largest first, so that
 the others are walked while it is (its walk and its publication are the longest)."""
 assert sorted(_WALK_ORDER) == sorted(SOURCE_TABLES)
-_WALKERS: Final = 2
-"""Tables walked at once: while the largest is walked, the others are walked and published
-(the store has work before the largest table's file order is known)."""
 
 
 def _in_walk_order(tables: Sequence[str]) -> tuple[str, ...]:
@@ -253,28 +249,13 @@ async def _walk(
     publication: _SnapshotPublication | None,
     report: FollowReport,
 ) -> None:
-    """Walk the tables of `followed` (from where they stopped) `_WALKERS` at a time, the
-    largest first, each handed to `publication` once walked: the others are walked and
-    published while the largest is. The first failure stops the other walkers and is
-    raised."""
-    waiting = list(_in_walk_order(followed))
-
-    async def walker() -> None:
-        while waiting:
-            table = waiting.pop(0)
-            await _walk_table(client, db, state, table, report)
-            if publication is not None:
-                publication.walked(table)
-
-    walkers = [asyncio.ensure_future(walker()) for _ in range(_WALKERS)]
-    try:
-        done, _ = await asyncio.wait(walkers, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
-    finally:
-        for task in walkers:
-            task.cancel()
-        await asyncio.gather(*walkers, return_exceptions=True)
+    """Walk the tables of `followed` (from where they stopped), the largest first, each
+    handed to `publication` once walked. One at a time: a second walker only slowed the
+    first, the largest, whose walk is what the publication waits for (bench/README.md)."""
+    for table in _in_walk_order(followed):
+        await _walk_table(client, db, state, table, report)
+        if publication is not None:
+            publication.walked(table)
 
 
 async def _walk_table(

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 import sqlalchemy as sa
@@ -225,15 +225,11 @@ async def apply_snapshot_page(
     cursor: Cursor | None,
     done: bool,
 ) -> FollowState:
-    """A page of `table`'s snapshot walk, and the cursor after it, in one transaction.
-    Walkers of other tables store their pages at the same time: the state row is held
-    against changes of version while the page is stored, and locked only to move the
-    cursor."""
+    """A page of `table`'s snapshot walk, and the cursor after it, in one transaction."""
     async with engine.begin() as conn:
-        state = await _locked(conn, deployment, "page")
+        state = await _locked(conn, deployment)
         page = [v for v in values if v.table == table]
         await _apply(conn, page, {table}, state.version, walked=True)
-        state = await _locked(conn, deployment, "cursor")  # read again: the others' cursors
         cursors = {t: [c, d] for t, (c, d) in state.table_cursors.items()}
         cursors[table] = [cursor, done]
         newest = max([state.state_ns, *(v.ts for v in values)])
@@ -534,17 +530,11 @@ async def record_freshness(engine: AsyncEngine, run_id: int, seconds: float) -> 
         )
 
 
-async def _locked(
-    conn: AsyncConnection, deployment: str, mode: Literal["update", "page", "cursor"] = "update"
-) -> FollowState:
-    """The state row, locked for this transaction. "update" (FOR UPDATE): a change of phase
-    or version; two followers take turns. "page" (FOR KEY SHARE): a snapshot page stored
-    under the state's version, which no "update" can change meanwhile; any number at once.
-    "cursor" (FOR NO KEY UPDATE): a page's cursor moved, one at a time, beside the pages'
-    locks (FOR UPDATE would deadlock with another walker's page)."""
+async def _locked(conn: AsyncConnection, deployment: str) -> FollowState:
+    """The state row, locked for this transaction (two followers take turns)."""
     query = sa.select(FOLLOW).where(FOLLOW.c.singleton == 1)
     if conn.dialect.name == "postgresql":
-        query = query.with_for_update(read=mode == "page", key_share=mode != "update")
+        query = query.with_for_update()
     row = (await conn.execute(query)).first()
     if row is None or row.deployment != deployment:
         raise RuntimeError("no follow state for this deployment")

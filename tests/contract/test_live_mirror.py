@@ -5,7 +5,6 @@ lists it (`_creationTime`, then `_id`, deleted ones left out)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 from pathlib import Path
 
@@ -133,57 +132,6 @@ def test_a_document_a_snapshot_lists_again_keeps_its_latest_version(db_url: str)
         assert state is not None and state.table_cursors["users"] == ("c", False)
 
     run_on(db_url, body)
-
-
-def test_walkers_of_two_tables_store_their_pages_at_once_and_keep_both_cursors(
-    pg_url: str,
-) -> None:
-    """`follow` walks two tables at once: each page is stored under a lock that another
-    walker's page does not wait for, and only the cursor's move takes turns, reading the
-    other walkers' cursors again. Here a third session holds the cursor's lock while two
-    pages are stored: both get past their documents and wait for it; once released, both
-    pages and both cursors are kept."""
-
-    async def body(engine: AsyncEngine) -> None:
-        await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
-        pages = {t: [_value(t, f"{t}-1", S + 1, 1, False)] for t in ("users", "threads")}
-        async with engine.connect() as holder:
-            await holder.execute(
-                sa.select(FOLLOW.c.singleton).with_for_update(key_share=True)
-            )  # FOR NO KEY UPDATE, as a walker moving its cursor
-            walkers = [
-                asyncio.ensure_future(
-                    live_mirror.apply_snapshot_page(engine, DEPLOYMENT, t, page, f"c-{t}", True)
-                )
-                for t, page in pages.items()
-            ]
-            waiting: list[str] = []
-            for _ in range(200):  # until both wait on the holder (or ten seconds)
-                async with (
-                    engine.connect() as watcher
-                ):  # its own: activity is read once a transaction
-                    found = await watcher.execute(
-                        sa.text(
-                            "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                            " AND datname = current_database()"
-                        )
-                    )
-                    waiting = [q for (q,) in found]
-                if len(waiting) == 2 or any(w.done() for w in walkers):
-                    break
-                await asyncio.sleep(0.05)
-            assert len(waiting) == 2, waiting
-            # Both wait to move their cursors: their pages are stored already.
-            assert all("FOR NO KEY UPDATE" in q for q in waiting), waiting
-            await holder.rollback()
-            await asyncio.gather(*walkers)
-        state = await live_mirror.load_state(engine, DEPLOYMENT)
-        assert state is not None
-        assert state.table_cursors == {"users": ("c-users", True), "threads": ("c-threads", True)}
-        for table in pages:
-            assert await live_mirror.document_ids(engine, table) == {f"{table}-1": False}
-
-    run_on(pg_url, body)
 
 
 def test_the_steps_lookups_are_built_once_a_snapshot_is_walked(db_url: str) -> None:
