@@ -244,7 +244,7 @@ async def ensure_lookups(engine: AsyncEngine, tables: Sequence[str], run_id: int
     the store holds documents of `tables` from a run before `run_id`: True when they exist,
     False when nothing looks documents up by them yet (a first import)."""
     async with engine.begin() as conn:
-        if not await conn.run_sync(_missing_lookups):
+        if not await conn.run_sync(_missing, DOCUMENTS.name, DOCUMENT_LOOKUPS):
             return True
         if not await stored_before(conn, tables, run_id):
             return False
@@ -252,10 +252,6 @@ async def ensure_lookups(engine: AsyncEngine, tables: Sequence[str], run_id: int
             await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK})
         await create_lookups(conn, DOCUMENTS.name, DOCUMENT_LOOKUPS)
     return True
-
-
-def _missing_lookups(conn: Connection) -> list[str]:
-    return _missing(conn, DOCUMENTS.name, DOCUMENT_LOOKUPS)
 
 
 def _missing(conn: Connection, table: str, lookups: Mapping[str, Sequence[str]]) -> list[str]:
