@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from khala_stream.contract.documents import string_field
 from khala_stream.contract.tables import DOCUMENT_KEYS
-from khala_stream.db.engine import create_lookups, drop_lookups
+from khala_stream.db.engine import create_lookups, drop_lookups, indexes_built_after
 from khala_stream.db.importer_tables import (
     FOLLOW,
     RUNS,
@@ -317,8 +317,7 @@ async def mark_published(
     async with engine.begin() as conn:
         state = await _locked(conn, deployment)
         if new_lines is None:
-            for table in tables:
-                await _number(conn, table)
+            await _number(conn, tables)
         else:
             for table in tables:
                 await _add_lines(conn, table, new_lines.get(table, {}))
@@ -338,21 +337,24 @@ async def mark_published(
         )
 
 
-async def _number(conn: AsyncConnection, table: str) -> None:
-    """Each document of `table` gets its line in the state written whole (`write_folder`'s
-    order) and its key there; a deleted one none."""
+async def _number(conn: AsyncConnection, tables: Sequence[str]) -> None:
+    """Each document of `tables` gets its line in the state written whole (`write_folder`'s
+    order) and its key there; a deleted one none. A row per document of the state: the
+    lines table's indexes are built once they are all there."""
     c, lines = SOURCE_DOCUMENTS.c, SOURCE_LINES.c
     doc_id = c.doc_id.collate("C") if conn.dialect.name == "postgresql" else c.doc_id
     order = sa.func.row_number().over(order_by=(c.creation_time, doc_id))
-    await conn.execute(sa.delete(SOURCE_LINES).where(lines.source_table == table))
-    await conn.execute(
-        sa.insert(SOURCE_LINES).from_select(
-            ["source_table", "doc_id", "line", "creation_time", "published_key"],
-            sa.select(c.source_table, c.doc_id, order, c.creation_time, c.doc_key).where(
-                c.source_table == table, sa.not_(c.deleted)
-            ),
-        )
-    )
+    async with indexes_built_after(conn, SOURCE_LINES):
+        for table in tables:
+            await conn.execute(sa.delete(SOURCE_LINES).where(lines.source_table == table))
+            await conn.execute(
+                sa.insert(SOURCE_LINES).from_select(
+                    ["source_table", "doc_id", "line", "creation_time", "published_key"],
+                    sa.select(c.source_table, c.doc_id, order, c.creation_time, c.doc_key).where(
+                        c.source_table == table, sa.not_(c.deleted)
+                    ),
+                )
+            )
 
 
 async def _add_lines(conn: AsyncConnection, table: str, lines: Mapping[str, int]) -> None:

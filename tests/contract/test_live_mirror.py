@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from khala_stream.db.engine import indexes_built_after
 from khala_stream.db.importer_tables import FOLLOW, SOURCE_DOCUMENTS, SOURCE_LINES, SOURCE_LOOKUPS
 from producers import live_mirror
 from producers.live_api import LiveValue, export_order
@@ -155,6 +156,79 @@ def test_the_steps_lookups_are_built_once_a_snapshot_is_walked(db_url: str) -> N
         assert await lookups(engine) == set(SOURCE_LOOKUPS)
         await live_mirror.start_snapshot(engine, DEPLOYMENT, S + 5)
         assert await lookups(engine) == set()
+
+    run_on(db_url, body)
+
+
+async def _lines_indexes(engine: AsyncEngine) -> tuple[list[str], dict[str, list[str]]]:
+    """The lines table's primary key columns, and its other indexes' columns by name."""
+
+    def read(sync: sa.Connection) -> tuple[list[str], dict[str, list[str]]]:
+        inspector = sa.inspect(sync)
+        key = inspector.get_pk_constraint(SOURCE_LINES.name)["constrained_columns"]
+        found = inspector.get_indexes(SOURCE_LINES.name)
+        return key, {str(i["name"]): list(i["column_names"]) for i in found}
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(read)
+
+
+def test_a_whole_numbering_leaves_the_lines_table_keyed_and_indexed(db_url: str) -> None:
+    """Numbering a state whole (its indexes built after the rows, on PostgreSQL) gives every
+    document its line, over lines an earlier state left, and leaves the table with its key
+    and indexes, the key still refusing a second row of a document; a block that fails
+    leaves them as they were."""
+    lines = SOURCE_LINES.c
+    wanted = (
+        [c.name for c in SOURCE_LINES.primary_key.columns],
+        {str(i.name): [c.name for c in i.columns] for i in SOURCE_LINES.indexes},
+    )
+
+    async def numbered(engine: AsyncEngine) -> dict[tuple[str, str], int]:
+        async with engine.connect() as conn:
+            rows = await conn.execute(sa.select(lines.source_table, lines.doc_id, lines.line))
+            return {(t, d): n for t, d, n in rows.tuples()}
+
+    async def body(engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:
+            for table in (FOLLOW, SOURCE_DOCUMENTS, SOURCE_LINES):
+                await conn.execute(sa.delete(table))
+        state = await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
+        page = [_value(t, d, S + 1, 1, False) for t in ("users", "threads") for d in "cab"]
+        for table in ("users", "threads"):
+            mine = [v for v in page if v.table == table]
+            await live_mirror.apply_snapshot_page(engine, DEPLOYMENT, table, mine, "c", True)
+        state = await live_mirror.finish_snapshot(engine, DEPLOYMENT)
+        for run in (1, 2):  # the second numbers over the first's lines
+            await live_mirror.mark_published(
+                engine, DEPLOYMENT, state.version, S, run, tables=["users", "threads"]
+            )
+            expected = {
+                (t, str(doc["_id"])): n
+                for t in ("users", "threads")
+                for n, doc in enumerate(
+                    sorted((v.document for v in page if v.table == t), key=export_order), 1
+                )
+            }
+            assert await numbered(engine) == expected
+            assert await _lines_indexes(engine) == wanted
+        row = {"source_table": "users", "doc_id": "a", "line": 9, "creation_time": 0.0}
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(sa.insert(SOURCE_LINES).values(row))
+        except sa.exc.IntegrityError:
+            pass
+        else:
+            raise AssertionError("the lines table took a second row of a document")
+        try:
+            async with engine.begin() as conn, indexes_built_after(conn, SOURCE_LINES):
+                await conn.execute(sa.insert(SOURCE_LINES).values(row))
+        except sa.exc.IntegrityError:
+            pass
+        else:
+            raise AssertionError("the key was built over two rows of a document")
+        assert await _lines_indexes(engine) == wanted
+        assert await numbered(engine) == expected
 
     run_on(db_url, body)
 
