@@ -35,6 +35,7 @@ from khala_stream.contract.tables import DOCUMENT_KEYS
 from khala_stream.db.engine import create_lookups, drop_lookups, indexes_built_after
 from khala_stream.db.importer_tables import (
     FOLLOW,
+    RETIRED_SOURCE_INDEXES,
     RUNS,
     SOURCE_DOCUMENTS,
     SOURCE_LINES,
@@ -188,6 +189,7 @@ async def start_snapshot(engine: AsyncEngine, deployment: str, snapshot: Cursor)
         await conn.execute(sa.delete(SOURCE_DOCUMENTS))
         await conn.execute(sa.delete(SOURCE_LINES))
         await drop_lookups(conn, SOURCE_LOOKUPS)  # built again once the walk is done
+        await drop_lookups(conn, RETIRED_SOURCE_INDEXES)
         values = {
             "deployment": deployment,
             "phase": "snapshot",

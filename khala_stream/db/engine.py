@@ -14,7 +14,7 @@ import asyncio
 import inspect
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any, Literal
@@ -270,10 +270,10 @@ async def create_lookups(
         await conn.execute(sa.text(f"CREATE INDEX {name} ON {table} ({columns})"))
 
 
-async def drop_lookups(conn: AsyncConnection, lookups: Mapping[str, Sequence[str]]) -> None:
-    """Drop the indexes of `lookups` where present, in the caller's transaction (their table
-    is about to be filled again)."""
-    for name in lookups:
+async def drop_lookups(conn: AsyncConnection, names: Iterable[str]) -> None:
+    """Drop the indexes named where present, in the caller's transaction (their table is
+    about to be filled again, or nothing reads by them any more)."""
+    for name in names:
         await conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
 
 

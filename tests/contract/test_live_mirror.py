@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from khala_stream.db.engine import indexes_built_after
-from khala_stream.db.importer_tables import FOLLOW, SOURCE_DOCUMENTS, SOURCE_LINES, SOURCE_LOOKUPS
+from khala_stream.db.importer_tables import (
+    FOLLOW,
+    RETIRED_SOURCE_INDEXES,
+    SOURCE_DOCUMENTS,
+    SOURCE_LINES,
+    SOURCE_LOOKUPS,
+)
 from producers import live_mirror
 from producers.live_api import LiveValue, export_order
 from tests.contract.engine import run_on
@@ -138,7 +144,7 @@ def test_a_document_a_snapshot_lists_again_keeps_its_latest_version(db_url: str)
 def test_the_steps_lookups_are_built_once_a_snapshot_is_walked(db_url: str) -> None:
     """The walk does not maintain the indexes only later steps look the mirror up by
     (`SOURCE_LOOKUPS`): `finish_snapshot` builds them, and a new snapshot drops them with
-    the documents it replaces."""
+    the documents it replaces, and the indexes nothing reads by any more."""
 
     async def lookups(engine: AsyncEngine) -> set[str]:
         async with engine.connect() as conn:
@@ -147,8 +153,21 @@ def test_the_steps_lookups_are_built_once_a_snapshot_is_walked(db_url: str) -> N
             )
         return {i["name"] for i in found} & set(SOURCE_LOOKUPS)
 
+    async def indexes(engine: AsyncEngine) -> set[str]:
+        async with engine.connect() as conn:
+            found = await conn.run_sync(
+                lambda sync: sa.inspect(sync).get_indexes(SOURCE_DOCUMENTS.name)
+            )
+        return {str(i["name"]) for i in found}
+
     async def body(engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:  # as an earlier version left the mirror
+            for name in RETIRED_SOURCE_INDEXES:
+                await conn.execute(
+                    sa.text(f"CREATE INDEX IF NOT EXISTS {name} ON {SOURCE_DOCUMENTS.name} (ts)")
+                )
         await live_mirror.start_snapshot(engine, DEPLOYMENT, S)
+        assert not await indexes(engine) & set(RETIRED_SOURCE_INDEXES)
         page = [_value("users", "a", S + 1, 1, False)]
         await live_mirror.apply_snapshot_page(engine, DEPLOYMENT, "users", page, "c", True)
         assert await lookups(engine) == set()
