@@ -46,6 +46,7 @@ NS = 1_000_000_000
 class Reply:
     status: int = 200
     body: Any = None
+    """JSON-able, or bytes: the JSON already encoded."""
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -84,6 +85,9 @@ class FakeKhala(FakeHttpServer):
         to serve one table)."""
         self._pages_served = 0
         self._cache: dict[Any, Any] = {}
+        self._rendered: dict[tuple[int, str, int, int, str | None], bytes] = {}
+        """Encoded snapshot pages (`prepare_snapshot(render=True)`): (snapshot, table, log
+        length, page size, cursor asked after) -> body."""
         self.deltas_kept_after = 0
         """`_ts` (ns): a delta cursor older than this is refused as out of retention."""
         self.requests: list[Recorded] = []
@@ -144,6 +148,7 @@ class FakeKhala(FakeHttpServer):
                 writes.append((table, doc["_id"], orjson.loads(orjson.dumps(doc))))
             writes += [(table, doc_id, None) for table, doc_id in delete]
             self._log.append(_Commit(ts, tuple(writes)))
+            self._rendered = {}  # of the log before
         return ts
 
     def state(self, at: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
@@ -169,11 +174,29 @@ class FakeKhala(FakeHttpServer):
         with self._lock:
             return self._log[-1].ts if self._log else 0
 
-    def prepare_snapshot(self) -> None:
+    def prepare_snapshot(self, *, render: bool = False) -> None:
         """Work out the pages of the snapshot now, of every table, before a walk asks for
-        them (a bench's untimed set-up: a deployment has its snapshot at hand)."""
+        them (a bench's untimed set-up: a deployment has its snapshot at hand, and serves it
+        from another machine). `render`: encode every page of a per-table walk as well, so
+        that serving one costs a lookup (about the export's size in memory)."""
+        snapshot = self.now
         for table in [None, *sorted(self._tables)]:
-            self._snapshot_items(self.now, table)
+            self._snapshot_items(snapshot, table)
+        if not render:
+            return
+        rendered: dict[tuple[int, str, int, int, str | None], bytes] = {}
+        for table in sorted(self._tables):
+            after: str | None = None
+            while True:
+                body = self._snapshot_body(snapshot, table, after)
+                rendered[(snapshot, table, len(self._log), self.page_size, after)] = (
+                    orjson.dumps(body)
+                )
+                if not body["hasMore"]:
+                    break
+                after = body["cursor"]
+        with self._lock:
+            self._rendered = rendered
 
     def export_tables(self) -> dict[str, list[dict[str, Any]]]:
         """The state as an export lists it: per table, by `_creationTime` then `_id`."""
@@ -214,7 +237,10 @@ class FakeKhala(FakeHttpServer):
         reply = self._answer(split.path, params, authorization)
         with self._lock:
             self.requests.append(Recorded(split.path, params, authorization, reply.status))
-        payload = b"" if reply.body is None else orjson.dumps(reply.body)
+        if isinstance(reply.body, bytes):
+            payload = reply.body
+        else:
+            payload = b"" if reply.body is None else orjson.dumps(reply.body)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client left
             send_reply(handler, reply.status, payload, reply.headers)
 
@@ -250,17 +276,24 @@ class FakeKhala(FakeHttpServer):
                 400,
                 {"code": "SnapshotTooOld", "message": f"snapshot {snapshot} is out of retention"},
             )
-        table = params.get("tableName")
+        table, after = params.get("tableName"), params.get("cursor")
+        if table is not None:
+            with self._lock:
+                key = (snapshot, table, len(self._log), self.page_size, after)
+                rendered = self._rendered.get(key)
+            if rendered is not None:
+                return Reply(200, rendered)
+        return Reply(200, self._snapshot_body(snapshot, table, after))
+
+    def _snapshot_body(self, snapshot: int, table: str | None, after: str | None) -> Any:
+        """The `list_snapshot` answer: the page after the cursor `after`."""
         items, keys, ts_of = self._snapshot_items(snapshot, table)
-        after = params.get("cursor")
         start = 0 if after is None else bisect.bisect_right(keys, after)
         page = items[start : start + self.page_size]
         more = start + self.page_size < len(items)
         values = [{**d, "_table": t, "_ts": ts_of[(t, i)]} for t, i, d in page]
         cursor = _page_key(page[-1][0], page[-1][1], table) if page else after
-        return Reply(
-            200, {"values": values, "cursor": cursor, "hasMore": more, "snapshot": snapshot}
-        )
+        return {"values": values, "cursor": cursor, "hasMore": more, "snapshot": snapshot}
 
     def _snapshot_items(
         self, snapshot: int, table: str | None

@@ -97,6 +97,30 @@ def test_snapshot_then_deltas_with_the_key_in_the_convex_header(fake: FakeKhala)
     assert fake.requests_to(JSON_SCHEMAS)[0].params["deltaSchema"] == "true"
 
 
+def test_pages_rendered_ahead_are_the_pages_served_until_the_next_commit(
+    fake: FakeKhala, tmp_path: Path
+) -> None:
+    """The bench's fake serves its snapshot pages encoded ahead; they must be the pages the
+    fake works out on request, and a commit must not leave them served."""
+    export = generate_export(tmp_path / "edge.zip", users=3, seed=5, edge_cases=True).path
+
+    async def walks(server: FakeKhala) -> dict[str, list[LiveValue]]:
+        async with _client(server) as client:
+            snapshot = (await client.snapshot_page(None, snapshot=None, cursor=None)).snapshot
+            return {t: await _walk(client, t, snapshot) for t in await client.tables()}
+
+    fake.prepare_snapshot(render=True)
+    rendered = _run(walks(fake))
+    with FakeKhala(page_size=4, delta_page_size=3) as plain:
+        plain.load_export(export, ts_s=T0)
+        assert rendered == _run(walks(plain))
+    assert sum(map(len, rendered.values())) == sum(map(len, fake.state().values()))
+    user = rendered["users"][0]
+    fake.commit(ts_s=T0 + 2, put=[("users", {**user.document, "name": "After"})])
+    after = _run(walks(fake))["users"]
+    assert [v.document.get("name") for v in after if v.doc_id == user.doc_id] == ["After"]
+
+
 def test_a_wrong_key_is_a_deploy_key_error_without_the_key(fake: FakeKhala) -> None:
     async def go() -> None:
         async with _client(fake, key="not-the-key") as client:
