@@ -8,7 +8,8 @@ documents from a ZIP, on one PostgreSQL (fsync on) and one embedded broker per p
 2. **follow, snapshot**: the same documents served by the fake deployment of the tests
    (`tests/fakes/khala_server.py`, on 127.0.0.1, pages of 1,000 encoded before the first
    round), `process` and `sink` running as services on a fresh database; wall time from
-   spawning `follow --until-caught-up` until the sink has applied the run. Throughput ratio = ZIP time / follow time (target >= 0.8).
+   spawning `follow --until-caught-up` until the sink has applied the run. Throughput
+   ratio = ZIP time / follow time (target >= 0.8).
 3. **follow, two steps**: `--changes` messages edited in one commit at the source (derived
    scoped: only their threads), then as many again with one user renamed besides (derived in
    full); per step the time from the commit to the sink having applied the run that carries
