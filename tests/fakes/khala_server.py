@@ -189,9 +189,8 @@ class FakeKhala(FakeHttpServer):
             after: str | None = None
             while True:
                 body = self._snapshot_body(snapshot, table, after)
-                rendered[(snapshot, table, len(self._log), self.page_size, after)] = orjson.dumps(
-                    body
-                )
+                key = (snapshot, table, len(self._log), self.page_size, after)
+                rendered[key] = orjson.dumps(body)
                 if not body["hasMore"]:
                     break
                 after = body["cursor"]
