@@ -60,6 +60,7 @@ from producers.live_api import Cursor, SnapshotPage
 from producers.live_client import CursorExpired, LiveClient, SnapshotExpired
 from producers.live_mirror import FollowState
 from producers.publisher import PublishReport
+from producers.table_spool import TableSpool
 
 logger = logging.getLogger(__name__)
 # The line per publication shown without -v, as the stages' status lines are.
@@ -253,7 +254,9 @@ async def _walk(
     handed to `publication` once walked. One at a time: a second walker only slowed the
     first, the largest, whose walk is what the publication waits for (bench/README.md)."""
     for table in _in_walk_order(followed):
-        await _walk_table(client, db, state, table, report)
+        fresh = table not in state.table_cursors  # none of its pages stored yet
+        spool = publication.spool(table) if publication is not None and fresh else None
+        await _walk_table(client, db, state, table, report, spool)
         if publication is not None:
             publication.walked(table)
 
@@ -264,10 +267,12 @@ async def _walk_table(
     state: FollowState,
     table: str,
     report: FollowReport,
+    spool: TableSpool | None,
 ) -> None:
     """Walk `table`'s snapshot from where it stopped, each page into the mirror with the
-    cursor after it. The next page is asked for while one is stored: the source and the
-    database work at the same time, and the position still moves only with the page."""
+    cursor after it, and into `spool` as stored. The next page is asked for while one is
+    stored: the source and the database work at the same time, and the position still moves
+    only with the page."""
     cursor, done = state.table_cursors.get(table, (None, False))
     deployment, snapshot = state.deployment, state.snapshot
 
@@ -282,9 +287,13 @@ async def _walk_table(
                 raise SnapshotExpired(snapshot)  # the source moved it: again
             cursor, done = page.cursor, not page.has_more
             asked = None if done else ask(cursor)
-            await db.run(
+            copied = await db.run(
                 live_mirror.apply_snapshot_page, deployment, table, page.values, cursor, done
             )
+            if spool is not None and copied is not None:
+                spool.add(copied)
+            elif spool is not None:
+                spool.give_up()
             report.snapshot_documents[table] += len(page.values)
     finally:
         if asked is not None:  # this page failed to be stored: the next one is not wanted
@@ -576,6 +585,8 @@ class _SnapshotPublication:
         self._run_id = run_id
         self._walked: asyncio.Queue[str] = asyncio.Queue()
         self._folder = _spool_folder()
+        self._spools: dict[str, TableSpool] = {}
+        self._walks = _spool_folder()  # the spools: not in the export's folder
         self._began = time.monotonic()
         export = folder_in_writing(
             self._folder,
@@ -617,8 +628,18 @@ class _SnapshotPublication:
             if table not in self._followed:
                 return table  # the export has no such table
         table = await self._walked.get()
-        await self._db.run(live_mirror.write_folder, [table], self._folder, self._state_ns)
+        await self._db.run(
+            live_mirror.write_folder, [table], self._folder, self._state_ns, self._spools
+        )
+        if spool := self._spools.pop(table, None):
+            spool.close()
         return table
+
+    def spool(self, table: str) -> TableSpool:
+        """Where `table`'s walk, started from its first page, keeps what it stores, for
+        `write_folder` to write the table from."""
+        spool = self._spools[table] = TableSpool(self._walks / f"{table}.spool")
+        return spool
 
     def walked(self, table: str) -> None:
         """`table`'s walk is done: it may be published. Raises what stopped the publication."""
@@ -652,4 +673,7 @@ class _SnapshotPublication:
         """Stop publishing if it has not finished, and remove the written tables."""
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        for spool in self._spools.values():
+            spool.close()
+        shutil.rmtree(self._walks, ignore_errors=True)
         shutil.rmtree(self._folder, ignore_errors=True)

@@ -17,13 +17,14 @@ tombstone with its `_ts`, so a late older version cannot bring the document back
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import orjson
 import sqlalchemy as sa
@@ -47,6 +48,7 @@ from khala_stream.import_runs import FOLLOW_SOURCE
 from producers.amendment import Amendment, Winner
 from producers.export_reader import MAX_LINE_BYTES, TABLE_FILE, parse_document
 from producers.live_api import Cursor, LiveValue
+from producers.table_spool import TableSpool
 
 RUN_SOURCE = FOLLOW_SOURCE
 """How a run `follow` published names its source: `follow <deployment> cursor=<cursor>`."""
@@ -108,6 +110,9 @@ class PageEffect:
     deleted: Counter[str] = field(default_factory=Counter)
     ignored: int = 0
     """Values of tables not followed, or not newer than what the mirror holds."""
+    copied: list[tuple[float, str, str]] | None = None
+    """A walked page COPied in as new documents: each one's `_creationTime` sort position,
+    `_id` and text (`table_spool.TableSpool.add`). None when it was upserted."""
 
 
 def _now() -> datetime:
@@ -226,12 +231,13 @@ async def apply_snapshot_page(
     values: Sequence[LiveValue],
     cursor: Cursor | None,
     done: bool,
-) -> FollowState:
-    """A page of `table`'s snapshot walk, and the cursor after it, in one transaction."""
+) -> list[tuple[float, str, str]] | None:
+    """A page of `table`'s snapshot walk, and the cursor after it, in one transaction. What
+    it COPied in as new documents (`PageEffect.copied`), None when it upserted them."""
     async with engine.begin() as conn:
         state = await _locked(conn, deployment)
         page = [v for v in values if v.table == table]
-        await _apply(conn, page, {table}, state.version, walked=True)
+        effect = await _apply(conn, page, {table}, state.version, walked=True)
         cursors = {t: [c, d] for t, (c, d) in state.table_cursors.items()}
         cursors[table] = [cursor, done]
         newest = max([state.state_ns, *(v.ts for v in values)])
@@ -240,9 +246,7 @@ async def apply_snapshot_page(
             .where(FOLLOW.c.singleton == 1)
             .values(table_cursors=_dump(cursors), state_ns=newest, updated_at=_now())
         )
-        after = await _load(conn, deployment)
-    assert after is not None
-    return after
+    return effect.copied
 
 
 async def finish_snapshot(engine: AsyncEngine, deployment: str) -> FollowState:
@@ -567,6 +571,7 @@ async def _apply(
         if current is None or v.ts >= current.ts:
             latest[(v.table, v.doc_id)] = v
     if not latest:
+        effect.copied = []  # nothing stored, so nothing a spool could lack
         return effect
     # Tuples in `_MIRROR_COLUMNS` order, as COPY takes them (a dict per row cost as much again).
     records = [
@@ -582,6 +587,7 @@ async def _apply(
         and await copy_new_rows(conn, SOURCE_DOCUMENTS.name, columns, records)
     ):
         _count(effect, [(table, deleted) for table, _, _, _, deleted, *_ in records])
+        effect.copied = [(r[3], r[1], r[6]) for r in records if not r[4]]
     elif conn.dialect.name == "postgresql":
         # COPY and one INSERT … SELECT: a page of a thousand documents costs a fraction of
         # what as many parameter sets do.
@@ -633,37 +639,52 @@ def _as_ns(position: Cursor | None) -> int:
 
 
 async def write_folder(
-    engine: AsyncEngine, tables: Sequence[str], out: Path, state_ns: int
+    engine: AsyncEngine,
+    tables: Sequence[str],
+    out: Path,
+    state_ns: int,
+    spools: Mapping[str, TableSpool] | None = None,
 ) -> dict[str, int]:
     """The mirror as a folder export under `out`: `<table>/documents.jsonl` per table in
     `tables` (empty when it holds nothing), documents by `_creationTime` then `_id`, file times
-    the state's source time (the export's snapshot time, SPEC §8.3). Documents per table."""
-    c = SOURCE_DOCUMENTS.c
+    the state's source time (the export's snapshot time, SPEC §8.3). A table with a whole
+    spool in `spools` (its walk, as stored) is written from that instead of read back from
+    the mirror. Documents per table."""
     written: dict[str, int] = {}
     for table in tables:
         folder = out / table
         folder.mkdir(parents=True, exist_ok=True)
         file = folder / TABLE_FILE
-        count = 0
+        spool = (spools or {}).get(table)
         with file.open("wb") as handle:
-            async with engine.connect() as conn:
-                if conn.dialect.name == "postgresql":
-                    # Straight from the server into the file: a row object per document
-                    # cost several times what the query does.
-                    count = await copy_out_lines(conn, _FOLDER_SQL, table, out=handle)
-                else:
-                    result = await conn.stream(
-                        sa.select(c.document)
-                        .where(c.source_table == table, sa.not_(c.deleted))
-                        .order_by(c.creation_time, c.doc_id)
-                        .execution_options(yield_per=_PAGE)
-                    )
-                    async for (document,) in result:
-                        handle.write(document.encode() + b"\n")
-                        count += 1
+            if spool is not None and spool.whole:
+                count = await asyncio.to_thread(spool.write, handle)  # a sort: off the loop
+            else:
+                count = await _read_back(engine, table, handle)
         os.utime(file, ns=(state_ns, state_ns))
         written[table] = count
     return written
+
+
+async def _read_back(engine: AsyncEngine, table: str, handle: BinaryIO) -> int:
+    """`table`'s documents in the mirror, in file order, into `handle`; how many."""
+    c = SOURCE_DOCUMENTS.c
+    count = 0
+    async with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            # Straight from the server into the file: a row object per document cost several
+            # times what the query does.
+            return await copy_out_lines(conn, _FOLDER_SQL, table, out=handle)
+        result = await conn.stream(
+            sa.select(c.document)
+            .where(c.source_table == table, sa.not_(c.deleted))
+            .order_by(c.creation_time, c.doc_id)
+            .execution_options(yield_per=_PAGE)
+        )
+        async for (document,) in result:
+            handle.write(document.encode() + b"\n")
+            count += 1
+    return count
 
 
 async def document_ids(engine: AsyncEngine, table: str) -> dict[str, bool]:
