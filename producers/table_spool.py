@@ -23,6 +23,10 @@ MOST_DOCUMENTS: Final = 2_000_000
 document), the mirror's sort is not."""
 
 
+_BLOCK: Final = 4096
+"""Documents joined into one write (one write each cost half as much again)."""
+
+
 class TableSpool:
     """The documents of one table's walk in a file, in the order they came; in memory, each
     one's place in file order and in that file."""
@@ -67,8 +71,9 @@ class TableSpool:
                 self._path.open("rb") as source,
                 mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as text,
             ):
-                for _, _, start, end in self._index:
-                    out.write(text[start:end])
+                for first in range(0, len(self._index), _BLOCK):
+                    block = self._index[first : first + _BLOCK]
+                    out.write(b"".join([text[start:end] for _, _, start, end in block]))
         return len(self._index)
 
     def close(self) -> None:
