@@ -18,13 +18,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, Final
 
-MOST_DOCUMENTS: Final = 2_000_000
-"""Beyond this many documents the spool gives up: its index is in memory (about 170 bytes a
-document), the mirror's sort is not."""
-
+MOST_DOCUMENTS: Final = 1_000_000
+"""Beyond this many documents the spool gives up: its index is in memory (about 250 bytes a
+document with an `_id` of 32 characters), the mirror's sort is not."""
 
 _BLOCK: Final = 4096
-"""Documents joined into one write (one write each cost half as much again)."""
+"""Documents joined into one write: a write each costs more than the join."""
 
 
 class TableSpool:
